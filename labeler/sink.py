@@ -1,0 +1,176 @@
+"""Writing a label set: shards, commit markers, the run record and the manifest.
+
+Commit protocol (object stores have no atomic rename):
+
+1. a worker writes ``shards/part-NNNNNN.parquet`` as one whole object,
+2. then ``_commits/part-NNNNNN.json`` (rows, tokens, bytes, sha256),
+3. the driver writes ``manifest.json`` last, from the markers.
+
+``_labeler/run.json`` records what the run labels (teacher, tokenizer, k,
+temperature, corpus, sequence config) so that a resume with different
+settings is refused instead of mixing two label sets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
+
+from schemas import Manifest, ShardInfo, join_url, resolve_url, retry_io
+from schemas.fingerprint import sha256_bytes
+from schemas.manifest import MANIFEST_NAME
+
+log = logging.getLogger(__name__)
+
+RUN_RECORD = "_labeler/run.json"
+COMMITS = "_commits"
+SHARDS = "shards"
+TOKENIZER = "tokenizer"
+
+
+class OutputError(ValueError):
+    """The output location cannot be used (foreign content, mismatched resume, unreachable)."""
+
+
+class LabelSetWriter:
+    """All writes of one label set go through here (driver and workers alike)."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = resolve_url(self.url, self.storage_options)
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        self._local = "file" in protocols or "local" in protocols
+        self._bucket = self.root.split("/", 1)[0] if {"s3", "s3a", "gs", "gcs"} & set(protocols) else None
+
+    # -- small helpers -------------------------------------------------------
+    def _p(self, rel: str) -> str:
+        return join_url(self.root, rel) if rel else self.root
+
+    def _u(self, rel: str) -> str:
+        return join_url(self.url, rel) if rel else self.url
+
+    def _write(self, rel: str, data: bytes) -> None:
+        if self._local:
+            # Only local disks need folders; on object stores makedirs may
+            # even create a missing bucket, which must stay an error instead.
+            os.makedirs(posixpath.dirname(self._p(rel)), exist_ok=True)
+        retry_io(lambda: self.fs.pipe_file(self._p(rel), data), f"write {self._u(rel)}")
+
+    def _read(self, rel: str) -> bytes:
+        return retry_io(lambda: self.fs.cat_file(self._p(rel)), f"read {self._u(rel)}")
+
+    def exists(self, rel: str) -> bool:
+        return retry_io(lambda: self.fs.exists(self._p(rel)), f"stat {self._u(rel)}")
+
+    # -- driver: before any work ---------------------------------------------
+    def check_reachable(self) -> None:
+        """Fail early (one line) if the output cannot be listed: bad bucket, credentials, endpoint."""
+        try:
+            if self._bucket and not retry_io(lambda: self.fs.exists(self._bucket), f"stat bucket {self._bucket}"):
+                raise OutputError(f"output {self.url}: bucket {self._bucket!r} does not exist")
+            if self.exists(""):
+                retry_io(lambda: self.fs.ls(self.root, detail=False), f"list {self.url}")
+        except PermissionError as e:
+            raise OutputError(f"output {self.url}: access denied ({e}); check credentials") from e
+        except FileNotFoundError as e:
+            raise OutputError(f"output {self.url}: bucket or path does not exist ({e})") from e
+        except OSError as e:
+            raise OutputError(f"output {self.url}: not reachable ({e})") from e
+
+    def begin(self, identity: dict[str, Any], overwrite: bool) -> str:
+        """Claim the output for this run; returns "new", "resume" or "complete".
+
+        Raises:
+            OutputError: the location holds something that is not a label set, or
+                a label set made with different settings (the message names them).
+        """
+        if overwrite and self.exists(""):
+            log.info("--overwrite: removing everything under %s", self.url)
+            retry_io(lambda: self.fs.rm(self.root, recursive=True), f"remove {self.url}")
+            self.fs.invalidate_cache()
+        if self.exists(RUN_RECORD):
+            stored = json.loads(self._read(RUN_RECORD))
+            diffs = _diff(stored, identity)
+            if diffs:
+                raise OutputError(
+                    f"output {self.url} holds a label set made with different settings ({'; '.join(diffs)}); "
+                    "use another --output, or --overwrite to start afresh"
+                )
+            return "complete" if self.exists(MANIFEST_NAME) else "resume"
+        if self.exists(""):
+            entries = retry_io(lambda: self.fs.ls(self.root, detail=False), f"list {self.url}")
+            if entries:
+                raise OutputError(
+                    f"output {self.url} is not empty and is not a softlabels label set "
+                    f"(found {entries[0].rsplit('/', 1)[-1]!r}); choose an empty location"
+                )
+        self._write(RUN_RECORD, (json.dumps(identity, indent=2, sort_keys=True) + "\n").encode())
+        return "new"
+
+    def committed(self) -> dict[str, ShardInfo]:
+        """Verified commits: marker present, shard object present with matching size and sha256."""
+        out: dict[str, ShardInfo] = {}
+        if not self.exists(COMMITS):
+            return out
+        for path in sorted(retry_io(lambda: self.fs.ls(self._p(COMMITS), detail=False), f"list {self._u(COMMITS)}")):
+            name = path.rsplit("/", 1)[-1]
+            if not name.endswith(".json"):
+                continue
+            try:
+                info = ShardInfo(**json.loads(self.fs.cat_file(path)))
+                data = self._read(info.path)
+            except (FileNotFoundError, ValueError, TypeError) as e:
+                log.warning("commit %s is unusable (%s); its unit will be redone", name, e)
+                continue
+            if len(data) != info.bytes or sha256_bytes(data) != info.sha256:
+                log.warning("shard %s does not match its commit marker; its unit will be redone", info.path)
+                continue
+            out[name[: -len(".json")]] = info
+        return out
+
+    # -- workers --------------------------------------------------------------
+    def commit_unit(self, name: str, shard_bytes: bytes, rows: int, tokens: int) -> ShardInfo:
+        """Write one unit's shard, then its marker. Idempotent: a redo overwrites both."""
+        info = ShardInfo(
+            path=f"{SHARDS}/{name}.parquet",
+            rows=rows,
+            tokens=tokens,
+            bytes=len(shard_bytes),
+            sha256=sha256_bytes(shard_bytes),
+        )
+        self._write(info.path, shard_bytes)
+        self._write(f"{COMMITS}/{name}.json", json.dumps(asdict(info), sort_keys=True).encode())
+        return info
+
+    # -- driver: publishing --------------------------------------------------
+    def write_tokenizer(self, tokenizer: Any) -> None:
+        """Copy the tokenizer files into the set so students can use them without the teacher."""
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            for f in sorted(Path(tmp).iterdir()):
+                if f.is_file():
+                    self._write(f"{TOKENIZER}/{f.name}", f.read_bytes())
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        """The commit of the whole set: written last, once every shard is committed."""
+        self._write(MANIFEST_NAME, manifest.to_json().encode())
+
+
+def _diff(stored: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(stored) | set(new)):
+        a, b = stored.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: stored {a!r}, now {b!r}")
+    return out

@@ -1,0 +1,175 @@
+"""Loading the teacher and running it over sequences.
+
+One code path for the built-in alias, a local HF directory and a hub id:
+all end in ``from_pretrained``. The forward pass runs the model body, then
+the LM head over chunks of positions (:mod:`labeler.topk`), so the full
+``[batch, seq, vocab]`` logits never exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from labeler.builtin import BUILTIN_TEACHERS, builtin_teacher_dir
+from schemas import TeacherInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where to load a teacher from, resolved from the user's ``--teacher``."""
+
+    spec: str  # what the user typed
+    path: str  # what from_pretrained gets: a local directory or a hub id
+    display_name: str
+    revision: str | None
+    is_local: bool
+
+
+def resolve_teacher(spec: str, revision: str | None = None) -> TeacherSource:
+    """Resolve ``--teacher``: a built-in alias, a local HF model directory, or a hub id."""
+    if spec in BUILTIN_TEACHERS:
+        path = builtin_teacher_dir(spec)
+        return TeacherSource(spec, str(path), BUILTIN_TEACHERS[spec]["name"], None, True)
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ValueError(f"teacher directory {spec} has no config.json (not a Hugging Face model directory)")
+        return TeacherSource(spec, str(p.resolve()), p.name, None, True)
+    if spec.startswith((".", "/", "~")):
+        raise ValueError(f"teacher path {spec} does not exist")
+    return TeacherSource(spec, spec, spec, revision, False)
+
+
+def weights_sha256(path: str) -> str:
+    """sha256 over a local model directory's weight files (names and bytes, sorted)."""
+    h = hashlib.sha256()
+    files = sorted(
+        f for f in Path(path).iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".gguf") and f.is_file()
+    )
+    for f in files:
+        h.update(f.name.encode() + b"\x00")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def teacher_info(source: TeacherSource, dtype: str) -> TeacherInfo:
+    """The manifest's record of the teacher."""
+    return TeacherInfo(
+        id=source.spec,
+        revision=source.revision,
+        weights_sha256=weights_sha256(source.path) if source.is_local else None,
+        dtype=dtype,
+    )
+
+
+def load_tokenizer(source: TeacherSource, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source.path, revision=source.revision, trust_remote_code=trust_remote_code)
+
+
+def pick_device_dtype(device: str | None, dtype: str | None) -> tuple[str, str]:
+    """Defaults: CUDA + bf16 when a GPU is visible, else CPU + fp32."""
+    import torch
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dt = dtype or ("bfloat16" if dev.startswith("cuda") else "float32")
+    if dt not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dt!r}")
+    return dev, dt
+
+
+class TeacherRunner:
+    """A loaded teacher that labels batches of token sequences."""
+
+    def __init__(
+        self,
+        source: TeacherSource,
+        dtype: str,
+        device: str,
+        top_k: int,
+        temperature: float = 1.0,
+        batch_tokens: int = 4096,
+        head_chunk: int = 1024,
+        trust_remote_code: bool = False,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            revision=source.revision,
+            dtype=getattr(torch, dtype),
+            attn_implementation="sdpa",
+            trust_remote_code=trust_remote_code,
+        ).to(self.device)
+        self.model.eval()
+        self.body = self.model.get_decoder()
+        self.head = self.model.get_output_embeddings()
+        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        self.vocab = self.head.weight.shape[0]
+        if top_k > self.vocab:
+            raise ValueError(f"--top-k {top_k} exceeds the teacher's vocabulary of {self.vocab}")
+        self.top_k, self.temperature = top_k, temperature
+        self.batch_tokens, self.head_chunk = batch_tokens, head_chunk
+
+    def batches(self, lengths: list[int]) -> list[list[int]]:
+        """Length-bucketed batches (indices), each with padded size <= batch_tokens.
+
+        Deterministic in ``lengths`` alone, so a unit is batched the same way
+        on every run (part of what makes shard bytes reproducible).
+        """
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        out: list[list[int]] = []
+        cur: list[int] = []
+        for i in order:
+            longest = lengths[cur[0]] if cur else lengths[i]
+            if cur and longest * (len(cur) + 1) > self.batch_tokens:
+                out.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            out.append(cur)
+        return out
+
+    def label(self, sequences: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Return ``(topk_ids [L, k], topk_logprobs [L, k], tail [L])`` per sequence, in input order."""
+        import torch
+
+        from labeler.topk import topk_with_tail
+
+        results: list[Any] = [None] * len(sequences)
+        for batch in self.batches([len(s) for s in sequences]):
+            maxlen = len(sequences[batch[0]])
+            ids = torch.zeros((len(batch), maxlen), dtype=torch.long)
+            mask = torch.zeros((len(batch), maxlen), dtype=torch.long)
+            for row, i in enumerate(batch):
+                n = len(sequences[i])
+                ids[row, :n] = torch.from_numpy(np.asarray(sequences[i], dtype=np.int64))
+                mask[row, :n] = 1
+            with torch.inference_mode():
+                hidden = self.body(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+                ).last_hidden_state
+                # Only real (unpadded) positions go through the head.
+                flat = hidden[mask.to(self.device).bool()]
+                tk_ids, tk_lp, tail = topk_with_tail(
+                    flat, self.head, self.top_k, self.temperature, self.head_chunk, self.softcap
+                )
+            start = 0
+            for i in batch:
+                n = len(sequences[i])
+                results[i] = (tk_ids[start : start + n].numpy(), tk_lp[start : start + n].numpy(), tail[start : start + n].numpy())
+                start += n
+        return results

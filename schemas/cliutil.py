@@ -1,0 +1,53 @@
+"""Small command-line helpers shared by the labeler and trainer CLIs (stdlib only)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from schemas.errors import LabelSetError
+
+# Errors that are the user's to fix: shown as one line, no traceback (unless --debug).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, LabelSetError, FileNotFoundError, PermissionError)
+
+
+def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
+    """``["key=value", ...]`` -> dict; values are parsed as JSON when they can be (true, 3, {...})."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--storage-option expects key=value, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_main(fn: Callable[[], int], debug: bool, prog: str) -> int:
+    """Run a CLI body; user errors become ``prog: error: <one line>`` and exit code 2."""
+    try:
+        return fn()
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

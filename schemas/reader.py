@@ -1,0 +1,80 @@
+"""Reading label sets: :func:`open_label_set` is the public entry point."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from schemas.errors import LabelSetError, MissingManifestError, ShardChecksumError
+from schemas.fingerprint import sha256_bytes
+from schemas.format import Sample, decode_table, read_parquet_bytes
+from schemas.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from schemas.storage import join_url, resolve_url, retry_io
+
+
+class LabelSet:
+    """A committed label set: its manifest and its shards.
+
+    Use :func:`open_label_set` to construct one.
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.fs, self.root = resolve_url(self.url, storage_options)
+        where = join_url(self.url, MANIFEST_NAME)
+        try:
+            raw = retry_io(lambda: self.fs.cat_file(join_url(self.root, MANIFEST_NAME)), f"read {where}")
+        except FileNotFoundError as e:
+            raise MissingManifestError(
+                f"no {MANIFEST_NAME} at {self.url}: not a label set, or one still being written "
+                "(the labeler writes the manifest last)"
+            ) from e
+        self.manifest: Manifest = Manifest.from_json(raw, where=where)
+
+    @property
+    def shards(self) -> tuple[ShardInfo, ...]:
+        return self.manifest.shards
+
+    def read_shard_bytes(self, shard: ShardInfo, verify: bool = True) -> bytes:
+        """Fetch one shard; with ``verify`` check its size and sha256 against the manifest.
+
+        Raises:
+            ShardChecksumError: the bytes differ from what the manifest records.
+            LabelSetError: the shard is listed but missing.
+        """
+        where = join_url(self.url, shard.path)
+        try:
+            data = retry_io(lambda: self.fs.cat_file(join_url(self.root, shard.path)), f"read {where}")
+        except FileNotFoundError as e:
+            raise LabelSetError(f"shard {where} is listed in the manifest but missing") from e
+        if verify:
+            if len(data) != shard.bytes:
+                raise ShardChecksumError(f"shard {where}: {len(data)} bytes, manifest says {shard.bytes}")
+            digest = sha256_bytes(data)
+            if digest != shard.sha256:
+                raise ShardChecksumError(f"shard {where}: sha256 {digest} does not match manifest {shard.sha256}")
+        return data
+
+    def read_shard(self, shard: ShardInfo, verify: bool = True) -> list[Sample]:
+        """Fetch, verify and decode one shard."""
+        return list(decode_table(read_parquet_bytes(self.read_shard_bytes(shard, verify))))
+
+    def iter_samples(self, shards: Iterable[ShardInfo] | None = None, verify: bool = True) -> Iterator[Sample]:
+        """Yield samples shard by shard, in manifest order unless ``shards`` is given."""
+        for shard in self.manifest.shards if shards is None else shards:
+            yield from self.read_shard(shard, verify)
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"LabelSet({self.url!r}, k={m.top_k}, shards={len(m.shards)}, tokens={m.totals.tokens})"
+
+
+def open_label_set(url: str, storage_options: Mapping[str, Any] | None = None) -> LabelSet:
+    """Open the label set at ``url`` (local path or any fsspec URL).
+
+    Raises:
+        MissingManifestError: there is no manifest.json (not a set, or still being written).
+        UnsupportedSchemaVersion: the manifest's version is unknown to this reader.
+        ManifestError: the manifest is malformed.
+    """
+    return LabelSet(url, storage_options)

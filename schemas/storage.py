@@ -1,0 +1,80 @@
+"""The one helper that turns a URL (+ options) into a filesystem and a path.
+
+Local paths, ``file://``, ``s3://``, ``memory://`` and any other fsspec
+protocol go through :func:`resolve_url`, so every reader and writer shares a
+single code path. ``fsspec`` is imported here, lazily, so ``import schemas``
+stays stdlib + pyarrow + numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors that say "this will not get better by waiting": never retried.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def resolve_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """Return ``(fsspec filesystem, path)`` for ``url``.
+
+    For ``s3://`` the standard AWS credential chain applies; ``AWS_ENDPOINT_URL``
+    (or ``AWS_ENDPOINT_URL_S3``) selects a non-AWS endpoint unless
+    ``storage_options`` sets ``endpoint_url`` itself.
+
+    Raises:
+        ValueError: the protocol is unknown or its fsspec backend is not installed.
+    """
+    import fsspec
+    from fsspec.core import split_protocol
+
+    opts = dict(storage_options or {})
+    protocol, _ = split_protocol(url)
+    protocol = protocol or "file"
+    if protocol in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint and "endpoint_url" not in opts and "endpoint_url" not in opts.get("client_kwargs", {}):
+            opts["endpoint_url"] = endpoint
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **opts)
+    except ImportError as e:
+        extra = " (pip install 'softlabels[s3]')" if protocol in ("s3", "s3a") else ""
+        raise ValueError(f"cannot open {url!r}: no filesystem for protocol {protocol!r}{extra}: {e}") from e
+    except ValueError as e:
+        raise ValueError(f"cannot open {url!r}: {e}") from e
+    return fs, path.rstrip("/") if len(path) > 1 else path
+
+
+def join_url(root: str, *parts: str) -> str:
+    """Join path parts onto a path or URL with ``/`` (object-store style)."""
+    out = root.rstrip("/")
+    for p in parts:
+        out = out + "/" + p.strip("/")
+    return out
+
+
+def retry_io(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.5) -> T:
+    """Call ``fn`` retrying transient ``OSError``s with bounded exponential backoff.
+
+    ``what`` names the operation and object for logs and the final error,
+    e.g. ``"write s3://bucket/set/shards/part-000001.parquet"``. Permanent
+    errors (not found, permission denied, ...) are raised at once.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except _PERMANENT:
+            raise
+        except OSError as e:
+            if attempt == attempts:
+                raise OSError(f"{what}: failed after {attempts} attempts: {e}") from e
+            delay = base_delay * 2 ** (attempt - 1)
+            log.warning("%s: %s (attempt %d/%d, retrying in %.1fs)", what, e, attempt, attempts, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")

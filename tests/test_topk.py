@@ -1,0 +1,70 @@
+"""The labeler's chunked head against a direct full-softmax computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from labeler.topk import topk_with_tail
+
+
+def direct(hidden, head, k, temperature=1.0):
+    logits = head(hidden).double() / temperature
+    logp = torch.log_softmax(logits, -1)
+    vals, ids = torch.topk(logp, k, -1)
+    rest = logp.clone().scatter_(-1, ids, float("-inf"))
+    return ids, vals, torch.logsumexp(rest, -1)
+
+
+@pytest.fixture
+def head():
+    torch.manual_seed(0)
+    h = torch.nn.Linear(16, 97, bias=False)
+    with torch.no_grad():
+        h.weight.mul_(8)
+    return h
+
+
+@pytest.mark.parametrize("k", [1, 8, 97])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_matches_full_softmax(head, k, temperature):
+    hidden = torch.randn(50, 16)
+    ids, lp, tail = topk_with_tail(hidden, head, k, temperature, chunk=16)
+    rids, rlp, rtail = direct(hidden, head, k, temperature)
+    assert torch.equal(ids.long(), rids)
+    torch.testing.assert_close(lp.double(), rlp, rtol=0, atol=2e-5)
+    if k == 97:
+        assert torch.isneginf(tail).all()
+    else:
+        torch.testing.assert_close(tail.double(), rtail, rtol=0, atol=2e-5)
+        # top-k + tail is a complete distribution
+        total = torch.logsumexp(torch.cat([lp, tail[:, None]], -1).double(), -1)
+        torch.testing.assert_close(total, torch.zeros(50, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_tail_is_exact_when_topk_holds_almost_all_mass():
+    head = torch.nn.Linear(4, 10, bias=False)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[0, 0] = 30.0  # p(top-1) ~ 1 - 9e-13
+    hidden = torch.tensor([[1.0, 0, 0, 0]])
+    _, lp, tail = topk_with_tail(hidden, head, 1)
+    # log(9 e^0 / (e^30 + 9)) computed exactly; log(1 - sum p) would give -inf or garbage.
+    expected = torch.log(torch.tensor(9.0, dtype=torch.float64)) - torch.logsumexp(torch.tensor([30.0] + [0.0] * 9, dtype=torch.float64), 0)
+    assert abs(float(tail[0]) - float(expected)) < 1e-4
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_results_do_not_depend_on_chunk_size(head, chunk):
+    hidden = torch.randn(64, 16)
+    ref = topk_with_tail(hidden, head, 5, chunk=64)
+    got = topk_with_tail(hidden, head, 5, chunk=chunk)
+    assert torch.equal(ref[0], got[0])
+    # different chunk sizes use different matmul kernels: equal up to fp32 rounding
+    for a, b in zip(ref[1:], got[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_k_above_vocab_is_refused(head):
+    with pytest.raises(ValueError, match="exceeds"):
+        topk_with_tail(torch.randn(2, 16), head, 98)

@@ -1,0 +1,72 @@
+"""Held-out metrics: CE on true tokens, KL(teacher || student), top-1 agreement."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from trainer.data import LabelDataset, collate
+from trainer.losses import position_loss
+
+
+def _move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    dataset: LabelDataset,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """Evaluate ``model`` on ``dataset`` (one pass).
+
+    Returns ``ce`` (nats per true next token), ``kl`` (forward KL over the
+    stored top-k + tail buckets, nats per labeled position), ``top1`` (share
+    of positions where the student's argmax is the teacher's top-1), and the
+    counts they were computed over.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    body, head = model.get_decoder(), model.get_output_embeddings()
+    ce_sum = kl_sum = 0.0
+    agree = n_pos = n_tgt = seqs = 0
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    for b, batch in enumerate(loader):
+        if max_batches is not None and b >= max_batches:
+            break
+        batch = _move(batch, device)
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        idx = batch["label_mask"].reshape(-1).nonzero().squeeze(-1)
+        h = hidden.reshape(-1, hidden.shape[-1])[idx]
+        k = batch["topk_ids"].shape[-1]
+        ids = batch["topk_ids"].reshape(-1, k)[idx]
+        lps = batch["topk_logprobs"].reshape(-1, k)[idx]
+        tail = batch["tail_logprob"].reshape(-1)[idx]
+        tgt = batch["targets"].reshape(-1)[idx]
+        for s in range(0, h.shape[0], chunk):
+            e = min(h.shape[0], s + chunk)
+            logits = head(h[s:e]).float()
+            kl_sum += float(position_loss(logits, "tail-kl", ids[s:e], lps[s:e], tail[s:e]).sum())
+            ce_sum += float(position_loss(logits, "ce", targets=tgt[s:e]).sum())
+            agree += int((logits.argmax(-1) == ids[s:e, 0]).sum())
+        n_pos += h.shape[0]
+        n_tgt += int((tgt != -100).sum())
+        seqs += batch["input_ids"].shape[0]
+    model.train(was_training)
+    if n_pos == 0:
+        raise ValueError("the eval split is empty: raise --eval-fraction or label more data")
+    return {
+        "ce": ce_sum / max(1, n_tgt),
+        "ppl": math.exp(min(50.0, ce_sum / max(1, n_tgt))),
+        "kl": kl_sum / n_pos,
+        "top1": agree / n_pos,
+        "positions": n_pos,
+        "sequences": seqs,
+    }

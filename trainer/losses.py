@@ -1,0 +1,136 @@
+"""Distillation losses against stored top-k + tail labels.
+
+All losses work on the student's hidden states one chunk of positions at a
+time (:func:`chunked_loss`), so the full ``[positions, vocab]`` student
+logits are never held at once, and each chunk is recomputed in backward
+(activation checkpointing) instead of being kept in fp32.
+
+Per position, with teacher buckets ``t = [log p_1..log p_k, log p_tail]``:
+
+- ``tail-kl`` (default): KL(p || q) over the k+1 buckets; the student's tail
+  bucket is the log of its mass outside the teacher's top-k ids. Equals the
+  full-vocabulary KL when k = |V|.
+- ``topk-kl``: KL over the top-k only, both sides renormalized (drops the
+  tail; biased, kept for comparison).
+- ``reverse-kl``: KL(q || p) over the k+1 buckets.
+- ``ce``: cross-entropy on the true next tokens (no teacher).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LOSSES = ("tail-kl", "topk-kl", "reverse-kl", "ce")
+_NEG = -1e30  # stands in for log(0) where -inf would poison gradients
+
+
+def _buckets(student_logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student log-probs gathered at the teacher's top-k ids, and of the rest."""
+    ls = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    top = ls.gather(-1, topk_ids)
+    rest = torch.logsumexp(ls.scatter(-1, topk_ids, _NEG), dim=-1)
+    return top, rest
+
+
+def _teacher_buckets(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor) -> torch.Tensor:
+    t = torch.cat([topk_logprobs.float(), tail_logprob.float().unsqueeze(-1)], dim=-1)
+    t = t.clamp_min(_NEG)
+    # Stored log-probs are rounded (fp16); renormalize so the k+1 buckets sum to 1 exactly.
+    return t - torch.logsumexp(t, dim=-1, keepdim=True)
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """sum p (log p - log q) over the last dim, with 0 log 0 = 0."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
+def position_loss(
+    student_logits: torch.Tensor,
+    kind: str,
+    topk_ids: torch.Tensor | None = None,
+    topk_logprobs: torch.Tensor | None = None,
+    tail_logprob: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-position loss ``[N]`` for student logits ``[N, V]``.
+
+    KD kinds need the teacher columns; ``ce`` needs ``targets`` (positions with
+    target -100 get 0). KD losses are scaled by ``temperature ** 2`` (Hinton).
+    """
+    if kind == "ce":
+        return F.cross_entropy(student_logits.float(), targets, ignore_index=-100, reduction="none")
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; choose from {LOSSES}")
+    top, rest = _buckets(student_logits, topk_ids, temperature)
+    if kind == "topk-kl":
+        t = topk_logprobs.float()
+        t = t - torch.logsumexp(t, -1, keepdim=True)
+        s = top - torch.logsumexp(top, -1, keepdim=True)
+        loss = _kl(t, s)
+    else:
+        t = _teacher_buckets(topk_logprobs, tail_logprob)
+        s = torch.cat([top, rest.unsqueeze(-1)], dim=-1).clamp_min(_NEG)
+        loss = _kl(t, s) if kind == "tail-kl" else _kl(s, t)
+    return loss * temperature**2
+
+
+def chunked_loss(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    kind: str,
+    batch: dict[str, torch.Tensor],
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    chunk: int = 1024,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of a batch from student hidden states ``[B, T, H]``.
+
+    ``alpha`` weighs the KD term against CE on the true next tokens:
+    ``alpha * KD + (1 - alpha) * CE`` (ignored for ``kind="ce"``).
+    Returns the scalar loss and its parts (KD over label positions, CE over
+    positions with a true next token), for logging.
+    """
+    mask = batch["label_mask"].reshape(-1)
+    idx = mask.nonzero().squeeze(-1)
+    h = hidden.reshape(-1, hidden.shape[-1])[idx]
+    targets = batch["targets"].reshape(-1)[idx]
+    kd_cols = {
+        "topk_ids": batch["topk_ids"].reshape(-1, batch["topk_ids"].shape[-1])[idx],
+        "topk_logprobs": batch["topk_logprobs"].reshape(-1, batch["topk_logprobs"].shape[-1])[idx],
+        "tail_logprob": batch["tail_logprob"].reshape(-1)[idx],
+    }
+    use_kd = kind != "ce" and alpha > 0
+    use_ce = kind == "ce" or alpha < 1
+    kd_sum = h.new_zeros((), dtype=torch.float32)
+    ce_sum = h.new_zeros((), dtype=torch.float32)
+
+    def piece(hc: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor, tail: torch.Tensor, tg: torch.Tensor):
+        logits = head(hc)
+        kd = position_loss(logits, kind, ids, lps, tail, temperature=temperature).sum() if use_kd else hc.new_zeros(())
+        ce = position_loss(logits, "ce", targets=tg).sum() if use_ce else hc.new_zeros(())
+        return kd.float(), ce.float()
+
+    for s in range(0, h.shape[0], chunk):
+        e = min(h.shape[0], s + chunk)
+        args = (h[s:e], kd_cols["topk_ids"][s:e], kd_cols["topk_logprobs"][s:e], kd_cols["tail_logprob"][s:e], targets[s:e])
+        if torch.is_grad_enabled() and h.requires_grad:
+            kd, ce = checkpoint(piece, *args, use_reentrant=False)
+        else:
+            kd, ce = piece(*args)
+        kd_sum = kd_sum + kd
+        ce_sum = ce_sum + ce
+    n_kd = max(1, h.shape[0])
+    n_ce = max(1, int((targets != -100).sum()))
+    kd_mean, ce_mean = kd_sum / n_kd, ce_sum / n_ce
+    if kind == "ce":
+        total = ce_mean
+    else:
+        total = alpha * kd_mean + (1 - alpha) * ce_mean if use_ce else kd_mean
+    parts = {"ce": float(ce_mean.detach()) if use_ce else float("nan")}
+    if use_kd:
+        parts["kd"] = float(kd_mean.detach())
+    return total, parts

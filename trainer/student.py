@@ -1,0 +1,93 @@
+"""Students: the built-in ``tiny`` config, a local HF model directory, an HF id, or a config file.
+
+The tokenizer comes with the label set (the labeler copies it there), so a
+student never needs the teacher. Its fingerprint must match the manifest's.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from schemas import LabelSet, join_url, retry_io, tokenizer_fingerprint
+
+TINY = dict(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+)
+
+
+def load_label_tokenizer(labels: LabelSet) -> Any:
+    """The tokenizer stored inside the label set."""
+    from transformers import AutoTokenizer
+
+    rel = labels.manifest.tokenizer.files
+    if not rel:
+        raise ValueError(f"label set {labels.url} carries no tokenizer files; pass a student with its own tokenizer")
+    src = join_url(labels.root, rel)
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in retry_io(lambda: labels.fs.ls(src, detail=False), f"list {join_url(labels.url, rel)}"):
+            name = path.rsplit("/", 1)[-1]
+            data = retry_io(lambda p=path: labels.fs.cat_file(p), f"read {path}")
+            Path(tmp, name).write_bytes(data)
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def check_tokenizer(tokenizer: Any, labels: LabelSet, where: str) -> None:
+    """Stop before training if the student's tokenizer is not the teacher's."""
+    fp = tokenizer_fingerprint(tokenizer)
+    want = labels.manifest.tokenizer.fingerprint
+    if fp != want:
+        raise ValueError(
+            f"student tokenizer ({where}, {fp[:19]}) differs from the label set's "
+            f"({labels.manifest.tokenizer.name}, {want[:19]}): the student must share the teacher's tokenizer"
+        )
+
+
+def build_student(spec: str, labels: LabelSet, seed: int = 0, dtype: str = "float32") -> tuple[Any, Any]:
+    """Return ``(model, tokenizer)`` for ``--student``.
+
+    ``tiny`` and ``*.json`` config files build a freshly initialized Llama-style
+    model (seeded) with the label set's tokenizer; anything else goes to
+    ``from_pretrained`` (local directory or hub id) with its own tokenizer.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    vocab = labels.manifest.tokenizer.vocab_size
+    torch_dtype = getattr(torch, dtype)
+    if spec == "tiny" or spec.endswith(".json"):
+        tokenizer = load_label_tokenizer(labels)
+        if spec == "tiny":
+            config = LlamaConfig(vocab_size=vocab, **TINY)
+        else:
+            d = json.loads(Path(spec).read_text())
+            config = AutoConfig.for_model(**d) if "model_type" in d else LlamaConfig(**d)
+            config.vocab_size = max(getattr(config, "vocab_size", 0) or 0, vocab)
+        config.bos_token_id = tokenizer.bos_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
+        return model, tokenizer
+    if not Path(spec).exists() and spec.startswith((".", "/", "~")):
+        raise ValueError(f"student path {spec} does not exist")
+    if Path(spec).exists() and not (Path(spec) / "config.json").exists():
+        raise ValueError(f"student directory {spec} has no config.json (not a Hugging Face model directory)")
+    tokenizer = AutoTokenizer.from_pretrained(spec)
+    check_tokenizer(tokenizer, labels, spec)
+    model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, attn_implementation="sdpa")
+    if model.get_input_embeddings().weight.shape[0] < vocab:
+        raise ValueError(
+            f"student {spec} has {model.get_input_embeddings().weight.shape[0]} embeddings, "
+            f"fewer than the label set's vocabulary of {vocab}"
+        )
+    return model, tokenizer
