@@ -73,6 +73,8 @@ class LabelSetWriter:
         """Fail early (one line) if the output cannot be listed: bad bucket, credentials, endpoint."""
         try:
             if self._bucket and not retry_io(lambda: self.fs.exists(self._bucket), f"stat bucket {self._bucket}"):
+                # exists() says False for both "no bucket" and "not allowed": ask again to learn which.
+                retry_io(lambda: self.fs.ls(self._bucket, detail=False), f"list bucket {self._bucket}")
                 raise OutputError(f"output {self.url}: bucket {self._bucket!r} does not exist")
             if self.exists(""):
                 retry_io(lambda: self.fs.ls(self.root, detail=False), f"list {self.url}")
@@ -90,6 +92,9 @@ class LabelSetWriter:
             OutputError: the location holds something that is not a label set, or
                 a label set made with different settings (the message names them).
         """
+        # Other processes (workers, a crashed earlier run) write here: never
+        # trust listings fsspec cached in this process.
+        self.fs.invalidate_cache()
         if overwrite and self.exists(""):
             log.info("--overwrite: removing everything under %s", self.url)
             retry_io(lambda: self.fs.rm(self.root, recursive=True), f"remove {self.url}")
@@ -116,6 +121,7 @@ class LabelSetWriter:
     def committed(self) -> dict[str, ShardInfo]:
         """Verified commits: marker present, shard object present with matching size and sha256."""
         out: dict[str, ShardInfo] = {}
+        self.fs.invalidate_cache()
         if not self.exists(COMMITS):
             return out
         for path in sorted(retry_io(lambda: self.fs.ls(self._p(COMMITS), detail=False), f"list {self._u(COMMITS)}")):

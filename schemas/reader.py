@@ -21,6 +21,7 @@ class LabelSet:
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
         self.url = url.rstrip("/")
         self.fs, self.root = resolve_url(self.url, storage_options)
+        self.fs.invalidate_cache()  # fsspec instances are shared: drop listings cached before the set was written
         where = join_url(self.url, MANIFEST_NAME)
         try:
             raw = retry_io(lambda: self.fs.cat_file(join_url(self.root, MANIFEST_NAME)), f"read {where}")

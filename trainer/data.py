@@ -87,11 +87,12 @@ class LabelDataset(IterableDataset):
 
 
 def sample_to_tensors(s: Sample) -> dict[str, torch.Tensor]:
+    # Decoded arrays may be read-only views of Arrow buffers: torch.tensor copies.
     return {
-        "input_ids": torch.from_numpy(s.input_ids.astype(np.int64)),
-        "topk_ids": torch.from_numpy(s.topk_ids.astype(np.int64)),
-        "topk_logprobs": torch.from_numpy(s.topk_logprobs),
-        "tail_logprob": torch.from_numpy(s.tail_logprob),
+        "input_ids": torch.tensor(s.input_ids, dtype=torch.long),
+        "topk_ids": torch.tensor(s.topk_ids, dtype=torch.long),
+        "topk_logprobs": torch.tensor(s.topk_logprobs, dtype=torch.float32),
+        "tail_logprob": torch.tensor(s.tail_logprob, dtype=torch.float32),
     }
 
 

@@ -1,0 +1,25 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv themselves.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test bench clean
+
+$(STAMP): pyproject.toml requirements/constraints-ci.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# Dev/CI pin torch==2.13.0 (a CPU wheel); never pull a CUDA build here.
+	$(BIN)/python -m pip install --quiet -c requirements/constraints-ci.txt -e '.[labeler,trainer,s3,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/python scripts/demo.py
+
+test: venv
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,174 @@
+"""The labeler on a real local Ray, with a tiny teacher, on local disk and the real S3 server."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from labeler.config import LabelConfig
+from labeler.job import run
+from labeler.sink import OutputError
+from schemas import open_label_set, resolve_url, tokenizer_fingerprint, sample_id
+
+from conftest import run_cli
+
+
+def cfg(teacher: str, output: str, **kw) -> LabelConfig:
+    base = dict(teacher=teacher, corpus="pydoc", output=output, top_k=8, max_length=64, limit=24,
+                shard_tokens=400, batch_tokens=512)
+    base.update(kw)
+    return LabelConfig(**base)
+
+
+def direct_labels(teacher_dir: str, ids: np.ndarray, k: int):
+    """Full-softmax labels of one sequence, computed directly in fp64."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor(ids, dtype=torch.long)[None]).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    vals, top = torch.topk(logp, k, -1)
+    rest = torch.logsumexp(logp.scatter(-1, top, float("-inf")), -1)
+    return top.numpy(), vals.numpy(), rest.numpy()
+
+
+def read_all_bytes(root: str) -> dict[str, bytes]:
+    fs, path = resolve_url(root)
+    fs.invalidate_cache()
+    out = {}
+    for f in sorted(fs.find(path)):
+        rel = f[len(path) + 1 :]
+        if rel.startswith(("shards/", "_commits/")):
+            out[rel] = fs.cat_file(f)
+    return out
+
+
+def test_labels_match_direct_full_softmax(ray_local, tiny_teacher, storage_root):
+    summary = run(cfg(tiny_teacher, storage_root))
+    ls = open_label_set(storage_root)
+    m = ls.manifest
+    assert summary.sequences == m.totals.sequences == 24
+    assert len(m.shards) > 1 and m.top_k == 8
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    assert m.tokenizer.fingerprint == tokenizer_fingerprint(tok)
+    samples = list(ls.iter_samples())
+    assert sum(len(s.input_ids) for s in samples) == m.totals.tokens
+    for s in samples[:4] + samples[-2:]:
+        assert s.sample_id == sample_id(m.tokenizer.fingerprint, s.input_ids)
+        top, vals, tail = direct_labels(tiny_teacher, s.input_ids, 8)
+        np.testing.assert_array_equal(s.topk_ids, top)
+        np.testing.assert_allclose(s.topk_logprobs, vals, atol=2e-3 + 1e-3 * np.abs(vals).max())  # fp16 storage
+        np.testing.assert_allclose(s.tail_logprob, tail, atol=1e-4)
+    # the manifest records what was labeled, and never the credentials
+    text = json.dumps(json.loads(m.to_json()))
+    assert "softlabels-test-secret" not in text and "softlabels-test-key" not in text
+
+
+def test_sequences_cover_documents_without_loss(ray_local, tiny_teacher, tmp_path):
+    """Per-document chunks: concatenating a document's chunks gives back its tokens."""
+    from transformers import AutoTokenizer
+    from pydoc_data.topics import topics
+
+    run(cfg(tiny_teacher, str(tmp_path / "ls"), limit=None, max_length=128, shard_tokens=20000, batch_tokens=4096,
+            corpus=str(_small_corpus(tmp_path))))
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    samples = list(open_label_set(str(tmp_path / "ls")).iter_samples())
+    by_doc: dict[str, list] = {}
+    for s in samples:
+        doc, chunk = s.source.rsplit("#", 1)
+        by_doc.setdefault(doc, []).append((int(chunk), s.input_ids))
+    names = sorted(topics)[:5]
+    assert len(by_doc) == len(names)
+    for i, name in enumerate(names):
+        chunks = [ids for _, ids in sorted(by_doc[f"{tmp_path / 'corpus.jsonl'}:{i + 1}"], key=lambda c: c[0])]
+        assert all(len(c) <= 128 for c in chunks)
+        np.testing.assert_array_equal(np.concatenate(chunks), tok(topics[name], add_special_tokens=False)["input_ids"])
+
+
+def _small_corpus(tmp_path):
+    from pydoc_data.topics import topics
+
+    p = tmp_path / "corpus.jsonl"
+    p.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)[:5]))
+    return p
+
+
+def test_rerun_is_a_no_op_and_resume_redoes_only_missing_units(ray_local, tiny_teacher, storage_root):
+    c = cfg(tiny_teacher, storage_root)
+    run(c)
+    before = read_all_bytes(storage_root)
+    again = run(c)
+    assert again.status == "already complete" and again.labeled_tokens == 0
+    # Simulate a crash: one unit lost its marker, another has a truncated shard.
+    fs, path = resolve_url(storage_root)
+    fs.rm(path + "/_commits/part-000001.json")
+    fs.pipe_file(path + "/shards/part-000002.parquet", before["shards/part-000002.parquet"][:100])
+    fs.rm(path + "/manifest.json")
+    resumed = run(c)
+    n_units = len(open_label_set(storage_root).manifest.shards)
+    assert resumed.resumed_units == n_units - 2
+    assert resumed.labeled_tokens == sum(
+        s.tokens for s in open_label_set(storage_root).manifest.shards if s.path.endswith(("001.parquet", "002.parquet"))
+    )
+    assert read_all_bytes(storage_root) == before
+
+
+def test_resume_with_different_settings_is_refused(ray_local, tiny_teacher, tmp_path):
+    out = str(tmp_path / "ls")
+    run(cfg(tiny_teacher, out))
+    with pytest.raises(OutputError, match=r"top_k: stored 8, now 4"):
+        run(cfg(tiny_teacher, out, top_k=4))
+    with pytest.raises(OutputError, match=r"max_length"):
+        run(cfg(tiny_teacher, out, max_length=32))
+    summary = run(cfg(tiny_teacher, out, top_k=4, overwrite=True))
+    assert summary.status == "written" and open_label_set(out).manifest.top_k == 4
+
+
+def test_cli_bad_inputs_fail_in_one_line_before_labeling(tiny_teacher, tmp_path, s3_server):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
+    (tmp_path / "c.csv").write_text("a,b\n")
+    cases = [
+        (["--corpus", str(tmp_path / "nothing-*.jsonl")], "matches no files"),
+        (["--corpus", str(tmp_path / "missing.jsonl")], "does not exist"),
+        (["--corpus", str(tmp_path / "*.csv")], "unknown format"),
+        (["--corpus", str(tmp_path / "c.jsonl")], "no field 'text'"),
+        (["--top-k", "100000"], "exceeds"),
+        (["--max-length", "100000", "--batch-tokens", "100000"], "exceeds the teacher's context"),
+        (["--output", str(foreign)], "not a softlabels label set"),
+        (["--output", "s3://no-such-bucket-xyz/set"], "does not exist"),
+        (["--teacher", "./no/such/dir"], "does not exist"),
+        (["--top-k", "0"], "top_k must be a positive integer"),
+    ]
+    for extra, msg in cases:
+        args = ["run", "--teacher", tiny_teacher, "--output", str(tmp_path / "out"), "--limit", "2", "--max-length", "64", *extra]
+        proc = run_cli("labeler", *args, check=False)
+        assert proc.returncode == 2, (extra, proc.stderr[-2000:])
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("labeler: error:") and msg in last, (extra, last)
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_cli_wrong_credentials_fail_clearly(tiny_teacher, tmp_path, s3_server):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, AWS_SECRET_ACCESS_KEY="wrong")
+    proc = subprocess.run(
+        [sys.executable, "-m", "labeler", "run", "--teacher", tiny_teacher, "--output", f"{s3_server}/x", "--limit", "1"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("labeler: error: output") and ("denied" in last or "reachable" in last), last
