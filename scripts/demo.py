@@ -28,8 +28,8 @@ def cli(*args: str) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default=str(REPO / "runs" / "demo"), help="where labels and the student go")
-    p.add_argument("--sequences", type=int, default=480, help="sequences of 128 tokens to label")
-    p.add_argument("--steps", type=int, default=120, help="student training steps")
+    p.add_argument("--sequences", type=int, default=400, help="sequences of 128 tokens to label")
+    p.add_argument("--steps", type=int, default=100, help="student training steps")
     args = p.parse_args()
     t0 = time.time()
     labels = f"{args.out}/labels"

@@ -145,7 +145,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
         sched.step()
-        row = {"step": step + 1, "loss": float(loss), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), **parts_sum}
+        row = {"step": step + 1, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), **parts_sum}
         row["tokens"] = tokens
         row["elapsed_s"] = time.time() - t0
         record(row)
