@@ -10,8 +10,9 @@ from typing import Any
 
 from schemas.errors import LabelSetError
 
-# Errors that are the user's to fix: shown as one line, no traceback (unless --debug).
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, LabelSetError, FileNotFoundError, PermissionError)
+# Errors that are the user's to fix (bad values, bad label sets, unreachable or
+# unreadable storage, also after retries): one line, no traceback (unless --debug).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, LabelSetError, OSError)
 
 
 def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
