@@ -23,3 +23,13 @@ def test_trainer_extra_installs_without_ray(tmp_path):
     for forbidden in ("ray", "datasets"):
         r = subprocess.run([str(py), "-c", f"import {forbidden}"], capture_output=True, text=True)
         assert r.returncode != 0 and "No module named" in r.stderr, forbidden
+
+
+def test_every_command_has_help():
+    for args in (["labeler", "--help"], ["labeler", "run", "--help"], ["labeler", "inspect", "--help"],
+                 ["trainer", "--help"], ["trainer", "run", "--help"], ["trainer", "eval", "--help"]):
+        proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 0 and "usage:" in proc.stdout, (args, proc.stderr[-500:])
+    run_help = subprocess.run([sys.executable, "-m", "labeler", "run", "--help"], capture_output=True, text=True).stdout
+    for flag in ("--teacher", "--corpus", "--output", "--top-k", "--max-length", "--limit", "--storage-option", "--ray-address"):
+        assert flag in run_help

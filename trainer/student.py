@@ -66,6 +66,7 @@ def build_student(spec: str, labels: LabelSet, seed: int = 0, dtype: str = "floa
     torch_dtype = getattr(torch, dtype)
     if spec == "tiny" or spec.endswith(".json"):
         tokenizer = load_label_tokenizer(labels)
+        check_tokenizer(tokenizer, labels, f"{labels.url}/{labels.manifest.tokenizer.files}")
         if spec == "tiny":
             config = LlamaConfig(vocab_size=vocab, **TINY)
         else:
