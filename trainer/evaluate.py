@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from trainer.data import LabelDataset, collate
-from trainer.losses import position_loss
+from trainer.losses import label_positions, position_loss
 
 
 def _move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -43,13 +43,7 @@ def evaluate(
             break
         batch = _move(batch, device)
         hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        idx = batch["label_mask"].reshape(-1).nonzero().squeeze(-1)
-        h = hidden.reshape(-1, hidden.shape[-1])[idx]
-        k = batch["topk_ids"].shape[-1]
-        ids = batch["topk_ids"].reshape(-1, k)[idx]
-        lps = batch["topk_logprobs"].reshape(-1, k)[idx]
-        tail = batch["tail_logprob"].reshape(-1)[idx]
-        tgt = batch["targets"].reshape(-1)[idx]
+        h, ids, lps, tail, tgt = label_positions(hidden, batch)
         for s in range(0, h.shape[0], chunk):
             e = min(h.shape[0], s + chunk)
             logits = head(h[s:e]).float()

@@ -78,6 +78,21 @@ def position_loss(
     return loss * temperature**2
 
 
+def label_positions(
+    hidden: torch.Tensor, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flatten a batch to its labeled positions: ``(hidden [N, H], topk_ids, topk_logprobs, tail, targets)``."""
+    idx = batch["label_mask"].reshape(-1).nonzero().squeeze(-1)
+    k = batch["topk_ids"].shape[-1]
+    return (
+        hidden.reshape(-1, hidden.shape[-1])[idx],
+        batch["topk_ids"].reshape(-1, k)[idx],
+        batch["topk_logprobs"].reshape(-1, k)[idx],
+        batch["tail_logprob"].reshape(-1)[idx],
+        batch["targets"].reshape(-1)[idx],
+    )
+
+
 def chunked_loss(
     hidden: torch.Tensor,
     head: torch.nn.Module,
@@ -94,29 +109,21 @@ def chunked_loss(
     Returns the scalar loss and its parts (KD over label positions, CE over
     positions with a true next token), for logging.
     """
-    mask = batch["label_mask"].reshape(-1)
-    idx = mask.nonzero().squeeze(-1)
-    h = hidden.reshape(-1, hidden.shape[-1])[idx]
-    targets = batch["targets"].reshape(-1)[idx]
-    kd_cols = {
-        "topk_ids": batch["topk_ids"].reshape(-1, batch["topk_ids"].shape[-1])[idx],
-        "topk_logprobs": batch["topk_logprobs"].reshape(-1, batch["topk_logprobs"].shape[-1])[idx],
-        "tail_logprob": batch["tail_logprob"].reshape(-1)[idx],
-    }
+    h, ids, lps, tail, targets = label_positions(hidden, batch)
     use_kd = kind != "ce" and alpha > 0
     use_ce = kind == "ce" or alpha < 1
     kd_sum = h.new_zeros((), dtype=torch.float32)
     ce_sum = h.new_zeros((), dtype=torch.float32)
 
-    def piece(hc: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor, tail: torch.Tensor, tg: torch.Tensor):
+    def piece(hc: torch.Tensor, ic: torch.Tensor, lc: torch.Tensor, tc: torch.Tensor, tg: torch.Tensor):
         logits = head(hc)
-        kd = position_loss(logits, kind, ids, lps, tail, temperature=temperature).sum() if use_kd else hc.new_zeros(())
+        kd = position_loss(logits, kind, ic, lc, tc, temperature=temperature).sum() if use_kd else hc.new_zeros(())
         ce = position_loss(logits, "ce", targets=tg).sum() if use_ce else hc.new_zeros(())
         return kd.float(), ce.float()
 
     for s in range(0, h.shape[0], chunk):
         e = min(h.shape[0], s + chunk)
-        args = (h[s:e], kd_cols["topk_ids"][s:e], kd_cols["topk_logprobs"][s:e], kd_cols["tail_logprob"][s:e], targets[s:e])
+        args = (h[s:e], ids[s:e], lps[s:e], tail[s:e], targets[s:e])
         if torch.is_grad_enabled() and h.requires_grad:
             kd, ce = checkpoint(piece, *args, use_reentrant=False)
         else:
