@@ -1,4 +1,10 @@
-"""The teacher actor: loads the teacher once, then labels and commits units."""
+"""What runs on Ray workers: the teacher actor, and the shard writer.
+
+The teacher actor loads the teacher once and only runs forwards; encoding a
+unit's shard and writing it (plus its commit marker) is a separate CPU task,
+so the teacher goes straight on to its next unit while the last one is
+compressed and uploaded.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,14 @@ from typing import Any
 import numpy as np
 
 from labeler.sink import LabelSetWriter
-from labeler.teacher import TeacherRunner, TeacherSource
+from labeler.teacher import TeacherRunner, TeacherSource, resolve_teacher
 from schemas import Sample, encode_samples, sample_id, table_to_parquet_bytes
+
+Labels = list[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 class TeacherActor:
-    """Plain class; :mod:`labeler.job` wraps it with ``ray.remote``."""
+    """Plain class; :mod:`labeler.pipeline` wraps it with ``ray.remote``."""
 
     def __init__(
         self,
@@ -25,32 +33,54 @@ class TeacherActor:
         batch_tokens: int,
         head_chunk: int,
         trust_remote_code: bool,
-        output: str,
-        storage_options: dict[str, Any],
-        threads: int,
-        tokenizer_fp: str,
+        threads: int | None,
     ) -> None:
         import torch
         from transformers.utils import logging as hf_logging
 
         # Ray sets OMP_NUM_THREADS=1 in workers; give torch the cores we planned for.
-        torch.set_num_threads(threads)
+        if threads:
+            torch.set_num_threads(threads)
         hf_logging.disable_progress_bar()
+        if source.is_builtin:
+            # The driver's cache path may not exist on this node: fetch/convert here.
+            source = resolve_teacher(source.spec, source.revision)
         self.runner = TeacherRunner(source, dtype, device, top_k, temperature, batch_tokens, head_chunk, trust_remote_code)
-        self.writer = LabelSetWriter(output, storage_options)
-        self.top_k = top_k
-        self.tokenizer_fp = tokenizer_fp
 
-    def label_unit(self, name: str, sequences: list[tuple[str, np.ndarray]]) -> dict[str, Any]:
-        """Label one unit, write its shard and commit marker, return the ShardInfo as a dict."""
-        labels = self.runner.label([ids for _, ids in sequences])
-        samples = [
-            Sample(sample_id(self.tokenizer_fp, ids), src, np.asarray(ids, dtype=np.int32), *lab)
-            for (src, ids), lab in zip(sequences, labels)
-        ]
-        data = table_to_parquet_bytes(encode_samples(samples, self.top_k))
-        info = self.writer.commit_unit(name, data, rows=len(samples), tokens=sum(len(s.input_ids) for s in samples))
-        return asdict(info)
+    def label(self, unit: tuple[list[str], list[np.ndarray]]) -> Labels:
+        """``(topk_ids, topk_logprobs fp16, tail)`` per sequence of the unit."""
+        labels = self.runner.label(unit[1])
+        # fp16 is what the shard stores: halve what crosses the object store.
+        return [(ids, lp.astype(np.float16), tail) for ids, lp, tail in labels]
 
-    def ping(self) -> bool:
-        return True
+    def node(self) -> str:
+        """The Ray node this replica runs on (also: the teacher is loaded once this returns)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+def encode_shard(unit: tuple[list[str], list[np.ndarray]], labels: Labels, top_k: int, tokenizer_fp: str) -> bytes:
+    """One unit's Parquet shard bytes (deterministic: same unit and labels, same bytes)."""
+    samples = [
+        Sample(sample_id(tokenizer_fp, ids), src, np.asarray(ids, dtype=np.int32), *lab)
+        for src, ids, lab in zip(unit[0], unit[1], labels)
+    ]
+    return table_to_parquet_bytes(encode_samples(samples, top_k))
+
+
+def write_unit(
+    output: str,
+    storage_options: dict[str, Any],
+    name: str,
+    unit: tuple[list[str], list[np.ndarray]],
+    labels: Labels,
+    top_k: int,
+    tokenizer_fp: str,
+    inputs: str,
+) -> dict[str, Any]:
+    """Encode and commit one unit (shard, then marker); returns its ShardInfo as a dict."""
+    data = encode_shard(unit, labels, top_k, tokenizer_fp)
+    writer = LabelSetWriter(output, storage_options)
+    info = writer.commit_unit(name, data, rows=len(unit[1]), tokens=sum(len(s) for s in unit[1]), inputs=inputs)
+    return asdict(info)

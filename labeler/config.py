@@ -1,16 +1,23 @@
-"""LabelConfig: everything one labeling run needs, validated at construction."""
+"""LabelConfig: everything one labeling run needs, validated at construction.
+
+A run is configured by a YAML file (``--config``), CLI flags overriding it,
+and the defaults below for anything neither sets. YAML keys are the field
+names below (``top_k`` or ``top-k``); ``storage_options`` is a mapping that
+``--storage-option`` entries extend.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
 @dataclass(frozen=True)
 class LabelConfig:
-    teacher: str
-    corpus: str
-    output: str
+    output: str = ""  # required: a local path or URL
+    teacher: str = "smollm2-135m"
+    corpus: str = "pydoc"
     top_k: int = 64
     temperature: float = 1.0
     max_length: int = 512
@@ -23,15 +30,19 @@ class LabelConfig:
     batch_tokens: int = 4096
     head_chunk: int = 1024
     dtype: str | None = None  # default: bfloat16 on GPU, float32 on CPU
-    device: str | None = None  # default: cuda if available
-    num_replicas: int | None = None  # default: one per GPU, else 1
+    device: str | None = None  # default: cuda if the Ray cluster has GPUs, else cpu
+    num_replicas: int | None = None  # default: one per GPU, else one per Ray node
     threads: int | None = None  # torch threads per CPU replica (default: cores / replicas)
     ray_address: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
     overwrite: bool = False
+    on_error: str = "fail"  # undecodable corpus rows: "fail" or "skip"
 
     def __post_init__(self) -> None:
+        for name in ("output", "teacher", "corpus"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         positive = ("top_k", "max_length", "shard_tokens", "batch_tokens", "head_chunk")
         for name in positive:
             v = getattr(self, name)
@@ -41,6 +52,8 @@ class LabelConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if self.batch_tokens < self.max_length:
@@ -54,3 +67,44 @@ class LabelConfig:
         d = asdict(self)
         d["storage_options"] = {k: "***" for k in self.storage_options}
         return d
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a ``--config`` file into LabelConfig field names; unknown keys are an error naming them."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as e:
+        raise ValueError(f"config file {path}: cannot be read ({e.strerror or e})") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
+    names = {f.name for f in fields(LabelConfig)}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise ValueError(f"config file {path}: unknown setting {key!r} (known: {', '.join(sorted(names))})")
+        out[name] = value
+    if not isinstance(out.get("storage_options", {}), dict):
+        raise ValueError(f"config file {path}: storage_options must be a mapping")
+    return out
+
+
+def resolve_config(yaml_path: str | None, overrides: Mapping[str, Any]) -> LabelConfig:
+    """Defaults < YAML file < CLI flags (``overrides`` holds only the flags given)."""
+    values = load_yaml(yaml_path) if yaml_path else {}
+    options = {**values.get("storage_options", {}), **overrides.get("storage_options", {})}
+    values.update({k: v for k, v in overrides.items() if k != "storage_options"})
+    values["storage_options"] = options
+    if not values.get("output"):
+        raise ValueError("no output: pass --output or set output in the --config file")
+    try:
+        return LabelConfig(**values)
+    except TypeError as e:
+        raise ValueError(f"bad configuration: {e}") from e

@@ -1,26 +1,24 @@
-"""The labeling job: plan on the driver, label on Ray actors, commit, publish.
+"""The labeling job: check inputs, claim the output, label on Ray, publish.
 
-The driver reads and tokenizes the corpus into a deterministic plan, skips
-units that are already committed (resume), and hands the rest to a pool of
-teacher actors (one per GPU; fractional-CPU actors on CPU so Ray's own tasks
-are never starved). Each actor writes its unit's shard and commit marker and
-returns the :class:`ShardInfo` through Ray; the driver writes the manifest
-last, from those results.
+Everything that can fail on bad input (output location, corpus, teacher
+config, tokenizer, k, max-length) is checked before Ray starts and before the
+teacher loads. Then :class:`labeler.pipeline.Pipeline` reads, tokenizes,
+labels and commits units in parallel; the driver writes ``manifest.json``
+last, from the units' commit records.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from labeler.config import LabelConfig
 from labeler.corpus import Corpus
-from labeler.plan import Unit, build_sequences, make_units
+from labeler.pipeline import Pipeline, cluster_gpus, ray_session
 from labeler.sink import LabelSetWriter
 from labeler.teacher import TeacherSource, load_tokenizer, pick_device_dtype, resolve_teacher, teacher_info
 from schemas import (
@@ -28,14 +26,13 @@ from schemas import (
     CorpusInfo,
     Manifest,
     SequenceConfig,
-    ShardInfo,
     TokenizerInfo,
     Totals,
     tokenizer_fingerprint,
 )
 
 log = logging.getLogger(__name__)
-LABELER_VERSION = "0.1.0"
+LABELER_VERSION = "0.2.0"
 
 
 @dataclass
@@ -48,8 +45,12 @@ class Summary:
     resumed_units: int
     labeled_tokens: int  # tokens labeled by this run (excludes resumed units)
     wall_s: float
-    label_s: float  # time spent labeling (Ray start and planning excluded)
+    label_s: float  # from the teachers being loaded to the last commit
     status: str
+    skipped_documents: int = 0
+    empty_documents: int = 0
+    replicas: int = 0
+    units_per_node: dict[str, int] = field(default_factory=dict)
 
     @property
     def bytes_per_token(self) -> float:
@@ -73,7 +74,7 @@ def run(cfg: LabelConfig) -> Summary:
     log.info("labeling config: %s", cfg.redacted())
     writer = LabelSetWriter(cfg.output, cfg.storage_options)
     writer.check_reachable()
-    corpus = Corpus(cfg.corpus, cfg.text_field, cfg.storage_options)
+    corpus = Corpus(cfg.corpus, cfg.text_field, cfg.storage_options, cfg.on_error)
     source = resolve_teacher(cfg.teacher, cfg.revision)
     context = _teacher_context(source, cfg.trust_remote_code)
     if context is not None and cfg.max_length > context:
@@ -82,48 +83,46 @@ def run(cfg: LabelConfig) -> Summary:
     vocab = len(tokenizer)
     if cfg.top_k > vocab:
         raise ValueError(f"--top-k {cfg.top_k} exceeds the tokenizer's vocabulary of {vocab}")
-    device, dtype = pick_device_dtype(cfg.device, cfg.dtype)
-
+    if (cfg.packing or cfg.add_eos) and tokenizer.eos_token_id is None:
+        raise ValueError("--packing/--add-eos need a tokenizer with an EOS token; this one has none")
     seq_cfg = SequenceConfig(cfg.max_length, cfg.packing, cfg.add_eos, cfg.limit, cfg.shard_tokens)
-    units = make_units(build_sequences(corpus.iter_documents(), tokenizer, seq_cfg), cfg.shard_tokens)
-    if not units:
-        raise ValueError(
-            f"corpus {cfg.corpus!r} has no text to label "
-            f"({corpus.stats.documents} documents, {corpus.stats.empty} empty)"
-        )
     tok_info = TokenizerInfo(name=source.display_name, vocab_size=vocab, fingerprint=tokenizer_fingerprint(tokenizer))
-    t_info = teacher_info(source, dtype)
-    corpus_info = CorpusInfo(cfg.corpus, corpus.stats.fingerprint, corpus.stats.documents, corpus.stats.empty)
-    identity = {
-        "schema_version": SCHEMA_VERSION,
-        "teacher": {"id": t_info.id, "revision": t_info.revision, "weights_sha256": t_info.weights_sha256},
-        "tokenizer": tok_info.fingerprint,
-        "top_k": cfg.top_k,
-        "temperature": cfg.temperature,
-        "corpus": {"source": corpus_info.source, "fingerprint": corpus_info.fingerprint},
-        "sequence": asdict(seq_cfg),
-    }
-    status = writer.begin(identity, cfg.overwrite)
-    done = writer.committed() if status != "new" else {}
-    todo = [u for u in units if u.name not in done]
-    log.info(
-        "plan: %d sequences, %d tokens in %d units; %d already committed",
-        sum(len(u.sequences) for u in units),
-        sum(u.tokens for u in units),
-        len(units),
-        len(done),
-    )
-    if not writer.exists("tokenizer/tokenizer_config.json"):
-        writer.write_tokenizer(tokenizer)
 
-    results, label_s = _label_on_ray(cfg, source, device, dtype, tok_info.fingerprint, todo) if todo else ({}, 0.0)
-    shards = tuple(done.get(u.name) or results[u.name] for u in units)
+    with ray_session(cfg.ray_address) as ray:
+        # The device default follows the cluster (the driver may have no GPU).
+        device, dtype = pick_device_dtype(cfg.device or ("cuda" if cluster_gpus(ray) else "cpu"), cfg.dtype)
+        if device.startswith("cuda") and not cluster_gpus(ray):
+            raise ValueError(f"--device {device}: the Ray cluster has no GPUs")
+        t_info = teacher_info(source, dtype)
+        identity = {
+            "schema_version": SCHEMA_VERSION,
+            "teacher": {"id": t_info.id, "revision": t_info.revision, "weights_sha256": t_info.weights_sha256,
+                        "dtype": dtype},
+            "tokenizer": tok_info.fingerprint,
+            "top_k": cfg.top_k,
+            "temperature": cfg.temperature,
+            "corpus": {"source": cfg.corpus, "listing": corpus.listing_fingerprint(), "text_field": cfg.text_field,
+                       "on_error": cfg.on_error},
+            "sequence": asdict(seq_cfg),
+        }
+        status = writer.begin(identity, cfg.overwrite)
+        if status == "complete":
+            return _already_complete(writer, cfg, t0)
+        done = writer.committed() if status == "resume" else {}
+        if done:
+            log.info("resuming: %d committed unit(s) verified (size and sha256)", len(done))
+        if not writer.exists("tokenizer/tokenizer_config.json"):
+            writer.write_tokenizer(tokenizer)
+        out = Pipeline(ray, cfg, source, device, dtype, tokenizer, tok_info.fingerprint, corpus, seq_cfg, done).run()
+
+    shards = tuple(out.shards)
     manifest = Manifest(
         teacher=t_info,
         tokenizer=tok_info,
         top_k=cfg.top_k,
         temperature=cfg.temperature,
-        corpus=corpus_info,
+        corpus=CorpusInfo(cfg.corpus, out.corpus.fingerprint, out.corpus.documents, out.corpus.empty,
+                          out.corpus.skipped),
         sequence=seq_cfg,
         shards=shards,
         totals=Totals(
@@ -134,94 +133,42 @@ def run(cfg: LabelConfig) -> Summary:
         labeler_version=LABELER_VERSION,
         created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
     )
-    if status != "complete" or todo:
-        writer.write_manifest(manifest)
+    writer.write_manifest(manifest)
     return Summary(
         output=cfg.output,
         sequences=manifest.totals.sequences,
         tokens=manifest.totals.tokens,
         shards=len(shards),
         bytes=manifest.totals.bytes,
-        resumed_units=len(done),
-        labeled_tokens=sum(u.tokens for u in todo),
+        resumed_units=out.resumed,
+        labeled_tokens=out.labeled_tokens,
         wall_s=time.time() - t0,
-        label_s=label_s,
-        status="already complete" if status == "complete" and not todo else "written",
+        label_s=out.label_s,
+        status="written",
+        skipped_documents=out.corpus.skipped,
+        empty_documents=out.corpus.empty,
+        replicas=out.replicas,
+        units_per_node=out.units_per_node,
     )
 
 
-def _label_on_ray(
-    cfg: LabelConfig, source: TeacherSource, device: str, dtype: str, tokenizer_fp: str, todo: list[Unit]
-) -> tuple[dict[str, ShardInfo], float]:
-    """Label ``todo`` on a pool of teacher actors; returns results and seconds spent labeling."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    from labeler.actor import TeacherActor
-
-    started = False
-    if not ray.is_initialized():
-        address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
-        started = True
-    try:
-        gpus = int(ray.cluster_resources().get("GPU", 0)) if device.startswith("cuda") else 0
-        replicas = cfg.num_replicas or max(1, gpus)
-        replicas = min(replicas, len(todo))
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        threads = cfg.threads or max(1, cpus // replicas)
-        options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 0.5}
-        actor_cls = ray.remote(max_restarts=2, max_task_retries=2)(TeacherActor)
-        actors = [
-            actor_cls.options(**options).remote(
-                source, dtype, device, cfg.top_k, cfg.temperature, cfg.batch_tokens, cfg.head_chunk,
-                cfg.trust_remote_code, cfg.output, cfg.storage_options, threads, tokenizer_fp,
-            )
-            for _ in range(replicas)
-        ]
-        ray.get([a.ping.remote() for a in actors])  # teacher loaded: start the clock
-        log.info("labeling %d units on %d teacher replica(s) (%s, %s)", len(todo), replicas, device, dtype)
-        t0 = time.time()
-        results = _dispatch(ray, actors, todo)
-        return results, time.time() - t0
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _dispatch(ray: Any, actors: list[Any], todo: list[Unit]) -> dict[str, ShardInfo]:
-    """Keep every actor busy with up to two units; collect results as they finish."""
-    from labeler.progress import Progress
-
-    pending: dict[Any, tuple[Unit, int]] = {}
-    queue = list(todo)
-    results: dict[str, ShardInfo] = {}
-    progress = Progress(total_units=len(todo), total_tokens=sum(u.tokens for u in todo))
-
-    def submit(actor_idx: int) -> None:
-        unit = queue.pop(0)
-        seqs = [(s.source, s.input_ids) for s in unit.sequences]
-        pending[actors[actor_idx].label_unit.remote(unit.name, seqs)] = (unit, actor_idx)
-
-    for i in range(len(actors)):
-        for _ in range(2):
-            if queue:
-                submit(i)
-    try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            unit, actor_idx = pending.pop(ready[0])
-            results[unit.name] = ShardInfo(**ray.get(ready[0]))
-            progress.update(unit.tokens)
-            if queue:
-                submit(actor_idx)
-    finally:
-        progress.close()
-    return results
+def _already_complete(writer: LabelSetWriter, cfg: LabelConfig, t0: float) -> Summary:
+    """Same command, finished set: nothing to do (the manifest is the commit of the whole set)."""
+    m = writer.read_manifest()
+    return Summary(
+        output=cfg.output,
+        sequences=m.totals.sequences,
+        tokens=m.totals.tokens,
+        shards=len(m.shards),
+        bytes=m.totals.bytes,
+        resumed_units=len(m.shards),
+        labeled_tokens=0,
+        wall_s=time.time() - t0,
+        label_s=0.0,
+        status="already complete",
+        skipped_documents=m.corpus.skipped_documents,
+        empty_documents=m.corpus.empty_documents,
+    )
 
 
 def print_summary(s: Summary, file: Any = sys.stdout) -> None:
@@ -231,6 +178,9 @@ def print_summary(s: Summary, file: Any = sys.stdout) -> None:
         ("sequences", f"{s.sequences:,}"),
         ("tokens", f"{s.tokens:,}"),
         ("shards", f"{s.shards} ({s.resumed_units} resumed)"),
+        ("documents", f"{s.empty_documents} empty, {s.skipped_documents} skipped (bad rows)"),
+        ("replicas", f"{s.replicas} teacher replica(s); units per node: "
+                     + (", ".join(f"{n[:8]}={c}" for n, c in sorted(s.units_per_node.items())) or "-")),
         ("bytes", f"{s.bytes:,} ({s.bytes_per_token:.1f} bytes/token)"),
         ("wall time", f"{s.wall_s:.1f} s"),
         ("labeling", f"{s.labeled_tokens:,} tokens in {s.label_s:.1f} s ({s.tokens_per_s:,.0f} tokens/s)"),

@@ -7,12 +7,14 @@ same units and the same shard names.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from labeler.corpus import Document
+from labeler.corpus import Block, BlockReader, BlockStats, Document
 from schemas import SequenceConfig
 
 
@@ -36,53 +38,81 @@ class Unit:
         return sum(len(s.input_ids) for s in self.sequences)
 
 
-def build_sequences(docs: Iterable[Document], tokenizer, cfg: SequenceConfig) -> Iterator[Sequence]:
-    """Tokenize documents and cut them into sequences of at most ``max_length`` tokens.
+def tokenize(docs: list[Document], tokenizer: Any) -> list[tuple[str, np.ndarray]]:
+    """``(doc_id, int32 token ids)`` per document, without special tokens (one batched call)."""
+    if not docs:
+        return []
+    encoded = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
+    return [(d.doc_id, np.asarray(ids, dtype=np.int32)) for d, ids in zip(docs, encoded)]
+
+
+def read_and_tokenize(reader: BlockReader, block: Block, tokenizer: Any) -> tuple[list[tuple[str, np.ndarray]], BlockStats]:
+    """One block, read and tokenized: the body of the parallel reading tasks."""
+    docs, stats = reader.read(block)
+    return tokenize(docs, tokenizer), stats
+
+
+def build_sequences(docs: Iterable[tuple[str, np.ndarray]], eos: int | None, cfg: SequenceConfig) -> Iterator[Sequence]:
+    """Cut tokenized documents into sequences of at most ``max_length`` tokens.
 
     Per-document (default): each document is chunked on its own; a short final
     chunk is kept. Packing: documents are joined with EOS between them and the
-    stream is cut every ``max_length`` tokens.
+    stream is cut every ``max_length`` tokens; the short remainder is kept.
     """
-    eos = tokenizer.eos_token_id
     if (cfg.packing or cfg.add_eos) and eos is None:
         raise ValueError("packing/add_eos needs a tokenizer with an EOS token")
     count = 0
-    buf: list[int] = []
+    buf: list[np.ndarray] = []
+    buffered = 0
     packed = 0
-    for doc in docs:
-        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+    for doc_id, ids in docs:
         if cfg.add_eos or cfg.packing:
-            ids = ids + [eos]
+            ids = np.append(ids, np.int32(eos)).astype(np.int32)
         if cfg.packing:
-            buf.extend(ids)
-            while len(buf) >= cfg.max_length:
-                yield Sequence(f"packed:{packed}", np.asarray(buf[: cfg.max_length], dtype=np.int32))
-                del buf[: cfg.max_length]
+            buf.append(ids)
+            buffered += len(ids)
+            if buffered < cfg.max_length:
+                continue
+            stream = np.concatenate(buf)
+            cut = len(stream) - len(stream) % cfg.max_length
+            for start in range(0, cut, cfg.max_length):
+                yield Sequence(f"packed:{packed}", stream[start : start + cfg.max_length])
                 packed += 1
                 count += 1
                 if cfg.limit is not None and count >= cfg.limit:
                     return
+            buf, buffered = [stream[cut:]], len(stream) - cut
             continue
         for c, start in enumerate(range(0, len(ids), cfg.max_length)):
-            yield Sequence(f"{doc.doc_id}#{c}", np.asarray(ids[start : start + cfg.max_length], dtype=np.int32))
+            yield Sequence(f"{doc_id}#{c}", ids[start : start + cfg.max_length])
             count += 1
             if cfg.limit is not None and count >= cfg.limit:
                 return
-    if cfg.packing and buf:
-        yield Sequence(f"packed:{packed}", np.asarray(buf, dtype=np.int32))
+    if cfg.packing and buffered:
+        yield Sequence(f"packed:{packed}", np.concatenate(buf))
 
 
-def make_units(sequences: Iterable[Sequence], shard_tokens: int) -> list[Unit]:
-    """Group sequences, in order, into units of about ``shard_tokens`` tokens."""
-    units: list[Unit] = []
+def iter_units(sequences: Iterable[Sequence], shard_tokens: int) -> Iterator[Unit]:
+    """Group sequences, in order, into units of about ``shard_tokens`` tokens (streaming)."""
+    index = 0
     cur: list[Sequence] = []
     n = 0
     for s in sequences:
         cur.append(s)
         n += len(s.input_ids)
         if n >= shard_tokens:
-            units.append(Unit(len(units), tuple(cur)))
-            cur, n = [], 0
+            yield Unit(index, tuple(cur))
+            index, cur, n = index + 1, [], 0
     if cur:
-        units.append(Unit(len(units), tuple(cur)))
-    return units
+        yield Unit(index, tuple(cur))
+
+
+def unit_digest(unit: Unit) -> str:
+    """sha256 of what a unit labels (sources and token ids): a resume skips a
+    committed unit only if the unit planned now has the same digest."""
+    h = hashlib.sha256()
+    for s in unit.sequences:
+        h.update(s.source.encode("utf-8") + b"\x00")
+        h.update(np.ascontiguousarray(s.input_ids, dtype="<i4").tobytes())
+        h.update(len(s.input_ids).to_bytes(8, "little"))
+    return h.hexdigest()

@@ -18,7 +18,7 @@ import logging
 import os
 import posixpath
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from schemas import Manifest, ShardInfo, join_url, resolve_url, retry_io
@@ -31,6 +31,15 @@ RUN_RECORD = "_labeler/run.json"
 COMMITS = "_commits"
 SHARDS = "shards"
 TOKENIZER = "tokenizer"
+
+
+@dataclass(frozen=True)
+class Commit:
+    """A verified commit marker: the shard's record and the digest of the unit's input."""
+
+    name: str
+    info: ShardInfo
+    inputs: str | None
 
 
 class OutputError(ValueError):
@@ -118,31 +127,48 @@ class LabelSetWriter:
         self._write(RUN_RECORD, (json.dumps(identity, indent=2, sort_keys=True) + "\n").encode())
         return "new"
 
-    def committed(self) -> dict[str, ShardInfo]:
-        """Verified commits: marker present, shard object present with matching size and sha256."""
-        out: dict[str, ShardInfo] = {}
+    def committed(self, workers: int = 16) -> dict[str, Commit]:
+        """Verified commits: marker present, shard object present with matching size and sha256.
+
+        Shards are read back and hashed in parallel threads (I/O bound), so a
+        resume of a large set does not verify one object at a time.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
         self.fs.invalidate_cache()
         if not self.exists(COMMITS):
-            return out
-        for path in sorted(retry_io(lambda: self.fs.ls(self._p(COMMITS), detail=False), f"list {self._u(COMMITS)}")):
-            name = path.rsplit("/", 1)[-1]
-            if not name.endswith(".json"):
-                continue
-            try:
-                info = ShardInfo(**json.loads(self.fs.cat_file(path)))
-                data = self._read(info.path)
-            except (FileNotFoundError, ValueError, TypeError) as e:
-                log.warning("commit %s is unusable (%s); its unit will be redone", name, e)
-                continue
-            if len(data) != info.bytes or sha256_bytes(data) != info.sha256:
-                log.warning("shard %s does not match its commit marker; its unit will be redone", info.path)
-                continue
-            out[name[: -len(".json")]] = info
-        return out
+            return {}
+        paths = sorted(
+            p
+            for p in retry_io(lambda: self.fs.ls(self._p(COMMITS), detail=False), f"list {self._u(COMMITS)}")
+            if p.endswith(".json")
+        )
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            checked = list(pool.map(self._verify, paths))
+        return {c.name: c for c in checked if c is not None}
+
+    def _verify(self, marker_path: str) -> Commit | None:
+        name = marker_path.rsplit("/", 1)[-1][: -len(".json")]
+        try:
+            d = json.loads(retry_io(lambda: self.fs.cat_file(marker_path), f"read {marker_path}"))
+            inputs = d.pop("inputs", None)
+            info = ShardInfo(**d)
+            data = self._read(info.path)
+        except (FileNotFoundError, ValueError, TypeError) as e:
+            log.warning("commit %s is unusable (%s); its unit will be redone", name, e)
+            return None
+        if len(data) != info.bytes or sha256_bytes(data) != info.sha256:
+            log.warning("shard %s does not match its commit marker; its unit will be redone", info.path)
+            return None
+        return Commit(name, info, inputs)
 
     # -- workers --------------------------------------------------------------
-    def commit_unit(self, name: str, shard_bytes: bytes, rows: int, tokens: int) -> ShardInfo:
-        """Write one unit's shard, then its marker. Idempotent: a redo overwrites both."""
+    def commit_unit(self, name: str, shard_bytes: bytes, rows: int, tokens: int, inputs: str | None = None) -> ShardInfo:
+        """Write one unit's shard, then its marker. Idempotent: a redo overwrites both.
+
+        ``inputs`` (the unit's input digest) goes into the marker only: a
+        resume compares it with the unit it plans now.
+        """
         info = ShardInfo(
             path=f"{SHARDS}/{name}.parquet",
             rows=rows,
@@ -151,8 +177,12 @@ class LabelSetWriter:
             sha256=sha256_bytes(shard_bytes),
         )
         self._write(info.path, shard_bytes)
-        self._write(f"{COMMITS}/{name}.json", json.dumps(asdict(info), sort_keys=True).encode())
+        marker = {**asdict(info), "inputs": inputs} if inputs else asdict(info)
+        self._write(f"{COMMITS}/{name}.json", json.dumps(marker, sort_keys=True).encode())
         return info
+
+    def read_manifest(self) -> Manifest:
+        return Manifest.from_json(self._read(MANIFEST_NAME), self._u(MANIFEST_NAME))
 
     # -- driver: publishing --------------------------------------------------
     def write_tokenizer(self, tokenizer: Any) -> None:

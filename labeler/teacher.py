@@ -32,6 +32,10 @@ class TeacherSource:
     revision: str | None
     is_local: bool
 
+    @property
+    def is_builtin(self) -> bool:
+        return self.spec in BUILTIN_TEACHERS
+
 
 def resolve_teacher(spec: str, revision: str | None = None) -> TeacherSource:
     """Resolve ``--teacher``: a built-in alias, a local HF model directory, or a hub id."""

@@ -45,6 +45,7 @@ class CorpusInfo:
     fingerprint: str  # sha256 over the documents' texts, in reading order
     documents: int  # documents read (empty ones included)
     empty_documents: int = 0  # skipped because they had no text
+    skipped_documents: int = 0  # undecodable rows skipped under --on-error skip
 
 
 @dataclass(frozen=True)

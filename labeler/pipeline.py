@@ -1,0 +1,321 @@
+"""Scale-out on Ray Core: parallel reading and tokenizing, teacher replicas, shard writers.
+
+Three kinds of Ray work run at once:
+
+- *read tasks* (fractional CPU) read and tokenize corpus blocks, a bounded
+  number ahead of the driver, which consumes them in block order and cuts
+  units exactly as a serial reader would (the plan never depends on how many
+  workers there are);
+- *teacher actors* (one per GPU, ``num_gpus=1``; on CPU, fractional-CPU
+  actors so read and write tasks always find room) load the teacher once and
+  only run forwards;
+- *write tasks* (fractional CPU) encode a unit's shard and commit it (shard
+  object, then marker), while the teacher is already on its next unit.
+
+A planner thread on the driver feeds units into a bounded queue; the main
+thread dispatches them (skipping verified commits of a resumed run) and
+collects results through Ray. No polling of storage between workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from labeler.config import LabelConfig
+from labeler.corpus import Corpus, CorpusTotals
+from labeler.plan import Unit, build_sequences, iter_units, read_and_tokenize, unit_digest
+from labeler.progress import Progress
+from labeler.sink import Commit, OutputError
+from labeler.teacher import TeacherSource
+from schemas import SequenceConfig, ShardInfo
+
+log = logging.getLogger(__name__)
+
+TASK_CPUS = 0.25  # read/write tasks: small, so they fit beside the teacher on any node
+CPU_ACTOR_CPUS = 0.5  # a whole CPU per actor deadlocks 2-core machines (no room left for tasks)
+IN_FLIGHT = 2  # units queued per replica: the next one is ready when the current one ends
+MAX_SKIPPED_LOGGED = 20
+UNITS_AHEAD = 64  # planned units buffered on the driver (bounds its memory)
+
+
+class JobFailed(RuntimeError):
+    """The job cannot go on (e.g. a teacher replica died past its restarts); rerun to resume."""
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[Any]:
+    """Join ``address`` (or ``$RAY_ADDRESS``) or start a local Ray; shut down what we started."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        try:
+            if address:
+                ray.init(address=address, log_to_driver=True, configure_logging=False)
+            else:
+                ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+        except ConnectionError as e:
+            raise ValueError(f"cannot join the Ray cluster at {address!r}: {e}") from e
+        started = True
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def cluster_gpus(ray: Any) -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+@dataclass
+class Outcome:
+    shards: list[ShardInfo]  # in unit order
+    corpus: CorpusTotals
+    resumed: int
+    labeled_tokens: int
+    label_s: float
+    replicas: int
+    units_per_node: dict[str, int] = field(default_factory=dict)
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_DONE = object()
+
+
+class Pipeline:
+    """One labeling run's Ray work; :meth:`run` returns when every unit is committed."""
+
+    def __init__(
+        self,
+        ray: Any,
+        cfg: LabelConfig,
+        source: TeacherSource,
+        device: str,
+        dtype: str,
+        tokenizer: Any,
+        tokenizer_fp: str,
+        corpus: Corpus,
+        seq_cfg: SequenceConfig,
+        done: dict[str, Commit],
+    ) -> None:
+        self.ray, self.cfg, self.source, self.device, self.dtype = ray, cfg, source, device, dtype
+        self.tokenizer, self.tokenizer_fp = tokenizer, tokenizer_fp
+        self.corpus, self.seq_cfg, self.done = corpus, seq_cfg, done
+        self.totals = CorpusTotals()
+        self.read_fraction = 0.0
+        self.stop = threading.Event()
+        self.units: queue.Queue[Any] = queue.Queue(maxsize=UNITS_AHEAD)
+
+    # -- planner thread --------------------------------------------------------
+    def _put(self, item: Any) -> None:
+        while not self.stop.is_set():
+            try:
+                self.units.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _documents(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Tokenized documents in corpus order, read by parallel tasks a bounded number ahead."""
+        ray = self.ray
+        read = ray.remote(num_cpus=TASK_CPUS, max_retries=3)(read_and_tokenize)
+        reader, tok = ray.put(self.corpus.reader), ray.put(self.tokenizer)
+        blocks = self.corpus.blocks()
+        weights = [max(1, self.corpus.sizes.get(b.path, 1)) for b in blocks]
+        total, seen = sum(weights), 0
+        lookahead = max(2, int(ray.cluster_resources().get("CPU", 2)))
+        inflight: deque[Any] = deque()
+        nxt = 0
+        skipped = 0
+        try:
+            while inflight or nxt < len(blocks):
+                while nxt < len(blocks) and len(inflight) < lookahead:
+                    inflight.append((read.remote(reader, blocks[nxt], tok), blocks[nxt]))
+                    nxt += 1
+                ref, block = inflight.popleft()
+                try:
+                    docs, stats = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    raise e.cause if isinstance(e.cause, Exception) else e
+                self.totals.add(stats)
+                for row in stats.skipped:
+                    skipped += 1
+                    if skipped <= MAX_SKIPPED_LOGGED:
+                        log.warning("skipped %s", row)
+                    elif skipped == MAX_SKIPPED_LOGGED + 1:
+                        log.warning("skipping more bad rows; the summary gives the count")
+                seen += weights[block.index]
+                self.read_fraction = seen / total
+                yield from docs
+        finally:
+            for ref, _ in inflight:  # a --limit stops reading early
+                ray.cancel(ref)
+
+    def _plan(self) -> None:
+        try:
+            sequences = build_sequences(self._documents(), self.tokenizer.eos_token_id, self.seq_cfg)
+            for unit in iter_units(sequences, self.cfg.shard_tokens):
+                if self.stop.is_set():
+                    return
+                self._put(unit)
+            self._put(_DONE)
+        except BaseException as e:  # handed to the main thread, which raises it
+            self._put(_Failed(e))
+
+    # -- teacher replicas ------------------------------------------------------
+    def _actors(self) -> tuple[list[Any], list[str]]:
+        ray, cfg = self.ray, self.cfg
+        from labeler.actor import TeacherActor
+
+        gpu = self.device.startswith("cuda")
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        replicas = cfg.num_replicas or (cluster_gpus(ray) if gpu else len(nodes)) or 1
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        threads = None if gpu else (cfg.threads or max(1, cpus // replicas))
+        options: dict[str, Any] = (
+            {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": CPU_ACTOR_CPUS}
+        )
+        actor_cls = ray.remote(max_restarts=3, max_task_retries=3)(TeacherActor)
+        actors = [
+            actor_cls.options(scheduling_strategy="SPREAD", **options).remote(
+                self.source, self.dtype, self.device, cfg.top_k, cfg.temperature, cfg.batch_tokens,
+                cfg.head_chunk, cfg.trust_remote_code, threads,
+            )
+            for _ in range(replicas)
+        ]
+        try:
+            node_ids = ray.get([a.node.remote() for a in actors])  # each teacher is loaded once this returns
+        except ray.exceptions.RayActorError as e:
+            raise JobFailed(f"a teacher replica failed to start: {_first_line(e)}") from e
+        log.info(
+            "%d teacher replica(s) on %d node(s) (%s, %s%s)", replicas, len(set(node_ids)), self.device, self.dtype,
+            "" if gpu else f", {threads} torch threads each",
+        )
+        return actors, node_ids
+
+    # -- main loop ---------------------------------------------------------------
+    def run(self) -> Outcome:
+        ray, cfg = self.ray, self.cfg
+        write = ray.remote(num_cpus=TASK_CPUS, max_retries=3)(_write_unit_task)
+        planner = threading.Thread(target=self._plan, name="planner", daemon=True)
+        planner.start()  # tokenizing starts while the teachers load
+        try:
+            actors, node_ids = self._actors()
+            progress = Progress()
+            t0 = time.time()
+            shards: dict[int, ShardInfo] = {}
+            labeling: dict[Any, int] = {}  # label ref -> replica
+            writing: dict[Any, tuple[Unit, int]] = {}  # commit ref -> (unit, replica)
+            load = [0] * len(actors)
+            per_node: dict[str, int] = {}
+            planning, resumed, labeled = True, 0, 0
+            try:
+                while planning or labeling or writing:
+                    while planning and min(load) < IN_FLIGHT:
+                        try:
+                            item = self.units.get(timeout=0.05 if (labeling or writing) else 0.5)
+                        except queue.Empty:
+                            break
+                        if item is _DONE:
+                            planning = False
+                            progress.plan_complete()
+                            break
+                        if isinstance(item, _Failed):
+                            raise item.error
+                        unit: Unit = item
+                        progress.planned(unit.tokens, self.read_fraction)
+                        digest = unit_digest(unit)
+                        commit = self.done.get(unit.name)
+                        if commit is not None and commit.inputs == digest:
+                            shards[unit.index] = commit.info
+                            resumed += 1
+                            progress.done(unit.tokens, resumed=True)
+                            continue
+                        if commit is not None and commit.inputs is not None:
+                            raise OutputError(
+                                f"output {cfg.output}: committed unit {unit.name} was labeled from different "
+                                "input than planned now (the corpus changed); use --overwrite to start afresh"
+                            )
+                        r = load.index(min(load))
+                        payload = ray.put(([s.source for s in unit.sequences], [s.input_ids for s in unit.sequences]))
+                        label_ref = actors[r].label.remote(payload)
+                        commit_ref = write.remote(
+                            cfg.output, cfg.storage_options, unit.name, payload, label_ref, cfg.top_k,
+                            self.tokenizer_fp, digest,
+                        )
+                        labeling[label_ref] = r
+                        writing[commit_ref] = (unit, r)
+                        load[r] += 1
+                    if not (labeling or writing):
+                        continue
+                    ready, _ = ray.wait([*labeling, *writing], num_returns=1, timeout=0.2)
+                    for ref in ready:
+                        if ref in labeling:
+                            load[labeling.pop(ref)] -= 1  # errors surface through the unit's write
+                            continue
+                        unit, r = writing.pop(ref)
+                        shards[unit.index] = ShardInfo(**_get(ray, ref, unit.name))
+                        labeled += unit.tokens
+                        per_node[node_ids[r]] = per_node.get(node_ids[r], 0) + 1
+                        progress.done(unit.tokens)
+            finally:
+                progress.close()
+            label_s = time.time() - t0
+            if not shards:
+                raise ValueError(
+                    f"corpus {cfg.corpus!r} has no text to label ({self.totals.documents} documents, "
+                    f"{self.totals.empty} empty, {self.totals.skipped} skipped)"
+                )
+            return Outcome(
+                shards=[shards[i] for i in range(len(shards))],
+                corpus=self.totals,
+                resumed=resumed,
+                labeled_tokens=labeled,
+                label_s=label_s,
+                replicas=len(actors),
+                units_per_node=per_node,
+            )
+        finally:
+            self.stop.set()
+
+
+def _get(ray: Any, ref: Any, name: str) -> Any:
+    """``ray.get`` that turns a worker's error into the error itself (one line for the user)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, (OSError, ValueError)):
+            raise e.cause from None
+        raise JobFailed(f"unit {name} failed: {_first_line(e.cause or e)}") from e
+    except ray.exceptions.RayActorError as e:
+        raise JobFailed(f"unit {name}: its teacher replica died past its restarts ({_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _write_unit_task(*args: Any) -> dict[str, Any]:
+    from labeler.actor import write_unit
+
+    return write_unit(*args)
