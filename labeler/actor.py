@@ -1,9 +1,10 @@
-"""What runs on Ray workers: the teacher actor, and the shard writer.
+"""What runs on Ray workers: the teacher actor, and the shard writer beside it.
 
 The teacher actor loads the teacher once and only runs forwards; encoding a
-unit's shard and writing it (plus its commit marker) is a separate CPU task,
-so the teacher goes straight on to its next unit while the last one is
-compressed and uploaded.
+unit's shard and writing it (plus its commit marker) happens in a writer
+actor on the same node, so the teacher goes straight on to its next unit
+while the last one is compressed and uploaded. Writers are long-lived (not a
+task per unit) so no worker process is started mid-run.
 """
 
 from __future__ import annotations
@@ -69,18 +70,18 @@ def encode_shard(unit: tuple[list[str], list[np.ndarray]], labels: Labels, top_k
     return table_to_parquet_bytes(encode_samples(samples, top_k))
 
 
-def write_unit(
-    output: str,
-    storage_options: dict[str, Any],
-    name: str,
-    unit: tuple[list[str], list[np.ndarray]],
-    labels: Labels,
-    top_k: int,
-    tokenizer_fp: str,
-    inputs: str,
-) -> dict[str, Any]:
-    """Encode and commit one unit (shard, then marker); returns its ShardInfo as a dict."""
-    data = encode_shard(unit, labels, top_k, tokenizer_fp)
-    writer = LabelSetWriter(output, storage_options)
-    info = writer.commit_unit(name, data, rows=len(unit[1]), tokens=sum(len(s) for s in unit[1]), inputs=inputs)
-    return asdict(info)
+class ShardWriterActor:
+    """Encodes and commits units next to a teacher replica (same node, warm storage client)."""
+
+    def __init__(self, output: str, storage_options: dict[str, Any], top_k: int, tokenizer_fp: str) -> None:
+        self.writer = LabelSetWriter(output, storage_options)
+        self.top_k, self.tokenizer_fp = top_k, tokenizer_fp
+
+    def write(self, name: str, unit: tuple[list[str], list[np.ndarray]], labels: Labels, inputs: str) -> dict[str, Any]:
+        """Encode and commit one unit (shard, then marker); returns its ShardInfo as a dict."""
+        data = encode_shard(unit, labels, self.top_k, self.tokenizer_fp)
+        tokens = sum(len(s) for s in unit[1])
+        return asdict(self.writer.commit_unit(name, data, rows=len(unit[1]), tokens=tokens, inputs=inputs))
+
+    def ready(self) -> bool:
+        return True

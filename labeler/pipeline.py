@@ -9,8 +9,9 @@ Three kinds of Ray work run at once:
 - *teacher actors* (one per GPU, ``num_gpus=1``; on CPU, fractional-CPU
   actors so read and write tasks always find room) load the teacher once and
   only run forwards;
-- *write tasks* (fractional CPU) encode a unit's shard and commit it (shard
-  object, then marker), while the teacher is already on its next unit.
+- *shard writers* (one fractional-CPU actor beside each replica) encode a
+  unit's shard and commit it (shard object, then marker), while the teacher
+  is already on its next unit.
 
 A planner thread on the driver feeds units into a bounded queue; the main
 thread dispatches them (skipping verified commits of a resumed run) and
@@ -184,7 +185,7 @@ class Pipeline:
     # -- teacher replicas ------------------------------------------------------
     def _actors(self) -> tuple[list[Any], list[str]]:
         ray, cfg = self.ray, self.cfg
-        from labeler.actor import TeacherActor
+        from labeler.actor import ShardWriterActor, TeacherActor
 
         gpu = self.device.startswith("cuda")
         nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -206,6 +207,16 @@ class Pipeline:
             node_ids = ray.get([a.node.remote() for a in actors])  # each teacher is loaded once this returns
         except ray.exceptions.RayActorError as e:
             raise JobFailed(f"a teacher replica failed to start: {_first_line(e)}") from e
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        writer_cls = ray.remote(max_restarts=3, max_task_retries=3, max_concurrency=IN_FLIGHT)(ShardWriterActor)
+        self.writers = [
+            writer_cls.options(
+                num_cpus=TASK_CPUS, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)
+            ).remote(cfg.output, cfg.storage_options, cfg.top_k, self.tokenizer_fp)
+            for node in node_ids
+        ]
+        ray.get([w.ready.remote() for w in self.writers])
         log.info(
             "%d teacher replica(s) on %d node(s) (%s, %s%s)", replicas, len(set(node_ids)), self.device, self.dtype,
             "" if gpu else f", {threads} torch threads each",
@@ -215,7 +226,6 @@ class Pipeline:
     # -- main loop ---------------------------------------------------------------
     def run(self) -> Outcome:
         ray, cfg = self.ray, self.cfg
-        write = ray.remote(num_cpus=TASK_CPUS, max_retries=3)(_write_unit_task)
         planner = threading.Thread(target=self._plan, name="planner", daemon=True)
         planner.start()  # tokenizing starts while the teachers load
         try:
@@ -258,10 +268,7 @@ class Pipeline:
                         r = load.index(min(load))
                         payload = ray.put(([s.source for s in unit.sequences], [s.input_ids for s in unit.sequences]))
                         label_ref = actors[r].label.remote(payload)
-                        commit_ref = write.remote(
-                            cfg.output, cfg.storage_options, unit.name, payload, label_ref, cfg.top_k,
-                            self.tokenizer_fp, digest,
-                        )
+                        commit_ref = self.writers[r].write.remote(unit.name, payload, label_ref, digest)
                         labeling[label_ref] = r
                         writing[commit_ref] = (unit, r)
                         load[r] += 1
@@ -313,9 +320,3 @@ def _get(ray: Any, ref: Any, name: str) -> Any:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-def _write_unit_task(*args: Any) -> dict[str, Any]:
-    from labeler.actor import write_unit
-
-    return write_unit(*args)
