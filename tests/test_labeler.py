@@ -136,6 +136,12 @@ def test_cli_bad_inputs_fail_in_one_line_before_labeling(tiny_teacher, tmp_path,
     (foreign / "notes.txt").write_text("mine")
     (tmp_path / "c.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
     (tmp_path / "c.csv").write_text("a,b\n")
+    (tmp_path / "dangling").mkdir()
+    (tmp_path / "dangling" / "gone.jsonl").symlink_to(tmp_path / "no-such-file")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["hello"]}), tmp_path / "c.parquet")
     cases = [
         (["--corpus", str(tmp_path / "nothing-*.jsonl")], "matches no files"),
         (["--corpus", str(tmp_path / "missing.jsonl")], "does not exist"),
@@ -144,6 +150,8 @@ def test_cli_bad_inputs_fail_in_one_line_before_labeling(tiny_teacher, tmp_path,
         (["--top-k", "100000"], "exceeds"),
         (["--max-length", "100000", "--batch-tokens", "100000"], "exceeds the teacher's context"),
         (["--output", str(foreign)], "not a softlabels label set"),
+        (["--corpus", str(tmp_path / "dangling" / "*.jsonl")], "cannot be read"),
+        (["--corpus", str(tmp_path / "c.parquet")], "no column 'text'"),
         (["--output", "s3://no-such-bucket-xyz/set"], "does not exist"),
         (["--teacher", "./no/such/dir"], "does not exist"),
         (["--top-k", "0"], "top_k must be a positive integer"),
@@ -172,3 +180,115 @@ def test_cli_wrong_credentials_fail_clearly(tiny_teacher, tmp_path, s3_server):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("labeler: error: output") and ("denied" in last or "reachable" in last), last
+
+
+@pytest.mark.parametrize("k", [1, 300])
+def test_labels_match_direct_full_softmax_at_extreme_k(ray_local, tiny_teacher, tmp_path, k):
+    """k = 1 and k = the whole vocabulary (tail = -inf: nothing outside the top-k)."""
+    out = str(tmp_path / "ls")
+    run(cfg(tiny_teacher, out, top_k=k, limit=6))
+    ls = open_label_set(out)
+    assert ls.manifest.tokenizer.vocab_size == 300
+    for s in list(ls.iter_samples())[:3]:
+        top, vals, tail = direct_labels(tiny_teacher, s.input_ids, k)
+        np.testing.assert_array_equal(s.topk_ids[:, :8], top[:, :8])  # beyond that, near-ties may swap
+        got = np.take_along_axis(vals, np.argsort(top, -1), -1)  # compare log-probs id by id
+        want = np.take_along_axis(s.topk_logprobs.astype(np.float64), np.argsort(s.topk_ids, -1), -1)
+        np.testing.assert_allclose(want, got, atol=2e-3 + 1e-3 * np.abs(got).max())
+        if k == 300:
+            assert np.isneginf(s.tail_logprob).all()
+            assert (np.sort(s.topk_ids, -1) == np.arange(300)).all()
+        else:
+            np.testing.assert_allclose(s.tail_logprob, tail, atol=1e-4)
+
+
+def test_packing_joins_documents_with_eos_and_keeps_the_remainder(ray_local, tiny_teacher, tmp_path):
+    from transformers import AutoTokenizer
+    from pydoc_data.topics import topics
+
+    out = str(tmp_path / "ls")
+    run(cfg(tiny_teacher, out, limit=None, packing=True, max_length=100, shard_tokens=20000, batch_tokens=1000,
+            corpus=str(_small_corpus(tmp_path))))
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    samples = list(open_label_set(out).iter_samples())
+    stream = np.concatenate([
+        np.append(tok(topics[k], add_special_tokens=False)["input_ids"], tok.eos_token_id) for k in sorted(topics)[:5]
+    ])
+    assert [s.source for s in samples] == [f"packed:{i}" for i in range(len(samples))]
+    assert all(len(s.input_ids) == 100 for s in samples[:-1]) and 0 < len(samples[-1].input_ids) <= 100
+    np.testing.assert_array_equal(np.concatenate([s.input_ids for s in samples]), stream)
+
+
+def test_resume_with_different_teacher_or_corpus_is_refused(ray_local, tiny_teacher, tmp_path):
+    import shutil
+
+    corpus = _small_corpus(tmp_path)
+    out = str(tmp_path / "ls")
+    base = dict(limit=None, corpus=str(corpus), shard_tokens=300)
+    run(cfg(tiny_teacher, out, **base))
+    other = tmp_path / "other-teacher"
+    shutil.copytree(tiny_teacher, other)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(other)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.5)
+    model.save_pretrained(other)
+    with pytest.raises(OutputError, match=r"teacher\.(id|weights_sha256)"):
+        run(cfg(str(other), out, **base))
+    # A file added to the corpus changes its listing: refused before any work.
+    lines = corpus.read_text().splitlines(keepends=True)
+    corpus.write_text("".join(lines) + json.dumps({"text": "one more document"}) + "\n")
+    with pytest.raises(OutputError, match=r"corpus\.listing"):
+        run(cfg(tiny_teacher, out, **base))
+    # Same size, different text inside a committed unit: caught by the unit's input digest.
+    corpus.write_text("".join(lines).replace("the", "teh", 1))
+    fs, path = resolve_url(out)
+    fs.rm(path + "/manifest.json")
+    with pytest.raises(OutputError, match=r"part-000000 was labeled from different input"):
+        run(cfg(tiny_teacher, out, **base))
+
+
+def test_bad_rows_fail_with_file_and_row_or_are_skipped_and_counted(ray_local, tiny_teacher, tmp_path):
+    from labeler.corpus import BadRow
+
+    corpus = tmp_path / "c.jsonl"
+    rows = [json.dumps({"text": "good one"}), "{not json", json.dumps({"text": ""}), json.dumps({"text": 7}),
+            json.dumps({"text": "good two"})]
+    corpus.write_bytes(("\n".join(rows) + "\n").encode() + b'{"text": "\xff\xfe"}\n')
+    with pytest.raises(BadRow, match=rf"{corpus}:2: not valid JSON"):
+        run(cfg(tiny_teacher, str(tmp_path / "a"), corpus=str(corpus), limit=None))
+    summary = run(cfg(tiny_teacher, str(tmp_path / "b"), corpus=str(corpus), limit=None, on_error="skip"))
+    m = open_label_set(str(tmp_path / "b")).manifest
+    assert (m.corpus.documents, m.corpus.empty_documents, m.corpus.skipped_documents) == (6, 1, 3)
+    assert summary.skipped_documents == 3 and summary.sequences == 2
+    assert [s.source for s in open_label_set(str(tmp_path / "b")).iter_samples()] == [f"{corpus}:1#0", f"{corpus}:5#0"]
+
+
+def test_yaml_config_with_flags_overriding_it(tiny_teacher, tmp_path):
+    out = tmp_path / "ls"
+    conf = tmp_path / "job.yaml"
+    conf.write_text(f"teacher: {tiny_teacher}\noutput: {out}\ntop-k: 4\nmax_length: 32\nlimit: 3\n" + "storage_options: {}\n")
+    proc = run_cli("labeler", "run", "--config", str(conf), "--top-k", "5", "--json")
+    m = open_label_set(str(out)).manifest
+    assert (m.top_k, m.sequence.max_length, m.totals.sequences) == (5, 32, 3)
+    assert "'top_k': 5" in proc.stderr  # the resolved config is logged at start
+    conf.write_text("teacher: x\nbogus_key: 1\n")
+    proc = run_cli("labeler", "run", "--config", str(conf), check=False)
+    assert proc.returncode == 2 and "unknown setting 'bogus_key'" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_inspect_statistics_match_a_direct_computation_and_plot(ray_local, tiny_teacher, tmp_path):
+    out = str(tmp_path / "ls")
+    run(cfg(tiny_teacher, out))
+    png = tmp_path / "stats.png"
+    report = json.loads(run_cli("labeler", "inspect", out, "--max-shards", "100", "--plot", str(png)).stdout)
+    lp = np.concatenate([s.topk_logprobs.astype(np.float64) for s in open_label_set(out).iter_samples()])
+    tail = np.concatenate([s.tail_logprob.astype(np.float64) for s in open_label_set(out).iter_samples()])
+    p = np.exp(np.concatenate([lp, tail[:, None]], -1))
+    entropy = -(p * np.log(p)).sum(-1)
+    assert report["sampled_positions"] == len(lp) == report["tokens"]
+    assert report["entropy"]["mean"] == pytest.approx(entropy.mean(), rel=1e-9)
+    assert report["tail_mass"]["p50"] == pytest.approx(np.median(p[:, -1]), rel=1e-9)
+    assert report["topk_mass"]["mean"] == pytest.approx(p[:, :-1].sum(-1).mean(), rel=1e-9)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
