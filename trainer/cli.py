@@ -40,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-batches", type=int, default=50, help="batches per evaluation (default: %(default)s)")
     r.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default: %(default)s)")
     r.add_argument("--metrics", default=None, help="metrics JSONL path (default: OUTPUT/metrics.jsonl)")
+    r.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every N steps (0: never)")
+    r.add_argument("--checkpoint-dir", default=None, help="checkpoint location, local or URL (default: OUTPUT/checkpoints)")
+    r.add_argument("--resume", action="store_true", help="continue from the latest checkpoint, exactly (starts fresh if there is none)")
+    r.add_argument("--shuffle-window", type=int, default=2, help="shards whose rows are shuffled together (default: %(default)s)")
+    r.add_argument("--prefetch", type=int, default=2, help="shards read ahead in the background (default: %(default)s)")
+    r.add_argument("--top-k", type=int, default=None, help="use only the first k' of the stored k entries (the tail absorbs the rest exactly)")
+    r.add_argument("--skip-corrupt", action="store_true", help="skip and count shards failing their checksum instead of stopping")
+    r.add_argument("--allow-vocab-mismatch", action="store_true", help="accept a student tokenizer that differs from the teacher's if all ids fit")
+    r.add_argument("--plot", default=None, metavar="FILE.png", help="draw loss and eval curves at the end")
+    r.add_argument("--log-samples", action="store_true", help="write the keys of the samples each rank trained on (OUTPUT/samples.rankN.txt)")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     e = sub.add_parser("eval", help="held-out CE, KL to teacher and top-1 agreement of a model, as JSON")
@@ -48,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="eval", choices=["eval", "train", "all"], help="which samples to score (default: %(default)s)")
     e.add_argument("--max-batches", type=int, default=None, help="score at most this many batches")
     e.add_argument("--seed", type=int, default=0, help="init seed for 'tiny' (default: %(default)s)")
+
+    pl = sub.add_parser("plot", help="draw a run's loss and eval curves (metrics.jsonl) to a PNG")
+    pl.add_argument("metrics", help="metrics.jsonl of a run")
+    pl.add_argument("--output", required=True, metavar="FILE.png", help="PNG to write")
+    pl.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
@@ -77,6 +92,16 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         storage_options=parse_storage_options(args.storage_option),
         metrics=args.metrics,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+        shuffle_window=args.shuffle_window,
+        prefetch=args.prefetch,
+        top_k=args.top_k,
+        skip_corrupt=args.skip_corrupt,
+        allow_vocab_mismatch=args.allow_vocab_mismatch,
+        plot=args.plot,
+        log_samples=args.log_samples,
     )
     summary = train(cfg)
     if args.json:
@@ -106,10 +131,18 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from trainer.plot import plot_metrics
+
+    plot_metrics(args.metrics, args.output)
+    print(args.output)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
-    body = {"run": _run, "eval": _eval}[args.command]
+    body = {"run": _run, "eval": _eval, "plot": _plot}[args.command]
     return run_main(lambda: body(args), args.debug, "trainer")
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -14,9 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from trainer.data import LabelDataset, collate
+from trainer.checkpoint import CheckpointStore, rng_state, set_rng_state
+from trainer.data import LabelDataset, StatefulLoader
 from trainer.evaluate import _move, evaluate
 from trainer.losses import LOSSES, chunked_loss
 from trainer.student import build_student
@@ -49,13 +53,23 @@ class TrainConfig:
     device: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     metrics: str | None = None  # JSONL path (default: OUTPUT/metrics.jsonl)
+    checkpoint_every: int = 0  # 0: no checkpoints
+    checkpoint_dir: str | None = None  # local path or URL (default: OUTPUT/checkpoints)
+    resume: bool = False  # continue from the latest checkpoint, if there is one
+    shuffle_window: int = 2  # shards shuffled together (the shuffle buffer)
+    prefetch: int = 2  # shards read ahead in the background
+    top_k: int | None = None  # read-time truncation to k' < the set's k
+    skip_corrupt: bool = False
+    allow_vocab_mismatch: bool = False
+    plot: str | None = None  # PNG of the loss and eval curves, drawn at the end
+    log_samples: bool = False  # write the sample keys each rank trained on (tests, audits)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "head_chunk"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("warmup_steps", "eval_every", "num_workers"):
+        for name in ("warmup_steps", "eval_every", "num_workers", "checkpoint_every", "prefetch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.loss not in LOSSES:
@@ -87,26 +101,69 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class KDModule(torch.nn.Module):
+    """Student + loss as one module, so DDP sees (and syncs) the whole forward."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        body, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return chunked_loss(hidden, head, cfg.loss, batch, cfg.temperature, cfg.alpha, cfg.head_chunk)
+
+
+def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """``(rank, world, device)``; joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and (cfg.device or "cuda").startswith("cuda")
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        rank = dist.get_rank()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        return rank, world, device
+    return 0, 1, torch.device(cfg.device or ("cuda" if cuda else "cpu"))
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train a student on a label set; returns a summary with eval before/after."""
-    log.info("training config: %s", cfg.redacted())
+    """Train a student on a label set; returns a summary with eval before/after.
+
+    With ``checkpoint_every`` it saves checkpoints; with ``resume`` it continues
+    from the latest one exactly (same data order, optimizer, schedule and RNG).
+    """
+    rank, world, device = _distributed(cfg)
+    if rank == 0:
+        log.info("training config: %s", cfg.redacted())
     seed_everything(cfg.seed)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    train_ds = LabelDataset(cfg.labels, cfg.storage_options, "train", cfg.eval_fraction, cfg.seed, epochs=None)
-    eval_ds = LabelDataset(train_ds.labels, split="eval", eval_fraction=cfg.eval_fraction, shuffle=False)
-    model, tokenizer = build_student(cfg.student, train_ds.labels, cfg.seed)
+    train_ds = LabelDataset(
+        cfg.labels, cfg.storage_options, "train", cfg.eval_fraction, cfg.seed, epochs=None,
+        shuffle_window=cfg.shuffle_window, prefetch=cfg.prefetch, top_k=cfg.top_k, skip_corrupt=cfg.skip_corrupt,
+    )
+    eval_ds = LabelDataset(
+        train_ds.labels, split="eval", eval_fraction=cfg.eval_fraction, shuffle=False, top_k=cfg.top_k,
+        skip_corrupt=cfg.skip_corrupt, split_by_rank=False,
+    )
+    model, tokenizer = build_student(cfg.student, train_ds.labels, cfg.seed, allow_vocab_mismatch=cfg.allow_vocab_mismatch)
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("student %s: %.1fM parameters on %s", cfg.student, n_params / 1e6, device)
+    if rank == 0:
+        log.info("student %s: %.1fM parameters on %s%s", cfg.student, n_params / 1e6, device,
+                 f", {world} ranks" if world > 1 else "")
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    metrics_path = Path(cfg.metrics) if cfg.metrics else out / "metrics.jsonl"
-    metrics = open(metrics_path, "a")
-
-    def record(row: dict[str, Any]) -> None:
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
+    store = CheckpointStore(cfg.checkpoint_dir or str(out / "checkpoints"), cfg.storage_options)
+    latest = store.latest()
+    if latest and not cfg.resume:
+        raise ValueError(
+            f"{store.url} holds checkpoint {latest}: pass --resume to continue that run, or use another --output"
+        )
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -116,65 +173,140 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         betas=(0.9, 0.95),
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    loader = StatefulLoader(train_ds, cfg.batch_size, cfg.num_workers)
+    start, tokens, before, rng = 0, 0, None, None
+    if latest and cfg.resume:
+        opt_state, state = store.load(latest, model, rank)
+        opt.load_state_dict(opt_state["optimizer"])
+        sched.load_state_dict(opt_state["scheduler"])
+        loader.load_state_dict(state["data"])
+        start, tokens, before, rng = state["step"], state["tokens"], state["before"], state["rng"]
+        if rank == 0:
+            log.info("resuming from %s at step %d", latest, start)
+    elif cfg.resume and rank == 0:
+        log.info("--resume: no checkpoint in %s yet, starting from step 0", store.url)
+
+    metrics_path = Path(cfg.metrics) if cfg.metrics else out / ("metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl")
+    metrics = _Metrics(metrics_path, keep_until=start)
+    if before is None:
+        before = evaluate(model, eval_ds, cfg.batch_size, cfg.eval_batches, cfg.head_chunk)
+        metrics.write({"step": 0, "eval": before})
+        if rank == 0:
+            log.info("eval before training: %s", _fmt(before))
+
+    kd = KDModule(model, cfg)
+    step_fn = DistributedDataParallel(kd) if world > 1 else kd
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-    before = evaluate(model, eval_ds, cfg.batch_size, cfg.eval_batches, cfg.head_chunk)
-    record({"step": 0, "eval": before})
-    log.info("eval before training: %s", _fmt(before))
-
-    loader = iter(
-        DataLoader(train_ds, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers)
-    )
-    body, head = model.get_decoder(), model.get_output_embeddings()
+    samples_log = open(out / f"samples.rank{rank}.txt", "a") if cfg.log_samples else None
+    if rng is not None:
+        set_rng_state(rng)
     model.train()
     t0 = time.time()
-    tokens = 0
-    bar = _bar(cfg.steps)
-    for step in range(cfg.steps):
+    bar = _bar(cfg.steps, start, enabled=rank == 0)
+    for step in range(start, cfg.steps):
         opt.zero_grad(set_to_none=True)
         parts_sum: dict[str, float] = {}
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch = _move(next(loader), device)
-            with autocast:
-                hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-                loss, parts = chunked_loss(hidden, head, cfg.loss, batch, cfg.temperature, cfg.alpha, cfg.head_chunk)
-            (loss / cfg.grad_accum).backward()
+            sync = world == 1 or micro == cfg.grad_accum - 1
+            with autocast, (contextlib.nullcontext() if sync else step_fn.no_sync()):
+                loss, parts = step_fn(batch)
+                (loss / cfg.grad_accum).backward()
             tokens += int(batch["attention_mask"].sum())
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
+            if samples_log is not None:
+                samples_log.write(" ".join(str(int(x)) for x in batch["sample_key"]) + "\n")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
         sched.step()
-        row = {"step": step + 1, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), **parts_sum}
-        row["tokens"] = tokens
-        row["elapsed_s"] = time.time() - t0
-        record(row)
+        row = {"step": step + 1, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0],
+               "grad_norm": float(grad_norm), **parts_sum, "tokens": tokens, "elapsed_s": time.time() - t0}
+        metrics.write(row)
         bar.update(row)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             ev = evaluate(model, eval_ds, cfg.batch_size, cfg.eval_batches, cfg.head_chunk)
-            record({"step": step + 1, "eval": ev})
-            log.info("eval at step %d: %s", step + 1, _fmt(ev))
+            metrics.write({"step": step + 1, "eval": ev})
+            if rank == 0:
+                log.info("eval at step %d: %s", step + 1, _fmt(ev))
+        if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            name = f"step-{step + 1:06d}"
+            if rank == 0:
+                store.save_shared(name, model, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+            store.save_rank(name, rank, {"step": step + 1, "tokens": tokens, "before": before,
+                                         "data": loader.state_dict(), "rng": rng_state()})
+            if world > 1:
+                dist.barrier()
+            if rank == 0:
+                store.commit(name)
     bar.close()
+    if samples_log is not None:
+        samples_log.close()
     train_s = time.time() - t0
     after = evaluate(model, eval_ds, cfg.batch_size, cfg.eval_batches, cfg.head_chunk)
-    record({"step": cfg.steps, "eval": after})
+    metrics.write({"step": cfg.steps, "eval": after})
     metrics.close()
-    log.info("eval after training: %s", _fmt(after))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "softlabels_train.json").write_text(json.dumps({"config": cfg.redacted(), "label_set": {
-        "url": train_ds.labels.url, "tokenizer_fingerprint": train_ds.manifest.tokenizer.fingerprint,
-        "teacher": train_ds.manifest.teacher.id, "top_k": train_ds.manifest.top_k}}, indent=2) + "\n")
+    if train_ds.corrupt_skipped:
+        log.warning("skipped %d corrupt shard(s) (--skip-corrupt)", train_ds.corrupt_skipped)
+    if rank == 0:
+        log.info("eval after training: %s", _fmt(after))
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "softlabels_train.json").write_text(json.dumps({"config": cfg.redacted(), "label_set": {
+            "url": train_ds.labels.url, "tokenizer_fingerprint": train_ds.manifest.tokenizer.fingerprint,
+            "teacher": train_ds.manifest.teacher.id, "top_k": train_ds.manifest.top_k}}, indent=2) + "\n")
+        if cfg.plot:
+            from trainer.plot import plot_metrics
+
+            plot_metrics(metrics_path, cfg.plot)
+    digest = None
+    if world > 1:
+        digest = _params_sha256(model)
+        (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "params_sha256": digest}) + "\n")
+        dist.barrier()
     return {
         "output": str(out),
         "student": cfg.student,
         "parameters": n_params,
         "steps": cfg.steps,
+        "resumed_from": start,
         "train_tokens": tokens,
         "train_s": train_s,
         "before": before,
         "after": after,
+        **({"params_sha256": digest} if digest else {}),
     }
+
+
+def _params_sha256(model: torch.nn.Module) -> str:
+    """Digest of every parameter's bytes: equal across DDP ranks when they stayed in sync."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode() + p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Metrics:
+    """metrics.jsonl; on resume, rows past the checkpoint (from the interrupted run) are dropped."""
+
+    def __init__(self, path: Path, keep_until: int) -> None:
+        rows = []
+        if keep_until and path.exists():
+            rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_until]
+        if not keep_until and path.exists():
+            path.unlink()
+        if rows:
+            path.write_text("\n".join(rows) + "\n")
+        self.fh = open(path, "a")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.fh.write(json.dumps(row) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 def _fmt(ev: dict[str, float]) -> str:
@@ -182,18 +314,20 @@ def _fmt(ev: dict[str, float]) -> str:
 
 
 class _bar:
-    """tqdm on a TTY; a log line every 10% of the steps otherwise."""
+    """tqdm on a TTY; a log line every 10% of the steps otherwise (rank 0 only)."""
 
-    def __init__(self, total: int) -> None:
-        self.total, self.n = total, 0
+    def __init__(self, total: int, start: int = 0, enabled: bool = True) -> None:
+        self.total, self.n, self.enabled = total, start, enabled
         self.tqdm = None
-        if sys.stderr.isatty():
+        if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.tqdm = tqdm(total=total, desc="training", unit="step", dynamic_ncols=True)
+            self.tqdm = tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True)
 
     def update(self, row: dict[str, Any]) -> None:
         self.n += 1
+        if not self.enabled:
+            return
         if self.tqdm is not None:
             self.tqdm.update(1)
             self.tqdm.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")

@@ -7,11 +7,14 @@ student never needs the teacher. Its fingerprint must match the manifest's.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from schemas import LabelSet, join_url, retry_io, tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
 
 TINY = dict(
     hidden_size=256,
@@ -41,18 +44,27 @@ def load_label_tokenizer(labels: LabelSet) -> Any:
         return AutoTokenizer.from_pretrained(tmp)
 
 
-def check_tokenizer(tokenizer: Any, labels: LabelSet, where: str) -> None:
-    """Stop before training if the student's tokenizer is not the teacher's."""
+def check_tokenizer(tokenizer: Any, labels: LabelSet, where: str, allow_mismatch: bool = False) -> bool:
+    """Stop before training if the student's tokenizer is not the teacher's.
+
+    With ``allow_mismatch`` a different tokenizer is accepted (and False
+    returned); the caller must still check that every id fits the student.
+    """
     fp = tokenizer_fingerprint(tokenizer)
     want = labels.manifest.tokenizer.fingerprint
-    if fp != want:
-        raise ValueError(
-            f"student tokenizer ({where}, {fp[:19]}) differs from the label set's "
-            f"({labels.manifest.tokenizer.name}, {want[:19]}): the student must share the teacher's tokenizer"
-        )
+    if fp == want:
+        return True
+    msg = (f"student tokenizer ({where}, {fp[:19]}) differs from the label set's "
+           f"({labels.manifest.tokenizer.name}, {want[:19]})")
+    if not allow_mismatch:
+        raise ValueError(f"{msg}: the student must share the teacher's tokenizer (--allow-vocab-mismatch overrides)")
+    log.warning("%s; training anyway (--allow-vocab-mismatch): ids mean what the teacher's tokenizer says", msg)
+    return False
 
 
-def build_student(spec: str, labels: LabelSet, seed: int = 0, dtype: str = "float32") -> tuple[Any, Any]:
+def build_student(
+    spec: str, labels: LabelSet, seed: int = 0, dtype: str = "float32", allow_vocab_mismatch: bool = False
+) -> tuple[Any, Any]:
     """Return ``(model, tokenizer)`` for ``--student``.
 
     ``tiny`` and ``*.json`` config files build a freshly initialized Llama-style
@@ -84,11 +96,12 @@ def build_student(spec: str, labels: LabelSet, seed: int = 0, dtype: str = "floa
     if Path(spec).exists() and not (Path(spec) / "config.json").exists():
         raise ValueError(f"student directory {spec} has no config.json (not a Hugging Face model directory)")
     tokenizer = AutoTokenizer.from_pretrained(spec)
-    check_tokenizer(tokenizer, labels, spec)
+    check_tokenizer(tokenizer, labels, spec, allow_vocab_mismatch)
     model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, attn_implementation="sdpa")
-    if model.get_input_embeddings().weight.shape[0] < vocab:
+    rows = min(model.get_input_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0])
+    if rows < vocab:
         raise ValueError(
-            f"student {spec} has {model.get_input_embeddings().weight.shape[0]} embeddings, "
-            f"fewer than the label set's vocabulary of {vocab}"
+            f"student {spec} has {rows} embeddings, fewer than the label set's vocabulary of {vocab}: "
+            "its ids do not all fit"
         )
     return model, tokenizer

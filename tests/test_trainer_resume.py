@@ -1,0 +1,162 @@
+"""Trainer: exact data resume, shuffle window, k' truncation, corrupt shards, --resume, DDP, HF Trainer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from labeler.config import LabelConfig
+from labeler.job import run
+from schemas import resolve_url
+from schemas.errors import ShardChecksumError
+from trainer.data import LabelDataset, StatefulLoader, truncate_topk
+
+from conftest import REPO, run_cli
+
+
+@pytest.fixture(scope="module")
+def label_set(ray_local, tiny_teacher, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("labels") / "set")
+    run(LabelConfig(teacher=tiny_teacher, corpus="pydoc", output=out, top_k=8, max_length=64, limit=200,
+                    shard_tokens=1000, batch_tokens=1024))
+    return out
+
+
+def keys(batches) -> list[int]:
+    return [int(k) for b in batches for k in b["sample_key"]]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_resumes_at_the_exact_sample(label_set, workers):
+    def loader(state=None):
+        ds = LabelDataset(label_set, split="train", eval_fraction=0.1, seed=5, epochs=2, shuffle_window=2)
+        ld = StatefulLoader(ds, batch_size=3, num_workers=workers)
+        if state is not None:
+            ld.load_state_dict(state)
+        return ld
+
+    full = keys(loader())
+    first = loader()
+    head = [next(first) for _ in range(7)]
+    state = json.loads(json.dumps(first.state_dict()))  # survives a round trip through a checkpoint
+    rest = list(loader(state))
+    assert keys(head) + keys(rest) == full
+    # two epochs of the training split, every sample twice
+    assert len(full) == 2 * len(set(full))
+
+
+def test_shuffle_window_mixes_shards_but_keeps_every_sample(label_set):
+    plain = LabelDataset(label_set, split="all", shuffle=False)
+    mixed = LabelDataset(label_set, split="all", seed=1, shuffle_window=3)
+    a = [int(s["sample_key"]) for s in plain]
+    b = [int(s["sample_key"]) for s in mixed]
+    assert sorted(a) == sorted(b) and a != b
+    c = [int(s["sample_key"]) for s in LabelDataset(label_set, split="all", seed=1, shuffle_window=3)]
+    assert b == c  # seeded
+
+
+def test_truncation_folds_dropped_entries_into_the_tail_exactly(label_set):
+    full = next(iter(LabelDataset(label_set, split="all", shuffle=False)))
+    cut = next(iter(LabelDataset(label_set, split="all", shuffle=False, top_k=3)))
+    assert cut["topk_ids"].shape[-1] == 3
+    torch.testing.assert_close(cut["topk_logprobs"], full["topk_logprobs"][:, :3])
+    want = torch.logsumexp(torch.cat([full["topk_logprobs"][:, 3:], full["tail_logprob"][:, None]], -1).double(), -1)
+    torch.testing.assert_close(cut["tail_logprob"].double(), want, atol=1e-6, rtol=0)
+    total = torch.logsumexp(torch.cat([cut["topk_logprobs"], cut["tail_logprob"][:, None]], -1).double(), -1)
+    torch.testing.assert_close(total, torch.zeros_like(total), atol=3e-3, rtol=0)  # fp16 storage
+    lp, tail = truncate_topk(np.log(np.array([[0.5, 0.3, 0.2]])), np.array([-np.inf]), 1)
+    assert tail[0] == pytest.approx(np.log(0.5), abs=1e-7)
+
+
+def test_corrupt_shard_is_named_or_skipped_and_counted(label_set, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(label_set, bad)
+    fs, root = resolve_url(str(bad))
+    shard = json.loads((bad / "manifest.json").read_text())["shards"][1]["path"]
+    data = bytearray((bad / shard).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / shard).write_bytes(bytes(data))
+    with pytest.raises(ShardChecksumError, match=shard.split("/")[-1]):
+        list(LabelDataset(str(bad), split="all", shuffle=False))
+    ds = LabelDataset(str(bad), split="all", shuffle=False, skip_corrupt=True, prefetch=0)
+    n = sum(1 for _ in ds)
+    assert ds.corrupt_skipped == 1
+    good = LabelDataset(label_set, split="all", shuffle=False)
+    rows = json.loads((bad / "manifest.json").read_text())["shards"][1]["rows"]
+    assert n == good.manifest.totals.sequences - rows
+
+
+def train_args(labels, out, *extra):
+    return ["run", "--labels", labels, "--output", str(out), "--steps", "6", "--batch-size", "3", "--lr", "3e-3",
+            "--warmup-steps", "2", "--eval-fraction", "0.1", "--eval-batches", "2", "--eval-every", "3",
+            "--checkpoint-every", "3", "--num-workers", "2", "--json", *extra]
+
+
+def test_resume_continues_bit_for_bit(label_set, tmp_path):
+    a = tmp_path / "a"
+    run_cli("trainer", *train_args(label_set, a))
+    # A run that stopped after its step-3 checkpoint: the same directory with step 6 removed.
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / "step-000006")
+    (b / "checkpoints" / "latest").write_text("step-000003")
+    for f in ("model.safetensors", "config.json"):
+        (b / f).unlink()
+    refused = run_cli("trainer", *train_args(label_set, b), check=False)
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr.strip().splitlines()[-1]
+    summary = json.loads(run_cli("trainer", *train_args(label_set, b, "--resume")).stdout.strip().splitlines()[-1])
+    assert summary["resumed_from"] == 3
+    curve = lambda d: [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
+    assert strip(curve(b)) == strip(curve(a))
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    png = tmp_path / "curves.png"
+    run_cli("trainer", "plot", str(b / "metrics.jsonl"), "--output", str(png))
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ddp_two_cpu_ranks_see_disjoint_data_and_end_with_equal_weights(label_set, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "trainer", "run", "--labels", label_set, "--output", str(out), "--steps", "4", "--batch-size", "2",
+           "--eval-fraction", "0.1", "--eval-batches", "1", "--log-samples", "--json"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = [set((out / f"samples.rank{r}.txt").read_text().split()) for r in (0, 1)]
+    assert all(len(s) == 8 for s in seen) and not seen[0] & seen[1]
+    digests = [json.loads((out / f"rank{r}.json").read_text())["params_sha256"] for r in (0, 1)]
+    assert digests[0] == digests[1]
+
+
+def test_hf_trainer_with_our_dataset_collator_and_loss(label_set, tmp_path):
+    from transformers import TrainingArguments
+
+    from trainer.data import LabelDataset, collate
+    from trainer.hf import DistillationTrainer
+    from trainer.losses import chunked_loss
+    from trainer.student import build_student
+
+    ds = LabelDataset(label_set, split="train", eval_fraction=0.1, epochs=None)
+    model, _ = build_student("tiny", ds.labels, seed=0)
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=3, per_device_train_batch_size=2,
+                             learning_rate=1e-3, report_to=[], logging_steps=1, save_strategy="no",
+                             use_cpu=True, dataloader_num_workers=0)
+    trainer = DistillationTrainer(model=model, args=args, train_dataset=ds, data_collator=collate, loss="tail-kl")
+    batch = collate([s for s, _ in zip(LabelDataset(label_set, split="train", eval_fraction=0.1), range(2))])
+    with torch.no_grad():
+        direct, _ = chunked_loss(model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state,
+                                 model.get_output_embeddings(), "tail-kl", batch)
+        via_hf = trainer.compute_loss(model, dict(batch))
+    assert float(via_hf) == pytest.approx(float(direct), rel=1e-6)
+    result = trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert result.global_step == 3 and len(losses) == 3 and all(np.isfinite(losses))

@@ -1,0 +1,125 @@
+"""Training checkpoints on a local path or any fsspec URL.
+
+Layout under the checkpoint directory::
+
+    step-000100/model.safetensors       student weights (tied weights stored once)
+    step-000100/optimizer.pt            optimizer + scheduler state
+    step-000100/state-rank0.pt          step, tokens, data position, RNG states (one per rank)
+    latest                              "step-000100", written last (the commit)
+
+Objects are written whole, then ``latest`` names the finished checkpoint, so
+a crash while saving leaves the previous checkpoint in force.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from schemas import join_url, resolve_url, retry_io
+
+log = logging.getLogger(__name__)
+LATEST = "latest"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _unique_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied tensors (same storage) kept once: safetensors refuses shared storage."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+class CheckpointStore:
+    """Saves and finds checkpoints under one directory or URL."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.fs, self.root = resolve_url(self.url, storage_options)
+
+    def _write(self, rel: str, data: bytes) -> None:
+        path = join_url(self.root, rel)
+        if "/" in rel and "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)):
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        retry_io(lambda: self.fs.pipe_file(path, data), f"write {join_url(self.url, rel)}")
+
+    def _read(self, rel: str) -> bytes:
+        return retry_io(lambda: self.fs.cat_file(join_url(self.root, rel)), f"read {join_url(self.url, rel)}")
+
+    def latest(self) -> str | None:
+        """Name of the last committed checkpoint, or None."""
+        self.fs.invalidate_cache()
+        try:
+            return self._read(LATEST).decode().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def save_shared(self, name: str, model: torch.nn.Module, optimizer_state: dict[str, Any]) -> None:
+        """What every rank holds the same copy of: written by rank 0."""
+        from safetensors.torch import save
+
+        self._write(f"{name}/model.safetensors", save(_unique_tensors(model)))
+        self._write(f"{name}/optimizer.pt", _torch_bytes(optimizer_state))
+
+    def save_rank(self, name: str, rank: int, state: dict[str, Any]) -> None:
+        self._write(f"{name}/state-rank{rank}.pt", _torch_bytes(state))
+
+    def commit(self, name: str) -> None:
+        self._write(LATEST, name.encode())
+        log.info("checkpoint %s saved to %s", name, self.url)
+
+    def load(self, name: str, model: torch.nn.Module, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Load weights into ``model``; return ``(optimizer_state, rank_state)``."""
+        from safetensors.torch import load
+
+        weights = load(self._read(f"{name}/model.safetensors"))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = set(model.state_dict()) - set(_unique_tensors(model))
+        if unexpected or set(missing) - tied:
+            raise ValueError(
+                f"checkpoint {join_url(self.url, name)} does not fit this student "
+                f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            )
+        try:
+            state = _torch_load(self._read(f"{name}/state-rank{rank}.pt"))
+        except FileNotFoundError as e:
+            raise ValueError(f"checkpoint {join_url(self.url, name)} has no state for rank {rank}: "
+                             "resume with the world size it was saved with") from e
+        return _torch_load(self._read(f"{name}/optimizer.pt")), state
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _torch_load(data: bytes) -> Any:
+    # Our own files: RNG states and numpy arrays need full unpickling.
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)

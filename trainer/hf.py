@@ -1,0 +1,37 @@
+"""Using the label set from Hugging Face ``transformers.Trainer``.
+
+``DistillationTrainer`` is the small ``compute_loss`` subclass: feed it a
+:class:`trainer.data.LabelDataset` and :func:`trainer.data.collate`, and it
+trains with any of our losses (``tail-kl`` by default). See ``docs/trainer.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import Trainer
+
+from trainer.losses import LOSSES, chunked_loss
+
+
+class DistillationTrainer(Trainer):
+    """``transformers.Trainer`` whose loss is offline KD from stored soft labels."""
+
+    def __init__(self, *args: Any, loss: str = "tail-kl", alpha: float = 1.0, temperature: float = 1.0,
+                 head_chunk: int = 1024, **kwargs: Any) -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        super().__init__(*args, **kwargs)
+        # Our batches carry label columns the model's forward() does not take: keep them.
+        self.args.remove_unused_columns = False
+        self.kd = dict(kind=loss, alpha=alpha, temperature=temperature, chunk=head_chunk)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        inner = model.module if hasattr(model, "module") else model  # unwrap DDP/DataParallel
+        hidden = inner.get_decoder()(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).last_hidden_state
+        loss, _ = chunked_loss(hidden, inner.get_output_embeddings(), self.kd["kind"], inputs,
+                               self.kd["temperature"], self.kd["alpha"], self.kd["chunk"])
+        return (loss, {"loss": loss}) if return_outputs else loss

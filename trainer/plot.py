@@ -1,0 +1,60 @@
+"""Loss and eval curves from a run's ``metrics.jsonl``, drawn to a PNG."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """``(train rows, eval rows)`` of a metrics file."""
+    train, evals = [], []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ValueError(f"metrics file {path}: cannot be read ({e.strerror or e})") from e
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+        (evals if "eval" in row else train).append(row)
+    return train, evals
+
+
+def plot_metrics(path: str | Path, png: str | Path) -> None:
+    """Training loss per step, and held-out CE / KL / top-1 at each eval."""
+    if not str(png).lower().endswith(".png"):
+        raise ValueError(f"plot {png}: expected a .png file name")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ValueError("plotting needs matplotlib: pip install 'softlabels[plot]'") from e
+    train, evals = read_metrics(path)
+    if not train and not evals:
+        raise ValueError(f"metrics file {path} holds no rows")
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+    axes[0].set(xlabel="step", ylabel="training loss", title="training loss")
+    steps = [r["step"] for r in evals]
+    for key, ax in (("ce", axes[1]), ("kl", axes[1]), ("top1", axes[2])):
+        ax.plot(steps, [r["eval"][key] for r in evals], marker="o", label=key)
+    axes[1].set(xlabel="step", ylabel="nats", title="held-out CE (true tokens) and KL to teacher")
+    axes[1].legend()
+    axes[2].set(xlabel="step", ylabel="share of positions", title="top-1 agreement with the teacher")
+    fig.tight_layout()
+    try:
+        fig.savefig(png, dpi=100)
+    except OSError as e:
+        raise ValueError(f"plot {png}: cannot write ({e.strerror or e})") from e
+    finally:
+        plt.close(fig)
+    log.info("wrote %s", png)
