@@ -26,11 +26,27 @@ LOSSES = ("tail-kl", "topk-kl", "reverse-kl", "ce")
 _NEG = -1e30  # stands in for log(0) where -inf would poison gradients
 
 
+_TAIL_EPS = 1e-6  # smallest student tail mass represented (fp32 cannot tell 1 - 1e-8 from 1)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends (Maechler 2012)."""
+    x = x.clamp(max=torch.log1p(torch.tensor(-_TAIL_EPS)).item())
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
 def _buckets(student_logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student log-probs gathered at the teacher's top-k ids, and of the rest."""
-    ls = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    """Student log-probs gathered at the teacher's top-k ids, and of the rest.
+
+    The rest is ``log1mexp(logsumexp(top))``: no second ``[N, V]`` pass over
+    the vocabulary (a masked logsumexp would cost as much as the softmax).
+    """
+    logits = student_logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    ls = torch.log_softmax(logits, dim=-1)
     top = ls.gather(-1, topk_ids)
-    rest = torch.logsumexp(ls.scatter(-1, topk_ids, _NEG), dim=-1)
+    rest = log1mexp(torch.logsumexp(top, dim=-1))
     return top, rest
 
 
