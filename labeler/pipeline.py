@@ -190,6 +190,8 @@ class Pipeline:
         gpu = self.device.startswith("cuda")
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         replicas = cfg.num_replicas or (cluster_gpus(ray) if gpu else len(nodes)) or 1
+        if gpu and replicas > cluster_gpus(ray):
+            raise ValueError(f"--num-replicas {replicas} needs {replicas} GPUs; the Ray cluster has {cluster_gpus(ray)}")
         cpus = int(ray.cluster_resources().get("CPU", 1))
         threads = None if gpu else (cfg.threads or max(1, cpus // replicas))
         options: dict[str, Any] = (
