@@ -8,15 +8,14 @@ entropy: the tail counts as one bucket).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from schemas import open_label_set
+from schemas.cliutil import pyplot, save_png
 
-log = logging.getLogger(__name__)
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
@@ -47,8 +46,8 @@ def inspect_label_set(
     """Summarize a label set: sizes, and label statistics over (up to) ``max_shards`` shards."""
     if max_shards < 1:
         raise ValueError(f"--max-shards must be >= 1, got {max_shards}")
-    if plot is not None and not plot.lower().endswith(".png"):
-        raise ValueError(f"--plot {plot}: expected a .png file name")
+    if plot is not None:
+        pyplot(plot)  # checks the name and that matplotlib is there, before reading shards
     ls = open_label_set(url, storage_options)
     m = ls.manifest
     parts: dict[str, list[np.ndarray]] = {}
@@ -85,13 +84,7 @@ def inspect_label_set(
 
 
 def _plot(stats: dict[str, np.ndarray], path: str, title: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ValueError("--plot needs matplotlib: pip install 'softlabels[plot]'") from e
+    plt = pyplot(path)
     labels = {
         "top1_prob": "teacher top-1 probability",
         "topk_mass": "top-k mass",
@@ -104,11 +97,4 @@ def _plot(stats: dict[str, np.ndarray], path: str, title: str) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("positions")
     fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=100)
-    except OSError as e:
-        raise ValueError(f"--plot {path}: cannot write ({e.strerror or e})") from e
-    finally:
-        plt.close(fig)
-    log.info("wrote %s", path)
+    save_png(fig, path)

@@ -19,6 +19,15 @@ T = TypeVar("T")
 
 # Errors that say "this will not get better by waiting": never retried.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# Network failures some fsspec backends raise outside the OSError family
+# (botocore's EndpointConnectionError, aiohttp's client errors), by class name
+# so that no backend needs importing here.
+_NETWORK = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError",
+            "ServerDisconnectedError", "ClientOSError")
+
+
+def _is_network_error(e: BaseException) -> bool:
+    return any(c.__name__ in _NETWORK for c in type(e).__mro__)
 
 
 def resolve_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
@@ -60,7 +69,7 @@ def join_url(root: str, *parts: str) -> str:
 
 
 def retry_io(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.5) -> T:
-    """Call ``fn`` retrying transient ``OSError``s with bounded exponential backoff.
+    """Call ``fn`` retrying transient ``OSError``s and network errors with bounded exponential backoff.
 
     ``what`` names the operation and object for logs and the final error,
     e.g. ``"write s3://bucket/set/shards/part-000001.parquet"``. Permanent
@@ -71,9 +80,13 @@ def retry_io(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: floa
             return fn()
         except _PERMANENT:
             raise
-        except OSError as e:
-            if attempt == attempts:
-                raise OSError(f"{what}: failed after {attempts} attempts: {e}") from e
+        except Exception as e:
+            network = not isinstance(e, OSError)
+            if network and not _is_network_error(e):
+                raise
+            # Backends that raise these have already retried inside: one more try is enough.
+            if attempt >= (min(attempts, 2) if network else attempts):
+                raise OSError(f"{what}: failed after {attempt} attempts: {e}") from e
             delay = base_delay * 2 ** (attempt - 1)
             log.warning("%s: %s (attempt %d/%d, retrying in %.1fs)", what, e, attempt, attempts, delay)
             time.sleep(delay)

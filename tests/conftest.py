@@ -138,6 +138,18 @@ def tiny_teacher(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def label_set(ray_local, tiny_teacher, tmp_path_factory) -> str:
+    """A small label set made by the real labeler with the tiny teacher (k = 8, several shards)."""
+    from labeler.config import LabelConfig
+    from labeler.job import run
+
+    out = str(tmp_path_factory.mktemp("labels") / "set")
+    run(LabelConfig(teacher=tiny_teacher, corpus="pydoc", output=out, top_k=8, max_length=64, limit=200,
+                    shard_tokens=1000, batch_tokens=1024))
+    return out
+
+
+@pytest.fixture(scope="session")
 def builtin_teacher() -> str:
     """The real built-in teacher (SmolLM2-135M), fetched and converted once per cache."""
     from labeler.builtin import builtin_teacher_dir

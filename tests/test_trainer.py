@@ -5,22 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from torch.utils.data import DataLoader
 
-from labeler.config import LabelConfig
-from labeler.job import run
 from trainer.data import LabelDataset, collate, in_eval_split
 
 from conftest import run_cli
 
-
-@pytest.fixture(scope="module")
-def label_set(ray_local, tiny_teacher, tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("labels") / "set")
-    run(LabelConfig(teacher=tiny_teacher, corpus="pydoc", output=out, top_k=8, max_length=64, limit=160,
-                    shard_tokens=1500, batch_tokens=1024))
-    return out
 
 
 def ids_of(ds, **loader_kw) -> list[str]:
@@ -71,11 +61,17 @@ def test_training_improves_the_student_and_saves_a_loadable_model(label_set, tmp
     assert ev["kl"] == pytest.approx(after["kl"], rel=1e-4) and ev["ce"] == pytest.approx(after["ce"], rel=1e-4)
 
 
-def test_student_with_another_tokenizer_is_refused(label_set, builtin_teacher):
+def test_student_with_another_tokenizer_is_refused(label_set, builtin_teacher, tmp_path):
     proc = run_cli("trainer", "eval", "--labels", label_set, "--model", builtin_teacher, check=False)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert "student tokenizer" in last and "differs from the label set's" in last and "sha256:" in last
+    assert "--allow-vocab-mismatch" in last
+    # With the flag, a student whose embeddings hold every id of the set trains.
+    out = tmp_path / "mismatch"
+    proc = run_cli("trainer", "run", "--labels", label_set, "--student", builtin_teacher, "--output", str(out),
+                   "--steps", "1", "--batch-size", "1", "--eval-batches", "1", "--allow-vocab-mismatch", "--json")
+    assert "training anyway" in proc.stderr and json.loads(proc.stdout.strip().splitlines()[-1])["steps"] == 1
 
 
 def test_trainer_refusals_are_one_line(label_set, tmp_path):
@@ -83,6 +79,10 @@ def test_trainer_refusals_are_one_line(label_set, tmp_path):
         (["run", "--labels", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")], "no manifest.json"),
         (["run", "--labels", label_set, "--output", str(tmp_path / "o"), "--steps", "0"], "steps must be a positive integer"),
         (["run", "--labels", label_set, "--output", str(tmp_path / "o"), "--batch-size", "-1"], "batch_size must be"),
+        # unreachable endpoint (server down) or missing bucket (server up): both one line naming it
+        (["run", "--labels", "s3://no-such-bucket-xyz/set", "--output", str(tmp_path / "o")], "no-such-bucket-xyz/set"),
+        (["run", "--labels", label_set, "--output", str(tmp_path / "o"), "--plot", "x.jpg"], "expected a .png"),
+        (["run", "--labels", label_set, "--output", str(tmp_path / "o"), "--top-k", "9"], "top_k must be in [1, 8]"),
     ]
     for args, msg in cases:
         proc = run_cli("trainer", *args, check=False)

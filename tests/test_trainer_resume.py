@@ -11,21 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from labeler.config import LabelConfig
-from labeler.job import run
-from schemas import resolve_url
 from schemas.errors import ShardChecksumError
 from trainer.data import LabelDataset, StatefulLoader, truncate_topk
 
 from conftest import REPO, run_cli
 
-
-@pytest.fixture(scope="module")
-def label_set(ray_local, tiny_teacher, tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("labels") / "set")
-    run(LabelConfig(teacher=tiny_teacher, corpus="pydoc", output=out, top_k=8, max_length=64, limit=200,
-                    shard_tokens=1000, batch_tokens=1024))
-    return out
 
 
 def keys(batches) -> list[int]:
@@ -77,7 +67,6 @@ def test_truncation_folds_dropped_entries_into_the_tail_exactly(label_set):
 def test_corrupt_shard_is_named_or_skipped_and_counted(label_set, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(label_set, bad)
-    fs, root = resolve_url(str(bad))
     shard = json.loads((bad / "manifest.json").read_text())["shards"][1]["path"]
     data = bytearray((bad / shard).read_bytes())
     data[len(data) // 2] ^= 0xFF

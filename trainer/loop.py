@@ -80,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.plot is not None and not self.plot.lower().endswith(".png"):
+            raise ValueError(f"plot {self.plot}: expected a .png file name")
 
     def redacted(self) -> dict[str, Any]:
         d = asdict(self)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from schemas.cliutil import pyplot, save_png
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
@@ -29,15 +28,7 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
 
 def plot_metrics(path: str | Path, png: str | Path) -> None:
     """Training loss per step, and held-out CE / KL / top-1 at each eval."""
-    if not str(png).lower().endswith(".png"):
-        raise ValueError(f"plot {png}: expected a .png file name")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ValueError("plotting needs matplotlib: pip install 'softlabels[plot]'") from e
+    plt = pyplot(str(png))
     train, evals = read_metrics(path)
     if not train and not evals:
         raise ValueError(f"metrics file {path} holds no rows")
@@ -50,11 +41,4 @@ def plot_metrics(path: str | Path, png: str | Path) -> None:
     axes[1].set(xlabel="step", ylabel="nats", title="held-out CE (true tokens) and KL to teacher")
     axes[1].legend()
     axes[2].set(xlabel="step", ylabel="share of positions", title="top-1 agreement with the teacher")
-    fig.tight_layout()
-    try:
-        fig.savefig(png, dpi=100)
-    except OSError as e:
-        raise ValueError(f"plot {png}: cannot write ({e.strerror or e})") from e
-    finally:
-        plt.close(fig)
-    log.info("wrote %s", png)
+    save_png(fig, str(png))
