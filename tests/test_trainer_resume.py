@@ -149,3 +149,19 @@ def test_hf_trainer_with_our_dataset_collator_and_loss(label_set, tmp_path):
     result = trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert result.global_step == 3 and len(losses) == 3 and all(np.isfinite(losses))
+
+
+def test_checkpoints_on_s3_and_resume_from_them(label_set, s3_server, tmp_path):
+    from schemas import resolve_url
+
+    ckpt = f"{s3_server}/ckpt-{tmp_path.name}"
+    args = ["run", "--labels", label_set, "--output", str(tmp_path / "s"), "--batch-size", "2", "--eval-batches", "1",
+            "--eval-fraction", "0.1", "--checkpoint-every", "1", "--checkpoint-dir", ckpt, "--json"]
+    run_cli("trainer", *args, "--steps", "2")
+    fs, root = resolve_url(ckpt)
+    fs.invalidate_cache()
+    assert fs.cat_file(f"{root}/latest") == b"step-000002"
+    assert {p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/step-000002")} == {
+        "model.safetensors", "optimizer.pt", "state-rank0.pt"}
+    summary = json.loads(run_cli("trainer", *args, "--steps", "3", "--resume").stdout.strip().splitlines()[-1])
+    assert summary["resumed_from"] == 2 and summary["steps"] == 3
