@@ -68,3 +68,16 @@ def test_results_do_not_depend_on_chunk_size(head, chunk):
 def test_k_above_vocab_is_refused(head):
     with pytest.raises(ValueError, match="exceeds"):
         topk_with_tail(torch.randn(2, 16), head, 98)
+
+
+def test_rows_whose_rest_underflows_fall_back_to_the_exact_tail():
+    """exp(z - max) underflows fp32 below ~1e-45: such rows are redone with a masked logsumexp."""
+    head = torch.nn.Linear(4, 6, bias=False)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[0, 0] = 200.0  # rest is e^-200 of the top-1: 0 in fp32 after exp
+    hidden = torch.tensor([[1.0, 0, 0, 0], [0.0, 1.0, 0, 0]])
+    _, _, tail = topk_with_tail(hidden, head, 1)
+    want = torch.log(torch.tensor(5.0, dtype=torch.float64)) - 200.0
+    assert abs(float(tail[0]) - float(want)) < 1e-3 and torch.isfinite(tail).all()
+    assert abs(float(tail[1]) - float(torch.log(torch.tensor(5 / 6)))) < 1e-6
