@@ -147,29 +147,27 @@ class Pipeline:
         inflight: deque[Any] = deque()
         nxt = 0
         skipped = 0
-        try:
-            while inflight or nxt < len(blocks):
-                while nxt < len(blocks) and len(inflight) < lookahead:
-                    inflight.append((read.remote(reader, blocks[nxt], tok), blocks[nxt]))
-                    nxt += 1
-                ref, block = inflight.popleft()
-                try:
-                    docs, stats = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:
-                    raise e.cause if isinstance(e.cause, Exception) else e
-                self.totals.add(stats)
-                for row in stats.skipped:
-                    skipped += 1
-                    if skipped <= MAX_SKIPPED_LOGGED:
-                        log.warning("skipped %s", row)
-                    elif skipped == MAX_SKIPPED_LOGGED + 1:
-                        log.warning("skipping more bad rows; the summary gives the count")
-                seen += weights[block.index]
-                self.read_fraction = seen / total
-                yield from docs
-        finally:
-            for ref, _ in inflight:  # a --limit stops reading early
-                ray.cancel(ref)
+        while inflight or nxt < len(blocks):
+            while nxt < len(blocks) and len(inflight) < lookahead:
+                inflight.append((read.remote(reader, blocks[nxt], tok), blocks[nxt]))
+                nxt += 1
+            ref, block = inflight.popleft()
+            try:
+                docs, stats = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                raise e.cause if isinstance(e.cause, Exception) else e
+            self.totals.add(stats)
+            for row in stats.skipped:
+                skipped += 1
+                if skipped <= MAX_SKIPPED_LOGGED:
+                    log.warning("skipped %s", row)
+                elif skipped == MAX_SKIPPED_LOGGED + 1:
+                    log.warning("skipping more bad rows; the summary gives the count")
+            seen += weights[block.index]
+            self.read_fraction = seen / total
+            yield from docs
+        # With --limit, reading stops early: blocks still in flight finish and are dropped
+        # (ray.cancel on them makes Ray print alarming errors for a normal stop).
 
     def _plan(self) -> None:
         try:

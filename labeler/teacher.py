@@ -164,7 +164,7 @@ class TeacherRunner:
                 mask[row, :n] = 1
             with torch.inference_mode():
                 hidden = self.body(
-                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
                 ).last_hidden_state
                 # Only real (unpadded) positions go through the head.
                 flat = hidden[mask.to(self.device).bool()]

@@ -39,9 +39,10 @@ def topk_with_tail(
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     n = hidden.shape[0]
-    ids_out = torch.empty((n, k), dtype=torch.int32)
-    lp_out = torch.empty((n, k), dtype=torch.float32)
-    tail_out = torch.empty((n,), dtype=torch.float32)
+    # Results stay on the device until the end: one host copy per call, not three per chunk.
+    ids_out = torch.empty((n, k), dtype=torch.int32, device=hidden.device)
+    lp_out = torch.empty((n, k), dtype=torch.float32, device=hidden.device)
+    tail_out = torch.empty((n,), dtype=torch.float32, device=hidden.device)
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
         logits = _logits(hidden[start:end], head, temperature, softcap)
@@ -63,10 +64,10 @@ def topk_with_tail(
             lost = (rest == 0).nonzero().squeeze(-1)
             if lost.numel():
                 tail[lost] = _masked_tail(hidden[start:end][lost], head, ids[lost], temperature, softcap)
-        ids_out[start:end] = ids.to("cpu", torch.int32)
-        lp_out[start:end] = (vals - norm.unsqueeze(-1)).cpu()
-        tail_out[start:end] = tail.cpu()
-    return ids_out, lp_out, tail_out
+        ids_out[start:end] = ids
+        lp_out[start:end] = vals - norm.unsqueeze(-1)
+        tail_out[start:end] = tail
+    return ids_out.cpu(), lp_out.cpu(), tail_out.cpu()
 
 
 def _logits(hidden: torch.Tensor, head: torch.nn.Module, temperature: float, softcap: float | None) -> torch.Tensor:
