@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -20,8 +21,10 @@ class LabelSet:
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
         self.url = url.rstrip("/")
-        self.fs, self.root = resolve_url(self.url, storage_options)
-        self.fs.invalidate_cache()  # fsspec instances are shared: drop listings cached before the set was written
+        self.storage_options = dict(storage_options or {})
+        self._fs, self.root = resolve_url(self.url, self.storage_options)
+        self._pid = os.getpid()
+        self._fs.invalidate_cache()  # fsspec instances are shared: drop listings cached before the set was written
         where = join_url(self.url, MANIFEST_NAME)
         try:
             raw = retry_io(lambda: self.fs.cat_file(join_url(self.root, MANIFEST_NAME)), f"read {where}")
@@ -31,6 +34,15 @@ class LabelSet:
                 "(the labeler writes the manifest last)"
             ) from e
         self.manifest: Manifest = Manifest.from_json(raw, where=where)
+
+    @property
+    def fs(self) -> Any:
+        """The filesystem, opened anew in a forked process (DataLoader workers):
+        async clients such as s3fs refuse to be used across a fork."""
+        if os.getpid() != self._pid:
+            self._fs, _ = resolve_url(self.url, self.storage_options)
+            self._pid = os.getpid()
+        return self._fs
 
     @property
     def shards(self) -> tuple[ShardInfo, ...]:

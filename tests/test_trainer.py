@@ -100,3 +100,15 @@ def test_trainer_never_imports_ray_or_the_labeler(label_set, tmp_path):
     import sys
 
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_dataloader_workers_read_a_label_set_on_s3(label_set, s3_server):
+    """Forked DataLoader workers must not reuse the parent's S3 client (s3fs is not fork-safe)."""
+    from schemas import resolve_url
+
+    url = f"{s3_server}/workers-{id(label_set)}"
+    fs, root = resolve_url(url)
+    fs.put(label_set, root, recursive=True)
+    ds = LabelDataset(url, split="all", seed=3)
+    got = ids_of(ds, num_workers=2)
+    assert len(got) == len(set(got)) == ds.manifest.totals.sequences
