@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated loader configurations: " + "; ".join(describe(k) for k in CONFIGS)
                         + " (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the train split per measurement (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=3,
+                   help="passes over the train split per measurement (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="rounds, configurations interleaved (default: %(default)s)")
     p.add_argument("--train-steps", type=int, default=4,
                    help="timed tail-kl steps on in-memory batches, after one warm-up (default: %(default)s)")
@@ -222,8 +223,8 @@ def report(args: argparse.Namespace, labels: Any, res: dict[str, Any], nbytes: i
         rows.append([describe(c), f"{samples / sec:,.0f}", f"{tps:,.0f}", spread, f"{first:.2f}",
                      f"{tps / base:.2f}x" if base else "-", f"{tps / student:.1f}x"])
     print(common.markdown_table(
-        ["loader (S3)", "samples/s", "tokens/s", "run s (min-max)", "first batch s", f"vs {args.config_list[0]}", "headroom vs student"],
-        rows))
+        ["loader (S3)", "samples/s", "tokens/s", "run s (min-max)", "first batch s", f"vs {args.config_list[0]}",
+         "headroom vs student"], rows))
     for c, err in failed.items():
         print(f"{c}: every run failed: {err}")
     print()

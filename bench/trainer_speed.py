@@ -183,7 +183,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", default="ce,tail-kl,online",
                    help=f"comma-separated, from {', '.join(MODES)} (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: %(default)s)")
-    p.add_argument("--batches", type=int, default=3, help="distinct batches, each timed once per round (default: %(default)s)")
+    p.add_argument("--batches", type=int, default=3,
+                   help="distinct batches, each timed once per round (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=7, help="timed rounds, modes interleaved (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first (default: %(default)s)")
     p.add_argument("--head-chunk", type=int, default=1024, help="positions per LM-head chunk (default: %(default)s)")
@@ -298,10 +299,11 @@ def report(args: argparse.Namespace, labels: Any, res: dict[str, Any], rss: dict
     print()
     print(f"device: {common.cpu_name()}, {res['threads']} torch threads; {common.versions()}")
     print(f"label set: {labels.url} (teacher {m.teacher.id}, top-{m.top_k} + tail, vocab {m.tokenizer.vocab_size:,})")
-    print(f"student: tiny, {res['student_params'] / 1e6:.1f}M parameters"
-          + (f"; online teacher: {args.teacher}, {res['teacher_params'] / 1e6:.1f}M parameters, fp32" if res["teacher_params"] else ""))
+    teacher = f"; online teacher: {args.teacher}, {res['teacher_params'] / 1e6:.1f}M parameters, fp32"
+    print(f"student: tiny, {res['student_params'] / 1e6:.1f}M parameters" + (teacher if res["teacher_params"] else ""))
     print(f"{args.batches} batches of {args.batch_size} sequences, {tok:,.0f} tokens per batch on average; "
-          f"head chunk {args.head_chunk}; median of {args.repeats} interleaved rounds after {args.warmup} warm-up step(s)")
+          f"head chunk {args.head_chunk}; median of {args.repeats} interleaved rounds after {args.warmup} "
+          "warm-up step(s)")
     print()
     base = step.get("ce")
     rows = []
