@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=S, help="torch device (default: cuda if the Ray cluster has GPUs, else cpu)")
     r.add_argument("--num-replicas", type=int, default=S, help="teacher replicas (default: one per GPU, else one per Ray node)")
     r.add_argument("--threads", type=int, default=S, help="torch threads per CPU replica (default: cores / replicas)")
-    r.add_argument("--ray-address", default=S, help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")
+    r.add_argument("--ray-address", default=S, help="join this Ray cluster: host:port, ray://host:port, or 'auto' for the one `ray start` began on this machine (default: $RAY_ADDRESS, else start a fresh local Ray)")
     r.add_argument("--storage-option", action="append", default=S, metavar="KEY=VALUE", help="fsspec storage option (repeatable), e.g. endpoint_url=http://...")
     r.add_argument("--trust-remote-code", action="store_true", default=S, help="allow the teacher's own modeling code (off by default)")
     r.add_argument("--overwrite", action="store_true", default=S, help="delete what is at --output and start afresh")

@@ -73,7 +73,7 @@ def run(cfg: LabelConfig) -> Summary:
     t0 = time.time()
     log.info("labeling config: %s", cfg.redacted())
     writer = LabelSetWriter(cfg.output, cfg.storage_options)
-    writer.check_reachable()
+    writer.check_reachable(cfg.overwrite)
     corpus = Corpus(cfg.corpus, cfg.text_field, cfg.storage_options, cfg.on_error)
     source = resolve_teacher(cfg.teacher, cfg.revision)
     context = _teacher_context(source, cfg.trust_remote_code)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from collections import deque
@@ -54,21 +55,41 @@ class JobFailed(RuntimeError):
     """The job cannot go on (e.g. a teacher replica died past its restarts); rerun to resume."""
 
 
+def _probe_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a ``host:port`` nobody listens on (``ray.init`` retries a dead GCS for minutes)."""
+    if address == "auto" or "://" in address:
+        return  # "auto" finds a local cluster itself; ray:// goes through the Ray client
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--ray-address {address!r}: expected host:port, 'auto' or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"cannot join the Ray cluster at {address!r}: nothing answers there ({e})") from e
+
+
 @contextmanager
 def ray_session(address: str | None) -> Iterator[Any]:
-    """Join ``address`` (or ``$RAY_ADDRESS``) or start a local Ray; shut down what we started."""
+    """Join ``address`` (or ``$RAY_ADDRESS``) or start a fresh local Ray; shut down what we started.
+
+    Without an address we start a new local Ray (``address="local"``), never the
+    cluster named in Ray's ``/tmp/ray/ray_current_cluster``: that file outlives the
+    cluster it names (a killed ``ray start`` or test), and joining it hangs.
+    ``--ray-address auto`` joins a cluster started on this machine with ``ray start``.
+    """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     started = False
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
+        address = address or os.environ.get("RAY_ADDRESS") or None
         try:
             if address:
+                _probe_ray_address(address)
                 ray.init(address=address, log_to_driver=True, configure_logging=False)
             else:
-                ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+                ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
         except ConnectionError as e:
             raise ValueError(f"cannot join the Ray cluster at {address!r}: {e}") from e
         started = True

@@ -78,15 +78,20 @@ class LabelSetWriter:
         return retry_io(lambda: self.fs.exists(self._p(rel)), f"stat {self._u(rel)}")
 
     # -- driver: before any work ---------------------------------------------
-    def check_reachable(self) -> None:
-        """Fail early (one line) if the output cannot be listed: bad bucket, credentials, endpoint."""
+    def check_reachable(self, overwrite: bool = False) -> None:
+        """Fail early (one line), before Ray starts, if the output cannot be used.
+
+        Raises:
+            OutputError: bad bucket, credentials or endpoint; or (without
+                ``overwrite``) a location holding something that is not a label set.
+        """
         try:
             if self._bucket and not retry_io(lambda: self.fs.exists(self._bucket), f"stat bucket {self._bucket}"):
                 # exists() says False for both "no bucket" and "not allowed": ask again to learn which.
                 retry_io(lambda: self.fs.ls(self._bucket, detail=False), f"list bucket {self._bucket}")
                 raise OutputError(f"output {self.url}: bucket {self._bucket!r} does not exist")
-            if self.exists(""):
-                retry_io(lambda: self.fs.ls(self.root, detail=False), f"list {self.url}")
+            if self.exists("") and not overwrite:
+                self._refuse_foreign()
         except PermissionError as e:
             raise OutputError(f"output {self.url}: access denied ({e}); check credentials") from e
         except FileNotFoundError as e:
@@ -118,14 +123,20 @@ class LabelSetWriter:
                 )
             return "complete" if self.exists(MANIFEST_NAME) else "resume"
         if self.exists(""):
-            entries = retry_io(lambda: self.fs.ls(self.root, detail=False), f"list {self.url}")
-            if entries:
-                raise OutputError(
-                    f"output {self.url} is not empty and is not a softlabels label set "
-                    f"(found {entries[0].rsplit('/', 1)[-1]!r}); choose an empty location"
-                )
+            self._refuse_foreign()
         self._write(RUN_RECORD, (json.dumps(identity, indent=2, sort_keys=True) + "\n").encode())
         return "new"
+
+    def _refuse_foreign(self) -> None:
+        """Raise unless the (existing) root is empty or holds this tool's run record."""
+        if self.exists(RUN_RECORD):
+            return
+        entries = retry_io(lambda: self.fs.ls(self.root, detail=False), f"list {self.url}")
+        if entries:
+            raise OutputError(
+                f"output {self.url} is not empty and is not a softlabels label set "
+                f"(found {entries[0].rsplit('/', 1)[-1]!r}); choose an empty location"
+            )
 
     def committed(self, workers: int = 16) -> dict[str, Commit]:
         """Verified commits: marker present, shard object present with matching size and sha256.

@@ -94,7 +94,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, configure_logging=False)
+        # address="local": never join a cluster that a stale /tmp/ray/ray_current_cluster names
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, configure_logging=False)
     yield ray
     ray.shutdown()
 

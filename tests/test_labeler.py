@@ -182,6 +182,37 @@ def test_cli_wrong_credentials_fail_clearly(tiny_teacher, tmp_path, s3_server):
     assert last.startswith("labeler: error: output") and ("denied" in last or "reachable" in last), last
 
 
+def test_stale_ray_address_file_is_ignored_and_a_dead_address_fails_fast(tiny_teacher, tmp_path):
+    """Ray's ray_current_cluster outlives its cluster (a killed test, ``ray start`` gone);
+    ray.init() would join that dead address and hang. Without --ray-address we start afresh."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
+    os.makedirs(os.path.join(ray_tmp, "ray"))
+    with open(os.path.join(ray_tmp, "ray", "ray_current_cluster"), "w") as fh:
+        fh.write("127.0.0.1:1")  # nothing listens on port 1
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
+    env.pop("RAY_ADDRESS", None)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "labeler", "run", "--teacher", tiny_teacher, "--output", str(out), "--limit", "2",
+            "--max-length", "32", "--top-k", "4", "--json"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["sequences"] == 2
+    assert (out / "manifest.json").exists()
+
+    # An explicit dead address: one line, not minutes of GCS retries (a hang hits the timeout).
+    proc = subprocess.run([*args[:-1], "--output", str(tmp_path / "dead"), "--ray-address", "127.0.0.1:1"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("labeler: error: cannot join the Ray cluster at '127.0.0.1:1'"), last
+    assert not (tmp_path / "dead" / "manifest.json").exists()
+
+
 @pytest.mark.parametrize("k", [1, 300])
 def test_labels_match_direct_full_softmax_at_extreme_k(ray_local, tiny_teacher, tmp_path, k):
     """k = 1 and k = the whole vocabulary (tail = -inf: nothing outside the top-k)."""
