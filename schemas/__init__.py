@@ -10,6 +10,7 @@ Imports only the standard library, pyarrow and numpy at module level;
 See ``schemas/README.md`` for the format specification.
 """
 
+from schemas.encodings import DEFAULT_ENCODING, ENCODINGS, Encoding
 from schemas.errors import (
     LabelSetError,
     ManifestError,
@@ -40,6 +41,9 @@ from schemas.reader import LabelSet, open_label_set
 from schemas.storage import join_url, resolve_url, retry_io
 
 __all__ = [
+    "DEFAULT_ENCODING",
+    "ENCODINGS",
+    "Encoding",
     "SCHEMA_VERSION",
     "SUPPORTED_VERSIONS",
     "CorpusInfo",

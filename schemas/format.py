@@ -1,17 +1,9 @@
-"""Shard layout (schema v1): one Parquet row per sequence.
+"""Shard layout: one Parquet row per sequence (see README.md for the full specification).
 
-Columns (see README.md for the full specification):
-
-=================  ===================================  =====================
-column             Arrow type                           shape per row
-=================  ===================================  =====================
-``sample_id``      string                               content address
-``source``         string                               where the row came from
-``input_ids``      list<int32>                          [L]
-``topk_ids``       list<fixed_size_list<int32, k>>      [L, k]
-``topk_logprobs``  list<fixed_size_list<float16, k>>    [L, k]
-``tail_logprob``   list<float32>                        [L]
-=================  ===================================  =====================
+Every shard has ``sample_id`` (string), ``source`` (string) and ``input_ids``
+(list<int32>), then the label columns of its encoding (:mod:`schemas.encodings`).
+Schema v1 shards (the columns of today's ``fp16`` encoding: ``topk_ids``,
+``topk_logprobs`` as float16, ``tail_logprob``) keep reading.
 """
 
 from __future__ import annotations
@@ -25,10 +17,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from schemas.encodings import Encoding, decode_labels, encode_labels, flat_list, fp16_columns, rows_list
 from schemas.errors import UnsupportedSchemaVersion
 
-SCHEMA_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+SCHEMA_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 
 _META_VERSION = b"softlabels.schema_version"
 _META_TOPK = b"softlabels.top_k"
@@ -46,11 +39,20 @@ class Sample:
     source: str
     input_ids: np.ndarray  # [L] int32
     topk_ids: np.ndarray  # [L, k] int32, descending by log-prob
-    topk_logprobs: np.ndarray  # [L, k] float32 (stored as float16)
+    topk_logprobs: np.ndarray  # [L, k] float32 (as decoded from the shard's encoding)
     tail_logprob: np.ndarray  # [L] float32, log of the mass outside the top-k
+    # Optional (labeler --tail-samples S): distinct ids drawn from the teacher's distribution
+    # outside the top-k, left-aligned, and how often each was drawn (0 = unused slot).
+    tail_sample_ids: np.ndarray | None = None  # [L, S] int32
+    tail_sample_counts: np.ndarray | None = None  # [L, S] uint8, rows sum to S (0 where no tail)
 
     def __post_init__(self) -> None:
         n = len(self.input_ids)
+        if (self.tail_sample_ids is None) != (self.tail_sample_counts is None) or (
+            self.tail_sample_ids is not None
+            and (self.tail_sample_ids.shape != self.tail_sample_counts.shape or self.tail_sample_ids.shape[:1] != (n,))
+        ):
+            raise ValueError(f"sample {self.sample_id}: tail_sample_ids and tail_sample_counts must both be [L, S] or both absent")
         if self.topk_ids.ndim != 2 or self.topk_ids.shape != self.topk_logprobs.shape:
             raise ValueError(
                 f"sample {self.sample_id}: topk_ids {self.topk_ids.shape} and "
@@ -64,7 +66,7 @@ class Sample:
 
 
 def shard_schema(top_k: int) -> pa.Schema:
-    """The Arrow schema of a v1 shard with ``top_k`` entries per position."""
+    """The Arrow schema of a v1 shard (the columns of the v2 ``fp16`` encoding) with ``top_k`` entries."""
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     return pa.schema(
@@ -76,77 +78,114 @@ def shard_schema(top_k: int) -> pa.Schema:
             pa.field("topk_logprobs", pa.list_(pa.list_(pa.float16(), top_k)), nullable=False),
             pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False),
         ],
-        metadata={_META_VERSION: str(SCHEMA_VERSION).encode(), _META_TOPK: str(top_k).encode()},
+        metadata={_META_VERSION: b"1", _META_TOPK: str(top_k).encode()},
     )
 
 
-def _list_array(flat: pa.Array, lengths: np.ndarray) -> pa.ListArray:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), flat)
+def encode_samples(
+    samples: Sequence[Sample], top_k: int, encoding: Encoding | None = None, vocab_size: int | None = None
+) -> pa.Table:
+    """Encode samples into a v2 shard table.
 
+    Args:
+        encoding: how the label columns are stored (default ``fp16``, the v1 columns).
+        vocab_size: required by the ``packed*`` and ``compact`` encodings.
 
-def encode_samples(samples: Sequence[Sample], top_k: int) -> pa.Table:
-    """Encode samples into a v1 shard table (column order fixed by the schema)."""
-    schema = shard_schema(top_k)
+    Raises:
+        ValueError: a sample with another k, ids outside the vocabulary, or a missing vocab_size.
+    """
+    enc = encoding or Encoding("fp16")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     for s in samples:
         if s.topk_ids.shape[1] != top_k:
             raise ValueError(f"sample {s.sample_id} has k={s.topk_ids.shape[1]}, shard has k={top_k}")
+    if vocab_size is None:
+        if enc.name != "fp16":
+            raise ValueError(f"encoding {enc.name!r} needs the vocabulary size")
+        vocab_size = 1 << 31
     lengths = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
 
-    def cat(name: str, dtype: str) -> np.ndarray:
-        parts = [np.asarray(getattr(s, name), dtype=dtype).reshape(-1) for s in samples]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    def cat(name: str, dtype: str, width: int = 0) -> np.ndarray:
+        parts = [np.asarray(getattr(s, name), dtype=dtype) for s in samples]
+        return np.concatenate(parts) if parts else np.zeros((0, width) if width else 0, dtype=dtype)
 
-    ids = pa.FixedSizeListArray.from_arrays(pa.array(cat("topk_ids", "int32")), top_k)
-    lps = pa.FixedSizeListArray.from_arrays(pa.array(cat("topk_logprobs", "float16")), top_k)
+    label_cols, meta = encode_labels(
+        enc, cat("topk_ids", "int64", top_k), cat("topk_logprobs", "float32", top_k), cat("tail_logprob", "float32"),
+        lengths, vocab_size,
+    )
     columns = [
-        pa.array([s.sample_id for s in samples], pa.string()),
-        pa.array([s.source for s in samples], pa.string()),
-        _list_array(pa.array(cat("input_ids", "int32")), lengths),
-        _list_array(ids, lengths),
-        _list_array(lps, lengths),
-        _list_array(pa.array(cat("tail_logprob", "float32")), lengths),
+        ("sample_id", pa.array([s.sample_id for s in samples], pa.string())),
+        ("source", pa.array([s.source for s in samples], pa.string())),
+        ("input_ids", rows_list(cat("input_ids", "int32"), lengths, pa.int32())),
+        *label_cols,
     ]
-    return pa.Table.from_arrays(columns, schema=schema)
+    with_tail = {s.tail_sample_ids is not None for s in samples}
+    if with_tail == {True}:
+        draws = samples[0].tail_sample_ids.shape[1]
+        columns += [
+            ("tail_sample_ids", rows_list(cat("tail_sample_ids", "int32", draws), lengths, pa.int32())),
+            ("tail_sample_counts", rows_list(cat("tail_sample_counts", "uint8", draws), lengths, pa.uint8())),
+        ]
+    elif len(with_tail) > 1:
+        raise ValueError("either every sample of a shard has tail samples or none has")
+    metadata = {_META_VERSION: str(SCHEMA_VERSION).encode(), _META_TOPK: str(top_k).encode(), **meta}
+    return pa.Table.from_arrays([c for _, c in columns], names=[n for n, _ in columns]).replace_schema_metadata(metadata)
 
 
-def table_to_parquet_bytes(table: pa.Table) -> bytes:
-    """Serialize a shard table to Parquet bytes.
+def table_to_parquet_bytes(table: pa.Table, compression_level: int = 9) -> bytes:
+    """Serialize a shard table to Parquet bytes (zstd).
 
     Deterministic: the same table gives the same bytes (no timestamps or
-    random ids), which is what makes resumed runs byte-identical.
+    random ids), which is what makes resumed runs byte-identical. The shard
+    metadata goes into the Parquet footer once (no duplicate Arrow schema).
     """
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=max(1, table.num_rows))
+    with pq.ParquetWriter(
+        buf, table.schema.remove_metadata(), compression="zstd", compression_level=compression_level,
+        use_dictionary=["source"], store_schema=False,
+    ) as writer:
+        writer.write_table(table.replace_schema_metadata(None), row_group_size=max(1, table.num_rows))
+        writer.add_key_value_metadata(table.schema.metadata or {})
     return buf.getvalue()
 
 
-def _flat(col: pa.ChunkedArray | pa.Array, depth: int) -> np.ndarray:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    for _ in range(depth):
-        arr = arr.flatten()
-    return arr.to_numpy(zero_copy_only=False)
+def shard_version(table: pa.Table) -> int:
+    """The schema version a shard table declares.
+
+    Raises:
+        UnsupportedSchemaVersion: a version this reader does not know (named in the message).
+    """
+    meta = table.schema.metadata or {}
+    raw = meta.get(_META_VERSION, b"1")
+    try:
+        version = int(raw)
+    except ValueError:
+        version = -1
+    if version not in SUPPORTED_VERSIONS:
+        raise UnsupportedSchemaVersion(
+            f"shard has schema_version {raw.decode(errors='replace')}; this reader supports {list(SUPPORTED_VERSIONS)}"
+        )
+    return version
 
 
 def decode_table(table: pa.Table) -> Iterator[Sample]:
-    """Decode a v1 shard table into samples (numpy arrays, float32 log-probs)."""
-    meta = table.schema.metadata or {}
-    version = int(meta.get(_META_VERSION, b"1"))
-    if version not in SUPPORTED_VERSIONS:
-        raise UnsupportedSchemaVersion(
-            f"shard has schema_version {version}; this reader supports {list(SUPPORTED_VERSIONS)}"
-        )
-    k = table.schema.field("topk_ids").type.value_type.list_size
+    """Decode a shard table (any supported version and encoding) into samples."""
+    if shard_version(table) == 1:
+        topk_ids, topk_lp, tail = fp16_columns(table, table.schema.field("topk_ids").type.value_type.list_size)
+    else:
+        topk_ids, topk_lp, tail = decode_labels(table)
     lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
     bounds = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=bounds[1:])
-    input_ids = _flat(table.column("input_ids"), 1).astype(np.int32, copy=False)
-    topk_ids = _flat(table.column("topk_ids"), 2).astype(np.int32, copy=False).reshape(-1, k)
-    topk_lp = _flat(table.column("topk_logprobs"), 2).astype(np.float32).reshape(-1, k)
-    tail = _flat(table.column("tail_logprob"), 1).astype(np.float32, copy=False)
+    input_ids = flat_list(table.column("input_ids")).astype(np.int32, copy=False)
     sids = table.column("sample_id").to_pylist()
     sources = table.column("source").to_pylist()
+    t_ids = t_counts = None
+    if "tail_sample_ids" in table.column_names:
+        t_counts = flat_list(table.column("tail_sample_counts"), 2).astype(np.uint8, copy=False)
+        t_counts = t_counts.reshape(len(tail), -1)
+        t_ids = flat_list(table.column("tail_sample_ids"), 2).astype(np.int32, copy=False).reshape(t_counts.shape)
     for i in range(len(lengths)):
         a, b = bounds[i], bounds[i + 1]
         yield Sample(
@@ -156,6 +195,8 @@ def decode_table(table: pa.Table) -> Iterator[Sample]:
             topk_ids=topk_ids[a:b],
             topk_logprobs=topk_lp[a:b],
             tail_logprob=tail[a:b],
+            tail_sample_ids=None if t_ids is None else t_ids[a:b],
+            tail_sample_counts=None if t_counts is None else t_counts[a:b],
         )
 
 

@@ -11,6 +11,7 @@ import posixpath
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from schemas.encodings import Encoding
 from schemas.errors import ManifestError, UnsupportedSchemaVersion
 from schemas.format import SCHEMA_VERSION, SUPPORTED_VERSIONS
 
@@ -102,9 +103,9 @@ class Manifest:
     totals: Totals
     labeler_version: str
     created_at: str  # ISO 8601, UTC
-    encoding: dict[str, str] = field(
-        default_factory=lambda: {"topk_ids": "int32", "topk_logprobs": "float16", "tail_logprob": "float32"}
-    )
+    # Encoding.to_dict() of the label columns; v1 sets hold a column-type record, read as "fp16".
+    encoding: dict[str, Any] = field(default_factory=lambda: {"name": "fp16"})
+    tail_samples: int = 0  # S: tail draws stored per position (0: none)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -119,6 +120,12 @@ class Manifest:
             raise ManifestError(f"top_k {self.top_k} exceeds vocab_size {self.tokenizer.vocab_size}")
         if not self.temperature > 0:
             raise ManifestError(f"temperature must be > 0, got {self.temperature!r}")
+        if not isinstance(self.tail_samples, int) or not 0 <= self.tail_samples <= 255:
+            raise ManifestError(f"tail_samples must be an int in 0..255, got {self.tail_samples!r}")
+        try:
+            Encoding.from_dict(self.encoding)
+        except (ValueError, TypeError) as e:
+            raise ManifestError(f"encoding {self.encoding!r}: {e}") from e
         seen = set()
         for s in self.shards:
             _check_shard_path(s.path)
@@ -129,6 +136,11 @@ class Manifest:
             raise ManifestError("totals.sequences does not equal the sum of shard rows")
         if sum(s.tokens for s in self.shards) != self.totals.tokens:
             raise ManifestError("totals.tokens does not equal the sum of shard tokens")
+
+    @property
+    def label_encoding(self) -> Encoding:
+        """The shards' label encoding (``fp16`` for v1 sets)."""
+        return Encoding.from_dict(self.encoding)
 
     def to_json(self) -> str:
         """Serialize (stable key order, human-readable)."""
@@ -165,6 +177,7 @@ class Manifest:
                 labeler_version=str(d["labeler_version"]),
                 created_at=str(d["created_at"]),
                 encoding=dict(d.get("encoding") or {}),
+                tail_samples=d.get("tail_samples", 0),
             )
         except KeyError as e:
             raise ManifestError(f"{where}: missing field {e.args[0]!r}") from e

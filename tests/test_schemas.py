@@ -137,9 +137,11 @@ def test_manifest_json_round_trip():
     m = make_manifest((ShardInfo("shards/part-000000.parquet", 2, 10, 100, "ab"),))
     assert Manifest.from_json(m.to_json()) == m
     assert json.loads(m.to_json())["schema_version"] == 1
+    m2 = make_manifest((), version=2)
+    assert Manifest.from_json(m2.to_json()) == m2 and m2.label_encoding.name == "fp16"
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 3, "1", None])
 def test_unknown_schema_version_is_refused_naming_it(version):
     d = json.loads(make_manifest(()).to_json())
     d["schema_version"] = version

@@ -1,0 +1,203 @@
+"""Label encodings: exact where lossless, within budget where lossy, any vocabulary size, v1 still reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from schemas import Encoding, Sample, UnsupportedSchemaVersion, decode_table, encode_samples, open_label_set, sample_id
+from schemas.bitpack import from_planes, pack_bits, to_planes, unpack_bits
+from schemas.encodings import META_ENCODING, kl_buckets
+from schemas.format import read_parquet_bytes, table_to_parquet_bytes
+
+FIXTURE_V1 = Path(__file__).parent / "fixtures" / "v1-set"
+
+
+def peaked_samples(n_rows: int, k: int, vocab: int, seed: int = 0, sharp: float = 4.0) -> list[Sample]:
+    """Rows of teacher-like labels: a Zipf-ish vocabulary, so some ids recur across positions."""
+    rng = np.random.default_rng(seed)
+    base = -np.log(np.arange(1, vocab + 1)) * 1.1  # frequent ids have small ids... then shuffled
+    perm = rng.permutation(vocab)
+    out = []
+    for r in range(n_rows):
+        length = int(rng.integers(1, 40))
+        logits = base[perm][None, :] + rng.normal(size=(length, vocab)) * sharp
+        logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+        top = np.argsort(-logp, axis=1, kind="stable")[:, :k]
+        lp = np.take_along_axis(logp, top, 1)
+        rest = logp.copy()
+        np.put_along_axis(rest, top, -np.inf, 1)
+        tail = np.logaddexp.reduce(rest, axis=1)
+        ids = rng.integers(0, vocab, size=length).astype(np.int32)
+        out.append(Sample(sample_id("sha256:t", ids), f"doc{r}#0", ids, top.astype(np.int32), lp.astype(np.float32), tail.astype(np.float32)))
+    return out
+
+
+def round_trip(samples: list[Sample], k: int, enc: Encoding, vocab: int) -> tuple[list[Sample], bytes]:
+    data = table_to_parquet_bytes(encode_samples(samples, k, enc, vocab))
+    return list(decode_table(read_parquet_bytes(data))), data
+
+
+def stack(samples: list[Sample], name: str) -> np.ndarray:
+    return np.concatenate([getattr(s, name) for s in samples])
+
+
+@pytest.mark.parametrize("width", [1, 3, 8, 13, 16, 17, 18, 31, 33, 56])
+def test_bit_packing_round_trips_every_width(width):
+    rng = np.random.default_rng(width)
+    values = rng.integers(0, 1 << width, size=(11, 7), dtype=np.int64)
+    packed = pack_bits(values, width)
+    assert packed.shape == (11, (7 * width + 7) // 8)
+    np.testing.assert_array_equal(unpack_bits(packed, 7, width), values)
+    np.testing.assert_array_equal(from_planes(to_planes(values, (width + 7) // 8)), values)
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_bits(values + (1 << width), width)
+
+
+@pytest.mark.parametrize("name", ["fp16", "packed"])
+def test_lossless_encodings_round_trip_exactly_up_to_fp16(name):
+    samples = peaked_samples(6, 8, 500)
+    back, _ = round_trip(samples, 8, Encoding(name), 500)
+    for a, b in zip(samples, back):
+        assert (a.sample_id, a.source) == (b.sample_id, b.source)
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_array_equal(a.topk_logprobs.astype(np.float16).astype(np.float32), b.topk_logprobs)
+        np.testing.assert_array_equal(a.tail_logprob, b.tail_logprob)
+
+
+@pytest.mark.parametrize("spec", ["packed-q8", "compact", "compact:max_kl=1e-6", "compact:max_kl=1e-3"])
+def test_lossy_encodings_keep_ids_and_stay_within_their_error(spec):
+    k, vocab = 16, 2000
+    samples = peaked_samples(12, k, vocab, seed=3)
+    enc = Encoding.parse(spec)
+    back, data = round_trip(samples, k, enc, vocab)
+    ids, lp, tail = (stack(samples, n) for n in ("topk_ids", "topk_logprobs", "tail_logprob"))
+    ids2, lp2, tail2 = (stack(back, n) for n in ("topk_ids", "topk_logprobs", "tail_logprob"))
+    # Same k ids per position, in descending order of the decoded values.
+    np.testing.assert_array_equal(np.sort(ids, 1), np.sort(ids2, 1))
+    assert np.all(np.diff(lp2, axis=1) <= 0)
+    # The k+1 buckets sum to 1 (the tail is kept, the top-k rescaled to 1 - tail).
+    total = np.exp(lp2.astype(np.float64)).sum(1) + np.exp(tail2.astype(np.float64))
+    assert np.abs(total - 1).max() < 1e-5
+    np.testing.assert_allclose(tail2, tail, rtol=2e-3, atol=1e-6)
+    # KL(exact buckets || decoded), computed directly in fp64 from the samples.
+    order = np.argsort(ids, 1)
+    order2 = np.argsort(ids2, 1)
+    p = np.exp(np.take_along_axis(lp.astype(np.float64), order, 1))
+    q = np.exp(np.take_along_axis(lp2.astype(np.float64), order2, 1))
+    pt, qt = np.exp(tail.astype(np.float64)), np.exp(tail2.astype(np.float64))
+    direct = (p * np.log(p / q)).sum(1) + pt * np.log(pt / qt)
+    assert direct.mean() < (enc.max_kl if enc.name == "compact" else 1e-3)
+    assert direct.mean() > 0  # lossy: the test would notice an encoding that stored nothing new
+    if enc.name == "compact":
+        meta = json.loads(read_parquet_bytes(data).schema.metadata[META_ENCODING])
+        np.testing.assert_allclose(meta["encoding_kl"], direct.mean(), rtol=1e-2)
+        np.testing.assert_allclose(kl_buckets(np.take_along_axis(lp, order, 1), tail, np.take_along_axis(lp2, order2, 1), tail2).mean(),
+                                   direct.mean(), rtol=1e-2)
+
+
+def test_a_tighter_budget_costs_bytes_and_buys_accuracy():
+    samples = peaked_samples(20, 32, 3000, seed=5)
+    sizes = [len(round_trip(samples, 32, Encoding("compact", b), 3000)[1]) for b in (1e-3, 1e-4, 1e-5)]
+    assert sizes[0] < sizes[1] < sizes[2]
+
+
+@pytest.mark.parametrize("name", ["packed", "packed-q8", "compact"])
+def test_vocabulary_above_2_17_round_trips(name):
+    vocab = 200_003
+    rng = np.random.default_rng(7)
+    samples = []
+    for r in range(3):
+        n = 5 + r
+        top = np.stack([rng.choice(vocab, size=6, replace=False) for _ in range(n)]).astype(np.int32)
+        top[0, 0] = vocab - 1  # the largest id needs all 18 bits
+        lp = np.sort(np.log(rng.dirichlet(np.ones(7), size=n))[:, :6], axis=1)[:, ::-1].copy()
+        tail = np.log(1 - np.exp(lp).sum(1))
+        samples.append(Sample(f"s{r}", f"d{r}", np.arange(n, dtype=np.int32), top, lp.astype(np.float32), tail.astype(np.float32)))
+    back, data = round_trip(samples, 6, Encoding(name), vocab)
+    for a, b in zip(samples, back):
+        np.testing.assert_array_equal(np.sort(a.topk_ids, 1), np.sort(b.topk_ids, 1))
+    if name == "packed":
+        assert json.loads(read_parquet_bytes(data).schema.metadata[META_ENCODING])["id_bits"] == 18
+    with pytest.raises(ValueError, match="token ids must lie"):
+        encode_samples(samples, 6, Encoding(name), vocab - 1)
+
+
+@pytest.mark.parametrize("spec", ["fp16", "packed", "packed-q8", "compact"])
+def test_shard_bytes_are_deterministic_for_every_encoding(spec):
+    enc = Encoding.parse(spec)
+    a = table_to_parquet_bytes(encode_samples(peaked_samples(4, 8, 700, seed=1), 8, enc, 700))
+    b = table_to_parquet_bytes(encode_samples(peaked_samples(4, 8, 700, seed=1), 8, enc, 700))
+    c = table_to_parquet_bytes(encode_samples(peaked_samples(4, 8, 700, seed=2), 8, enc, 700))
+    assert a == b != c
+
+
+def test_compact_is_smaller_than_fp16_at_equal_k():
+    samples = peaked_samples(30, 32, 5000, seed=9)
+    fp16 = len(round_trip(samples, 32, Encoding("fp16"), 5000)[1])
+    compact = len(round_trip(samples, 32, Encoding("compact"), 5000)[1])
+    assert compact < 0.8 * fp16  # synthetic labels; the real ratio is in bench/storage.py
+
+
+def test_encoding_specs_are_validated():
+    assert Encoding.parse("compact:max_kl=2e-5") == Encoding("compact", 2e-5)
+    assert Encoding().name == "compact" and Encoding().max_kl == 1e-4
+    with pytest.raises(ValueError, match="unknown encoding 'zip'"):
+        Encoding.parse("zip")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        Encoding.parse("compact:levels=3")
+    with pytest.raises(ValueError, match="max_kl must be in"):
+        Encoding("compact", -1.0)
+    with pytest.raises(ValueError, match="takes no max_kl"):
+        Encoding("packed", 1e-4)
+    with pytest.raises(ValueError, match="needs the vocabulary size"):
+        encode_samples(peaked_samples(1, 2, 50), 2, Encoding("packed"))
+
+
+def test_unknown_shard_version_or_encoding_is_refused_naming_it():
+    table = encode_samples(peaked_samples(2, 4, 100), 4, Encoding("packed"), 100)
+    meta = dict(table.schema.metadata)
+    bad_version = table.replace_schema_metadata({**meta, b"softlabels.schema_version": b"9"})
+    with pytest.raises(UnsupportedSchemaVersion, match="schema_version 9"):
+        list(decode_table(read_parquet_bytes(table_to_parquet_bytes(bad_version))))
+    enc = json.loads(meta[META_ENCODING])
+    bad_enc = table.replace_schema_metadata({**meta, META_ENCODING: json.dumps({**enc, "name": "brotli-magic"}).encode()})
+    with pytest.raises(ValueError, match="'brotli-magic' is unknown"):
+        list(decode_table(read_parquet_bytes(table_to_parquet_bytes(bad_enc))))
+
+
+def test_stored_v1_label_set_still_reads():
+    """tests/fixtures/v1-set was written by the v1 writer (tests/fixtures/make_v1.py); regenerate its arrays."""
+    ls = open_label_set(str(FIXTURE_V1))
+    assert ls.manifest.schema_version == 1 and ls.manifest.label_encoding.name == "fp16"
+    got = list(ls.iter_samples())
+    rng = np.random.default_rng(1234)
+    expected = []
+    for rows in [(5, 9), (7,)]:
+        for length in rows:
+            ids = rng.integers(0, 300, size=length).astype(np.int32)
+            logits = rng.normal(size=(length, 300)) * 3
+            logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+            top = np.argsort(-logp, axis=1, kind="stable")[:, :4]
+            lp = np.take_along_axis(logp, top, 1)
+            expected.append((ids, top, lp, np.log(1 - np.exp(lp).sum(1))))
+    assert len(got) == len(expected) == 3
+    for s, (ids, top, lp, tail) in zip(got, expected):
+        np.testing.assert_array_equal(s.input_ids, ids)
+        np.testing.assert_array_equal(s.topk_ids, top)
+        np.testing.assert_array_equal(s.topk_logprobs, lp.astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(s.tail_logprob, tail.astype(np.float32))
+
+
+def test_plain_pyarrow_reads_the_fp16_encoding():
+    samples = peaked_samples(3, 2, 50)
+    t = read_parquet_bytes(table_to_parquet_bytes(encode_samples(samples, 2)))
+    row = t.slice(1, 1).to_pylist()[0]
+    assert row["input_ids"] == samples[1].input_ids.tolist()
+    assert row["topk_ids"] == samples[1].topk_ids.tolist()
+    assert isinstance(t.column("topk_logprobs").type, (pa.ListType, pa.LargeListType))
