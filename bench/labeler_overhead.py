@@ -8,11 +8,10 @@ Same process, same teacher weights, same random sequences, same batches
   (b) labeler: what the Ray job does with one unit (:mod:`labeler.actor`), here
       run one step after the other in one process:
         label  - ``TeacherRunner.label`` (body + chunked LM head + top-k + exact
-                 tail, results to the host) and the fp16 cast, as
-                 ``TeacherActor.label`` does;
+                 tail, results to the host), as ``TeacherActor.label`` does;
         encode - ``labeler.actor.encode_shard`` (``Sample``, ``sample_id``,
-                 ``encode_samples``, ``table_to_parquet_bytes``), as the shard
-                 writer actor does;
+                 ``encode_samples`` in the default encoding,
+                 ``table_to_parquet_bytes``), as the shard writer actor does;
         write  - ``LabelSetWriter.commit_unit`` (shard, then commit marker) to a
                  local SeaweedFS S3 server.
 
@@ -155,14 +154,14 @@ def run_labeler(
 ) -> dict[str, float]:
     """(b): label one unit, encode it, commit it, as the teacher and writer actors do; returns stage seconds."""
     from labeler.actor import encode_shard
+    from schemas import DEFAULT_ENCODING, Encoding
 
     unit = ([f"bench:{name}:{i}" for i in range(len(sequences))], sequences)
     t: dict[str, list[float]] = {"label": [], "encode": [], "write": []}
     with common.timed(device, t["label"]):
-        # TeacherActor.label: the runner's labels, log-probs cast to fp16 (what the shard stores).
-        labels = [(ids, lp.astype(np.float16), tail) for ids, lp, tail in runner.label(sequences)]
+        labels = runner.label(sequences)  # what TeacherActor.label returns
     with common.timed(device, t["encode"]):
-        data = encode_shard(unit, labels, top_k, fp)
+        data = encode_shard(unit, labels, top_k, fp, Encoding(DEFAULT_ENCODING), runner.vocab)
     with common.timed(device, t["write"]):
         writer.commit_unit(name, data, rows=len(sequences), tokens=sum(len(s) for s in sequences))
     return {k: v[0] for k, v in t.items()}

@@ -16,9 +16,9 @@ import numpy as np
 
 from labeler.sink import LabelSetWriter
 from labeler.teacher import TeacherRunner, TeacherSource, resolve_teacher
-from schemas import Sample, encode_samples, sample_id, table_to_parquet_bytes
+from schemas import Encoding, Sample, encode_samples, sample_id, table_to_parquet_bytes
 
-Labels = list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+Labels = list[tuple[np.ndarray, ...]]  # (ids, logprobs, tail[, tail sample ids, counts]) per sequence
 
 
 class TeacherActor:
@@ -35,6 +35,7 @@ class TeacherActor:
         head_chunk: int,
         trust_remote_code: bool,
         threads: int | None,
+        tail_samples: int = 0,
     ) -> None:
         import torch
         from transformers.utils import logging as hf_logging
@@ -46,13 +47,16 @@ class TeacherActor:
         if source.is_builtin:
             # The driver's cache path may not exist on this node: fetch/convert here.
             source = resolve_teacher(source.spec, source.revision)
-        self.runner = TeacherRunner(source, dtype, device, top_k, temperature, batch_tokens, head_chunk, trust_remote_code)
+        self.runner = TeacherRunner(
+            source, dtype, device, top_k, temperature, batch_tokens, head_chunk, trust_remote_code, tail_samples
+        )
 
     def label(self, unit: tuple[list[str], list[np.ndarray]]) -> Labels:
-        """``(topk_ids, topk_logprobs fp16, tail)`` per sequence of the unit."""
-        labels = self.runner.label(unit[1])
-        # fp16 is what the shard stores: halve what crosses the object store.
-        return [(ids, lp.astype(np.float16), tail) for ids, lp, tail in labels]
+        """``(topk_ids, topk_logprobs fp32, tail)`` per sequence of the unit.
+
+        fp32, not what the shard stores: lossy encodings measure their error against it.
+        """
+        return self.runner.label(unit[1])
 
     def node(self) -> str:
         """The Ray node this replica runs on (also: the teacher is loaded once this returns)."""
@@ -61,25 +65,30 @@ class TeacherActor:
         return ray.get_runtime_context().get_node_id()
 
 
-def encode_shard(unit: tuple[list[str], list[np.ndarray]], labels: Labels, top_k: int, tokenizer_fp: str) -> bytes:
+def encode_shard(
+    unit: tuple[list[str], list[np.ndarray]], labels: Labels, top_k: int, tokenizer_fp: str, encoding: Encoding, vocab_size: int
+) -> bytes:
     """One unit's Parquet shard bytes (deterministic: same unit and labels, same bytes)."""
     samples = [
         Sample(sample_id(tokenizer_fp, ids), src, np.asarray(ids, dtype=np.int32), *lab)
         for src, ids, lab in zip(unit[0], unit[1], labels)
     ]
-    return table_to_parquet_bytes(encode_samples(samples, top_k))
+    return table_to_parquet_bytes(encode_samples(samples, top_k, encoding, vocab_size))
 
 
 class ShardWriterActor:
     """Encodes and commits units next to a teacher replica (same node, warm storage client)."""
 
-    def __init__(self, output: str, storage_options: dict[str, Any], top_k: int, tokenizer_fp: str) -> None:
+    def __init__(
+        self, output: str, storage_options: dict[str, Any], top_k: int, tokenizer_fp: str, encoding: Encoding, vocab_size: int
+    ) -> None:
         self.writer = LabelSetWriter(output, storage_options)
         self.top_k, self.tokenizer_fp = top_k, tokenizer_fp
+        self.encoding, self.vocab_size = encoding, vocab_size
 
     def write(self, name: str, unit: tuple[list[str], list[np.ndarray]], labels: Labels, inputs: str) -> dict[str, Any]:
         """Encode and commit one unit (shard, then marker); returns its ShardInfo as a dict."""
-        data = encode_shard(unit, labels, self.top_k, self.tokenizer_fp)
+        data = encode_shard(unit, labels, self.top_k, self.tokenizer_fp, self.encoding, self.vocab_size)
         tokens = sum(len(s) for s in unit[1])
         return asdict(self.writer.commit_unit(name, data, rows=len(unit[1]), tokens=tokens, inputs=inputs))
 

@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--packing", action="store_true", default=S, help="pack documents into full sequences with EOS between them")
     r.add_argument("--add-eos", action="store_true", default=S, help="append EOS to each document (per-document mode)")
     r.add_argument("--limit", type=int, default=S, help="label at most this many sequences")
+    r.add_argument("--encoding", default=S, metavar="NAME[:max_kl=X]",
+                   help=f"label columns on disk: fp16 (v1 layout), packed (bit-packed ids + fp16), packed-q8, or compact "
+                   f"(smallest; its error KL(exact||decoded) stays within max_kl nats/token, default 1e-4) (default: {d.encoding})")
+    r.add_argument("--tail-samples", type=int, default=S, metavar="S",
+                   help="also store S draws per position from the teacher's distribution outside the top-k "
+                   "(distinct ids + counts) for the trainer's tail-sampled loss (default: 0, off)")
     r.add_argument("--shard-tokens", type=int, default=S, help=f"tokens per unit/shard (default: {d.shard_tokens})")
     r.add_argument("--batch-tokens", type=int, default=S, help=f"padded tokens per teacher batch (default: {d.batch_tokens})")
     r.add_argument("--head-chunk", type=int, default=S, help=f"positions per LM-head chunk; bounds memory (default: {d.head_chunk})")

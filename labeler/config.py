@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from schemas import DEFAULT_ENCODING, Encoding
+
 
 @dataclass(frozen=True)
 class LabelConfig:
@@ -38,6 +40,8 @@ class LabelConfig:
     trust_remote_code: bool = False
     overwrite: bool = False
     on_error: str = "fail"  # undecodable corpus rows: "fail" or "skip"
+    encoding: str = DEFAULT_ENCODING  # label columns: fp16, packed, packed-q8, compact[:max_kl=X]
+    tail_samples: int = 0  # draws per position from the teacher's tail (0: off)
 
     def __post_init__(self) -> None:
         for name in ("output", "teacher", "corpus"):
@@ -54,6 +58,11 @@ class LabelConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
+        if not isinstance(self.tail_samples, int) or isinstance(self.tail_samples, bool) or not 0 <= self.tail_samples <= 255:
+            raise ValueError(f"tail_samples must be an integer in 0..255 (draws per position), got {self.tail_samples!r}")
+        if not isinstance(self.encoding, str):
+            raise ValueError(f"encoding must be a string such as 'compact', got {self.encoding!r}")
+        self.label_encoding  # parses: an unknown name or parameter fails here, before any work
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if self.batch_tokens < self.max_length:
@@ -61,6 +70,10 @@ class LabelConfig:
                 f"batch_tokens ({self.batch_tokens}) must be >= max_length ({self.max_length}) "
                 "so that one full sequence fits in a batch"
             )
+
+    @property
+    def label_encoding(self) -> Encoding:
+        return Encoding.parse(self.encoding)
 
     def redacted(self) -> dict[str, Any]:
         """The config for logs: storage option values are hidden (they may be secrets)."""

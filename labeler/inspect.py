@@ -64,6 +64,8 @@ def inspect_label_set(
         "vocab_size": m.tokenizer.vocab_size,
         "top_k": m.top_k,
         "temperature": m.temperature,
+        "encoding": m.encoding,
+        "tail_samples": m.tail_samples,
         "corpus": m.corpus.source,
         "documents": m.corpus.documents,
         "sequences": m.totals.sequences,

@@ -61,11 +61,13 @@ class Summary:
         return self.labeled_tokens / self.label_s if self.label_s > 0 else 0.0
 
 
-def _teacher_context(source: TeacherSource, trust_remote_code: bool) -> int | None:
+def _teacher_shape(source: TeacherSource, trust_remote_code: bool) -> tuple[int | None, int | None]:
+    """The teacher's context length and output vocabulary (from its config; no weights loaded)."""
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(source.path, revision=source.revision, trust_remote_code=trust_remote_code)
-    return getattr(cfg, "max_position_embeddings", None)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return getattr(text, "max_position_embeddings", None), getattr(text, "vocab_size", None)
 
 
 def run(cfg: LabelConfig) -> Summary:
@@ -76,7 +78,7 @@ def run(cfg: LabelConfig) -> Summary:
     writer.check_reachable(cfg.overwrite)
     corpus = Corpus(cfg.corpus, cfg.text_field, cfg.storage_options, cfg.on_error)
     source = resolve_teacher(cfg.teacher, cfg.revision)
-    context = _teacher_context(source, cfg.trust_remote_code)
+    context, head_vocab = _teacher_shape(source, cfg.trust_remote_code)
     if context is not None and cfg.max_length > context:
         raise ValueError(f"--max-length {cfg.max_length} exceeds the teacher's context of {context} tokens")
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
@@ -85,6 +87,8 @@ def run(cfg: LabelConfig) -> Summary:
         raise ValueError(f"--top-k {cfg.top_k} exceeds the tokenizer's vocabulary of {vocab}")
     if (cfg.packing or cfg.add_eos) and tokenizer.eos_token_id is None:
         raise ValueError("--packing/--add-eos need a tokenizer with an EOS token; this one has none")
+    # Heads padded past the tokenizer (e.g. 32064 rows for 32000 tokens) can emit those ids too.
+    id_space = max(vocab, head_vocab or 0)
     seq_cfg = SequenceConfig(cfg.max_length, cfg.packing, cfg.add_eos, cfg.limit, cfg.shard_tokens)
     tok_info = TokenizerInfo(name=source.display_name, vocab_size=vocab, fingerprint=tokenizer_fingerprint(tokenizer))
 
@@ -104,6 +108,8 @@ def run(cfg: LabelConfig) -> Summary:
             "corpus": {"source": cfg.corpus, "listing": corpus.listing_fingerprint(), "text_field": cfg.text_field,
                        "on_error": cfg.on_error},
             "sequence": asdict(seq_cfg),
+            "encoding": cfg.label_encoding.to_dict(),
+            "tail_samples": cfg.tail_samples,
         }
         status = writer.begin(identity, cfg.overwrite)
         if status == "complete":
@@ -113,7 +119,7 @@ def run(cfg: LabelConfig) -> Summary:
             log.info("resuming: %d committed unit(s) verified (size and sha256)", len(done))
         if not writer.exists("tokenizer/tokenizer_config.json"):
             writer.write_tokenizer(tokenizer)
-        out = Pipeline(ray, cfg, source, device, dtype, tokenizer, tok_info.fingerprint, corpus, seq_cfg, done).run()
+        out = Pipeline(ray, cfg, source, device, dtype, tokenizer, tok_info.fingerprint, corpus, seq_cfg, done, id_space).run()
 
     shards = tuple(out.shards)
     manifest = Manifest(
@@ -131,6 +137,8 @@ def run(cfg: LabelConfig) -> Summary:
             bytes=sum(s.bytes for s in shards),
         ),
         labeler_version=LABELER_VERSION,
+        encoding=cfg.label_encoding.to_dict(),
+        tail_samples=cfg.tail_samples,
         created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
     )
     writer.write_manifest(manifest)

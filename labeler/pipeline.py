@@ -138,8 +138,10 @@ class Pipeline:
         corpus: Corpus,
         seq_cfg: SequenceConfig,
         done: dict[str, Commit],
+        vocab_size: int,
     ) -> None:
         self.ray, self.cfg, self.source, self.device, self.dtype = ray, cfg, source, device, dtype
+        self.vocab_size = vocab_size  # every id the teacher can emit is below it
         self.tokenizer, self.tokenizer_fp = tokenizer, tokenizer_fp
         self.corpus, self.seq_cfg, self.done = corpus, seq_cfg, done
         self.totals = CorpusTotals()
@@ -220,7 +222,7 @@ class Pipeline:
         actors = [
             actor_cls.options(scheduling_strategy="SPREAD", **options).remote(
                 self.source, self.dtype, self.device, cfg.top_k, cfg.temperature, cfg.batch_tokens,
-                cfg.head_chunk, cfg.trust_remote_code, threads,
+                cfg.head_chunk, cfg.trust_remote_code, threads, cfg.tail_samples,
             )
             for _ in range(replicas)
         ]
@@ -234,7 +236,7 @@ class Pipeline:
         self.writers = [
             writer_cls.options(
                 num_cpus=TASK_CPUS, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)
-            ).remote(cfg.output, cfg.storage_options, cfg.top_k, self.tokenizer_fp)
+            ).remote(cfg.output, cfg.storage_options, cfg.top_k, self.tokenizer_fp, cfg.label_encoding, self.vocab_size)
             for node in node_ids
         ]
         ray.get([w.ready.remote() for w in self.writers])

@@ -106,6 +106,7 @@ class TeacherRunner:
         batch_tokens: int = 4096,
         head_chunk: int = 1024,
         trust_remote_code: bool = False,
+        tail_samples: int = 0,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM
@@ -127,6 +128,7 @@ class TeacherRunner:
             raise ValueError(f"--top-k {top_k} exceeds the teacher's vocabulary of {self.vocab}")
         self.top_k, self.temperature = top_k, temperature
         self.batch_tokens, self.head_chunk = batch_tokens, head_chunk
+        self.tail_samples = tail_samples
 
     def batches(self, lengths: list[int]) -> list[list[int]]:
         """Length-bucketed batches (indices), each with padded size <= batch_tokens.
@@ -147,8 +149,13 @@ class TeacherRunner:
             out.append(cur)
         return out
 
-    def label(self, sequences: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Return ``(topk_ids [L, k], topk_logprobs [L, k], tail [L])`` per sequence, in input order."""
+    def label(self, sequences: list[np.ndarray]) -> list[tuple[np.ndarray, ...]]:
+        """Return ``(topk_ids [L, k], topk_logprobs [L, k], tail [L])`` per sequence, in input order.
+
+        With ``tail_samples``, two more arrays per sequence: sampled tail ids and
+        counts ``[L, S]``. The draws are seeded by the batch's tokens, so a unit
+        labeled again (a resumed run) gets the same samples.
+        """
         import torch
 
         from labeler.topk import topk_with_tail
@@ -168,12 +175,16 @@ class TeacherRunner:
                 ).last_hidden_state
                 # Only real (unpadded) positions go through the head.
                 flat = hidden[mask.to(self.device).bool()]
-                tk_ids, tk_lp, tail = topk_with_tail(
-                    flat, self.head, self.top_k, self.temperature, self.head_chunk, self.softcap
+                gen = None
+                if self.tail_samples:
+                    seed = hashlib.sha256(b"".join(np.asarray(sequences[i], np.int64).tobytes() for i in batch)).digest()
+                    gen = torch.Generator(device=self.device).manual_seed(int.from_bytes(seed[:8], "little") >> 1)
+                out = topk_with_tail(
+                    flat, self.head, self.top_k, self.temperature, self.head_chunk, self.softcap, self.tail_samples, gen
                 )
             start = 0
             for i in batch:
                 n = len(sequences[i])
-                results[i] = (tk_ids[start : start + n].numpy(), tk_lp[start : start + n].numpy(), tail[start : start + n].numpy())
+                results[i] = tuple(a[start : start + n].numpy() for a in out)
                 start += n
         return results

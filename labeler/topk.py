@@ -19,7 +19,9 @@ def topk_with_tail(
     temperature: float = 1.0,
     chunk: int = 1024,
     softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    tail_samples: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Label ``hidden`` ([N, H]) with the teacher's top-k and tail.
 
     Args:
@@ -28,9 +30,14 @@ def topk_with_tail(
         temperature: labeling temperature T; log-probs are of softmax(z / T).
         chunk: positions per head application (bounds peak memory, not results).
         softcap: final-logit soft-capping of models that use it (e.g. Gemma 2).
+        tail_samples: S > 0 also draws S tokens per position from the teacher's
+            distribution restricted to the tail (with replacement, ``generator``).
 
     Returns:
-        ``(ids [N, k] int32, logprobs [N, k] float32, tail [N] float32)`` on the CPU.
+        ``(ids [N, k] int32, logprobs [N, k] float32, tail [N] float32)`` on the CPU,
+        plus, with ``tail_samples``, the distinct sampled ids ``[N, S]`` int32 (left
+        aligned) and their counts ``[N, S]`` uint8 (0 where unused; all 0 when
+        nothing lies outside the top-k).
         ``tail`` is ``log(sum of p outside the top-k)``: the sum over the rest
         itself, ``log(sum exp(z_rest/T - m)) - log(sum exp(z/T - m))`` in fp32 with
         ``m`` the top-1 logit, never ``log(1 - sum top-k)``; rows whose rest
@@ -43,6 +50,9 @@ def topk_with_tail(
     ids_out = torch.empty((n, k), dtype=torch.int32, device=hidden.device)
     lp_out = torch.empty((n, k), dtype=torch.float32, device=hidden.device)
     tail_out = torch.empty((n,), dtype=torch.float32, device=hidden.device)
+    if tail_samples:
+        sid_out = torch.zeros((n, tail_samples), dtype=torch.int32, device=hidden.device)
+        cnt_out = torch.zeros((n, tail_samples), dtype=torch.uint8, device=hidden.device)
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
         logits = _logits(hidden[start:end], head, temperature, softcap)
@@ -64,10 +74,33 @@ def topk_with_tail(
             lost = (rest == 0).nonzero().squeeze(-1)
             if lost.numel():
                 tail[lost] = _masked_tail(hidden[start:end][lost], head, ids[lost], temperature, softcap)
+        if tail_samples:
+            # e now holds exp(z - max) outside the top-k: the tail distribution, unnormalized.
+            sid_out[start:end], cnt_out[start:end] = _sample_tail(e, rest > 0, tail_samples, generator)
         ids_out[start:end] = ids
         lp_out[start:end] = vals - norm.unsqueeze(-1)
         tail_out[start:end] = tail
+    if tail_samples:
+        return ids_out.cpu(), lp_out.cpu(), tail_out.cpu(), sid_out.cpu(), cnt_out.cpu()
     return ids_out.cpu(), lp_out.cpu(), tail_out.cpu()
+
+
+def _sample_tail(
+    weights: torch.Tensor, ok: torch.Tensor, draws: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``draws`` ids per row from ``weights`` (rows where ``ok``), as distinct ids + counts."""
+    n = weights.shape[0]
+    ids = torch.zeros((n, draws), dtype=torch.int64, device=weights.device)
+    rows = ok.nonzero().squeeze(-1)
+    if rows.numel():
+        ids[rows] = torch.multinomial(weights[rows], draws, replacement=True, generator=generator)
+    ids, _ = ids.sort(dim=1)
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    group = first.long().cumsum(1) - 1  # slot of each draw's distinct id
+    distinct = torch.zeros_like(ids).scatter_(1, group, ids)
+    counts = torch.zeros_like(ids).scatter_add_(1, group, ok.long().unsqueeze(1).expand(-1, draws).contiguous())
+    return distinct.to(torch.int32), counts.to(torch.uint8)
 
 
 def _logits(hidden: torch.Tensor, head: torch.nn.Module, temperature: float, softcap: float | None) -> torch.Tensor:

@@ -158,10 +158,13 @@ def builtin_teacher() -> str:
     return str(builtin_teacher_dir("smollm2-135m"))
 
 
-def run_cli(module: str, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m module args`` like a user would; returns the completed process."""
+def run_cli(
+    module: str, *args: str, check: bool = True, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` like a user would (``env`` adds variables); returns the completed process."""
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env={**os.environ, **(env or {})},
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -22,7 +22,9 @@ def test_builtin_teacher_to_s3_train_and_eval(builtin_teacher, s3_server, tmp_pa
     ls = open_label_set(url)
     assert ls.manifest.tokenizer.vocab_size == 49152 and ls.manifest.teacher.id == "smollm2-135m"
     samples = list(ls.iter_samples())
-    # The stored labels equal a direct full-softmax computation of the same model.
+    assert ls.manifest.label_encoding.name == "compact"  # the default
+    # The stored labels equal a direct full-softmax computation of the same model, up to the
+    # compact encoding's budget: same id sets, KL(exact k+1 buckets || stored) within max_kl.
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(builtin_teacher, dtype=torch.float32).eval()
@@ -30,13 +32,13 @@ def test_builtin_teacher_to_s3_train_and_eval(builtin_teacher, s3_server, tmp_pa
         with torch.no_grad():
             logits = model(torch.tensor(s.input_ids, dtype=torch.long)[None]).logits[0].double()
         logp = torch.log_softmax(logits, -1)
-        vals, top = torch.topk(logp, 16, -1)
-        tail = torch.logsumexp(logp.scatter(-1, top, float("-inf")), -1)
-        # ids may swap where two log-probs tie to within fp32 noise; compare values at the stored ids
-        agree = (top.numpy() == s.topk_ids).mean()
-        assert agree > 0.99
-        np.testing.assert_allclose(s.topk_logprobs, logp.gather(-1, torch.tensor(s.topk_ids, dtype=torch.long)).numpy(), atol=1e-2)
-        np.testing.assert_allclose(s.tail_logprob, tail.numpy(), atol=1e-3)
+        top = torch.topk(logp, 16, -1).indices.numpy()
+        assert (np.sort(top, 1) == np.sort(s.topk_ids, 1)).all(1).mean() > 0.95  # 16th/17th near-ties may swap
+        stored = torch.tensor(s.topk_ids, dtype=torch.long)
+        p = torch.cat([logp.gather(-1, stored), torch.logsumexp(logp.scatter(-1, stored, float("-inf")), -1)[:, None]], 1).exp()
+        q = torch.cat([torch.tensor(s.topk_logprobs), torch.tensor(s.tail_logprob)[:, None]], 1).double().exp()
+        kl = (p * (p.log() - (q / q.sum(1, keepdim=True)).log())).sum(1)
+        assert 0 < float(kl.mean()) < 1.5 * ls.manifest.label_encoding.max_kl
 
     out = tmp_path / "student"
     train = json.loads(run_cli("trainer", "run", "--labels", url, "--output", str(out), "--steps", "4",

@@ -81,3 +81,33 @@ def test_rows_whose_rest_underflows_fall_back_to_the_exact_tail():
     want = torch.log(torch.tensor(5.0, dtype=torch.float64)) - 200.0
     assert abs(float(tail[0]) - float(want)) < 1e-3 and torch.isfinite(tail).all()
     assert abs(float(tail[1]) - float(torch.log(torch.tensor(5 / 6)))) < 1e-6
+
+
+def test_tail_samples_follow_the_tail_distribution_and_are_reproducible(head):
+    hidden = torch.randn(6, 16)
+    k, draws = 5, 255
+    gen = torch.Generator().manual_seed(7)
+    ids, lp, tail, sids, counts = topk_with_tail(hidden, head, k, chunk=4, tail_samples=draws, generator=gen)
+    again = topk_with_tail(hidden, head, k, chunk=4, tail_samples=draws, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(sids, again[3]) and torch.equal(counts, again[4])
+    assert (counts.long().sum(1) == draws).all()
+    p = torch.softmax(head(hidden).double(), -1)
+    for row in range(6):
+        used = counts[row] > 0
+        drawn = sids[row][used].long()
+        assert len(set(drawn.tolist())) == len(drawn)  # distinct, left-aligned
+        assert not used[used.sum():].any()
+        assert not set(drawn.tolist()) & set(ids[row].long().tolist())  # never a top-k id
+        # Empirical frequencies vs p restricted to the tail (255 draws: loose, 5 sigma).
+        p_tail = p[row].clone()
+        p_tail[ids[row].long()] = 0
+        p_tail /= p_tail.sum()
+        freq = torch.zeros_like(p_tail)
+        freq[drawn] = counts[row][used].double() / draws
+        sigma = (p_tail * (1 - p_tail) / draws).sqrt()
+        assert ((freq - p_tail).abs() <= 5 * sigma + 1e-9).all()
+
+
+def test_no_tail_means_no_samples(head):
+    out = topk_with_tail(torch.randn(3, 16), head, 97, tail_samples=4, generator=torch.Generator().manual_seed(0))
+    assert (out[4] == 0).all()
