@@ -131,3 +131,40 @@ def test_alpha_mixes_kd_and_ce():
     mix, parts = chunked_loss(hidden, head, "tail-kl", batch, alpha=0.25)
     torch.testing.assert_close(mix, 0.25 * kd + 0.75 * ce)
     assert parts["kd"] == pytest.approx(float(kd.detach())) and parts["ce"] == pytest.approx(float(ce.detach()))
+
+
+def test_tail_sampled_loss_with_exact_tail_weights_has_the_full_kl_gradient():
+    """The loss is linear in the draw weights, so its expectation is this exact-weight case:
+    value = full KL + p_tail * H(teacher within the tail), gradient = the full-vocabulary KL's."""
+    torch.manual_seed(3)
+    v, k = 40, 6
+    t_logits = torch.randn(12, v) * 2
+    s_logits = (torch.randn(12, v) * 2).double().requires_grad_(True)
+    ids, lp, tail = teacher_labels(t_logits, k)
+    p = torch.softmax(t_logits.double(), -1)
+    p_rest = p.scatter(-1, ids, 0.0)
+    within = p_rest / p_rest.sum(-1, keepdim=True)
+    all_ids = torch.arange(v).expand(12, v)
+    got = position_loss(s_logits, "tail-sampled", ids, lp, tail, tail_samples=(all_ids, within.float()))
+    q = torch.log_softmax(s_logits, -1)
+    full = (p * (p.log() - q)).sum(-1)
+    h_within = -(within * torch.where(within > 0, within.log(), torch.zeros_like(within))).sum(-1)
+    torch.testing.assert_close(got.double(), full + p_rest.sum(-1) * h_within, atol=2e-4, rtol=0)
+    g_got = torch.autograd.grad(got.sum(), s_logits)[0]
+    s2 = s_logits.detach().clone().requires_grad_(True)
+    g_full = torch.autograd.grad((p * (p.log() - torch.log_softmax(s2, -1))).sum(), s2)[0]
+    torch.testing.assert_close(g_got, g_full, atol=2e-4, rtol=0)
+    # tail-kl alone does not have that gradient: the within-tail term is what the samples add
+    g_bucket = torch.autograd.grad(position_loss(s2, "tail-kl", ids, lp, tail).sum(), s2)[0]
+    assert (g_bucket - g_full).abs().max() > 1e-2
+
+
+def test_tail_sampled_without_draws_is_tail_kl_and_refuses_missing_samples():
+    torch.manual_seed(4)
+    t_logits, s_logits = torch.randn(5, 30), torch.randn(5, 30)
+    ids, lp, tail = teacher_labels(t_logits, 4)
+    zeros = (torch.zeros(5, 3, dtype=torch.long), torch.zeros(5, 3))
+    torch.testing.assert_close(position_loss(s_logits, "tail-sampled", ids, lp, tail, tail_samples=zeros),
+                               position_loss(s_logits, "tail-kl", ids, lp, tail))
+    with pytest.raises(ValueError, match="needs tail samples"):
+        position_loss(s_logits, "tail-sampled", ids, lp, tail)

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
     r.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps before cosine decay (default: %(default)s)")
     r.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default: %(default)s)")
-    r.add_argument("--loss", default="tail-kl", choices=["tail-kl", "topk-kl", "reverse-kl", "ce"], help="training loss (default: %(default)s)")
+    r.add_argument("--loss", default="tail-kl", choices=["tail-kl", "topk-kl", "reverse-kl", "tail-sampled", "ce"],
+                   help="training loss; tail-sampled needs a set labeled with --tail-samples (default: %(default)s)")
     r.add_argument("--alpha", type=float, default=1.0, help="KD weight; 1 - alpha goes to CE on true tokens (default: %(default)s)")
     r.add_argument("--temperature", type=float, default=1.0, help="student-side temperature for KD (default: %(default)s)")
     r.add_argument("--seed", type=int, default=0, help="seed for init, data order and dropout (default: %(default)s)")

@@ -240,12 +240,17 @@ def sample_to_tensors(s: Sample, top_k: int | None = None) -> dict[str, torch.Te
         lp, tail = truncate_topk(lp, tail, top_k)
         ids = ids[:, :top_k]
     # Decoded arrays may be read-only views of Arrow buffers: torch.tensor copies.
-    return {
+    out = {
         "input_ids": torch.tensor(s.input_ids, dtype=torch.long),
         "topk_ids": torch.tensor(ids, dtype=torch.long),
         "topk_logprobs": torch.tensor(lp, dtype=torch.float32),
         "tail_logprob": torch.tensor(tail, dtype=torch.float32),
     }
+    # Tail draws describe the tail of the stored k; a truncated k' has a larger tail they never saw.
+    if s.tail_sample_ids is not None and (top_k is None or top_k >= s.topk_ids.shape[1]):
+        out["tail_sample_ids"] = torch.tensor(s.tail_sample_ids, dtype=torch.long)
+        out["tail_sample_counts"] = torch.tensor(s.tail_sample_counts, dtype=torch.float32)
+    return out
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -275,6 +280,14 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         out["topk_logprobs"][i, :n] = s["topk_logprobs"]
         out["tail_logprob"][i, :n] = s["tail_logprob"]
         out["targets"][i, : n - 1] = s["input_ids"][1:]
+    if "tail_sample_ids" in samples[0]:
+        draws = samples[0]["tail_sample_ids"].shape[-1]
+        out["tail_sample_ids"] = torch.zeros((b, t, draws), dtype=torch.long)
+        out["tail_sample_counts"] = torch.zeros((b, t, draws), dtype=torch.float32)
+        for i, s in enumerate(samples):
+            n = len(s["input_ids"])
+            out["tail_sample_ids"][i, :n] = s["tail_sample_ids"]
+            out["tail_sample_counts"][i, :n] = s["tail_sample_counts"]
     out["label_mask"] = out["attention_mask"].bool()
     for key in ("position", "sample_key"):
         if key in samples[0]:

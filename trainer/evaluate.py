@@ -43,7 +43,7 @@ def evaluate(
             break
         batch = _move(batch, device)
         hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        h, ids, lps, tail, tgt = label_positions(hidden, batch)
+        h, ids, lps, tail, tgt, _ = label_positions(hidden, batch)
         for s in range(0, h.shape[0], chunk):
             e = min(h.shape[0], s + chunk)
             logits = head(h[s:e]).float()

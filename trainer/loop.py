@@ -74,6 +74,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.loss == "tail-sampled" and self.top_k is not None:
+            raise ValueError("--loss tail-sampled cannot use --top-k: the stored tail draws never saw the entries k' drops")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
         if not self.lr > 0:
@@ -151,6 +153,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         train_ds.labels, split="eval", eval_fraction=cfg.eval_fraction, shuffle=False, top_k=cfg.top_k,
         skip_corrupt=cfg.skip_corrupt, split_by_rank=False,
     )
+    if cfg.loss == "tail-sampled" and not train_ds.manifest.tail_samples:
+        raise ValueError(f"--loss tail-sampled: the label set {cfg.labels} has no tail samples (label it with --tail-samples S)")
     model, tokenizer = build_student(cfg.student, train_ds.labels, cfg.seed, allow_vocab_mismatch=cfg.allow_vocab_mismatch)
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())

@@ -13,16 +13,24 @@ Per position, with teacher buckets ``t = [log p_1..log p_k, log p_tail]``:
 - ``topk-kl``: KL over the top-k only, both sides renormalized (drops the
   tail; biased, kept for comparison).
 - ``reverse-kl``: KL(q || p) over the k+1 buckets.
+- ``tail-sampled``: ``tail-kl`` plus an unbiased estimate of what the tail
+  bucket hides, from S tokens the labeler drew from the teacher's tail
+  (``--tail-samples``): ``p_tail * sum_j c_j/S * -log(q_j / q_tail)``, the
+  cross-entropy between teacher and student *within* the tail. Its expectation
+  adds ``p_tail * (KL_within + H_within(teacher))`` to ``tail-kl``: the gradient is
+  that of the full-vocabulary KL (unbiased); the value is offset by a constant.
 - ``ce``: cross-entropy on the true next tokens (no teacher).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-LOSSES = ("tail-kl", "topk-kl", "reverse-kl", "ce")
+LOSSES = ("tail-kl", "topk-kl", "reverse-kl", "tail-sampled", "ce")
 _NEG = -1e30  # stands in for log(0) where -inf would poison gradients
 
 
@@ -35,8 +43,10 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _buckets(student_logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student log-probs gathered at the teacher's top-k ids, and of the rest.
+def _buckets(
+    student_logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float, extra_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Student log-probs gathered at the teacher's top-k ids, of the rest, and at ``extra_ids``.
 
     The rest is ``log1mexp(logsumexp(top))``: no second ``[N, V]`` pass over
     the vocabulary (a masked logsumexp would cost as much as the softmax).
@@ -47,7 +57,7 @@ def _buckets(student_logits: torch.Tensor, topk_ids: torch.Tensor, temperature: 
     ls = torch.log_softmax(logits, dim=-1)
     top = ls.gather(-1, topk_ids)
     rest = log1mexp(torch.logsumexp(top, dim=-1))
-    return top, rest
+    return top, rest, None if extra_ids is None else ls.gather(-1, extra_ids)
 
 
 def _teacher_buckets(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor) -> torch.Tensor:
@@ -71,17 +81,21 @@ def position_loss(
     tail_logprob: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
     temperature: float = 1.0,
+    tail_samples: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-position loss ``[N]`` for student logits ``[N, V]``.
 
     KD kinds need the teacher columns; ``ce`` needs ``targets`` (positions with
-    target -100 get 0). KD losses are scaled by ``temperature ** 2`` (Hinton).
+    target -100 get 0); ``tail-sampled`` needs ``tail_samples`` = (ids, counts)
+    ``[N, S]``. KD losses are scaled by ``temperature ** 2`` (Hinton).
     """
     if kind == "ce":
         return F.cross_entropy(student_logits.float(), targets, ignore_index=-100, reduction="none")
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; choose from {LOSSES}")
-    top, rest = _buckets(student_logits, topk_ids, temperature)
+    if kind == "tail-sampled" and tail_samples is None:
+        raise ValueError("loss 'tail-sampled' needs tail samples (label with --tail-samples S)")
+    top, rest, drawn = _buckets(student_logits, topk_ids, temperature, tail_samples[0] if kind == "tail-sampled" else None)
     if kind == "topk-kl":
         t = topk_logprobs.float()
         t = t - torch.logsumexp(t, -1, keepdim=True)
@@ -90,22 +104,34 @@ def position_loss(
     else:
         t = _teacher_buckets(topk_logprobs, tail_logprob)
         s = torch.cat([top, rest.unsqueeze(-1)], dim=-1).clamp_min(_NEG)
-        loss = _kl(t, s) if kind == "tail-kl" else _kl(s, t)
+        loss = _kl(s, t) if kind == "reverse-kl" else _kl(t, s)
+        if kind == "tail-sampled":
+            counts = tail_samples[1].float()
+            weights = counts / counts.sum(-1, keepdim=True).clamp_min(1)  # rows without a tail: all 0
+            within = -(weights * (drawn - rest.unsqueeze(-1))).sum(-1)  # -E_j[log q(j | tail)]
+            loss = loss + t[..., -1].exp() * within
     return loss * temperature**2
 
 
-def label_positions(
-    hidden: torch.Tensor, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flatten a batch to its labeled positions: ``(hidden [N, H], topk_ids, topk_logprobs, tail, targets)``."""
+def label_positions(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+    """Flatten a batch to its labeled positions.
+
+    Returns ``(hidden [N, H], topk_ids, topk_logprobs, tail, targets, tail_samples)``;
+    ``tail_samples`` is ``(ids, counts) [N, S]`` when the batch carries them, else None.
+    """
     idx = batch["label_mask"].reshape(-1).nonzero().squeeze(-1)
     k = batch["topk_ids"].shape[-1]
+    samples = None
+    if "tail_sample_ids" in batch:
+        draws = batch["tail_sample_ids"].shape[-1]
+        samples = (batch["tail_sample_ids"].reshape(-1, draws)[idx], batch["tail_sample_counts"].reshape(-1, draws)[idx])
     return (
         hidden.reshape(-1, hidden.shape[-1])[idx],
         batch["topk_ids"].reshape(-1, k)[idx],
         batch["topk_logprobs"].reshape(-1, k)[idx],
         batch["tail_logprob"].reshape(-1)[idx],
         batch["targets"].reshape(-1)[idx],
+        samples,
     )
 
 
@@ -125,21 +151,26 @@ def chunked_loss(
     Returns the scalar loss and its parts (KD over label positions, CE over
     positions with a true next token), for logging.
     """
-    h, ids, lps, tail, targets = label_positions(hidden, batch)
+    h, ids, lps, tail, targets, drawn = label_positions(hidden, batch)
+    if kind == "tail-sampled" and drawn is None:
+        raise ValueError("loss 'tail-sampled' needs a label set with tail samples (labeler --tail-samples S)")
     use_kd = kind != "ce" and alpha > 0
     use_ce = kind == "ce" or alpha < 1
     kd_sum = h.new_zeros((), dtype=torch.float32)
     ce_sum = h.new_zeros((), dtype=torch.float32)
 
-    def piece(hc: torch.Tensor, ic: torch.Tensor, lc: torch.Tensor, tc: torch.Tensor, tg: torch.Tensor):
+    def piece(hc: torch.Tensor, ic: torch.Tensor, lc: torch.Tensor, tc: torch.Tensor, tg: torch.Tensor,
+              di: torch.Tensor | None, dc: torch.Tensor | None):
         logits = head(hc)
-        kd = position_loss(logits, kind, ic, lc, tc, temperature=temperature).sum() if use_kd else hc.new_zeros(())
+        ts = (di, dc) if di is not None else None
+        kd = position_loss(logits, kind, ic, lc, tc, temperature=temperature, tail_samples=ts).sum() if use_kd else hc.new_zeros(())
         ce = position_loss(logits, "ce", targets=tg).sum() if use_ce else hc.new_zeros(())
         return kd.float(), ce.float()
 
     for s in range(0, h.shape[0], chunk):
         e = min(h.shape[0], s + chunk)
-        args = (h[s:e], ids[s:e], lps[s:e], tail[s:e], targets[s:e])
+        args = (h[s:e], ids[s:e], lps[s:e], tail[s:e], targets[s:e],
+                *((drawn[0][s:e], drawn[1][s:e]) if drawn is not None else (None, None)))
         if torch.is_grad_enabled() and h.requires_grad:
             kd, ce = checkpoint(piece, *args, use_reentrant=False)
         else:
