@@ -44,7 +44,11 @@ def main() -> int:
     print("softlabels demo: smollm2-135m -> tiny student, built-in pydoc corpus")
     print(f"  tokens labeled         {lab['tokens']:,} in {lab['sequences']} sequences, {lab['shards']} shards")
     print(f"  labeling tokens/s      {rate}  (CPU, {lab['labeled_tokens']:,} tokens this run)")
-    print(f"  label set bytes/token  {lab['bytes_per_token']:.1f}  (top-64 + tail, fp16 log-probs, zstd)")
+    from schemas import open_label_set
+
+    enc = open_label_set(labels).manifest.label_encoding
+    budget = f", error <= {enc.max_kl:g} nats/token" if enc.max_kl else ""
+    print(f"  label set bytes/token  {lab['bytes_per_token']:.1f}  (top-64 + tail, {enc.name} encoding{budget})")
     print(f"  student                {tr['parameters'] / 1e6:.1f}M parameters, {tr['steps']} steps, {tr['train_tokens']:,} tokens")
     print()
     print(f"  {'held-out':<22}{'before':>10}{'after':>10}")
