@@ -32,7 +32,18 @@ from schemas import (
 )
 
 log = logging.getLogger(__name__)
-LABELER_VERSION = "0.2.0"
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("softlabels")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
+LABELER_VERSION = _package_version()  # recorded in every manifest
 
 
 @dataclass

@@ -44,6 +44,8 @@ def unpack_bits(packed: np.ndarray, m: int, width: int) -> np.ndarray:
         raise ValueError(f"width must be in 1..56 to unpack, got {width}")
     p = np.ascontiguousarray(packed, dtype=np.uint8)
     n = p.shape[0]
+    if width in (8, 16, 32):  # byte-aligned: a plain little-endian view
+        return p.view(f"<u{width // 8}").reshape(n, m).astype(np.int64)
     padded = np.zeros((n, p.shape[1] + 8), dtype=np.uint8)
     padded[:, : p.shape[1]] = p
     bit = np.arange(m, dtype=np.int64) * width

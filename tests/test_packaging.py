@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +11,26 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_trainer_extra_installs_without_ray(tmp_path):
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    py = venv / "bin" / "python"
+    """pip's resolution of ``softlabels[trainer]`` (a dry run: nothing is installed) holds neither.
+
+    That the trainer's modules import without them is tested in test_trainer (sys.modules).
+    """
+    report = tmp_path / "report.json"
     subprocess.run(
-        [str(py), "-m", "pip", "install", "--quiet", "-c", str(REPO / "requirements" / "constraints-ci.txt"),
-         f"{REPO}[trainer]"],
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed", "--report", str(report),
+         "-c", str(REPO / "requirements" / "constraints-ci.txt"), f"{REPO}[trainer]"],
         check=True, capture_output=True, timeout=900,
     )
-    ok = subprocess.run([str(py), "-c", "import trainer, schemas, trainer.loop, trainer.data"], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    for forbidden in ("ray", "datasets"):
-        r = subprocess.run([str(py), "-c", f"import {forbidden}"], capture_output=True, text=True)
-        assert r.returncode != 0 and "No module named" in r.stderr, forbidden
+    names = {item["metadata"]["name"].lower().replace("_", "-") for item in json.loads(report.read_text())["install"]}
+    assert {"softlabels", "torch", "transformers", "safetensors", "pyarrow"} <= names, sorted(names)
+    assert not names & {"ray", "datasets"}, sorted(names & {"ray", "datasets"})
+    full = tmp_path / "full.json"  # the same check can fail: the labeler extra does bring Ray
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed", "--report", str(full),
+         "-c", str(REPO / "requirements" / "constraints-ci.txt"), f"{REPO}[labeler]"],
+        check=True, capture_output=True, timeout=900,
+    )
+    assert "ray" in {item["metadata"]["name"].lower() for item in json.loads(full.read_text())["install"]}
 
 
 def test_every_command_has_help():
