@@ -62,7 +62,7 @@ class LabelConfig:
             raise ValueError(f"tail_samples must be an integer in 0..255 (draws per position), got {self.tail_samples!r}")
         if not isinstance(self.encoding, str):
             raise ValueError(f"encoding must be a string such as 'compact', got {self.encoding!r}")
-        self.label_encoding  # parses: an unknown name or parameter fails here, before any work
+        Encoding.parse(self.encoding)  # an unknown name or parameter fails here, before any work
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if self.batch_tokens < self.max_length:
