@@ -17,6 +17,7 @@ import numpy as np
 from labeler.sink import LabelSetWriter
 from labeler.teacher import TeacherRunner, TeacherSource, resolve_teacher
 from schemas import Encoding, Sample, encode_samples, sample_id, table_to_parquet_bytes
+from schemas.crash import crash_point
 
 Labels = list[tuple[np.ndarray, ...]]  # (ids, logprobs, tail[, tail sample ids, counts]) per sequence
 
@@ -56,7 +57,9 @@ class TeacherActor:
 
         fp32, not what the shard stores: lossy encodings measure their error against it.
         """
-        return self.runner.label(unit[1])
+        labels = self.runner.label(unit[1])
+        crash_point("labeler.labeled")  # the unit is labeled, nothing of it written yet
+        return labels
 
     def node(self) -> str:
         """The Ray node this replica runs on (also: the teacher is loaded once this returns)."""

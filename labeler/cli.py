@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from dataclasses import fields
 
 from labeler.config import LabelConfig
+from schemas import crash
 from schemas.cliutil import parse_storage_options, run_main, setup_logging
 
 
@@ -101,6 +103,8 @@ def _on_sigterm(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
+    if crash.enabled():  # fault-injection tests: a crash point in a Ray worker also kills this driver
+        os.environ.setdefault(crash.DRIVER_ENV, str(os.getpid()))
     signal.signal(signal.SIGTERM, _on_sigterm)
     body = {"run": _run, "inspect": _inspect}[args.command]
 

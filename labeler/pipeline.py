@@ -41,6 +41,7 @@ from labeler.progress import Progress
 from labeler.sink import Commit, OutputError
 from labeler.teacher import TeacherSource
 from schemas import SequenceConfig, ShardInfo
+from schemas.crash import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,10 @@ CPU_ACTOR_CPUS = 0.5  # a whole CPU per actor deadlocks 2-core machines (no room
 IN_FLIGHT = 2  # units queued per replica: the next one is ready when the current one ends
 MAX_SKIPPED_LOGGED = 20
 UNITS_AHEAD = 64  # planned units buffered on the driver (bounds its memory)
+
+
+class NothingToLabel(ValueError):
+    """The corpus was read in full and holds no text (every document empty or skipped)."""
 
 
 class JobFailed(RuntimeError):
@@ -199,6 +204,7 @@ class Pipeline:
                 if self.stop.is_set():
                     return
                 self._put(unit)
+                crash_point("labeler.planned")
             self._put(_DONE)
         except BaseException as e:  # handed to the main thread, which raises it
             self._put(_Failed(e))
@@ -311,7 +317,7 @@ class Pipeline:
                 progress.close()
             label_s = time.time() - t0
             if not shards:
-                raise ValueError(
+                raise NothingToLabel(
                     f"corpus {cfg.corpus!r} has no text to label ({self.totals.documents} documents, "
                     f"{self.totals.empty} empty, {self.totals.skipped} skipped)"
                 )

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import posixpath
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from schemas import Manifest, ShardInfo, join_url, resolve_url, retry_io
+from schemas import Manifest, ShardInfo, join_url, resolve_url, retry_io, write_whole
+from schemas.crash import crash_point
+from schemas.storage import sweep_partial_writes
 from schemas.fingerprint import sha256_bytes
 from schemas.manifest import MANIFEST_NAME
 
@@ -54,7 +54,6 @@ class LabelSetWriter:
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = resolve_url(self.url, self.storage_options)
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
-        self._local = "file" in protocols or "local" in protocols
         self._bucket = self.root.split("/", 1)[0] if {"s3", "s3a", "gs", "gcs"} & set(protocols) else None
 
     # -- small helpers -------------------------------------------------------
@@ -65,11 +64,9 @@ class LabelSetWriter:
         return join_url(self.url, rel) if rel else self.url
 
     def _write(self, rel: str, data: bytes) -> None:
-        if self._local:
-            # Only local disks need folders; on object stores makedirs may
-            # even create a missing bucket, which must stay an error instead.
-            os.makedirs(posixpath.dirname(self._p(rel)), exist_ok=True)
-        retry_io(lambda: self.fs.pipe_file(self._p(rel), data), f"write {self._u(rel)}")
+        # Whole objects only: on a local disk, temp file + rename. (No makedirs on object
+        # stores: there it may even create a missing bucket, which must stay an error.)
+        write_whole(self.fs, self._p(rel), data, f"write {self._u(rel)}")
 
     def _read(self, rel: str) -> bytes:
         return retry_io(lambda: self.fs.cat_file(self._p(rel)), f"read {self._u(rel)}")
@@ -93,7 +90,7 @@ class LabelSetWriter:
             if self.exists("") and not overwrite:
                 self._refuse_foreign()
         except PermissionError as e:
-            raise OutputError(f"output {self.url}: access denied ({e}); check credentials") from e
+            raise OutputError(f"output {self.url}: {e}") from e
         except FileNotFoundError as e:
             raise OutputError(f"output {self.url}: bucket or path does not exist ({e})") from e
         except OSError as e:
@@ -121,11 +118,19 @@ class LabelSetWriter:
                     f"output {self.url} holds a label set made with different settings ({'; '.join(diffs)}); "
                     "use another --output, or --overwrite to start afresh"
                 )
+            sweep_partial_writes(self.fs, self.root)
             return "complete" if self.exists(MANIFEST_NAME) else "resume"
         if self.exists(""):
             self._refuse_foreign()
         self._write(RUN_RECORD, (json.dumps(identity, indent=2, sort_keys=True) + "\n").encode())
         return "new"
+
+    def abandon(self) -> None:
+        """Remove what a new run wrote (run record, tokenizer) when it ends with nothing labeled."""
+        self.fs.invalidate_cache()
+        if self.exists(COMMITS):
+            return  # units were committed: keep them for a resume
+        retry_io(lambda: self.fs.rm(self.root, recursive=True), f"remove {self.url}")
 
     def _refuse_foreign(self) -> None:
         """Raise unless the (existing) root is empty or holds this tool's run record."""
@@ -188,6 +193,7 @@ class LabelSetWriter:
             sha256=sha256_bytes(shard_bytes),
         )
         self._write(info.path, shard_bytes)
+        crash_point("labeler.shard-written")
         marker = {**asdict(info), "inputs": inputs} if inputs else asdict(info)
         self._write(f"{COMMITS}/{name}.json", json.dumps(marker, sort_keys=True).encode())
         return info

@@ -38,7 +38,7 @@ from schemas.manifest import (
     Totals,
 )
 from schemas.reader import LabelSet, open_label_set
-from schemas.storage import join_url, resolve_url, retry_io
+from schemas.storage import join_url, resolve_url, retry_io, write_whole
 
 __all__ = [
     "DEFAULT_ENCODING",
@@ -66,6 +66,7 @@ __all__ = [
     "open_label_set",
     "resolve_url",
     "retry_io",
+    "write_whole",
     "sample_id",
     "shard_schema",
     "table_to_parquet_bytes",

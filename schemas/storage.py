@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -68,24 +69,93 @@ def join_url(root: str, *parts: str) -> str:
     return out
 
 
-def retry_io(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.5) -> T:
+def is_local(fs: Any) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols or "local" in protocols
+
+
+def write_whole(fs: Any, path: str, data: bytes, what: str) -> None:
+    """Write ``data`` as one object that readers see whole or not at all.
+
+    Object stores publish a PUT atomically. On a local disk the bytes go to a
+    temporary file beside ``path``, are flushed and fsynced, and are then
+    renamed over it, so a crash mid-write never leaves a truncated file under
+    the real name (a half-written ``manifest.json`` or ``latest`` would look
+    published). Transient errors are retried (:func:`retry_io`).
+    """
+    from schemas.crash import crash_point
+
+    name = path.rsplit("/", 1)[-1]
+    if not is_local(fs):
+        crash_point(f"publish:{name}")  # the PUT never happened
+        retry_io(lambda: fs.pipe_file(path, data), what)
+        return
+    path = fs._strip_protocol(path)
+    folder = os.path.dirname(path)
+
+    def write() -> None:
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            crash_point(f"publish:{name}")  # written in full under a temporary name only
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    retry_io(write, what)
+
+
+def sweep_partial_writes(fs: Any, root: str) -> int:
+    """Remove the temporary files that writes cut short by a crash left under a local ``root``.
+
+    Only names :func:`write_whole` makes (``.NAME.tmp-PID-HEX``) are touched.
+    Object stores need no sweep: an upload that never finished left nothing.
+    Returns how many were removed.
+    """
+    import re
+
+    if not is_local(fs):
+        return 0
+    pattern = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")
+    removed = 0
+    for folder, _, files in os.walk(fs._strip_protocol(root)):
+        for f in files:
+            if pattern.match(f):
+                os.unlink(os.path.join(folder, f))
+                removed += 1
+    if removed:
+        log.info("removed %d partial write(s) left by an interrupted run under %s", removed, root)
+    return removed
+
+
+def retry_io(fn: Callable[[], T], what: str, attempts: int = 7, base_delay: float = 0.5) -> T:
     """Call ``fn`` retrying transient ``OSError``s and network errors with bounded exponential backoff.
 
     ``what`` names the operation and object for logs and the final error,
     e.g. ``"write s3://bucket/set/shards/part-000001.parquet"``. Permanent
-    errors (not found, permission denied, ...) are raised at once.
+    errors (not found, permission denied, ...) are raised at once. The
+    default waits 0.5 + 1 + ... + 16 s, about 30 s in all, so a storage
+    server that restarts (a few seconds down) is ridden out.
     """
     for attempt in range(1, attempts + 1):
         try:
             return fn()
+        except PermissionError as e:
+            # Backends say only "Forbidden" or "Access Denied": name the operation and object.
+            raise PermissionError(f"{what}: access denied ({e}); check credentials") from e
         except _PERMANENT:
             raise
         except Exception as e:
             network = not isinstance(e, OSError)
             if network and not _is_network_error(e):
                 raise
-            # Backends that raise these have already retried inside: one more try is enough.
-            if attempt >= (min(attempts, 2) if network else attempts):
+            if attempt >= attempts:
                 raise OSError(f"{what}: failed after {attempt} attempts: {e}") from e
             delay = base_delay * 2 ** (attempt - 1)
             log.warning("%s: %s (attempt %d/%d, retrying in %.1fs)", what, e, attempt, attempts, delay)

@@ -14,6 +14,7 @@ a crash while saving leaves the previous checkpoint in force.
 from __future__ import annotations
 
 import io
+import pickle
 import logging
 import random
 from collections.abc import Mapping
@@ -22,14 +23,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from schemas import join_url, resolve_url, retry_io
+from schemas import join_url, resolve_url, retry_io, write_whole
+from schemas.crash import crash_point
+from schemas.storage import sweep_partial_writes
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state in types ``torch.load(weights_only=True)`` accepts (no numpy objects)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -37,7 +44,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -64,10 +72,7 @@ class CheckpointStore:
         self.fs, self.root = resolve_url(self.url, storage_options)
 
     def _write(self, rel: str, data: bytes) -> None:
-        path = join_url(self.root, rel)
-        if "/" in rel and "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)):
-            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        retry_io(lambda: self.fs.pipe_file(path, data), f"write {join_url(self.url, rel)}")
+        write_whole(self.fs, join_url(self.root, rel), data, f"write {join_url(self.url, rel)}")
 
     def _read(self, rel: str) -> bytes:
         return retry_io(lambda: self.fs.cat_file(join_url(self.root, rel)), f"read {join_url(self.url, rel)}")
@@ -75,6 +80,7 @@ class CheckpointStore:
     def latest(self) -> str | None:
         """Name of the last committed checkpoint, or None."""
         self.fs.invalidate_cache()
+        sweep_partial_writes(self.fs, self.root)
         try:
             return self._read(LATEST).decode().strip() or None
         except FileNotFoundError:
@@ -91,6 +97,7 @@ class CheckpointStore:
         self._write(f"{name}/state-rank{rank}.pt", _torch_bytes(state))
 
     def commit(self, name: str) -> None:
+        crash_point("trainer.checkpoint-written")  # every file of `name` is written; `latest` still names the last one
         self._write(LATEST, name.encode())
         log.info("checkpoint %s saved to %s", name, self.url)
 
@@ -107,11 +114,11 @@ class CheckpointStore:
                 f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})"
             )
         try:
-            state = _torch_load(self._read(f"{name}/state-rank{rank}.pt"))
+            state = _torch_load(self._read(f"{name}/state-rank{rank}.pt"), join_url(self.url, f"{name}/state-rank{rank}.pt"))
         except FileNotFoundError as e:
             raise ValueError(f"checkpoint {join_url(self.url, name)} has no state for rank {rank}: "
                              "resume with the world size it was saved with") from e
-        return _torch_load(self._read(f"{name}/optimizer.pt")), state
+        return _torch_load(self._read(f"{name}/optimizer.pt"), join_url(self.url, f"{name}/optimizer.pt")), state
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -120,6 +127,11 @@ def _torch_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _torch_load(data: bytes) -> Any:
-    # Our own files: RNG states and numpy arrays need full unpickling.
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+def _torch_load(data: bytes, where: str) -> Any:
+    # weights_only: tensors and plain containers only, so a checkpoint (perhaps fetched from a
+    # shared bucket) cannot run code when loaded. Everything we save fits (see rng_state).
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"checkpoint {where} holds objects other than tensors and plain data (refused to unpickle them): "
+                         f"{str(e).splitlines()[0]}") from e

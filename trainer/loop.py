@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from schemas.crash import crash_point
 from trainer.checkpoint import CheckpointStore, rng_state, set_rng_state
 from trainer.data import LabelDataset, StatefulLoader
 from trainer.evaluate import _move, evaluate
@@ -63,6 +64,7 @@ class TrainConfig:
     allow_vocab_mismatch: bool = False
     plot: str | None = None  # PNG of the loss and eval curves, drawn at the end
     log_samples: bool = False  # write the sample keys each rank trained on (tests, audits)
+    trust_remote_code: bool = False  # a hub student's own modeling code runs only if asked
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "head_chunk"):
@@ -155,7 +157,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     if cfg.loss == "tail-sampled" and not train_ds.manifest.tail_samples:
         raise ValueError(f"--loss tail-sampled: the label set {cfg.labels} has no tail samples (label it with --tail-samples S)")
-    model, tokenizer = build_student(cfg.student, train_ds.labels, cfg.seed, allow_vocab_mismatch=cfg.allow_vocab_mismatch)
+    model, tokenizer = build_student(cfg.student, train_ds.labels, cfg.seed, allow_vocab_mismatch=cfg.allow_vocab_mismatch,
+                                     trust_remote_code=cfg.trust_remote_code)
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     if rank == 0:
@@ -245,6 +248,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 dist.barrier()
             if rank == 0:
                 store.commit(name)
+        crash_point("trainer.step")
     bar.close()
     if samples_log is not None:
         samples_log.close()
@@ -300,7 +304,12 @@ class _Metrics:
     def __init__(self, path: Path, keep_until: int) -> None:
         rows = []
         if keep_until and path.exists():
-            rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_until]
+            for ln in path.read_text().splitlines():
+                try:
+                    if json.loads(ln)["step"] <= keep_until:
+                        rows.append(ln)
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line torn by the crash that interrupted the run
         if not keep_until and path.exists():
             path.unlink()
         if rows:
