@@ -217,13 +217,15 @@ class Corpus:
             else:
                 raise ValueError(f"corpus {spec!r} does not exist (not a built-in corpus, file, folder or glob)")
         except PermissionError as e:
-            raise ValueError(f"corpus {spec!r}: access denied ({e})") from e
+            raise ValueError(f"corpus {spec!r}: {e}") from e
         self.files = sorted(f for f, info in found.items() if info.get("type") != "directory")
         self.sizes = {f: int(found[f].get("size") or 0) for f in self.files}
         bad = [f for f in self.files if not f.endswith(FORMATS)]
         if bad:
             raise ValueError(f"corpus file {bad[0]!r} has an unknown format; expected one of {', '.join(FORMATS)}")
         self._check_files(fs)
+        if not any(self.sizes.values()):
+            raise ValueError(f"corpus {spec!r} is empty ({len(self.files)} file(s), 0 bytes)")
 
     def _check_files(self, fs: Any) -> None:
         """Local files readable; the first .jsonl / .parquet file has the text field.

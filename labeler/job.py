@@ -18,7 +18,7 @@ from typing import Any
 
 from labeler.config import LabelConfig
 from labeler.corpus import Corpus
-from labeler.pipeline import Pipeline, cluster_gpus, ray_session
+from labeler.pipeline import NothingToLabel, Pipeline, cluster_gpus, ray_session
 from labeler.sink import LabelSetWriter
 from labeler.teacher import TeacherSource, load_tokenizer, pick_device_dtype, resolve_teacher, teacher_info
 from schemas import (
@@ -30,6 +30,7 @@ from schemas import (
     Totals,
     tokenizer_fingerprint,
 )
+from schemas.cliutil import remote_code_guard
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,12 @@ def run(cfg: LabelConfig) -> Summary:
     writer.check_reachable(cfg.overwrite)
     corpus = Corpus(cfg.corpus, cfg.text_field, cfg.storage_options, cfg.on_error)
     source = resolve_teacher(cfg.teacher, cfg.revision)
-    context, head_vocab = _teacher_shape(source, cfg.trust_remote_code)
+    with remote_code_guard(f"teacher {cfg.teacher}"):
+        context, head_vocab = _teacher_shape(source, cfg.trust_remote_code)
     if context is not None and cfg.max_length > context:
         raise ValueError(f"--max-length {cfg.max_length} exceeds the teacher's context of {context} tokens")
-    tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+    with remote_code_guard(f"teacher {cfg.teacher}"):
+        tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     vocab = len(tokenizer)
     if cfg.top_k > vocab:
         raise ValueError(f"--top-k {cfg.top_k} exceeds the tokenizer's vocabulary of {vocab}")
@@ -130,7 +133,13 @@ def run(cfg: LabelConfig) -> Summary:
             log.info("resuming: %d committed unit(s) verified (size and sha256)", len(done))
         if not writer.exists("tokenizer/tokenizer_config.json"):
             writer.write_tokenizer(tokenizer)
-        out = Pipeline(ray, cfg, source, device, dtype, tokenizer, tok_info.fingerprint, corpus, seq_cfg, done, id_space).run()
+        try:
+            out = Pipeline(ray, cfg, source, device, dtype, tokenizer, tok_info.fingerprint, corpus, seq_cfg, done,
+                           id_space).run()
+        except NothingToLabel:
+            if status == "new":
+                writer.abandon()  # leave the output as it was: a fixed corpus can then use it
+            raise
 
     shards = tuple(out.shards)
     manifest = Manifest(

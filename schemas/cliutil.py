@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from schemas.errors import LabelSetError
@@ -27,6 +28,19 @@ def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+@contextlib.contextmanager
+def remote_code_guard(model: str) -> Iterator[None]:
+    """Turn transformers' refusal of a model's own code into a one-line error that names the flag."""
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise ValueError(
+                f"{model} needs its own Python code to load; it was not run. Pass --trust-remote-code if you trust it"
+            ) from e
+        raise
 
 
 def setup_logging(debug: bool) -> None:

@@ -181,6 +181,8 @@ class Manifest:
             )
         except KeyError as e:
             raise ManifestError(f"{where}: missing field {e.args[0]!r}") from e
+        except ManifestError as e:
+            raise ManifestError(f"{where}: {e}") from e
         except (TypeError, ValueError) as e:
             raise ManifestError(f"{where}: {e}") from e
 

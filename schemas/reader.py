@@ -29,6 +29,8 @@ class LabelSet:
         try:
             raw = retry_io(lambda: self.fs.cat_file(join_url(self.root, MANIFEST_NAME)), f"read {where}")
         except FileNotFoundError as e:
+            if "bucket does not exist" in str(e):  # S3's NoSuchBucket: say so, not "no manifest"
+                raise MissingManifestError(f"no label set at {self.url}: the bucket does not exist") from e
             raise MissingManifestError(
                 f"no {MANIFEST_NAME} at {self.url}: not a label set, or one still being written "
                 "(the labeler writes the manifest last)"

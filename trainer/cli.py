@@ -16,6 +16,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-chunk", type=int, default=1024, help="positions per LM-head chunk in the loss (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="fsspec storage option (repeatable)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub student's own modeling code (off by default)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -103,6 +104,7 @@ def _run(args: argparse.Namespace) -> int:
         allow_vocab_mismatch=args.allow_vocab_mismatch,
         plot=args.plot,
         log_samples=args.log_samples,
+        trust_remote_code=args.trust_remote_code,
     )
     summary = train(cfg)
     if args.json:
@@ -125,7 +127,7 @@ def _eval(args: argparse.Namespace) -> int:
     from trainer.student import build_student
 
     ds = LabelDataset(args.labels, parse_storage_options(args.storage_option), args.split, args.eval_fraction, shuffle=False)
-    model, _ = build_student(args.model, ds.labels, args.seed)
+    model, _ = build_student(args.model, ds.labels, args.seed, trust_remote_code=args.trust_remote_code)
     model.to(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     result = evaluate(model, ds, args.batch_size, args.max_batches, args.head_chunk)
     print(json.dumps({"model": args.model, "labels": args.labels, "split": args.split, **result}))

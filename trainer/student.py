@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas import LabelSet, join_url, retry_io, tokenizer_fingerprint
+from schemas.cliutil import remote_code_guard
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,15 @@ def check_tokenizer(tokenizer: Any, labels: LabelSet, where: str, allow_mismatch
 
 
 def build_student(
-    spec: str, labels: LabelSet, seed: int = 0, dtype: str = "float32", allow_vocab_mismatch: bool = False
+    spec: str, labels: LabelSet, seed: int = 0, dtype: str = "float32", allow_vocab_mismatch: bool = False,
+    trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
     """Return ``(model, tokenizer)`` for ``--student``.
 
     ``tiny`` and ``*.json`` config files build a freshly initialized Llama-style
     model (seeded) with the label set's tokenizer; anything else goes to
-    ``from_pretrained`` (local directory or hub id) with its own tokenizer.
+    ``from_pretrained`` (local directory or hub id) with its own tokenizer;
+    a model's own Python code runs only with ``trust_remote_code``.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
@@ -95,9 +98,12 @@ def build_student(
         raise ValueError(f"student path {spec} does not exist")
     if Path(spec).exists() and not (Path(spec) / "config.json").exists():
         raise ValueError(f"student directory {spec} has no config.json (not a Hugging Face model directory)")
-    tokenizer = AutoTokenizer.from_pretrained(spec)
-    check_tokenizer(tokenizer, labels, spec, allow_vocab_mismatch)
-    model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, attn_implementation="sdpa")
+    with remote_code_guard(f"student {spec}"):
+        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+        check_tokenizer(tokenizer, labels, spec, allow_vocab_mismatch)
+        model = AutoModelForCausalLM.from_pretrained(
+            spec, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
+        )
     rows = min(model.get_input_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0])
     if rows < vocab:
         raise ValueError(
