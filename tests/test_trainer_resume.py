@@ -14,7 +14,7 @@ import torch
 from schemas.errors import ShardChecksumError
 from trainer.data import LabelDataset, StatefulLoader, truncate_topk
 
-from conftest import REPO, run_cli
+from conftest import REPO, assert_one_line_error, cli_in_process, run_cli
 
 
 
@@ -87,30 +87,101 @@ def train_args(labels, out, *extra):
             "--checkpoint-every", "3", "--num-workers", "2", "--json", *extra]
 
 
-def test_resume_continues_bit_for_bit(label_set, tmp_path):
-    a = tmp_path / "a"
-    run_cli("trainer", *train_args(label_set, a))
-    # A run that stopped after its step-3 checkpoint: the same directory with step 6 removed.
-    b = tmp_path / "b"
-    shutil.copytree(a, b)
-    shutil.rmtree(b / "checkpoints" / "step-000006")
-    (b / "checkpoints" / "latest").write_text("step-000003")
-    for f in ("model.safetensors", "config.json"):
-        (b / f).unlink()
-    refused = run_cli("trainer", *train_args(label_set, b), check=False)
-    assert refused.returncode == 2 and "pass --resume" in refused.stderr.strip().splitlines()[-1]
-    summary = json.loads(run_cli("trainer", *train_args(label_set, b, "--resume")).stdout.strip().splitlines()[-1])
-    assert summary["resumed_from"] == 3
-    curve = lambda d: [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
-    assert strip(curve(b)) == strip(curve(a))
+def curve(d) -> list[dict]:
+    """metrics.jsonl rows without wall-clock fields."""
+    rows = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+
+
+def same_weights(a, b) -> bool:
     from safetensors.torch import load_file
 
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(label_set, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trainer-ref") / "a"
+    run_cli("trainer", *train_args(label_set, out))
+    return out
+
+
+def test_sigkilled_mid_run_then_resumed_continues_the_curve_exactly(label_set, uninterrupted, tmp_path):
+    b = tmp_path / "b"
+    # SIGKILL right after step 5: the step-3 checkpoint is the last one
+    killed = run_cli("trainer", *train_args(label_set, b), check=False, env={"SOFTLABELS_CRASH_AT": "trainer.step@5"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (b / "checkpoints" / "latest").read_text() == "step-000003"
+    assert max(r["step"] for r in curve(b)) == 5  # the killed run got past its checkpoint
+    code, _, err = cli_in_process("trainer", *train_args(label_set, b))
+    assert_one_line_error(code, err, "trainer", "pass --resume")
+    summary = json.loads(run_cli("trainer", *train_args(label_set, b, "--resume")).stdout.strip().splitlines()[-1])
+    assert summary["resumed_from"] == 3
+    assert curve(b) == curve(uninterrupted)
+    assert same_weights(b, uninterrupted)
     png = tmp_path / "curves.png"
-    run_cli("trainer", "plot", str(b / "metrics.jsonl"), "--output", str(png))
+    assert cli_in_process("trainer", "plot", str(b / "metrics.jsonl"), "--output", str(png))[0] == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("point", ["publish:model.safetensors@2", "trainer.checkpoint-written@2"])
+def test_interrupted_checkpoint_write_leaves_the_previous_one_in_force(point, label_set, uninterrupted, tmp_path):
+    """Killed while writing the step-6 checkpoint (mid-file, or with every file written but not committed)."""
+    from safetensors.torch import load_file
+
+    from trainer.checkpoint import CheckpointStore
+    from trainer.student import build_student
+
+    c = tmp_path / "c"
+    killed = run_cli("trainer", *train_args(label_set, c), check=False, env={"SOFTLABELS_CRASH_AT": point})
+    assert killed.returncode == -9 and f"crash point {point}" in killed.stderr
+    partial = list((c / "checkpoints").rglob(".model.safetensors.tmp-*"))
+    assert bool(partial) == point.startswith("publish:")  # the weights half-published: under a temporary name only
+    store = CheckpointStore(str(c / "checkpoints"))  # (opening the store sweeps such leftovers)
+    assert store.latest() == "step-000003"
+    model, _ = build_student("tiny", LabelDataset(label_set).labels)
+    _, state = store.load("step-000003", model, rank=0)  # still whole and loadable
+    assert state["step"] == 3
+    kept = load_file(c / "checkpoints" / "step-000003" / "model.safetensors")
+    ref = load_file(uninterrupted / "checkpoints" / "step-000003" / "model.safetensors")
+    assert kept.keys() == ref.keys() and all(torch.equal(kept[k], ref[k]) for k in ref)
+    if point.startswith("publish:"):  # (the resume itself is shown exact above; once here, with a partial file)
+        summary = json.loads(run_cli("trainer", *train_args(label_set, c, "--resume")).stdout.strip().splitlines()[-1])
+        assert summary["resumed_from"] == 3
+        assert curve(c) == curve(uninterrupted) and same_weights(c, uninterrupted)
+        assert not [p for p in (c / "checkpoints").rglob(".*tmp-*")], "the partial write was not swept"
+
+
+def test_checkpoints_load_with_torch_weights_only(uninterrupted):
+    """Every .pt we write loads with weights_only=True (no arbitrary unpickling on resume)."""
+    pts = sorted((uninterrupted / "checkpoints").rglob("*.pt"))
+    assert pts
+    for p in pts:
+        torch.load(p, map_location="cpu", weights_only=True)
+
+
+def test_a_checkpoint_with_pickled_code_is_refused(label_set, uninterrupted, tmp_path):
+    d = tmp_path / "evil"
+    shutil.copytree(uninterrupted, d)
+    torch.save({"step": 3, "payload": Exploit(tmp_path / "pwned")}, d / "checkpoints" / "step-000006" / "state-rank0.pt")
+    proc = run_cli("trainer", *train_args(label_set, d, "--resume", "--steps", "8"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "state-rank0.pt" in last and "refused to unpickle" in last, last
+    assert not (tmp_path / "pwned").exists()
+
+
+class Exploit:
+    """Unpickling this runs a shell command: what a tampered checkpoint could carry."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.path}",))
 
 
 def test_ddp_two_cpu_ranks_see_disjoint_data_and_end_with_equal_weights(label_set, tmp_path):

@@ -1,0 +1,177 @@
+"""Bad input, both commands: one clear line naming the problem, exit code 2, nothing published.
+
+Each case is one row of the table in docs/reliability.md. The commands run
+in this process (``cli_in_process``: the same ``main`` a user runs, without
+paying for a fresh interpreter per case); they refuse before Ray starts or a
+teacher loads, except where a case says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error, cli_in_process
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """Corpora and folders that are wrong in one way each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path_factory.mktemp("bad-inputs")
+    (d / "foreign").mkdir()
+    (d / "foreign" / "notes.txt").write_text("mine")
+    (d / "body.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
+    (d / "c.csv").write_text("a,b\n")
+    (d / "dangling").mkdir()
+    (d / "dangling" / "gone.jsonl").symlink_to(d / "no-such-file")
+    pq.write_table(pa.table({"body": ["hello"]}), d / "body.parquet")
+    (d / "empty.txt").write_bytes(b"")
+    (d / "empty-folder").mkdir()
+    (d / "empty-folder" / "a.jsonl").write_bytes(b"")
+    (d / "not-parquet.parquet").write_bytes(b"PAR1 this is not parquet")
+    (d / "bad.yaml").write_text("teacher: x\nbogus_key: 1\n")
+    (d / "list.yaml").write_text("- a\n- b\n")
+    return d
+
+
+# (case id, extra flags, fragment of the one-line error); {d} is the inputs folder
+LABELER_CASES = [
+    ("glob-matches-nothing", ["--corpus", "{d}/nothing-*.jsonl"], "matches no files"),
+    ("corpus-missing", ["--corpus", "{d}/missing.jsonl"], "does not exist"),
+    ("corpus-unknown-format", ["--corpus", "{d}/*.csv"], "unknown format"),
+    ("corpus-empty-file", ["--corpus", "{d}/empty.txt"], "is empty (1 file(s), 0 bytes)"),
+    ("corpus-empty-folder", ["--corpus", "{d}/empty-folder"], "is empty"),
+    ("wrong-text-field-jsonl", ["--corpus", "{d}/body.jsonl"], "no field 'text'"),
+    ("wrong-text-field-parquet", ["--corpus", "{d}/body.parquet"], "no column 'text'"),
+    ("corpus-not-parquet", ["--corpus", "{d}/not-parquet.parquet"], "is not a readable Parquet file"),
+    ("corpus-unreadable", ["--corpus", "{d}/dangling/*.jsonl"], "cannot be read"),
+    ("top-k-above-vocab", ["--top-k", "100000"], "exceeds the tokenizer's vocabulary"),
+    ("top-k-zero", ["--top-k", "0"], "top_k must be a positive integer"),
+    ("max-length-above-context", ["--max-length", "100000", "--batch-tokens", "100000"], "exceeds the teacher's context"),
+    ("output-not-a-label-set", ["--output", "{d}/foreign"], "not a softlabels label set"),
+    ("bucket-missing", ["--output", "s3://no-such-bucket-xyz/set"], "s3://no-such-bucket-xyz/set: bucket or path does not exist"),
+    ("wrong-credentials", ["--output", "{s3}/x", "--storage-option", "key=softlabels-nobody",
+                           "--storage-option", "secret=wrong"], "check credentials"),
+    ("teacher-missing", ["--teacher", "./no/such/dir"], "does not exist"),
+    ("encoding-unknown", ["--encoding", "zip"], "unknown encoding 'zip'"),
+    ("encoding-bad-parameter", ["--encoding", "compact:max_kl=2"], "max_kl must be in (0, 1)"),
+    ("tail-samples-out-of-range", ["--tail-samples", "300"], "tail_samples must be an integer in 0..255"),
+    ("storage-option-malformed", ["--storage-option", "novalue"], "expects key=value"),
+    ("yaml-unknown-key", ["--config", "{d}/bad.yaml"], "unknown setting 'bogus_key'"),
+    ("yaml-not-a-mapping", ["--config", "{d}/list.yaml"], "expected a mapping of settings"),
+    ("ray-address-malformed", ["--ray-address", "nonsense"], "expected host:port"),
+]
+
+
+@pytest.mark.parametrize("extra,fragment", [c[1:] for c in LABELER_CASES], ids=[c[0] for c in LABELER_CASES])
+def test_labeler_refuses(extra, fragment, inputs, tiny_teacher, s3_server, tmp_path):
+    out = tmp_path / "out"
+    extra = [a.format(d=inputs, s3=s3_server) for a in extra]
+    code, _, err = cli_in_process("labeler", "run", "--teacher", tiny_teacher, "--output", str(out), "--limit", "2",
+                                  "--max-length", "64", *extra)
+    assert_one_line_error(code, err, "labeler", fragment)
+    assert not out.exists(), "a refused run wrote to its output"
+    assert sorted(p.name for p in (inputs / "foreign").iterdir()) == ["notes.txt"]
+
+
+def test_labeler_debug_shows_the_traceback(tiny_teacher, tmp_path):
+    with pytest.raises(ValueError, match="top_k must be a positive integer"):
+        cli_in_process("labeler", "run", "--teacher", tiny_teacher, "--output", str(tmp_path / "o"), "--top-k", "0", "--debug")
+
+
+def test_corpus_of_only_empty_documents_is_refused_and_leaves_the_output_as_it_was(ray_local, tiny_teacher, tmp_path):
+    """Only knowable after reading: the teachers have loaded; still one line, and no trace at --output."""
+    corpus = tmp_path / "blank.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["", "", ""]))
+    out = tmp_path / "out"
+    code, _, err = cli_in_process("labeler", "run", "--teacher", tiny_teacher, "--corpus", str(corpus), "--output", str(out),
+                                  "--max-length", "64")
+    assert_one_line_error(code, err, "labeler", "has no text to label (3 documents, 3 empty, 0 skipped)")
+    assert not out.exists()
+
+
+def damage(label_set: str, tmp_path: Path, how: str) -> str:
+    """A copy of ``label_set`` with one thing wrong; returns its path."""
+    d = tmp_path / how
+    shutil.copytree(label_set, d)
+    m = json.loads((d / "manifest.json").read_text())
+    shard = m["shards"][0]["path"]
+    if how == "unknown-version":
+        m["schema_version"] = 99
+    elif how == "sha256-edited":
+        m["shards"][0]["sha256"] = "0" * 64
+    elif how == "path-escapes-with-dotdot":
+        m["shards"][0]["path"] = "../" + shard
+    elif how == "path-is-a-foreign-url":
+        m["shards"][0]["path"] = "s3://elsewhere/" + shard
+    elif how == "path-is-absolute":
+        m["shards"][0]["path"] = "/etc/passwd"
+    elif how == "shard-missing":
+        (d / shard).unlink()
+    elif how == "shard-truncated":
+        (d / shard).write_bytes((d / shard).read_bytes()[:-100])
+    elif how == "shard-corrupted":
+        data = bytearray((d / shard).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (d / shard).write_bytes(bytes(data))
+    elif how == "manifest-not-json":
+        (d / "manifest.json").write_text("{ half a manifest")
+        return str(d)
+    elif how == "manifest-missing":
+        (d / "manifest.json").unlink()
+        return str(d)
+    else:
+        raise AssertionError(how)
+    (d / "manifest.json").write_text(json.dumps(m))
+    return str(d)
+
+
+TRAINER_SET_CASES = [
+    ("unknown-version", "schema_version 99"),
+    ("sha256-edited", "part-000000"),
+    ("path-escapes-with-dotdot", "shard path"),
+    ("path-is-a-foreign-url", "shard path"),
+    ("path-is-absolute", "shard path"),
+    ("shard-missing", "part-000000"),
+    ("shard-truncated", "part-000000"),
+    ("shard-corrupted", "part-000000"),
+    ("manifest-not-json", "not valid JSON"),
+    ("manifest-missing", "no manifest.json"),
+]
+
+
+@pytest.mark.parametrize("how,fragment", TRAINER_SET_CASES, ids=[c[0] for c in TRAINER_SET_CASES])
+def test_trainer_refuses_a_damaged_label_set(how, fragment, label_set, tmp_path):
+    bad = damage(label_set, tmp_path, how)
+    code, out, err = cli_in_process("trainer", "eval", "--labels", bad, "--model", "tiny", "--split", "all")
+    assert_one_line_error(code, err, "trainer", fragment)
+    assert not out.strip(), "a refused eval printed results"
+
+
+TRAINER_FLAG_CASES = [
+    ("steps-zero", ["--steps", "0"], "steps must be a positive integer"),
+    ("batch-size-negative", ["--batch-size", "-1"], "batch_size must be"),
+    ("lr-negative", ["--lr", "-1"], "lr must be"),
+    ("top-k-above-stored-k", ["--top-k", "9"], "top_k must be in [1, 8]"),
+    ("plot-not-png", ["--plot", "x.jpg"], "expected a .png"),
+    ("student-missing", ["--student", "./no/such/student"], "does not exist"),
+    ("tail-sampled-without-draws", ["--loss", "tail-sampled"], "has no tail samples"),
+    ("labels-bucket-missing", ["--labels", "s3://no-such-bucket-xyz/set"], "s3://no-such-bucket-xyz/set: the bucket does not exist"),
+    ("labels-wrong-credentials", ["--labels", "{s3}/any", "--storage-option", "key=softlabels-nobody",
+                                  "--storage-option", "secret=wrong"], "read {s3}/any/manifest.json: access denied"),
+]
+
+
+@pytest.mark.parametrize("extra,fragment", [c[1:] for c in TRAINER_FLAG_CASES], ids=[c[0] for c in TRAINER_FLAG_CASES])
+def test_trainer_refuses(extra, fragment, label_set, s3_server, tmp_path):
+    out = tmp_path / "o"
+    extra = [a.format(s3=s3_server) for a in extra]
+    code, _, err = cli_in_process("trainer", "run", "--labels", label_set, "--output", str(out), *extra)
+    assert_one_line_error(code, err, "trainer", fragment.format(s3=s3_server))
+    assert not (out / "model.safetensors").exists() and not (out / "checkpoints").exists()

@@ -1,0 +1,95 @@
+"""No credentials are ever written; weights load without unpickling; remote code stays off.
+
+The S3 server's credentials (tests/conftest.py) are distinctive strings. A
+label -> inspect -> train session passes them as storage options (labeler)
+and as environment variables (trainer), then every byte it wrote is searched for
+them: the label set and checkpoints on S3, the student folder, metrics,
+plots, Ray's session logs, and everything the commands printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from schemas import resolve_url
+
+from conftest import ACCESS_KEY, SECRET_KEY, run_cli
+
+CANARIES = [ACCESS_KEY.encode(), SECRET_KEY.encode()]
+
+
+def leaks(data: bytes) -> list[str]:
+    return [c.decode() for c in CANARIES if c in data]
+
+
+def test_no_credentials_in_anything_written(tiny_teacher, s3_server, tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="rsec", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        prefix = f"{s3_server}/sec-{uuid.uuid4().hex[:8]}"
+        labels, ckpt, student = f"{prefix}/labels", f"{prefix}/ckpt", tmp_path / "student"
+        # The labeler gets the credentials only as storage options (none in its environment) ...
+        no_env = {k: "" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        opts = ["--storage-option", f"key={ACCESS_KEY}", "--storage-option", f"secret={SECRET_KEY}"]
+        printed = []
+        for module, *args in [
+            ("labeler", "run", "--teacher", tiny_teacher, "--output", labels, "--limit", "12", "--max-length", "64",
+             "--shard-tokens", "256", *opts),
+            ("labeler", "inspect", labels, "--plot", str(tmp_path / "inspect.png"), *opts),
+            ("trainer", "run", "--labels", labels, "--output", str(student), "--steps", "2", "--batch-size", "2",
+             "--eval-batches", "1", "--checkpoint-every", "1", "--checkpoint-dir", ckpt, "--plot",
+             str(tmp_path / "curves.png")),
+        ]:
+            # ... the trainer's run reads them from its environment (the usual AWS chain).
+            env = {"RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": "", **(no_env if "--storage-option" in args else {})}
+            proc = run_cli(module, *args, env=env)
+            printed.append(proc.stdout + proc.stderr)
+
+        written: dict[str, bytes] = {}
+        fs, root = resolve_url(prefix)
+        fs.invalidate_cache()
+        for f in fs.find(root):
+            written[f"s3://{f}"] = fs.cat_file(f)
+        for base in (tmp_path, Path(ray_tmp)):
+            for p in base.rglob("*"):
+                if p.is_file() and not p.is_symlink() and not p.is_socket():
+                    written[str(p)] = p.read_bytes()
+        kinds = {"manifest": "manifest.json", "marker": "_commits/", "shard": ".parquet", "run record": "run.json",
+                 "checkpoint": "optimizer.pt", "weights": "model.safetensors", "metrics": "metrics.jsonl",
+                 "train record": "softlabels_train.json", "plot": ".png", "ray log": "/logs/"}
+        missing = [k for k, pat in kinds.items() if not any(pat in name for name in written)]
+        assert not missing, f"the scan did not see any {missing}"
+        found = {name: leaks(data) for name, data in written.items() if leaks(data)}
+        found.update({f"output of command {i}": leaks(t.encode()) for i, t in enumerate(printed) if leaks(t.encode())})
+        assert not found, f"credentials written to: {json.dumps(found, indent=1)[:3000]}"
+        # the resolved config is logged, with storage option values masked
+        assert "'key': '***'" in printed[0] and "'secret': '***'" in printed[0]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_remote_code_is_off_unless_asked(label_set, tmp_path):
+    """A model folder that needs its own Python code is refused without --trust-remote-code (labeler and trainer)."""
+    (tmp_path / "m").mkdir()
+    marker = tmp_path / "ran"
+    (tmp_path / "m" / "config.json").write_text(json.dumps({
+        "model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}}))
+    (tmp_path / "m" / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    for f in Path(label_set, "tokenizer").iterdir():  # the set's own tokenizer: only the model needs code
+        shutil.copy(f, tmp_path / "m" / f.name)
+    lab = run_cli("labeler", "run", "--teacher", str(tmp_path / "m"), "--output", str(tmp_path / "o"), check=False)
+    trn = run_cli("trainer", "eval", "--labels", label_set, "--model", str(tmp_path / "m"), check=False)
+    for proc, prog in ((lab, "labeler"), (trn, "trainer")):
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"{prog}: error:") and "Pass --trust-remote-code if you trust it" in last, last
+    assert not marker.exists(), "the model's own code ran without --trust-remote-code"
+    assert not (tmp_path / "o").exists()
+    assert {"--trust-remote-code"} <= set(run_cli("labeler", "run", "--help").stdout.split())
+    assert "--trust-remote-code" in run_cli("trainer", "run", "--help").stdout
