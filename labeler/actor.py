@@ -37,6 +37,7 @@ class TeacherActor:
         trust_remote_code: bool,
         threads: int | None,
         tail_samples: int = 0,
+        gpus: int = 1,
     ) -> None:
         import torch
         from transformers.utils import logging as hf_logging
@@ -49,7 +50,8 @@ class TeacherActor:
             # The driver's cache path may not exist on this node: fetch/convert here.
             source = resolve_teacher(source.spec, source.revision)
         self.runner = TeacherRunner(
-            source, dtype, device, top_k, temperature, batch_tokens, head_chunk, trust_remote_code, tail_samples
+            source, dtype, device, top_k, temperature, batch_tokens, head_chunk, trust_remote_code, tail_samples,
+            spread=gpus > 1,
         )
 
     def label(self, unit: tuple[list[str], list[np.ndarray]]) -> Labels:

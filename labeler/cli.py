@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=S, help="teacher dtype (default: bfloat16 on GPU, float32 on CPU)")
     r.add_argument("--device", default=S, help="torch device (default: cuda if the Ray cluster has GPUs, else cpu)")
     r.add_argument("--num-replicas", type=int, default=S, help="teacher replicas (default: one per GPU, else one per Ray node)")
+    r.add_argument("--gpus-per-replica", type=int, default=S, metavar="N",
+                   help="GPUs per teacher replica, on one node: a teacher too big for one GPU is spread over N "
+                   "with device_map (default: 1)")
     r.add_argument("--threads", type=int, default=S, help="torch threads per CPU replica (default: cores / replicas)")
     r.add_argument("--ray-address", default=S, help="join this Ray cluster: host:port, ray://host:port, or 'auto' for the one `ray start` began on this machine (default: $RAY_ADDRESS, else start a fresh local Ray)")
     r.add_argument("--storage-option", action="append", default=S, metavar="KEY=VALUE", help="fsspec storage option (repeatable), e.g. endpoint_url=http://...")

@@ -33,7 +33,8 @@ class LabelConfig:
     head_chunk: int = 1024
     dtype: str | None = None  # default: bfloat16 on GPU, float32 on CPU
     device: str | None = None  # default: cuda if the Ray cluster has GPUs, else cpu
-    num_replicas: int | None = None  # default: one per GPU, else one per Ray node
+    num_replicas: int | None = None  # default: one per GPU (per --gpus-per-replica GPUs), else one per Ray node
+    gpus_per_replica: int = 1  # >1: a teacher too big for one GPU, spread over that many GPUs of one node
     threads: int | None = None  # torch threads per CPU replica (default: cores / replicas)
     ray_address: str | None = None
     revision: str | None = None
@@ -47,7 +48,7 @@ class LabelConfig:
         for name in ("output", "teacher", "corpus"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
-        positive = ("top_k", "max_length", "shard_tokens", "batch_tokens", "head_chunk")
+        positive = ("top_k", "max_length", "shard_tokens", "batch_tokens", "head_chunk", "gpus_per_replica")
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

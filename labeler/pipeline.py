@@ -109,6 +109,10 @@ def cluster_gpus(ray: Any) -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def max_gpus_per_node(nodes: list[dict[str, Any]]) -> int:
+    return int(max((n.get("Resources", {}).get("GPU", 0) for n in nodes), default=0))
+
+
 @dataclass
 class Outcome:
     shards: list[ShardInfo]  # in unit order
@@ -216,19 +220,26 @@ class Pipeline:
 
         gpu = self.device.startswith("cuda")
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        replicas = cfg.num_replicas or (cluster_gpus(ray) if gpu else len(nodes)) or 1
-        if gpu and replicas > cluster_gpus(ray):
-            raise ValueError(f"--num-replicas {replicas} needs {replicas} GPUs; the Ray cluster has {cluster_gpus(ray)}")
+        per = cfg.gpus_per_replica
+        if per > 1 and not gpu:
+            raise ValueError(f"--gpus-per-replica {per} needs --device cuda and GPUs in the Ray cluster")
+        if gpu and per > max_gpus_per_node(nodes):
+            raise ValueError(f"--gpus-per-replica {per}: no node of the Ray cluster has {per} GPUs "
+                             f"(most on one node: {max_gpus_per_node(nodes)}); a replica's GPUs must share a node")
+        replicas = cfg.num_replicas or (cluster_gpus(ray) // per if gpu else len(nodes)) or 1
+        if gpu and replicas * per > cluster_gpus(ray):
+            raise ValueError(f"--num-replicas {replicas} x --gpus-per-replica {per} needs {replicas * per} GPUs; "
+                             f"the Ray cluster has {cluster_gpus(ray)}")
         cpus = int(ray.cluster_resources().get("CPU", 1))
         threads = None if gpu else (cfg.threads or max(1, cpus // replicas))
         options: dict[str, Any] = (
-            {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": CPU_ACTOR_CPUS}
+            {"num_gpus": per, "num_cpus": 1} if gpu else {"num_cpus": CPU_ACTOR_CPUS}
         )
         actor_cls = ray.remote(max_restarts=3, max_task_retries=3)(TeacherActor)
         actors = [
             actor_cls.options(scheduling_strategy="SPREAD", **options).remote(
                 self.source, self.dtype, self.device, cfg.top_k, cfg.temperature, cfg.batch_tokens,
-                cfg.head_chunk, cfg.trust_remote_code, threads, cfg.tail_samples,
+                cfg.head_chunk, cfg.trust_remote_code, threads, cfg.tail_samples, per,
             )
             for _ in range(replicas)
         ]

@@ -107,21 +107,30 @@ class TeacherRunner:
         head_chunk: int = 1024,
         trust_remote_code: bool = False,
         tail_samples: int = 0,
+        spread: bool = False,
     ) -> None:
+        """``spread``: place the teacher's layers over every GPU this process sees (``device_map="auto"``;
+        Ray gives an actor with ``num_gpus=N`` exactly N); inputs go to the first layer's device
+        and hidden states follow the layers to the head's."""
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.device = torch.device(device)
+        kwargs: dict[str, Any] = {"device_map": "auto"} if spread else {}
         self.model = AutoModelForCausalLM.from_pretrained(
             source.path,
             revision=source.revision,
             dtype=getattr(torch, dtype),
             attn_implementation="sdpa",
             trust_remote_code=trust_remote_code,
-        ).to(self.device)
+            **kwargs,
+        )
+        if not spread:
+            self.model.to(torch.device(device))
         self.model.eval()
         self.body = self.model.get_decoder()
         self.head = self.model.get_output_embeddings()
+        self.device = self.model.get_input_embeddings().weight.device
+        self.head_device = self.head.weight.device
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self.vocab = self.head.weight.shape[0]
         if top_k > self.vocab:
@@ -173,12 +182,12 @@ class TeacherRunner:
                 hidden = self.body(
                     input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
                 ).last_hidden_state
-                # Only real (unpadded) positions go through the head.
-                flat = hidden[mask.to(self.device).bool()]
+                # Only real (unpadded) positions go through the head (on its own device when spread).
+                flat = hidden[mask.to(hidden.device).bool()].to(self.head_device)
                 gen = None
                 if self.tail_samples:
                     seed = hashlib.sha256(b"".join(np.asarray(sequences[i], np.int64).tobytes() for i in batch)).digest()
-                    gen = torch.Generator(device=self.device).manual_seed(int.from_bytes(seed[:8], "little") >> 1)
+                    gen = torch.Generator(device=self.head_device).manual_seed(int.from_bytes(seed[:8], "little") >> 1)
                 out = topk_with_tail(
                     flat, self.head, self.top_k, self.temperature, self.head_chunk, self.softcap, self.tail_samples, gen
                 )

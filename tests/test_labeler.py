@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import numpy as np
 import pytest
@@ -127,7 +128,9 @@ def _small_corpus(tmp_path):
     return p
 
 
-def test_rerun_is_a_no_op_and_resume_redoes_only_missing_units(ray_local, tiny_teacher, storage_root):
+def test_rerun_is_a_no_op_and_resume_redoes_only_missing_units(ray_local, tiny_teacher, s3_server):
+    # On S3; on local disk the same resume runs in tests/test_labeler_faults.py (after real SIGKILLs).
+    storage_root = f"{s3_server}/rerun-{uuid.uuid4().hex[:8]}"
     c = cfg(tiny_teacher, storage_root)
     run(c)
     before = read_all_bytes(storage_root)

@@ -67,19 +67,24 @@ def summary_of(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def processes_of_run(driver_pid: int) -> list[int]:
-    """Live processes a labeler driver started (Ray's own and its workers): they inherit its crash env."""
-    tag = f"SOFTLABELS_DRIVER_PID={driver_pid}".encode()
+def processes_with_env(tag: bytes, exact: bool = False) -> list[int]:
+    """Live processes with an environment entry equal to (``exact``) or starting with ``tag``."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/environ", "rb") as fh:
-                    if tag in fh.read().split(b"\0"):
+                    entries = fh.read().split(b"\0")
+                    if (tag in entries) if exact else any(e.startswith(tag) for e in entries):
                         found.append(int(entry))
             except OSError:
                 continue
     return found
+
+
+def processes_of_run(driver_pid: int) -> list[int]:
+    """Live processes a labeler driver started (Ray's own and its workers): they inherit its crash env."""
+    return processes_with_env(f"SOFTLABELS_DRIVER_PID={driver_pid}".encode(), exact=True)
 
 
 def settle(proc: subprocess.Popen, timeout: float = 3) -> list[int]:
@@ -197,19 +202,17 @@ def manifest_exists(url: str) -> bool:
     return fs.exists(f"{root}/manifest.json")
 
 
-def test_two_node_cluster_spreads_work_and_matches_one_node(reference, tiny_teacher, tmp_path):
-    """ray.cluster_utils.Cluster: two raylets; one replica per node; same bytes as one node."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        two = str(tmp_path / "two-nodes")
-        proc = run_cli("labeler", "run", *args(tiny_teacher), "--output", two, "--ray-address", cluster.address, "--json")
-    finally:
-        cluster.shutdown()
-    summary = summary_of(proc.stdout)
-    assert summary["replicas"] == 2
-    assert len(summary["units_per_node"]) == 2 and min(summary["units_per_node"].values()) > 0, summary
-    assert set_bytes(two) == reference
+def test_local_cluster_rehearsal_three_nodes_via_ray_job_submit_matches_one_node(reference, tiny_teacher, s3_server):
+    """deploy/local-cluster.sh: a head and two worker nodes (own raylets and resources), the job
+    submitted with `ray job submit` and the RayJob's entrypoint, to the S3 server; same bytes as one node."""
+    url = f"{s3_server}/rehearsal-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.run(["bash", str(REPO / "deploy" / "local-cluster.sh"), "--workers", "2", "--cpus-per-node", "1",
+                           "--", *args(tiny_teacher), "--output", url, "--json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "rehearsal passed: 3 nodes" in proc.stdout
+    summary = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith('{"output"')))
+    assert summary["replicas"] == 3
+    assert len(summary["units_per_node"]) == 3 and min(summary["units_per_node"].values()) > 0, summary
+    assert set_bytes(url) == reference
+    assert not processes_with_env(b"SOFTLABELS_REHEARSAL="), "the rehearsal left processes running"
