@@ -2,7 +2,8 @@
 # Rehearse the cluster labeling job on one machine: a multi-node Ray cluster (a head and
 # worker nodes, each with its own resources), the labeling job submitted with
 # `ray job submit` and the same entrypoint as deploy/kuberay/label-rayjob.yaml
-# (`python -m labeler run ...`), the manifest checked, everything torn down by PID.
+# (`python -m labeler run ...`), the manifest and every shard's sha256 checked,
+# everything torn down by PID. (`python -m labeler inspect URL` summarizes the set.)
 #
 #   deploy/local-cluster.sh [--workers N] [--cpus-per-node C] -- LABELER_RUN_FLAGS...
 #
@@ -78,7 +79,7 @@ teardown() {
     echo "== teardown: stopping $(echo "$pids" | wc -w) processes by PID"
     # shellcheck disable=SC2086  # a list of PIDs
     kill -TERM $pids 2>/dev/null || true
-    for _ in $(seq 50); do [ -z "$(ours)" ] && break; sleep 0.2; done
+    for _ in $(seq 10); do [ -z "$(ours)" ] && break; sleep 0.3; done
     pids=$(ours)
     # shellcheck disable=SC2086
     [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
@@ -128,6 +129,16 @@ if [ "$STATUS" != SUCCEEDED ]; then
   exit 1
 fi
 
-echo "== manifest check: python -m labeler inspect $OUTPUT"
-"$PY" -m labeler inspect "$OUTPUT" --max-shards 2
+echo "== manifest check: $OUTPUT"
+# The manifest is there (the set is published) and every shard it lists matches its size and sha256.
+"$PY" - "$OUTPUT" <<'PY'
+import sys
+import schemas
+
+ls = schemas.open_label_set(sys.argv[1])
+for shard in ls.manifest.shards:
+    ls.read_shard_bytes(shard, verify=True)
+t = ls.manifest.totals
+print(f"manifest ok: {len(ls.manifest.shards)} shards verified, {t.sequences} sequences, {t.tokens} tokens, {t.bytes} bytes")
+PY
 echo "== rehearsal passed: $((WORKERS + 1)) nodes, label set at $OUTPUT"
