@@ -61,6 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-batches", type=int, default=None, help="score at most this many batches")
     e.add_argument("--seed", type=int, default=0, help="init seed for 'tiny' (default: %(default)s)")
 
+    x = sub.add_parser("export", help="quantize a trained student to an ONNX model for CPUs (int8 by default)")
+    x.add_argument("--model", required=True, help="trained student directory (what `run` wrote)")
+    x.add_argument("--output", required=True, help="new local directory for model.onnx, tokenizer and export record")
+    x.add_argument("--quantize", default="int8", choices=["int8", "none"],
+                   help="int8: dynamic int8 with per-channel weights (ONNX Runtime); none: the fp32 graph (default: %(default)s)")
+    x.add_argument("--trust-remote-code", action="store_true", help="allow the model's own modeling code (off by default)")
+    x.add_argument("--json", action="store_true", help="print the export record as JSON")
+    x.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    c = sub.add_parser("compare", help="table and bar chart: size, memory, speed and held-out quality of several models")
+    _common(c)
+    c.add_argument("--models", nargs="+", required=True, metavar="MODEL",
+                   help="teacher first, then students: HF model directories or ids, or `export` directories")
+    c.add_argument("--names", nargs="+", default=None, metavar="NAME", help="a short name per model for the table")
+    c.add_argument("--eval-batches", type=int, default=None, help="score at most this many held-out batches (default: all)")
+    c.add_argument("--prompt-rows", type=int, default=8, help="sequences in the fixed speed batch (default: %(default)s)")
+    c.add_argument("--prompt-length", type=int, default=128, help="tokens per sequence in the speed batch (default: %(default)s)")
+    c.add_argument("--seconds", type=float, default=5.0, help="time each model's speed for at least this long (default: %(default)s)")
+    c.add_argument("--threads", type=int, default=None, help="CPU threads for every model (default: all cores)")
+    c.add_argument("--plot", default="compare.png", metavar="FILE.png", help="bar chart to write (default: %(default)s)")
+    c.add_argument("--json", action="store_true", help="print the rows as JSON after the table")
+
     pl = sub.add_parser("plot", help="draw a run's loss and eval curves (metrics.jsonl) to a PNG")
     pl.add_argument("metrics", help="metrics.jsonl of a run")
     pl.add_argument("--output", required=True, metavar="FILE.png", help="PNG to write")
@@ -134,6 +156,45 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from trainer.export import export_model
+
+    meta = export_model(args.model, args.output, args.quantize, args.trust_remote_code)
+    if args.json:
+        print(json.dumps(meta))
+    else:
+        src, dst = meta["source_bytes"], meta["onnx_bytes"]
+        print(f"exported  {args.model} -> {meta['output']} ({meta['scheme']}, embedding "
+              f"{'tied' if meta['tied_embedding'] else 'separate'})")
+        print(f"size      {src / 1e6:.1f} MB -> {dst / 1e6:.1f} MB ({src / dst:.2f}x smaller)")
+        print(f"probe     top-1 agreement with the source {meta['probe']['top1_agreement']:.3f}, "
+              f"relative logit error {meta['probe']['relative_logit_error']:.2%} (fixed probe batch)")
+        print(f"load with {meta['load']}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from trainer.compare import compare, plot, ratios, table
+
+    if args.plot:
+        from schemas.cliutil import pyplot
+
+        pyplot(args.plot)  # a bad file name or a missing matplotlib stops here, before any model runs
+    rows = compare(args.labels, args.models, args.names, storage_options=parse_storage_options(args.storage_option),
+                   eval_fraction=args.eval_fraction, batch_size=args.batch_size, eval_batches=args.eval_batches,
+                   rows=args.prompt_rows, length=args.prompt_length, seconds=args.seconds, threads=args.threads,
+                   trust_remote_code=args.trust_remote_code)
+    print(table(rows))
+    for line in ratios(rows):
+        print(line)
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"chart     {args.plot}")
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from trainer.plot import plot_metrics
 
@@ -145,7 +206,7 @@ def _plot(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
-    body = {"run": _run, "eval": _eval, "plot": _plot}[args.command]
+    body = {"run": _run, "eval": _eval, "export": _export, "compare": _compare, "plot": _plot}[args.command]
     return run_main(lambda: body(args), args.debug, "trainer")
 
 

@@ -26,15 +26,31 @@ def evaluate(
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``dataset`` (one pass).
 
+    ``model`` is a transformers causal LM or anything with a
+    ``logits(input_ids, attention_mask)`` method, such as an exported model
+    (:class:`trainer.export.OnnxCausalLM`), which is scored on the CPU.
+
     Returns ``ce`` (nats per true next token), ``kl`` (forward KL over the
     stored top-k + tail buckets, nats per labeled position), ``top1`` (share
     of positions where the student's argmax is the teacher's top-1), and the
     counts they were computed over.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    body, head = model.get_decoder(), model.get_output_embeddings()
+    if not isinstance(model, torch.nn.Module) and callable(getattr(model, "logits", None)):  # an exported model: full logits, identity head
+        was_training, device = False, torch.device("cpu")
+
+        def states(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return model.logits(batch["input_ids"], batch["attention_mask"])
+
+        head: Any = torch.nn.Identity()
+    else:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        body, head = model.get_decoder(), model.get_output_embeddings()
+
+        def states(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+
     ce_sum = kl_sum = 0.0
     agree = n_pos = n_tgt = seqs = 0
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
@@ -42,8 +58,7 @@ def evaluate(
         if max_batches is not None and b >= max_batches:
             break
         batch = _move(batch, device)
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        h, ids, lps, tail, tgt, _ = label_positions(hidden, batch)
+        h, ids, lps, tail, tgt, _ = label_positions(states(batch), batch)
         for s in range(0, h.shape[0], chunk):
             e = min(h.shape[0], s + chunk)
             logits = head(h[s:e]).float()
@@ -53,7 +68,8 @@ def evaluate(
         n_pos += h.shape[0]
         n_tgt += int((tgt != -100).sum())
         seqs += batch["input_ids"].shape[0]
-    model.train(was_training)
+    if was_training:
+        model.train()
     if n_pos == 0:
         raise ValueError("the eval split is empty: raise --eval-fraction or label more data")
     return {

@@ -1,0 +1,271 @@
+"""``python -m trainer compare``: teacher, students and quantized students side by side.
+
+For each model: parameters, weights on disk, peak memory, tokens/s on a fixed
+prompt set (CPU; and GPU when there is one, for PyTorch models), and on the
+label set's held-out split the CE on true tokens, the KL to the teacher's
+stored labels and top-1 agreement. Every model is measured in a fresh child
+process, one after the other, so peak memory is its own and no two models
+compete for the cores. Prints a table and ratios, and draws a PNG bar chart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# The fixed prompt set: cut into rows x length tokens with the label set's tokenizer.
+PROMPTS = (
+    "The quick brown fox jumps over the lazy dog while the farmer counts his sheep before the storm.",
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+    "Knowledge distillation trains a small student model to imitate the output distribution of a large teacher.",
+    "In 1969 the first humans landed on the Moon, and the pictures were broadcast to millions of viewers.",
+    "A list comprehension creates a new list by applying an expression to each item of an iterable.",
+    "Water boils at one hundred degrees Celsius at sea level, but at lower temperatures on a mountain.",
+    "The committee met on Tuesday to discuss the budget, and after a long debate the proposal was approved.",
+    "import json\nwith open('config.json') as f:\n    config = json.load(f)\nprint(config['name'])\n",
+)
+
+
+def prompt_batch(tokenizer: Any, rows: int, length: int) -> Any:
+    """``[rows, length]`` int64 ids: the prompts, in order and repeated, cut into equal rows."""
+    import torch
+
+    ids: list[int] = []
+    pieces = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    i = 0
+    while len(ids) < rows * length:
+        ids.extend(pieces[i % len(pieces)])
+        i += 1
+    return torch.tensor(ids[: rows * length], dtype=torch.int64).reshape(rows, length)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_bytes() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _tokens_per_s(run: Any, tokens: int, seconds: float, sync: Any = None) -> float:
+    """Median throughput of ``run()`` over at least 3 timed calls and ``seconds``, after one warm-up call."""
+    run()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        run()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t)
+    return tokens / statistics.median(times)
+
+
+def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """Measure one model (in this process). ``opts``: labels, storage_options, eval_fraction, batch_size,
+    eval_batches, rows, length, seconds, threads, trust_remote_code."""
+    import torch
+
+    from schemas import open_label_set
+    from trainer.data import LabelDataset
+    from trainer.evaluate import evaluate
+    from trainer.export import OnnxCausalLM, is_export_dir, weights_bytes
+    from trainer.student import build_student, check_tokenizer, load_label_tokenizer
+
+    torch.set_num_threads(opts["threads"])
+    labels = open_label_set(opts["labels"], opts["storage_options"])
+    prompts = prompt_batch(load_label_tokenizer(labels), opts["rows"], opts["length"])
+    mask = torch.ones_like(prompts)
+    base = _rss_bytes()
+    row: dict[str, Any] = {"model": spec, "disk_bytes": weights_bytes(spec), "gpu_tokens_per_s": None,
+                           "threads": opts["threads"]}
+    if is_export_dir(spec):
+        from transformers import AutoTokenizer
+
+        check_tokenizer(AutoTokenizer.from_pretrained(spec), labels, spec)
+        model: Any = OnnxCausalLM(spec, threads=opts["threads"])
+        row.update(format=f"onnx {model.meta['scheme']}", parameters=model.parameters_count)
+
+        def run() -> Any:
+            return model.logits(prompts, mask)
+    else:
+        model, _ = build_student(spec, labels, trust_remote_code=opts["trust_remote_code"])
+        model.eval()
+        row.update(format=f"torch {str(next(model.parameters()).dtype).removeprefix('torch.')}",
+                   parameters=sum(p.numel() for p in model.parameters()))
+
+        @torch.inference_mode()
+        def run() -> Any:
+            return model(input_ids=prompts.to(model.device), attention_mask=mask.to(model.device), use_cache=False).logits
+
+    tokens = prompts.numel()
+    row["cpu_tokens_per_s"] = _tokens_per_s(run, tokens, opts["seconds"])
+    row["peak_memory_bytes"] = max(0, _peak_bytes() - base)
+    if not isinstance(model, OnnxCausalLM) and torch.cuda.is_available():
+        model.to("cuda")
+        row["gpu_tokens_per_s"] = _tokens_per_s(run, tokens, opts["seconds"], torch.cuda.synchronize)
+    ds = LabelDataset(labels, split="eval", eval_fraction=opts["eval_fraction"], shuffle=False)
+    with torch.inference_mode():
+        row.update(evaluate(model, ds, opts["batch_size"], opts["eval_batches"]))
+    if isinstance(model, OnnxCausalLM):
+        row["source"] = model.meta.get("source")
+    return row
+
+
+def _measure_in_child(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "trainer.compare", json.dumps({"spec": spec, "opts": opts})],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        raise ValueError(f"model {spec}: {lines[-1] if lines else f'measurement failed (exit {proc.returncode})'}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _check_spec(spec: str) -> None:
+    from trainer.export import META_FILE, ONNX_FILE
+
+    p = Path(spec)
+    if p.exists() and not (p / "config.json").is_file() and not (p / ONNX_FILE).is_file():
+        raise ValueError(f"model {spec} is neither a Hugging Face model directory (config.json) "
+                         f"nor an export ({ONNX_FILE}, {META_FILE})")
+    if not p.exists() and spec.startswith((".", "/", "~")):
+        raise ValueError(f"model {spec} does not exist")
+
+
+def compare(
+    labels: str, models: list[str], names: list[str] | None = None, *, storage_options: dict[str, Any] | None = None,
+    eval_fraction: float = 0.05, batch_size: int = 8, eval_batches: int | None = None, rows: int = 8,
+    length: int = 128, seconds: float = 5.0, threads: int | None = None, trust_remote_code: bool = False,
+) -> list[dict[str, Any]]:
+    """Measure every model (see the module doc); returns one row per model, in order, with ``name`` set."""
+    from schemas import open_label_set
+
+    if not models:
+        raise ValueError("--models needs at least one model")
+    names = list(names or [])
+    if names and len(names) != len(models):
+        raise ValueError(f"--names gives {len(names)} names for {len(models)} models")
+    for spec in models:
+        _check_spec(spec)
+    open_label_set(labels, storage_options or {})  # a bad label set stops here, before any model loads
+    opts = dict(labels=labels, storage_options=storage_options or {}, eval_fraction=eval_fraction,
+                batch_size=batch_size, eval_batches=eval_batches, rows=rows, length=length, seconds=seconds,
+                threads=threads or os.cpu_count() or 1, trust_remote_code=trust_remote_code)
+    out = []
+    for i, spec in enumerate(models):
+        name = names[i] if names else Path(spec.rstrip("/")).name or spec
+        log.info("measuring %s (%d/%d): %s", name, i + 1, len(models), spec)
+        t = time.time()
+        row = {"name": name, **_measure_in_child(spec, opts)}
+        log.info("  %s: %.0f tokens/s on CPU, held-out CE %.3f (%.0f s)", name, row["cpu_tokens_per_s"], row["ce"],
+                 time.time() - t)
+        out.append(row)
+    return out
+
+
+def _mb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[str]:
+    """Lines comparing each model with the first, and each export with its source when both are in ``rows``."""
+    lines = []
+    first = rows[0]
+    for r in rows[1:]:
+        parts = [f"{first['parameters'] / r['parameters']:.1f}x fewer parameters"]
+        if first["disk_bytes"] and r["disk_bytes"]:
+            parts.append(f"{first['disk_bytes'] / r['disk_bytes']:.1f}x smaller on disk")
+        parts.append(f"{r['cpu_tokens_per_s'] / first['cpu_tokens_per_s']:.1f}x the CPU tokens/s")
+        lines.append(f"{r['name']} vs {first['name']}: " + ", ".join(parts))
+    by_path = {str(Path(r["model"]).resolve()): r for r in rows if Path(r["model"]).exists()}
+    for r in rows:
+        src = by_path.get(r.get("source") or "")
+        if src is None or src is r:
+            continue
+        disk = src["disk_bytes"] / r["disk_bytes"] if src["disk_bytes"] and r["disk_bytes"] else float("nan")
+        lines.append(
+            f"{r['name']} vs {src['name']}: {disk:.2f}x smaller on disk, held-out CE "
+            f"{100 * (r['ce'] / src['ce'] - 1):+.2f}%, KL {100 * (r['kl'] / src['kl'] - 1):+.2f}%, "
+            f"{r['cpu_tokens_per_s'] / src['cpu_tokens_per_s']:.2f}x the CPU tokens/s"
+        )
+    return lines
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    gpu = any(r.get("gpu_tokens_per_s") for r in rows)
+    head = ["model", "format", "params", "on disk", "peak mem", "CPU tok/s"] + (["GPU tok/s"] if gpu else []) + [
+        "held-out CE", "KL to teacher", "top-1"]
+    body = []
+    for r in rows:
+        cells = [r["name"], r["format"], f"{r['parameters'] / 1e6:.1f}M", _mb(r["disk_bytes"]),
+                 f"{r['peak_memory_bytes'] / 2**20:.0f} MiB", f"{r['cpu_tokens_per_s']:,.0f}"]
+        if gpu:
+            cells.append(f"{r['gpu_tokens_per_s']:,.0f}" if r.get("gpu_tokens_per_s") else "-")
+        cells += [f"{r['ce']:.3f}", f"{r['kl']:.4f}" if r["kl"] < 0.01 else f"{r['kl']:.3f}", f"{r['top1']:.3f}"]
+        body.append(cells)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    fmt = lambda cells: "  ".join(  # noqa: E731
+        (c.ljust(w) if i < 2 else c.rjust(w)) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in body])
+
+
+def plot(rows: list[dict[str, Any]], png: str) -> None:
+    """One bar chart per measure, one bar per model."""
+    from schemas.cliutil import pyplot, save_png
+
+    plt = pyplot(png)
+    panels = [
+        ("parameters (M)", [r["parameters"] / 1e6 for r in rows]),
+        ("weights on disk (MB)", [(r["disk_bytes"] or 0) / 1e6 for r in rows]),
+        ("peak memory (MiB)", [r["peak_memory_bytes"] / 2**20 for r in rows]),
+        ("CPU tokens/s", [r["cpu_tokens_per_s"] for r in rows]),
+        ("held-out CE (nats/token)", [r["ce"] for r in rows]),
+        ("KL to teacher labels (nats)", [r["kl"] for r in rows]),
+        ("top-1 agreement", [r["top1"] for r in rows]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.8))
+    names = [r["name"] for r in rows]
+    colors = [f"C{i}" for i in range(len(rows))]
+    for ax, (title, values) in zip(axes, panels):
+        bars = ax.bar(range(len(rows)), values, color=colors)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(len(rows)), names, rotation=35, ha="right", fontsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+        for b, v in zip(bars, values):
+            ax.annotate(f"{v:,.3g}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+                        fontsize=7)
+    fig.tight_layout()
+    save_png(fig, png)
+
+
+def _worker_main() -> int:
+    """Child entry: measure one model, print its row as JSON; errors as one line on stderr."""
+    from schemas.cliutil import run_main, setup_logging
+
+    setup_logging(False)
+    job = json.loads(sys.argv[1])
+
+    def body() -> int:
+        print(json.dumps(measure(job["spec"], job["opts"])))
+        return 0
+
+    return run_main(body, False, "compare")
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main())
