@@ -1,14 +1,17 @@
-"""`make demo`: label the built-in corpus with the built-in teacher, train the tiny student, show the result.
+"""`make demo`: label the built-in corpus with the built-in teacher, distill the tiny student, quantize it.
 
-Runs the two CLIs exactly as a user would (labeler with a local Ray, then the
-trainer, which never loads the teacher) and prints one results table.
-Re-running resumes: a complete label set is reused, not relabeled.
+Runs the CLIs exactly as a user would: the labeler (local Ray), then the
+trainer, which never loads the teacher, twice at the same budget (the default
+KD loss, and plain CE on the true tokens for reference), then `trainer export`
+(int8) and `trainer compare`, whose table of teacher -> student -> quantized
+student ends the demo. Re-running reuses a complete label set.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +28,24 @@ def cli(*args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def targets(t: dict, s: dict, c: dict, q: dict) -> list[tuple[bool, str]]:
+    """The issue's targets, each with the measured ratio."""
+    smaller, faster = t["parameters"] / s["parameters"], s["cpu_tokens_per_s"] / t["cpu_tokens_per_s"]
+    disk, qspeed = s["disk_bytes"] / q["disk_bytes"], q["cpu_tokens_per_s"] / s["cpu_tokens_per_s"]
+    ce_worse = 100 * (q["ce"] / s["ce"] - 1)
+    kd_better = s["kl"] < c["kl"] and s["top1"] > c["top1"] and s["ce"] <= c["ce"] * 1.005
+    return [
+        (smaller >= 8, f"student {smaller:.1f}x fewer parameters than the teacher "
+                       f"({t['disk_bytes'] / s['disk_bytes']:.1f}x on disk; target >= 8x)"),
+        (faster >= 5, f"student {faster:.1f}x the teacher's CPU tokens/s (target >= 5x)"),
+        (kd_better, f"distilled vs ce-only student, same budget: KL {s['kl']:.3f} vs {c['kl']:.3f}, "
+                    f"top-1 {s['top1']:.3f} vs {c['top1']:.3f}, CE {s['ce']:.3f} vs {c['ce']:.3f}"),
+        (disk >= 2.5, f"int8 student {disk:.2f}x smaller on disk than the fp32 student (target >= 2.5x)"),
+        (ce_worse <= 2, f"int8 student held-out CE {ce_worse:+.3f}% vs fp32 (target <= +2%)"),
+        (qspeed >= 1, f"int8 student {qspeed:.2f}x the fp32 student's CPU tokens/s (target: not slower)"),
+    ]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default=str(REPO / "runs" / "demo"), help="where labels and the student go")
@@ -35,9 +56,24 @@ def main() -> int:
     labels = f"{args.out}/labels"
     lab = cli("labeler", "run", "--teacher", "smollm2-135m", "--corpus", "pydoc", "--output", labels,
               "--top-k", "64", "--max-length", "128", "--limit", str(args.sequences), "--shard-tokens", "8192")
-    tr = cli("trainer", "run", "--labels", labels, "--student", "tiny", "--output", f"{args.out}/student",
-             "--steps", str(args.steps), "--batch-size", "8", "--lr", "2e-3", "--warmup-steps", "10",
-             "--eval-fraction", "0.1", "--eval-batches", "20")
+    budget = ("--steps", str(args.steps), "--batch-size", "8", "--lr", "2e-3", "--warmup-steps", "10",
+              "--eval-fraction", "0.1", "--eval-batches", "20", "--seed", "0")
+    tr = cli("trainer", "run", "--labels", labels, "--student", "tiny", "--output", f"{args.out}/student", *budget)
+    cli("trainer", "run", "--labels", labels, "--student", "tiny", "--output", f"{args.out}/student-ce",
+        "--loss", "ce", *budget)
+    shutil.rmtree(f"{args.out}/student-int8", ignore_errors=True)  # the demo's own output, remade from this student
+    cli("trainer", "export", "--model", f"{args.out}/student", "--output", f"{args.out}/student-int8", "--quantize", "int8")
+    from labeler.builtin import builtin_teacher_dir
+
+    models = {"teacher": str(builtin_teacher_dir("smollm2-135m")), "student": f"{args.out}/student",
+              "student-ce": f"{args.out}/student-ce", "student-int8": f"{args.out}/student-int8"}
+    print("$ python -m trainer compare ...", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "trainer", "compare", "--labels", labels, "--models", *models.values(),
+                           "--names", *models, "--eval-fraction", "0.1", "--plot", f"{args.out}/compare.png", "--json"],
+                          cwd=REPO, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"demo: step failed: python -m trainer compare (exit {proc.returncode})")
+    rows = {r["name"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
     b, a = tr["before"], tr["after"]
     rate = f"{lab['tokens_per_s']:,.0f}" if lab["labeled_tokens"] else "(reused)"
     print()
@@ -47,15 +83,24 @@ def main() -> int:
     from schemas import open_label_set
 
     enc = open_label_set(labels).manifest.label_encoding
-    budget = f", error <= {enc.max_kl:g} nats/token" if enc.max_kl else ""
-    print(f"  label set bytes/token  {lab['bytes_per_token']:.1f}  (top-64 + tail, {enc.name} encoding{budget})")
+    bound = f", error <= {enc.max_kl:g} nats/token" if enc.max_kl else ""
+    print(f"  label set bytes/token  {lab['bytes_per_token']:.1f}  (top-64 + tail, {enc.name} encoding{bound})")
     print(f"  student                {tr['parameters'] / 1e6:.1f}M parameters, {tr['steps']} steps, {tr['train_tokens']:,} tokens")
     print()
-    print(f"  {'held-out':<22}{'before':>10}{'after':>10}")
+    print(f"  {'held-out (student)':<22}{'before':>10}{'after':>10}")
     print(f"  {'CE on true tokens':<22}{b['ce']:>10.3f}{a['ce']:>10.3f}")
     print(f"  {'KL(teacher||student)':<22}{b['kl']:>10.3f}{a['kl']:>10.3f}")
     print(f"  {'top-1 agreement':<22}{b['top1']:>10.3f}{a['top1']:>10.3f}")
-    print(f"\n  total wall time {time.time() - t0:.0f} s; student in {args.out}/student")
+    from trainer.compare import table
+
+    print(f"\n  held-out split, every model measured alone (CPU, {rows['teacher']['threads']} threads; chart: "
+          f"{args.out}/compare.png)\n")
+    print("  " + table(list(rows.values())).replace("\n", "\n  "))
+    t, s, c, q = (rows[k] for k in models)
+    print()
+    for ok, text in targets(t, s, c, q):
+        print(f"  [{'met' if ok else 'MISSED'}] {text}")
+    print(f"\n  total wall time {time.time() - t0:.0f} s; students in {args.out}/student*")
     if not (a["ce"] < b["ce"] and a["kl"] < b["kl"]):
         print("demo: the student did not improve", file=sys.stderr)
         return 1

@@ -35,7 +35,8 @@ def test_trainer_extra_installs_without_ray(tmp_path):
 
 def test_every_command_has_help():
     for args in (["labeler", "--help"], ["labeler", "run", "--help"], ["labeler", "inspect", "--help"],
-                 ["trainer", "--help"], ["trainer", "run", "--help"], ["trainer", "eval", "--help"]):
+                 ["trainer", "--help"], ["trainer", "run", "--help"], ["trainer", "eval", "--help"],
+                 ["trainer", "export", "--help"], ["trainer", "compare", "--help"]):
         proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO)
         assert proc.returncode == 0 and "usage:" in proc.stdout, (args, proc.stderr[-500:])
     run_help = subprocess.run([sys.executable, "-m", "labeler", "run", "--help"], capture_output=True, text=True).stdout

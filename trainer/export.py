@@ -205,6 +205,9 @@ def export_model(
     params = sum(p.numel() for p in model.parameters())
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would make the published directory private
     try:
         work = stage / "work"  # intermediates (and their external data), removed before publishing
         work.mkdir()
