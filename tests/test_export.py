@@ -148,6 +148,7 @@ def test_compare_measures_every_model_and_scores_the_teacher_against_its_own_lab
     assert q["parameters"] == s["parameters"] and q["disk_bytes"] < s["disk_bytes"] / 3
     for r in rows.values():
         assert r["cpu_tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0 and r["positions"] == direct["positions"]
+        assert r["rounds"] == 2  # the default: every model timed twice, in turn
     lines = out.splitlines()
     assert any(ln.startswith("student-int8 vs student:") and "smaller on disk" in ln for ln in lines), out
     assert any(ln.startswith("student vs teacher:") for ln in lines), out
@@ -167,4 +168,7 @@ def test_export_and_compare_refuse_bad_input_in_one_line(label_set, student, exp
     assert_one_line_error(code, err, "trainer", "neither a Hugging Face model directory")
     code, _, err = cli_in_process("trainer", "compare", "--labels", label_set, "--models", student, "--plot", "x.jpg")
     assert_one_line_error(code, err, "trainer", "expected a .png")
+    code, _, err = cli_in_process("trainer", "compare", "--labels", label_set, "--models", student, "--rounds", "0",
+                                  "--plot", "")
+    assert_one_line_error(code, err, "trainer", "--rounds must be at least 1")
     assert not (tmp_path / "o").exists()

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompt-length", type=int, default=128, help="tokens per sequence in the speed batch (default: %(default)s)")
     c.add_argument("--seconds", type=float, default=5.0, help="time each model's speed for at least this long (default: %(default)s)")
     c.add_argument("--threads", type=int, default=None, help="CPU threads for every model (default: all cores)")
+    c.add_argument("--rounds", type=int, default=2,
+                   help="time every model this many times, in turn, and keep each one's fastest (default: %(default)s)")
     c.add_argument("--plot", default="compare.png", metavar="FILE.png", help="bar chart to write (default: %(default)s)")
     c.add_argument("--json", action="store_true", help="print the rows as JSON after the table")
 
@@ -183,6 +185,7 @@ def _compare(args: argparse.Namespace) -> int:
     rows = compare(args.labels, args.models, args.names, storage_options=parse_storage_options(args.storage_option),
                    eval_fraction=args.eval_fraction, batch_size=args.batch_size, eval_batches=args.eval_batches,
                    rows=args.prompt_rows, length=args.prompt_length, seconds=args.seconds, threads=args.threads,
+                   rounds=args.rounds,
                    trust_remote_code=args.trust_remote_code)
     print(table(rows))
     for line in ratios(rows):
