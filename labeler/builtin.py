@@ -21,6 +21,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from schemas.storage import widen_to_umask
+
 log = logging.getLogger(__name__)
 
 BUILTIN_TEACHERS = {
@@ -88,6 +90,7 @@ def builtin_teacher_dir(alias: str) -> Path:
         out = tmp_path / "hf"
         plain.save_pretrained(out)
         tok.save_pretrained(out)
+        widen_to_umask(out)  # safetensors writes 0600: a shared cache must stay readable to other users
         (out / "SOFTLABELS_SOURCE").write_text(f"{spec['package']} {spec['gguf']}\n")
         # A rename within one directory is atomic on a local disk: a reader sees
         # either no teacher or a complete one, even if two processes convert at once.

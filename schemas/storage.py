@@ -74,6 +74,27 @@ def is_local(fs: Any) -> bool:
     return "file" in protocols or "local" in protocols
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask (reading it means setting it, so it is set back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def widen_to_umask(directory: Any) -> None:
+    """Give the regular files directly in ``directory`` the mode the umask allows (``0o666 & ~umask``).
+
+    safetensors creates its files 0600 whatever the umask, so a model saved by
+    one user on a shared volume (a PVC, a team cache) is unreadable to the
+    job that runs under another UID. Only files are touched, and only widened
+    to what any ordinary ``open`` in this process would have made.
+    """
+    mode = 0o666 & ~current_umask()
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False) and (entry.stat().st_mode & 0o777) != mode:
+            os.chmod(entry.path, mode)
+
+
 def write_whole(fs: Any, path: str, data: bytes, what: str) -> None:
     """Write ``data`` as one object that readers see whole or not at all.
 

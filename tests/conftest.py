@@ -190,12 +190,13 @@ def builtin_teacher() -> str:
 
 
 def run_cli(
-    module: str, *args: str, check: bool = True, timeout: float = 600, env: dict[str, str] | None = None
+    module: str, *args: str, check: bool = True, timeout: float = 600, env: dict[str, str] | None = None,
+    umask: int | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` like a user would (``env`` adds variables); returns the completed process."""
     proc = subprocess.run(
         [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **(env or {})}, umask=-1 if umask is None else umask,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -43,8 +43,10 @@ def test_workers_split_shards_without_overlap_or_gaps(label_set, workers):
 
 def test_training_improves_the_student_and_saves_a_loadable_model(label_set, tmp_path):
     out = tmp_path / "student"
+    # umask 027: group may read, others may not (safetensors alone would write 0600)
     proc = run_cli("trainer", "run", "--labels", label_set, "--output", str(out), "--steps", "30",
-                   "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "3", "--eval-fraction", "0.2", "--json")
+                   "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "3", "--eval-fraction", "0.2", "--json",
+                   umask=0o027)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     before, after = summary["before"], summary["after"]
     # (the tiny teacher is random, so only agreement with it must improve; CE on
@@ -56,6 +58,8 @@ def test_training_improves_the_student_and_saves_a_loadable_model(label_set, tmp
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir() if f.is_file()}
+    assert modes["model.safetensors"] == 0o640 and set(modes.values()) == {0o640}, modes
     assert model.config.vocab_size == json.loads((out / "config.json").read_text())["vocab_size"]
     ev = json.loads(run_cli("trainer", "eval", "--labels", label_set, "--model", str(out), "--eval-fraction", "0.2").stdout)
     assert ev["kl"] == pytest.approx(after["kl"], rel=1e-4) and ev["ce"] == pytest.approx(after["ce"], rel=1e-4)

@@ -49,6 +49,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from schemas.storage import current_umask
+
 log = logging.getLogger(__name__)
 
 SCHEMES = ("int8", "none")
@@ -205,9 +207,7 @@ def export_model(
     params = sum(p.numel() for p in model.parameters())
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would make the published directory private
+    os.chmod(stage, 0o777 & ~current_umask())  # mkdtemp's 0700 would make the published directory private
     try:
         work = stage / "work"  # intermediates (and their external data), removed before publishing
         work.mkdir()

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from schemas.crash import crash_point
+from schemas.storage import widen_to_umask
 from trainer.checkpoint import CheckpointStore, rng_state, set_rng_state
 from trainer.data import LabelDataset, StatefulLoader
 from trainer.evaluate import _move, evaluate
@@ -262,6 +263,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         log.info("eval after training: %s", _fmt(after))
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        widen_to_umask(out)  # safetensors writes 0600: others sharing the volume could not load the student
         (out / "softlabels_train.json").write_text(json.dumps({"config": cfg.redacted(), "label_set": {
             "url": train_ds.labels.url, "tokenizer_fingerprint": train_ds.manifest.tokenizer.fingerprint,
             "teacher": train_ds.manifest.teacher.id, "top_k": train_ds.manifest.top_k}}, indent=2) + "\n")
