@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas import resolve_url, retry_io
+from schemas.storage import is_local
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ class Corpus:
         Remote files are not opened one by one (that would be a request per
         file before any work): listing them already proved the credentials.
         """
-        local = "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
+        local = is_local(fs)
         jsonl = [f for f in self.files if f.endswith(".jsonl")]
         for f in self.files if local else jsonl[:1]:
             try:
