@@ -24,13 +24,10 @@ def test_trainer_extra_installs_without_ray(tmp_path):
     names = {item["metadata"]["name"].lower().replace("_", "-") for item in json.loads(report.read_text())["install"]}
     assert {"softlabels", "torch", "transformers", "safetensors", "pyarrow"} <= names, sorted(names)
     assert not names & {"ray", "datasets"}, sorted(names & {"ray", "datasets"})
-    full = tmp_path / "full.json"  # the same check can fail: the labeler extra does bring Ray
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed", "--report", str(full),
-         "-c", str(REPO / "requirements" / "constraints-ci.txt"), f"{REPO}[labeler]"],
-        check=True, capture_output=True, timeout=900,
-    )
-    assert "ray" in {item["metadata"]["name"].lower() for item in json.loads(full.read_text())["install"]}
+    # The same check can fail: the report's own metadata for softlabels names Ray, under the labeler extra only.
+    own = next(i for i in json.loads(report.read_text())["install"] if i["metadata"]["name"] == "softlabels")
+    ray_reqs = [r for r in own["metadata"]["requires_dist"] if r.split(";")[0].strip().lower().startswith("ray")]
+    assert ray_reqs and all('extra == "labeler"' in r for r in ray_reqs), own["metadata"]["requires_dist"]
 
 
 def test_every_command_has_help():
