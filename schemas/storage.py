@@ -89,10 +89,12 @@ def widen_to_umask(directory: Any) -> None:
     job that runs under another UID. Only files are touched, and only widened
     to what any ordinary ``open`` in this process would have made.
     """
-    mode = 0o666 & ~current_umask()
+    allowed = 0o666 & ~current_umask()
     for entry in os.scandir(directory):
-        if entry.is_file(follow_symlinks=False) and (entry.stat().st_mode & 0o777) != mode:
-            os.chmod(entry.path, mode)
+        if entry.is_file(follow_symlinks=False):
+            mode = entry.stat().st_mode & 0o777
+            if mode | allowed != mode:
+                os.chmod(entry.path, mode | allowed)
 
 
 def write_whole(fs: Any, path: str, data: bytes, what: str) -> None:

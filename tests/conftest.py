@@ -43,29 +43,14 @@ def _bench_common():
     return module
 
 
-class Seaweed:
-    """The tests' S3 server (on port 8333, credentials enforced): a failed start fails the test, not errors it."""
-
-    def __init__(self, root: Path) -> None:
-        try:
-            self.server = _bench_common().SeaweedServer(root, BUCKET, S3_PORT)
-        except RuntimeError as e:
-            pytest.fail(str(e))
-
-    def start(self) -> None:
-        try:
-            self.server.start()
-        except RuntimeError as e:
-            pytest.fail(str(e))
-
-    def stop(self) -> None:
-        self.server.stop()
-
-
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
-    server = Seaweed(tmp_path_factory.mktemp("seaweed"))
-    server.start()
+    """The tests' S3 server (port 8333, credentials enforced), restartable on its data: bench/common's."""
+    try:
+        server = _bench_common().SeaweedServer(tmp_path_factory.mktemp("seaweed"), BUCKET, S3_PORT)
+        server.start()
+    except RuntimeError as e:  # no weed binary, port taken, did not start: a failure that says why
+        pytest.fail(str(e))
     yield server
     server.stop()
 
