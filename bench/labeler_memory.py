@@ -127,7 +127,7 @@ def run_method(method: str, model: Any, ids: Any, mask: Any, k: int, chunk: int)
     """One top-k labeling of ``ids``, results on the host."""
     import torch
 
-    from labeler.topk import topk_with_tail
+    from softlabels.labeler.topk import topk_with_tail
 
     with torch.inference_mode():
         if method == "full":

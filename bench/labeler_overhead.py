@@ -96,8 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_teacher(args: argparse.Namespace, workdir: Path) -> tuple[Any, str, str]:
     """Return ``(TeacherRunner, tokenizer fingerprint, description)``."""
-    from labeler.teacher import TeacherRunner, load_tokenizer, pick_device_dtype, resolve_teacher
-    from schemas import tokenizer_fingerprint
+    from softlabels.labeler.teacher import TeacherRunner, load_tokenizer, pick_device_dtype, resolve_teacher
+    from softlabels.schemas import tokenizer_fingerprint
 
     device, dtype = pick_device_dtype(args.device, args.dtype)
     args.device, args.dtype = device, dtype
@@ -153,8 +153,8 @@ def run_labeler(
     runner: Any, writer: Any, fp: str, top_k: int, sequences: list[np.ndarray], name: str, device: str
 ) -> dict[str, float]:
     """(b): label one unit, encode it, commit it, as the teacher and writer actors do; returns stage seconds."""
-    from labeler.actor import encode_shard
-    from schemas import DEFAULT_ENCODING, Encoding
+    from softlabels.labeler.actor import encode_shard
+    from softlabels.schemas import DEFAULT_ENCODING, Encoding
 
     unit = ([f"bench:{name}:{i}" for i in range(len(sequences))], sequences)
     t: dict[str, list[float]] = {"label": [], "encode": [], "write": []}
@@ -174,7 +174,7 @@ def measure(args: argparse.Namespace, runner: Any, fp: str, output: str) -> tupl
     machine load (this machine is shared) hits both alike. Each batch's
     sequences form one unit for (b): labeled, encoded and committed as one shard.
     """
-    from labeler.sink import LabelSetWriter
+    from softlabels.common.commit import LabelSetWriter
 
     sequences = make_sequences(args, runner.vocab)
     batches = runner.batches([len(s) for s in sequences])
@@ -233,8 +233,8 @@ def measure(args: argparse.Namespace, runner: Any, fp: str, output: str) -> tupl
 
 def ray_job(args: argparse.Namespace, output: str) -> dict[str, Any]:
     """Time ``labeler.job.run`` on the pydoc corpus, packed to ``--length``; returns its summary figures."""
-    from labeler.config import LabelConfig
-    from labeler.job import run
+    from softlabels.labeler.config import LabelConfig
+    from softlabels.labeler.job import run
 
     cfg = LabelConfig(
         teacher=args.teacher, corpus="pydoc", output=output, top_k=args.top_k, max_length=args.length,

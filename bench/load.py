@@ -131,7 +131,7 @@ def label(teacher: str, corpus: Path, out: Path, limit: int | None, max_length: 
 
 def make_teacher(workdir: Path) -> str:
     """A random tiny Llama with the built-in teacher's real tokenizer (fast to run, realistic tokens)."""
-    from labeler.builtin import builtin_teacher_dir
+    from softlabels.labeler.builtin import builtin_teacher_dir
 
     src = builtin_teacher_dir("smollm2-135m")
     path = common.random_llama_dir(workdir / "teacher", "tiny", vocab_size=49152, max_position_embeddings=8192)
@@ -186,8 +186,8 @@ def big_set(src: str, dst: Path, n: int) -> str:
 
 def first_batch(url: str) -> tuple[float, int]:
     """Seconds from opening the set to the first training batch, and shards fetched by then."""
-    from schemas.reader import LabelSet
-    from trainer.data import LabelDataset, StatefulLoader
+    from softlabels.schemas.reader import LabelSet
+    from softlabels.trainer.data import LabelDataset, StatefulLoader
 
     fetched: list[str] = []
     original = LabelSet.read_shard_bytes

@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def upload(local: str, url: str) -> tuple[int, float]:
     """Copy a local label set to ``url`` file by file; returns ``(bytes, seconds)``."""
-    from schemas import resolve_url
+    from softlabels.schemas import resolve_url
 
     fs, root = resolve_url(url)
     t0 = time.perf_counter()
@@ -110,7 +110,7 @@ def read_all(url: str, cfg: dict[str, Any], epochs: int, batch_size: int) -> dic
     a forked worker) is reported as ``{"error": ...}`` rather than stopping
     the other measurements.
     """
-    from trainer.data import LabelDataset, StatefulLoader
+    from softlabels.trainer.data import LabelDataset, StatefulLoader
 
     t0 = time.perf_counter()
     ds = LabelDataset(url, split="train", epochs=epochs, prefetch=cfg["prefetch"])
@@ -145,7 +145,7 @@ def student_rate(labels: Any, args: argparse.Namespace) -> dict[str, float]:
 
 def live_steps(url: str, labels: Any, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, float]:
     """tail-kl steps fed from the S3 loader: seconds each step waits for its batch vs seconds stepping."""
-    from trainer.data import LabelDataset, StatefulLoader
+    from softlabels.trainer.data import LabelDataset, StatefulLoader
 
     fn, model, opt = build_mode("tail-kl", labels, None, args.head_chunk)
     loader = StatefulLoader(LabelDataset(url, split="train", epochs=None, prefetch=cfg["prefetch"]), args.batch_size,

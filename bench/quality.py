@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def config(args: argparse.Namespace, loss: str, out: Path) -> Any:
     """The ``TrainConfig`` every method shares (``loss`` aside)."""
-    from trainer.loop import TrainConfig
+    from softlabels.trainer.loop import TrainConfig
 
     return TrainConfig(
         labels=args.labels, output=str(out), student="tiny", steps=args.steps, batch_size=args.batch_size,
@@ -98,7 +98,7 @@ def config(args: argparse.Namespace, loss: str, out: Path) -> Any:
 
 def offline(args: argparse.Namespace, loss: str, out: Path) -> dict[str, Any]:
     """``trainer.loop.train`` as is; eval curve from its metrics.jsonl."""
-    from trainer.loop import train
+    from softlabels.trainer.loop import train
 
     summary = train(config(args, loss, out))
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
@@ -109,10 +109,10 @@ def offline(args: argparse.Namespace, loss: str, out: Path) -> dict[str, Any]:
 
 def online(args: argparse.Namespace, teacher: Any, out: Path) -> dict[str, Any]:
     """Online full-vocabulary KD with ``train``'s data, init, optimizer, schedule and eval cadence."""
-    from trainer.data import LabelDataset, StatefulLoader
-    from trainer.evaluate import evaluate
-    from trainer.loop import lr_factor, seed_everything
-    from trainer.student import build_student
+    from softlabels.trainer.data import LabelDataset, StatefulLoader
+    from softlabels.trainer.evaluate import evaluate
+    from softlabels.trainer.loop import lr_factor, seed_everything
+    from softlabels.trainer.student import build_student
 
     cfg = config(args, "tail-kl", out)  # the loss field is unused here; the schedule fields are shared
     seed_everything(cfg.seed)
@@ -150,7 +150,7 @@ def full_vocab_eval(model_dirs: dict[str, str], teacher: Any, args: argparse.Nam
     """
     from transformers import AutoModelForCausalLM
 
-    from trainer.data import LabelDataset, collate
+    from softlabels.trainer.data import LabelDataset, collate
 
     eval_ds = LabelDataset(args.labels, split="eval", eval_fraction=args.eval_fraction, shuffle=False,
                            split_by_rank=False)

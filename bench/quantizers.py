@@ -44,13 +44,13 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from trainer.export import export_model, load_exported, weights_bytes
-    from trainer.student import TINY
+    from softlabels.trainer.export import export_model, load_exported, weights_bytes
+    from softlabels.trainer.student import TINY
 
     with tempfile.TemporaryDirectory() as tmp:
         src = args.model
         if src is None:
-            from labeler.builtin import builtin_teacher_dir
+            from softlabels.labeler.builtin import builtin_teacher_dir
 
             torch.manual_seed(0)
             src = f"{tmp}/tiny"

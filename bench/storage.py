@@ -101,7 +101,7 @@ def teacher_pass(model, sequences: list[np.ndarray], kmax: int, ks: list[int], d
             rest_plogp = ent_all - plogp.gather(-1, ids[:, :k]).sum(-1)
             trunc[k].append((rest_plogp - t * (tail_k - np.log(vocab - k))).numpy())
         if draws:
-            from labeler.topk import _sample_tail
+            from softlabels.labeler.topk import _sample_tail
 
             w = logp.exp().scatter(-1, ids[:, :64], 0.0)
             s, c = _sample_tail(w, w.sum(-1) > 0, draws, gen)
@@ -117,7 +117,7 @@ def teacher_pass(model, sequences: list[np.ndarray], kmax: int, ks: list[int], d
 
 def uncompressed_baseline(lengths: np.ndarray, ids: np.ndarray, lp: np.ndarray, tail: np.ndarray, wide: bool) -> int:
     """Bytes of a plain uncompressed Parquet shard: int64 + fp32 (``wide``) or int32 + fp16."""
-    from schemas.encodings import rows_list
+    from softlabels.schemas.encodings import rows_list
 
     it, ft, nt = (pa.int64(), pa.float32(), np.int64) if wide else (pa.int32(), pa.float16(), np.int32)
     table = pa.table({
@@ -133,8 +133,8 @@ def uncompressed_baseline(lengths: np.ndarray, ids: np.ndarray, lp: np.ndarray, 
 
 def measure(samples, k: int, enc, vocab: int, repeats: int) -> tuple[int, float, float, list]:
     """(bytes, encode s, decode s, decoded samples) for one encoding (median timings)."""
-    from schemas import decode_table, encode_samples
-    from schemas.format import read_parquet_bytes, table_to_parquet_bytes
+    from softlabels.schemas import decode_table, encode_samples
+    from softlabels.schemas.format import read_parquet_bytes, table_to_parquet_bytes
 
     enc_t, dec_t = [], []
     for _ in range(repeats):
@@ -150,9 +150,9 @@ def measure(samples, k: int, enc, vocab: int, repeats: int) -> tuple[int, float,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from labeler.builtin import builtin_teacher_dir
-    from schemas import Encoding, Sample
-    from schemas.encodings import kl_buckets
+    from softlabels.labeler.builtin import builtin_teacher_dir
+    from softlabels.schemas import Encoding, Sample
+    from softlabels.schemas.encodings import kl_buckets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)

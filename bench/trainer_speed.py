@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import common
-from trainer.losses import label_positions
+from softlabels.trainer.losses import label_positions
 
 MODES = ("ce", "tail-kl", "topk-kl", "online")
 LABELS_CMD = (".venv/bin/python -m labeler run --teacher smollm2-135m --corpus pydoc --output runs/bench-labels "
@@ -62,8 +62,8 @@ def default_labels() -> str:
 
 def open_labels(url: str) -> Any:
     """Open a label set, or exit with the command that builds the default one."""
-    from schemas import open_label_set
-    from schemas.errors import MissingManifestError
+    from softlabels.schemas import open_label_set
+    from softlabels.schemas.errors import MissingManifestError
 
     try:
         return open_label_set(url)
@@ -73,7 +73,7 @@ def open_labels(url: str) -> Any:
 
 def fixed_batches(labels: Any, n: int, batch_size: int, seed: int = 0, eval_fraction: float = 0.05) -> list[dict]:
     """The first ``n`` training batches, read exactly as ``trainer.loop.train`` reads them."""
-    from trainer.data import LabelDataset, StatefulLoader
+    from softlabels.trainer.data import LabelDataset, StatefulLoader
 
     ds = LabelDataset(labels, split="train", eval_fraction=eval_fraction, seed=seed, epochs=None)
     loader = StatefulLoader(ds, batch_size)
@@ -88,7 +88,7 @@ def load_teacher(spec: str, vocab: int) -> Any:
     """
     from transformers import AutoModelForCausalLM
 
-    from labeler.builtin import BUILTIN_TEACHERS, builtin_teacher_dir
+    from softlabels.labeler.builtin import BUILTIN_TEACHERS, builtin_teacher_dir
 
     path = builtin_teacher_dir(spec) if spec in BUILTIN_TEACHERS else spec
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -208,8 +208,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_mode(mode: str, labels: Any, teacher: Any, head_chunk: int) -> tuple[Any, Any, Any]:
     """``(step module, student, optimizer)`` for one mode; every mode gets the same student init."""
-    from trainer.loop import KDModule, TrainConfig
-    from trainer.student import build_student
+    from softlabels.trainer.loop import KDModule, TrainConfig
+    from softlabels.trainer.student import build_student
 
     model, _ = build_student("tiny", labels, seed=0)
     model.train()

@@ -21,7 +21,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from schemas.storage import widen_to_umask
+from softlabels.common.files import widen_to_umask
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""``python -m labeler``: label a corpus with a teacher, or inspect a label set."""
+"""``softlabels label`` (label a corpus with a teacher) and ``softlabels inspect`` (summarize a label set)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ import signal
 import sys
 from dataclasses import fields
 
-from labeler.config import LabelConfig
-from schemas import crash
-from schemas.cliutil import parse_storage_options, run_main, setup_logging
+from softlabels.common import crash
+from softlabels.common.cli import debug_flag, given_flags, parse_storage_options, require_extra
+from softlabels.labeler.config import LabelConfig
+
+BOOL = argparse.BooleanOptionalAction
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m labeler", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``label`` and ``inspect`` to the ``softlabels`` command."""
     r = sub.add_parser(
-        "run",
+        "label",
         help="label a corpus and write a label set (resumes if interrupted)",
         description="Label a corpus with a teacher and write a label set. Re-running the same command resumes. "
         "Settings come from the defaults, then --config FILE.yaml, then the flags given.",
@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=int, default=S, help=f"teacher entries kept per position (default: {d.top_k})")
     r.add_argument("--temperature", type=float, default=S, help=f"labeling temperature (default: {d.temperature})")
     r.add_argument("--max-length", type=int, default=S, help=f"tokens per sequence; longer documents become several (default: {d.max_length})")
-    r.add_argument("--packing", action="store_true", default=S, help="pack documents into full sequences with EOS between them")
-    r.add_argument("--add-eos", action="store_true", default=S, help="append EOS to each document (per-document mode)")
+    r.add_argument("--packing", action=BOOL, default=S, help="pack documents into full sequences with EOS between them")
+    r.add_argument("--add-eos", action=BOOL, default=S, help="append EOS to each document (per-document mode)")
     r.add_argument("--limit", type=int, default=S, help="label at most this many sequences")
     r.add_argument("--encoding", default=S, metavar="NAME[:max_kl=X]",
                    help=f"label columns on disk: fp16 (v1 layout), packed (bit-packed ids + fp16), packed-q8, or compact "
@@ -57,28 +57,37 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=S, help="torch threads per CPU replica (default: cores / replicas)")
     r.add_argument("--ray-address", default=S, help="join this Ray cluster: host:port, ray://host:port, or 'auto' for the one `ray start` began on this machine (default: $RAY_ADDRESS, else start a fresh local Ray)")
     r.add_argument("--storage-option", action="append", default=S, metavar="KEY=VALUE", help="fsspec storage option (repeatable), e.g. endpoint_url=http://...")
-    r.add_argument("--trust-remote-code", action="store_true", default=S, help="allow the teacher's own modeling code (off by default)")
-    r.add_argument("--overwrite", action="store_true", default=S, help="delete what is at --output and start afresh")
+    r.add_argument("--trust-remote-code", action=BOOL, default=S, help="allow the teacher's own modeling code (off by default)")
+    r.add_argument("--overwrite", action=BOOL, default=S, help="delete what is at --output and start afresh")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
-    r.add_argument("--debug", action="store_true", help="show tracebacks")
+    debug_flag(r)
 
     i = sub.add_parser("inspect", help="summarize a label set's manifest and label statistics")
     i.add_argument("url", help="label set location")
     i.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="fsspec storage option (repeatable)")
     i.add_argument("--max-shards", type=int, default=8, help="shards to sample for statistics (default: %(default)s)")
     i.add_argument("--plot", default=None, metavar="FILE.png", help="also draw histograms of top-1, top-k mass, tail mass and entropy")
-    i.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
+    debug_flag(i)
+    r.set_defaults(handler=_label)
+    i.set_defaults(handler=_inspect)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from labeler.config import resolve_config
-    from labeler.job import print_summary, run
+def _label(args: argparse.Namespace) -> int:
+    require_extra("labeler", "ray", "torch", "transformers")
+    from softlabels.labeler.config import resolve_config
+    from softlabels.labeler.job import print_summary, run
+    from softlabels.labeler.pipeline import JobFailed
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "json", "debug")}
-    if "storage_option" in given:
-        given["storage_options"] = parse_storage_options(given.pop("storage_option"))
-    summary = run(resolve_config(args.config, given))
+    if crash.enabled():  # fault-injection tests: a crash point in a Ray worker also kills this driver
+        os.environ.setdefault(crash.DRIVER_ENV, str(os.getpid()))
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        summary = run(resolve_config(args.config, given_flags(args)))
+    except JobFailed as e:
+        if args.debug:
+            raise
+        print(f"softlabels label: error: {e}; committed units are kept: rerun the same command to resume", file=sys.stderr)
+        return 1
     if args.json:
         from dataclasses import asdict
 
@@ -91,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from labeler.inspect import inspect_label_set
+    from softlabels.labeler.inspect import inspect_label_set
 
     report = inspect_label_set(args.url, parse_storage_options(args.storage_option), args.max_shards, plot=args.plot)
     print(json.dumps(report, indent=2))
@@ -101,29 +110,3 @@ def _inspect(args: argparse.Namespace) -> int:
 def _on_sigterm(signum: int, frame: object) -> None:
     # Preemption (Kubernetes, schedulers) sends SIGTERM: unwind so Ray shuts down cleanly.
     raise SystemExit(143)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.debug)
-    if crash.enabled():  # fault-injection tests: a crash point in a Ray worker also kills this driver
-        os.environ.setdefault(crash.DRIVER_ENV, str(os.getpid()))
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    body = {"run": _run, "inspect": _inspect}[args.command]
-
-    def guarded() -> int:
-        from labeler.pipeline import JobFailed
-
-        try:
-            return body(args)
-        except JobFailed as e:
-            if args.debug:
-                raise
-            print(f"labeler: error: {e}; committed units are kept: rerun the same command to resume", file=sys.stderr)
-            return 1
-
-    return run_main(guarded, args.debug, "labeler")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

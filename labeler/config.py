@@ -9,10 +9,12 @@ names below (``top_k`` or ``top-k``); ``storage_options`` is a mapping that
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from schemas import DEFAULT_ENCODING, Encoding
+from softlabels.common.cli import resolve_settings
+from softlabels.schemas import DEFAULT_ENCODING, Encoding
+from softlabels.schemas.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -47,27 +49,27 @@ class LabelConfig:
     def __post_init__(self) -> None:
         for name in ("output", "teacher", "corpus"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+                raise UserError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         positive = ("top_k", "max_length", "shard_tokens", "batch_tokens", "head_chunk", "gpus_per_replica")
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+                raise UserError(f"{name} must be a positive integer, got {v!r}")
         for name in ("limit", "num_replicas", "threads"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+                raise UserError(f"{name} must be a positive integer, got {v!r}")
         if self.on_error not in ("fail", "skip"):
-            raise ValueError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
+            raise UserError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
         if not isinstance(self.tail_samples, int) or isinstance(self.tail_samples, bool) or not 0 <= self.tail_samples <= 255:
-            raise ValueError(f"tail_samples must be an integer in 0..255 (draws per position), got {self.tail_samples!r}")
+            raise UserError(f"tail_samples must be an integer in 0..255 (draws per position), got {self.tail_samples!r}")
         if not isinstance(self.encoding, str):
-            raise ValueError(f"encoding must be a string such as 'compact', got {self.encoding!r}")
+            raise UserError(f"encoding must be a string such as 'compact', got {self.encoding!r}")
         Encoding.parse(self.encoding)  # an unknown name or parameter fails here, before any work
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+            raise UserError(f"temperature must be > 0, got {self.temperature!r}")
         if self.batch_tokens < self.max_length:
-            raise ValueError(
+            raise UserError(
                 f"batch_tokens ({self.batch_tokens}) must be >= max_length ({self.max_length}) "
                 "so that one full sequence fits in a batch"
             )
@@ -83,42 +85,6 @@ class LabelConfig:
         return d
 
 
-def load_yaml(path: str) -> dict[str, Any]:
-    """Read a ``--config`` file into LabelConfig field names; unknown keys are an error naming them."""
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except OSError as e:
-        raise ValueError(f"config file {path}: cannot be read ({e.strerror or e})") from e
-    except yaml.YAMLError as e:
-        raise ValueError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
-    names = {f.name for f in fields(LabelConfig)}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in names:
-            raise ValueError(f"config file {path}: unknown setting {key!r} (known: {', '.join(sorted(names))})")
-        out[name] = value
-    if not isinstance(out.get("storage_options", {}), dict):
-        raise ValueError(f"config file {path}: storage_options must be a mapping")
-    return out
-
-
 def resolve_config(yaml_path: str | None, overrides: Mapping[str, Any]) -> LabelConfig:
     """Defaults < YAML file < CLI flags (``overrides`` holds only the flags given)."""
-    values = load_yaml(yaml_path) if yaml_path else {}
-    options = {**values.get("storage_options", {}), **overrides.get("storage_options", {})}
-    values.update({k: v for k, v in overrides.items() if k != "storage_options"})
-    values["storage_options"] = options
-    if not values.get("output"):
-        raise ValueError("no output: pass --output or set output in the --config file")
-    try:
-        return LabelConfig(**values)
-    except TypeError as e:
-        raise ValueError(f"bad configuration: {e}") from e
+    return resolve_settings(LabelConfig, yaml_path, overrides, required=("output",))

@@ -24,8 +24,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas import resolve_url, retry_io
-from schemas.storage import is_local
+from softlabels.schemas import resolve_url, retry_io
+from softlabels.schemas.storage import is_local
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from schemas import open_label_set
-from schemas.cliutil import pyplot, save_png
+from softlabels.schemas import open_label_set
+from softlabels.common.plot import pyplot, save_png
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 

@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from labeler.config import LabelConfig
-from labeler.corpus import Corpus
-from labeler.pipeline import NothingToLabel, Pipeline, cluster_gpus, ray_session
-from labeler.sink import LabelSetWriter
-from labeler.teacher import TeacherSource, load_tokenizer, pick_device_dtype, resolve_teacher, teacher_info
-from schemas import (
+from softlabels.labeler.config import LabelConfig
+from softlabels.labeler.corpus import Corpus
+from softlabels.labeler.pipeline import NothingToLabel, Pipeline, cluster_gpus, ray_session
+from softlabels.common.commit import LabelSetWriter
+from softlabels.labeler.teacher import TeacherSource, load_tokenizer, pick_device_dtype, resolve_teacher, teacher_info
+from softlabels.schemas import (
     SCHEMA_VERSION,
     CorpusInfo,
     Manifest,
@@ -30,7 +30,7 @@ from schemas import (
     Totals,
     tokenizer_fingerprint,
 )
-from schemas.cliutil import remote_code_guard
+from softlabels.common.cli import remote_code_guard
 
 log = logging.getLogger(__name__)
 

@@ -34,14 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from labeler.config import LabelConfig
-from labeler.corpus import Corpus, CorpusTotals
-from labeler.plan import Unit, build_sequences, iter_units, read_and_tokenize, unit_digest
-from labeler.progress import Progress
-from labeler.sink import Commit, OutputError
-from labeler.teacher import TeacherSource
-from schemas import SequenceConfig, ShardInfo
-from schemas.crash import crash_point
+from softlabels.labeler.config import LabelConfig
+from softlabels.labeler.corpus import Corpus, CorpusTotals
+from softlabels.labeler.plan import Unit, build_sequences, iter_units, read_and_tokenize, unit_digest
+from softlabels.labeler.progress import Progress
+from softlabels.common.commit import Commit, OutputError
+from softlabels.labeler.teacher import TeacherSource
+from softlabels.schemas import SequenceConfig, ShardInfo
+from softlabels.common.crash import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class Pipeline:
     # -- teacher replicas ------------------------------------------------------
     def _actors(self) -> tuple[list[Any], list[str]]:
         ray, cfg = self.ray, self.cfg
-        from labeler.actor import ShardWriterActor, TeacherActor
+        from softlabels.labeler.actor import ShardWriterActor, TeacherActor
 
         gpu = self.device.startswith("cuda")
         nodes = [n for n in ray.nodes() if n.get("Alive")]

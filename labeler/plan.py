@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from labeler.corpus import Block, BlockReader, BlockStats, Document
-from schemas import SequenceConfig
+from softlabels.labeler.corpus import Block, BlockReader, BlockStats, Document
+from softlabels.schemas import SequenceConfig
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from labeler.builtin import BUILTIN_TEACHERS, builtin_teacher_dir
-from schemas import TeacherInfo
+from softlabels.labeler.builtin import BUILTIN_TEACHERS, builtin_teacher_dir
+from softlabels.schemas import TeacherInfo
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class TeacherRunner:
         """
         import torch
 
-        from labeler.topk import topk_with_tail
+        from softlabels.labeler.topk import topk_with_tail
 
         results: list[Any] = [None] * len(sequences)
         for batch in self.batches([len(s) for s in sequences]):

@@ -7,28 +7,33 @@ URL-to-filesystem helper (``storage``) and the reader (``reader``).
 
 Imports only the standard library, pyarrow and numpy at module level;
 ``fsspec`` is imported lazily by the storage helper when a URL is opened.
-See ``schemas/README.md`` for the format specification.
+Nothing here imports the rest of softlabels. See ``schemas/README.md`` for the
+format specification.
 """
 
-from schemas.encodings import DEFAULT_ENCODING, ENCODINGS, Encoding
-from schemas.errors import (
+from softlabels.schemas.encodings import DEFAULT_ENCODING, ENCODINGS, Encoding
+from softlabels.schemas.errors import (
     LabelSetError,
+    ShardFormatError,
+    StorageError,
+    UserError,
     ManifestError,
     MissingManifestError,
     ShardChecksumError,
     UnsupportedSchemaVersion,
 )
-from schemas.fingerprint import sample_id, tokenizer_fingerprint
-from schemas.format import (
+from softlabels.schemas.fingerprint import sample_id, tokenizer_fingerprint
+from softlabels.schemas.format import (
     SCHEMA_VERSION,
     SUPPORTED_VERSIONS,
     Sample,
     decode_table,
+    decoded_table,
     encode_samples,
     shard_schema,
     table_to_parquet_bytes,
 )
-from schemas.manifest import (
+from softlabels.schemas.manifest import (
     CorpusInfo,
     Manifest,
     SequenceConfig,
@@ -37,8 +42,8 @@ from schemas.manifest import (
     TokenizerInfo,
     Totals,
 )
-from schemas.reader import LabelSet, open_label_set
-from schemas.storage import join_url, resolve_url, retry_io, write_whole
+from softlabels.schemas.reader import LabelSet, open_label_set
+from softlabels.schemas.storage import join_url, resolve_url, retry_io
 
 __all__ = [
     "DEFAULT_ENCODING",
@@ -55,18 +60,21 @@ __all__ = [
     "Sample",
     "SequenceConfig",
     "ShardChecksumError",
+    "ShardFormatError",
+    "StorageError",
     "ShardInfo",
     "TeacherInfo",
     "TokenizerInfo",
     "Totals",
     "UnsupportedSchemaVersion",
+    "UserError",
     "decode_table",
+    "decoded_table",
     "encode_samples",
     "join_url",
     "open_label_set",
     "resolve_url",
     "retry_io",
-    "write_whole",
     "sample_id",
     "shard_schema",
     "table_to_parquet_bytes",

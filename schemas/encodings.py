@@ -28,6 +28,7 @@ that with the stored tail the k+1 buckets sum to 1.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from dataclasses import dataclass
@@ -37,12 +38,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.bitpack import bit_width, from_planes, pack_bits, planes_for, to_planes, unpack_bits
+from softlabels.schemas.bitpack import bit_width, from_planes, pack_bits, planes_for, to_planes, unpack_bits
+from softlabels.schemas.errors import ShardFormatError, UserError
 
 ENCODINGS = ("fp16", "packed", "packed-q8", "compact")
 DEFAULT_ENCODING = "compact"
 DEFAULT_MAX_KL = 1e-4  # nats/token; each shard measures its own error and is held within it
 META_ENCODING = b"softlabels.encoding"
+# compact: per-id frequency buckets, zstd-compressed. Schema v3 stores them base64-encoded (every
+# Parquet footer value must be UTF-8: polars refuses a file otherwise); v2 stored the raw bytes.
 META_VOCAB = b"softlabels.vocab_buckets"
 _ZSTD_LEVEL = 9
 
@@ -52,7 +56,7 @@ class Encoding:
     """Which encoding a label set uses, with its parameters (recorded in the manifest).
 
     Raises:
-        ValueError: unknown name, or a parameter that does not fit the encoding.
+        UserError: unknown name, or a parameter that does not fit the encoding.
     """
 
     name: str = DEFAULT_ENCODING
@@ -60,14 +64,14 @@ class Encoding:
 
     def __post_init__(self) -> None:
         if self.name not in ENCODINGS:
-            raise ValueError(f"unknown encoding {self.name!r}; choose one of {', '.join(ENCODINGS)}")
+            raise UserError(f"unknown encoding {self.name!r}; choose one of {', '.join(ENCODINGS)}")
         if self.name == "compact":
             if self.max_kl is None:
                 object.__setattr__(self, "max_kl", DEFAULT_MAX_KL)
             elif not (isinstance(self.max_kl, (int, float)) and 0 < self.max_kl < 1):
-                raise ValueError(f"compact encoding: max_kl must be in (0, 1) nats/token, got {self.max_kl!r}")
+                raise UserError(f"compact encoding: max_kl must be in (0, 1) nats/token, got {self.max_kl!r}")
         elif self.max_kl is not None:
-            raise ValueError(f"encoding {self.name!r} takes no max_kl (only 'compact' is error-budgeted)")
+            raise UserError(f"encoding {self.name!r} takes no max_kl (only 'compact' is error-budgeted)")
 
     @property
     def lossy(self) -> bool:
@@ -94,11 +98,11 @@ class Encoding:
         for item in filter(None, rest.split(",")):
             key, eq, value = item.partition("=")
             if key != "max_kl" or not eq:
-                raise ValueError(f"--encoding {spec!r}: unknown parameter {item!r} (only max_kl=FLOAT)")
+                raise UserError(f"--encoding {spec!r}: unknown parameter {item!r} (only max_kl=FLOAT)")
             try:
                 kw["max_kl"] = float(value)
             except ValueError as e:
-                raise ValueError(f"--encoding {spec!r}: max_kl must be a number, got {value!r}") from e
+                raise UserError(f"--encoding {spec!r}: max_kl must be a number, got {value!r}") from e
         return cls(name.strip(), **kw)
 
 
@@ -188,13 +192,18 @@ def encode_labels(
     else:
         cols, levels, kl, buckets = _compact_encode(ids, logprobs, tail, lengths, vocab_size, float(enc.max_kl))
         meta.update(levels=levels, vocab_size=vocab_size, encoding_kl=kl)
-        extra[META_VOCAB] = pa.Codec("zstd", compression_level=_ZSTD_LEVEL).compress(buckets.tobytes(), asbytes=True)
+        packed = pa.Codec("zstd", compression_level=_ZSTD_LEVEL).compress(buckets.tobytes(), asbytes=True)
+        extra[META_VOCAB] = base64.b64encode(packed)
     meta["top_k"] = k
     return cols, {META_ENCODING: json.dumps(meta, sort_keys=True).encode(), **extra}
 
 
-def decode_labels(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(ids int32 [N, k], logprobs float32 [N, k], tail float32 [N])`` of a v2 shard table."""
+def decode_labels(table: pa.Table, version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids int32 [N, k], logprobs float32 [N, k], tail float32 [N])`` of a v2 or v3 shard table.
+
+    Raises:
+        ShardFormatError: an encoding this softlabels does not know (named).
+    """
     md = table.schema.metadata or {}
     meta = json.loads(md[META_ENCODING])
     name, k = meta["name"], int(meta["top_k"])
@@ -212,12 +221,12 @@ def decode_labels(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         p = np.exp(-q.astype(np.float64) * scale[:, None])
         return ids, _renormalized_log(p, tail), tail
     if name == "compact":
+        packed = md[META_VOCAB] if version == 2 else base64.b64decode(md[META_VOCAB], validate=True)
         buckets = np.frombuffer(
-            pa.Codec("zstd").decompress(md[META_VOCAB], decompressed_size=int(meta["vocab_size"]), asbytes=True),
-            dtype=np.uint8,
+            pa.Codec("zstd").decompress(packed, decompressed_size=int(meta["vocab_size"]), asbytes=True), dtype=np.uint8
         )
         return _compact_decode(table, k, int(meta["levels"]), buckets)
-    raise ValueError(f"shard encoding {name!r} is unknown to this softlabels (knows {', '.join(ENCODINGS)})")
+    raise ShardFormatError(f"shard encoding {name!r} is unknown to this softlabels (knows {', '.join(ENCODINGS)})")
 
 
 def fp16_columns(table: pa.Table, k: int, with_ids: bool = True) -> tuple[Any, np.ndarray, np.ndarray]:

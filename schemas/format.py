@@ -17,11 +17,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.encodings import Encoding, decode_labels, encode_labels, flat_list, fp16_columns, rows_list
-from schemas.errors import UnsupportedSchemaVersion
+from softlabels.schemas.encodings import Encoding, decode_labels, encode_labels, flat_list, fp16_columns, rows_list
+from softlabels.schemas.errors import UnsupportedSchemaVersion
 
-SCHEMA_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+# 3: every footer value is UTF-8 text (compact's vocabulary buckets in base64); 2: encodings; 1: fp16 only.
+SCHEMA_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
 
 _META_VERSION = b"softlabels.schema_version"
 _META_TOPK = b"softlabels.top_k"
@@ -169,35 +170,62 @@ def shard_version(table: pa.Table) -> int:
     return version
 
 
-def decode_table(table: pa.Table) -> Iterator[Sample]:
-    """Decode a shard table (any supported version and encoding) into samples."""
-    if shard_version(table) == 1:
+def _decode_flat(table: pa.Table) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``(row lengths, flat arrays)``: every position of every row back to back, whatever the encoding."""
+    version = shard_version(table)
+    if version == 1:
         topk_ids, topk_lp, tail = fp16_columns(table, table.schema.field("topk_ids").type.value_type.list_size)
     else:
-        topk_ids, topk_lp, tail = decode_labels(table)
-    lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+        topk_ids, topk_lp, tail = decode_labels(table, version)
+    flat = {
+        "input_ids": flat_list(table.column("input_ids")).astype(np.int32, copy=False),
+        "topk_ids": topk_ids,
+        "topk_logprobs": topk_lp,
+        "tail_logprob": tail,
+    }
+    if "tail_sample_ids" in table.column_names:
+        counts = flat_list(table.column("tail_sample_counts"), 2).astype(np.uint8, copy=False).reshape(len(tail), -1)
+        flat["tail_sample_ids"] = flat_list(table.column("tail_sample_ids"), 2).astype(np.int32, copy=False).reshape(counts.shape)
+        flat["tail_sample_counts"] = counts
+    return pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False), flat
+
+
+def decode_table(table: pa.Table) -> Iterator[Sample]:
+    """Decode a shard table (any supported version and encoding) into samples."""
+    lengths, flat = _decode_flat(table)
     bounds = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=bounds[1:])
-    input_ids = flat_list(table.column("input_ids")).astype(np.int32, copy=False)
     sids = table.column("sample_id").to_pylist()
     sources = table.column("source").to_pylist()
-    t_ids = t_counts = None
-    if "tail_sample_ids" in table.column_names:
-        t_counts = flat_list(table.column("tail_sample_counts"), 2).astype(np.uint8, copy=False)
-        t_counts = t_counts.reshape(len(tail), -1)
-        t_ids = flat_list(table.column("tail_sample_ids"), 2).astype(np.int32, copy=False).reshape(t_counts.shape)
     for i in range(len(lengths)):
         a, b = bounds[i], bounds[i + 1]
-        yield Sample(
-            sample_id=sids[i],
-            source=sources[i],
-            input_ids=input_ids[a:b],
-            topk_ids=topk_ids[a:b],
-            topk_logprobs=topk_lp[a:b],
-            tail_logprob=tail[a:b],
-            tail_sample_ids=None if t_ids is None else t_ids[a:b],
-            tail_sample_counts=None if t_counts is None else t_counts[a:b],
-        )
+        rows = {name: values[a:b] for name, values in flat.items()}
+        yield Sample(sample_id=sids[i], source=sources[i], **rows)
+
+
+# Arrow types of the decoded columns (DECODED_COLUMNS order); label columns are [L, k] / [L, S] per row.
+DECODED_TYPES = {
+    "input_ids": pa.int32(),
+    "topk_ids": pa.int32(),
+    "topk_logprobs": pa.float32(),
+    "tail_logprob": pa.float32(),
+    "tail_sample_ids": pa.int32(),
+    "tail_sample_counts": pa.uint8(),
+}
+
+
+def decoded_table(table: pa.Table) -> pa.Table:
+    """A shard table (any version and encoding) as plain, decoded columns, one row per sequence.
+
+    ``sample_id``, ``source``, ``input_ids`` (list<int32>), ``topk_ids`` (list<fixed_size_list<int32, k>>),
+    ``topk_logprobs`` (list<fixed_size_list<float32, k>>), ``tail_logprob`` (list<float32>), and the
+    tail-sample columns when the set has them: what :class:`Sample` holds, in columns any Arrow
+    tool (pandas, polars, duckdb, HF datasets) understands.
+    """
+    lengths, flat = _decode_flat(table)
+    columns = [table.column("sample_id").combine_chunks(), table.column("source").combine_chunks()]
+    columns += [rows_list(values, lengths, DECODED_TYPES[name]) for name, values in flat.items()]
+    return pa.Table.from_arrays(columns, names=["sample_id", "source", *flat])
 
 
 def read_parquet_bytes(data: bytes) -> pa.Table:

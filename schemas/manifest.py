@@ -11,9 +11,9 @@ import posixpath
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from schemas.encodings import Encoding
-from schemas.errors import ManifestError, UnsupportedSchemaVersion
-from schemas.format import SCHEMA_VERSION, SUPPORTED_VERSIONS
+from softlabels.schemas.encodings import Encoding
+from softlabels.schemas.errors import ManifestError, UnsupportedSchemaVersion
+from softlabels.schemas.format import SCHEMA_VERSION, SUPPORTED_VERSIONS
 
 MANIFEST_NAME = "manifest.json"
 
@@ -78,15 +78,15 @@ class Totals:
     bytes: int
 
 
-def _check_shard_path(path: str) -> None:
-    # Shard paths must stay inside the label set: no schemes, no absolute
-    # paths, no "..": a hand-edited manifest must not make a reader fetch
-    # objects from elsewhere.
+def _check_inside(path: str, what: str = "shard path") -> None:
+    # Paths a manifest names (shards, the tokenizer folder) must stay inside the label set:
+    # no schemes, no absolute paths, no "..": a hand-edited manifest must not make a reader
+    # fetch objects from elsewhere.
     if not isinstance(path, str) or not path:
-        raise ManifestError(f"shard path must be a non-empty string, got {path!r}")
+        raise ManifestError(f"{what} must be a non-empty string, got {path!r}")
     norm = posixpath.normpath(path)
     if "://" in path or path.startswith("/") or "\\" in path or norm.startswith("..") or norm != path:
-        raise ManifestError(f"shard path {path!r} is not a plain relative path inside the label set")
+        raise ManifestError(f"{what} {path!r} is not a plain relative path inside the label set")
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,8 @@ class Manifest:
     # Encoding.to_dict() of the label columns; v1 sets hold a column-type record, read as "fp16".
     encoding: dict[str, Any] = field(default_factory=lambda: {"name": "fp16"})
     tail_samples: int = 0  # S: tail draws stored per position (0: none)
+    # `softlabels convert`: the set this one was re-encoded from (url, manifest_sha256, encoding, labeler_version)
+    converted_from: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -126,9 +128,13 @@ class Manifest:
             Encoding.from_dict(self.encoding)
         except (ValueError, TypeError) as e:
             raise ManifestError(f"encoding {self.encoding!r}: {e}") from e
+        if self.tokenizer.files is not None:
+            _check_inside(self.tokenizer.files, "tokenizer folder")
+        if self.converted_from is not None and not isinstance(self.converted_from, dict):
+            raise ManifestError(f"converted_from must be a JSON object, got {self.converted_from!r}")
         seen = set()
         for s in self.shards:
-            _check_shard_path(s.path)
+            _check_inside(s.path)
             if s.path in seen:
                 raise ManifestError(f"shard {s.path!r} is listed twice")
             seen.add(s.path)
@@ -145,6 +151,8 @@ class Manifest:
     def to_json(self) -> str:
         """Serialize (stable key order, human-readable)."""
         d = asdict(self)
+        if d["converted_from"] is None:
+            del d["converted_from"]  # written by the labeler: nothing to say
         ordered = {"schema_version": d.pop("schema_version"), **d}
         return json.dumps(ordered, indent=2, sort_keys=False) + "\n"
 
@@ -178,6 +186,7 @@ class Manifest:
                 created_at=str(d["created_at"]),
                 encoding=dict(d.get("encoding") or {}),
                 tail_samples=d.get("tail_samples", 0),
+                converted_from=d.get("converted_from"),
             )
         except KeyError as e:
             raise ManifestError(f"{where}: missing field {e.args[0]!r}") from e

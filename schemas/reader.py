@@ -6,11 +6,11 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from schemas.errors import LabelSetError, MissingManifestError, ShardChecksumError
-from schemas.fingerprint import sha256_bytes
-from schemas.format import Sample, decode_table, read_parquet_bytes
-from schemas.manifest import MANIFEST_NAME, Manifest, ShardInfo
-from schemas.storage import join_url, resolve_url, retry_io
+from softlabels.schemas.errors import LabelSetError, MissingManifestError, ShardChecksumError
+from softlabels.schemas.fingerprint import sha256_bytes
+from softlabels.schemas.format import Sample, decode_table, read_parquet_bytes
+from softlabels.schemas.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from softlabels.schemas.storage import join_url, resolve_url, retry_io
 
 
 class LabelSet:

@@ -63,7 +63,7 @@ def main() -> int:
         "--loss", "ce", *budget)
     shutil.rmtree(f"{args.out}/student-int8", ignore_errors=True)  # the demo's own output, remade from this student
     cli("trainer", "export", "--model", f"{args.out}/student", "--output", f"{args.out}/student-int8", "--quantize", "int8")
-    from labeler.builtin import builtin_teacher_dir
+    from softlabels.labeler.builtin import builtin_teacher_dir
 
     models = {"teacher": str(builtin_teacher_dir("smollm2-135m")), "student": f"{args.out}/student",
               "student-ce": f"{args.out}/student-ce", "student-int8": f"{args.out}/student-int8"}
@@ -80,7 +80,7 @@ def main() -> int:
     print("softlabels demo: smollm2-135m -> tiny student, built-in pydoc corpus")
     print(f"  tokens labeled         {lab['tokens']:,} in {lab['sequences']} sequences, {lab['shards']} shards")
     print(f"  labeling tokens/s      {rate}  (CPU, {lab['labeled_tokens']:,} tokens this run)")
-    from schemas import open_label_set
+    from softlabels.schemas import open_label_set
 
     enc = open_label_set(labels).manifest.label_encoding
     bound = f", error <= {enc.max_kl:g} nats/token" if enc.max_kl else ""
@@ -91,7 +91,7 @@ def main() -> int:
     print(f"  {'CE on true tokens':<22}{b['ce']:>10.3f}{a['ce']:>10.3f}")
     print(f"  {'KL(teacher||student)':<22}{b['kl']:>10.3f}{a['kl']:>10.3f}")
     print(f"  {'top-1 agreement':<22}{b['top1']:>10.3f}{a['top1']:>10.3f}")
-    from trainer.compare import table
+    from softlabels.trainer.compare import table
 
     print(f"\n  held-out split, every model measured alone (CPU, {rows['teacher']['threads']} threads; chart: "
           f"{args.out}/compare.png)\n")

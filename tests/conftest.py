@@ -123,8 +123,8 @@ def tiny_teacher(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def label_set(ray_local, tiny_teacher, tmp_path_factory) -> str:
     """A small label set made by the real labeler with the tiny teacher (k = 8, several shards)."""
-    from labeler.config import LabelConfig
-    from labeler.job import run
+    from softlabels.labeler.config import LabelConfig
+    from softlabels.labeler.job import run
 
     out = str(tmp_path_factory.mktemp("labels") / "set")
     run(LabelConfig(teacher=tiny_teacher, corpus="pydoc", output=out, top_k=8, max_length=64, limit=200,
@@ -135,7 +135,7 @@ def label_set(ray_local, tiny_teacher, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def builtin_teacher() -> str:
     """The real built-in teacher (SmolLM2-135M), fetched and converted once per cache."""
-    from labeler.builtin import builtin_teacher_dir
+    from softlabels.labeler.builtin import builtin_teacher_dir
 
     return str(builtin_teacher_dir("smollm2-135m"))
 

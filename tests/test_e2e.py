@@ -7,7 +7,7 @@ import json
 import numpy as np
 import torch
 
-from schemas import open_label_set
+from softlabels.schemas import open_label_set
 
 from conftest import run_cli
 

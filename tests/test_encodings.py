@@ -9,10 +9,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from schemas import Encoding, Sample, UnsupportedSchemaVersion, decode_table, encode_samples, open_label_set, sample_id
-from schemas.bitpack import from_planes, pack_bits, to_planes, unpack_bits
-from schemas.encodings import META_ENCODING, kl_buckets
-from schemas.format import read_parquet_bytes, table_to_parquet_bytes
+from softlabels.schemas import Encoding, Sample, UnsupportedSchemaVersion, decode_table, encode_samples, open_label_set, sample_id
+from softlabels.schemas.bitpack import from_planes, pack_bits, to_planes, unpack_bits
+from softlabels.schemas.encodings import META_ENCODING, kl_buckets
+from softlabels.schemas.format import read_parquet_bytes, table_to_parquet_bytes
 
 FIXTURE_V1 = Path(__file__).parent / "fixtures" / "v1-set"
 

@@ -15,8 +15,8 @@ from conftest import assert_one_line_error, cli_in_process
 @pytest.fixture(scope="module")
 def student(label_set, tmp_path_factory) -> str:
     """An untrained `tiny` student (tied embeddings) saved as a Hugging Face directory."""
-    from schemas import open_label_set
-    from trainer.student import build_student
+    from softlabels.schemas import open_label_set
+    from softlabels.trainer.student import build_student
 
     path = tmp_path_factory.mktemp("student")
     model, tok = build_student("tiny", open_label_set(label_set), seed=1)
@@ -59,7 +59,7 @@ def test_int8_export_is_smaller_ties_the_embedding_and_loads_with_onnxruntime(st
     import onnxruntime
     from onnx import numpy_helper
 
-    from trainer.export import META_FILE, weights_bytes
+    from softlabels.trainer.export import META_FILE, weights_bytes
 
     q = Path(exports["int8"])
     meta = json.loads((q / META_FILE).read_text())
@@ -87,11 +87,11 @@ def test_int8_export_is_smaller_ties_the_embedding_and_loads_with_onnxruntime(st
 
 
 def test_fp32_export_matches_the_model_and_evaluate_scores_it_the_same(label_set, student, exports):
-    from schemas import open_label_set
-    from trainer.data import LabelDataset
-    from trainer.evaluate import evaluate
-    from trainer.export import load_exported
-    from trainer.student import build_student
+    from softlabels.schemas import open_label_set
+    from softlabels.trainer.data import LabelDataset
+    from softlabels.trainer.evaluate import evaluate
+    from softlabels.trainer.export import load_exported
+    from softlabels.trainer.student import build_student
 
     onnx_model = load_exported(exports["none"])
     assert onnx_model.meta["tied_embedding"] is False  # fp32: nothing to share
@@ -109,7 +109,7 @@ def test_fp32_export_matches_the_model_and_evaluate_scores_it_the_same(label_set
 
 
 def test_an_untied_model_keeps_its_own_embedding(tiny_teacher, tmp_path):
-    from trainer.export import export_model
+    from softlabels.trainer.export import export_model
 
     meta = export_model(tiny_teacher, str(tmp_path / "q"))
     assert meta["tied_embedding"] is False  # the tiny teacher's embedding and head differ
@@ -119,10 +119,10 @@ def test_an_untied_model_keeps_its_own_embedding(tiny_teacher, tmp_path):
 def test_compare_measures_every_model_and_scores_the_teacher_against_its_own_labels(
     label_set, tiny_teacher, student, exports, tmp_path
 ):
-    from schemas import open_label_set
-    from trainer.data import LabelDataset
-    from trainer.evaluate import evaluate
-    from trainer.student import build_student
+    from softlabels.schemas import open_label_set
+    from softlabels.trainer.data import LabelDataset
+    from softlabels.trainer.evaluate import evaluate
+    from softlabels.trainer.student import build_student
 
     png = tmp_path / "cmp.png"
     code, out, err = cli_in_process(

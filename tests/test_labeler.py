@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from labeler.config import LabelConfig
-from labeler.job import run
-from labeler.sink import OutputError
-from schemas import open_label_set, resolve_url, tokenizer_fingerprint, sample_id
+from softlabels.labeler.config import LabelConfig
+from softlabels.labeler.job import run
+from softlabels.common.commit import OutputError
+from softlabels.schemas import open_label_set, resolve_url, tokenizer_fingerprint, sample_id
 
 from conftest import ACCESS_KEY, SECRET_KEY, run_cli
 
@@ -269,7 +269,7 @@ def test_resume_with_different_teacher_or_corpus_is_refused(ray_local, tiny_teac
 
 
 def test_bad_rows_fail_with_file_and_row_or_are_skipped_and_counted(ray_local, tiny_teacher, tmp_path):
-    from labeler.corpus import BadRow
+    from softlabels.labeler.corpus import BadRow
 
     corpus = tmp_path / "c.jsonl"
     rows = [json.dumps({"text": "good one"}), "{not json", json.dumps({"text": ""}), json.dumps({"text": 7}),
@@ -329,7 +329,7 @@ def test_tail_samples_are_drawn_outside_the_topk_reproducibly_and_train(ray_loca
             assert len(set(drawn.tolist())) == len(drawn) and not set(drawn.tolist()) & set(s.topk_ids[row].tolist())
         n_positions += len(s.input_ids)
     assert n_positions == ls.manifest.totals.tokens
-    from trainer.loop import TrainConfig, train
+    from softlabels.trainer.loop import TrainConfig, train
 
     summary = train(TrainConfig(labels=a, output=str(tmp_path / "student"), steps=3, batch_size=2,
                                 loss="tail-sampled", eval_fraction=0.25))

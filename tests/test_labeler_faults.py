@@ -19,7 +19,7 @@ from dataclasses import asdict
 
 import pytest
 
-from schemas import resolve_url
+from softlabels.schemas import resolve_url
 
 from conftest import REPO, run_cli
 
@@ -107,8 +107,8 @@ def settle(proc: subprocess.Popen, timeout: float = 3) -> list[int]:
 
 def label_in_process(teacher: str, url: str) -> dict:
     """The same job as the CLI command, run in this process on the tests' Ray (saves its start-up)."""
-    from labeler.config import LabelConfig
-    from labeler.job import run
+    from softlabels.labeler.config import LabelConfig
+    from softlabels.labeler.job import run
 
     cfg = LabelConfig(teacher=teacher, corpus="pydoc", output=url, top_k=8, max_length=64, limit=120,
                       shard_tokens=256, batch_tokens=256, threads=1)

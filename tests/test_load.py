@@ -15,9 +15,9 @@ from collections import Counter
 
 import numpy as np
 
-from labeler.config import LabelConfig
-from labeler.job import run
-from schemas import open_label_set
+from softlabels.labeler.config import LabelConfig
+from softlabels.labeler.job import run
+from softlabels.schemas import open_label_set
 
 from conftest import REPO
 
@@ -85,8 +85,8 @@ def replicate(label_set: str, dst, n: int) -> str:
 
 
 def test_trainer_first_batch_from_1200_shards_reads_a_bounded_number_of_them(label_set, tmp_path, monkeypatch):
-    from schemas.reader import LabelSet
-    from trainer.data import LabelDataset, StatefulLoader
+    from softlabels.schemas.reader import LabelSet
+    from softlabels.trainer.data import LabelDataset, StatefulLoader
 
     big = replicate(label_set, tmp_path / "big", 1200)
     reads = []

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from labeler.topk import topk_with_tail
-from trainer.losses import chunked_loss, position_loss
+from softlabels.labeler.topk import topk_with_tail
+from softlabels.trainer.losses import chunked_loss, position_loss
 
 
 def teacher_labels(teacher_logits: torch.Tensor, k: int):

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-import schemas
-from schemas import (
+from softlabels import schemas
+from softlabels.schemas import (
     CorpusInfo,
     Manifest,
     ManifestError,
@@ -29,8 +29,8 @@ from schemas import (
     sample_id,
     table_to_parquet_bytes,
 )
-from schemas.fingerprint import sha256_bytes
-from schemas.format import read_parquet_bytes
+from softlabels.schemas.fingerprint import sha256_bytes
+from softlabels.schemas.format import read_parquet_bytes
 
 
 def make_samples(n: int, k: int, seed: int = 0, vocab: int = 1000) -> list[Sample]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from schemas import resolve_url
+from softlabels.schemas import resolve_url
 
 from conftest import ACCESS_KEY, SECRET_KEY, run_cli
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from labeler.topk import topk_with_tail
+from softlabels.labeler.topk import topk_with_tail
 
 
 def direct(hidden, head, k, temperature=1.0):

@@ -7,14 +7,14 @@ import json
 import pytest
 from torch.utils.data import DataLoader
 
-from trainer.data import LabelDataset, collate, in_eval_split
+from softlabels.trainer.data import LabelDataset, collate, in_eval_split
 
 from conftest import assert_one_line_error, cli_in_process, run_cli
 
 
 
 def ids_of(ds, **loader_kw) -> list[str]:
-    from schemas.fingerprint import sample_id
+    from softlabels.schemas.fingerprint import sample_id
 
     fp = ds.manifest.tokenizer.fingerprint
     out = []
@@ -90,7 +90,7 @@ def test_trainer_never_imports_ray_or_the_labeler(label_set, tmp_path):
 
 def test_dataloader_workers_read_a_label_set_on_s3(label_set, s3_server):
     """Forked DataLoader workers must not reuse the parent's S3 client (s3fs is not fork-safe)."""
-    from schemas import resolve_url
+    from softlabels.schemas import resolve_url
 
     url = f"{s3_server}/workers-{id(label_set)}"
     fs, root = resolve_url(url)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from schemas.errors import ShardChecksumError
-from trainer.data import LabelDataset, StatefulLoader, truncate_topk
+from softlabels.schemas.errors import ShardChecksumError
+from softlabels.trainer.data import LabelDataset, StatefulLoader, truncate_topk
 
 from conftest import REPO, assert_one_line_error, cli_in_process, run_cli
 
@@ -130,8 +130,8 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one_in_force(point, la
     """Killed while writing the step-6 checkpoint (mid-file, or with every file written but not committed)."""
     from safetensors.torch import load_file
 
-    from trainer.checkpoint import CheckpointStore
-    from trainer.student import build_student
+    from softlabels.trainer.checkpoint import CheckpointStore
+    from softlabels.trainer.student import build_student
 
     c = tmp_path / "c"
     killed = run_cli("trainer", *train_args(label_set, c), check=False, env={"SOFTLABELS_CRASH_AT": point})
@@ -200,10 +200,10 @@ def test_ddp_two_cpu_ranks_see_disjoint_data_and_end_with_equal_weights(label_se
 def test_hf_trainer_with_our_dataset_collator_and_loss(label_set, tmp_path):
     from transformers import TrainingArguments
 
-    from trainer.data import LabelDataset, collate
-    from trainer.hf import DistillationTrainer
-    from trainer.losses import chunked_loss
-    from trainer.student import build_student
+    from softlabels.trainer.data import LabelDataset, collate
+    from softlabels.trainer.hf import DistillationTrainer
+    from softlabels.trainer.losses import chunked_loss
+    from softlabels.trainer.student import build_student
 
     ds = LabelDataset(label_set, split="train", eval_fraction=0.1, epochs=None)
     model, _ = build_student("tiny", ds.labels, seed=0)
@@ -223,7 +223,7 @@ def test_hf_trainer_with_our_dataset_collator_and_loss(label_set, tmp_path):
 
 
 def test_checkpoints_on_s3_and_resume_from_them(label_set, s3_server, tmp_path):
-    from schemas import resolve_url
+    from softlabels.schemas import resolve_url
 
     ckpt = f"{s3_server}/ckpt-{tmp_path.name}"
     args = ["run", "--labels", label_set, "--output", str(tmp_path / "s"), "--batch-size", "2", "--eval-batches", "1",

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from schemas import join_url, resolve_url, retry_io, write_whole
-from schemas.crash import crash_point
-from schemas.storage import sweep_partial_writes
+from softlabels.common.files import sweep_partial_writes, write_whole
+from softlabels.schemas import join_url, resolve_url, retry_io
+from softlabels.common.crash import crash_point
 
 log = logging.getLogger(__name__)
 LATEST = "latest"

@@ -86,11 +86,11 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
     eval_batches, rows, length, seconds, threads, trust_remote_code, and speed_only (time it, nothing else)."""
     import torch
 
-    from schemas import open_label_set
-    from trainer.data import LabelDataset
-    from trainer.evaluate import evaluate
-    from trainer.export import OnnxCausalLM, is_export_dir, weights_bytes
-    from trainer.student import build_student, check_tokenizer, load_label_tokenizer
+    from softlabels.schemas import open_label_set
+    from softlabels.trainer.data import LabelDataset
+    from softlabels.trainer.evaluate import evaluate
+    from softlabels.trainer.export import OnnxCausalLM, is_export_dir, weights_bytes
+    from softlabels.trainer.student import build_student, check_tokenizer, load_label_tokenizer
 
     torch.set_num_threads(opts["threads"])
     labels = open_label_set(opts["labels"], opts["storage_options"])
@@ -144,7 +144,7 @@ def _measure_in_child(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_spec(spec: str) -> None:
-    from trainer.export import META_FILE, ONNX_FILE
+    from softlabels.trainer.export import META_FILE, ONNX_FILE
 
     p = Path(spec)
     if p.exists() and not (p / "config.json").is_file() and not (p / ONNX_FILE).is_file():
@@ -166,7 +166,7 @@ def compare(
     quality, the others only time), and each model keeps its fastest round: on a shared machine a slow
     spell of a minute or two would otherwise land on whichever model was being timed then.
     """
-    from schemas import open_label_set
+    from softlabels.schemas import open_label_set
 
     if not models:
         raise ValueError("--models needs at least one model")
@@ -252,7 +252,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], png: str) -> None:
     """One bar chart per measure, one bar per model."""
-    from schemas.cliutil import pyplot, save_png
+    from softlabels.common.plot import pyplot, save_png
 
     plt = pyplot(png)
     panels = [
@@ -283,7 +283,7 @@ def plot(rows: list[dict[str, Any]], png: str) -> None:
 
 def _worker_main() -> int:
     """Child entry: measure one model, print its row as JSON; errors as one line on stderr."""
-    from schemas.cliutil import run_main, setup_logging
+    from softlabels.common.cli import run_main, setup_logging
 
     setup_logging(False)
     job = json.loads(sys.argv[1])

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from schemas import LabelSet, Sample, open_label_set
-from schemas.errors import ShardChecksumError
+from softlabels.schemas import LabelSet, Sample, open_label_set
+from softlabels.schemas.errors import ShardChecksumError
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from trainer.data import LabelDataset, collate
-from trainer.losses import label_positions, position_loss
+from softlabels.trainer.data import LabelDataset, collate
+from softlabels.trainer.losses import label_positions, position_loss
 
 
 def _move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

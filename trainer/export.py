@@ -23,7 +23,7 @@ the vocabulary matrix is stored once, in int8.
 
 Load back with one call::
 
-    from trainer.export import load_exported
+    from softlabels.trainer.export import load_exported
     model = load_exported("student-int8")          # logits = model.logits(input_ids, attention_mask)
 
 or with ONNX Runtime alone::
@@ -49,7 +49,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from schemas.storage import current_umask
+from softlabels.common.files import current_umask
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def export_model(
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from schemas.cliutil import remote_code_guard
+    from softlabels.common.cli import remote_code_guard
 
     t0 = time.time()
     with remote_code_guard(f"model {model_dir}"):

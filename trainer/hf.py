@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import Trainer
 
-from trainer.losses import LOSSES, chunked_loss
+from softlabels.trainer.losses import LOSSES, chunked_loss
 
 
 class DistillationTrainer(Trainer):

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-LOSSES = ("tail-kl", "topk-kl", "reverse-kl", "tail-sampled", "ce")
+from softlabels.trainer.config import LOSSES  # the names live with the config, which needs no torch
+
 _NEG = -1e30  # stands in for log(0) where -inf would poison gradients
 
 

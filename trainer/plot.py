@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from schemas.cliutil import pyplot, save_png
+from softlabels.common.plot import pyplot, save_png
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:

@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from schemas import LabelSet, join_url, retry_io, tokenizer_fingerprint
-from schemas.cliutil import remote_code_guard
+from softlabels.schemas import LabelSet, join_url, retry_io, tokenizer_fingerprint
+from softlabels.common.cli import remote_code_guard
 
 log = logging.getLogger(__name__)
 

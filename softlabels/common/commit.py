@@ -6,9 +6,12 @@ Commit protocol (object stores have no atomic rename):
 2. then ``_commits/part-NNNNNN.json`` (rows, tokens, bytes, sha256),
 3. the driver writes ``manifest.json`` last, from the markers.
 
-``_labeler/run.json`` records what the run labels (teacher, tokenizer, k,
-temperature, corpus, sequence config) so that a resume with different
-settings is refused instead of mixing two label sets.
+A run record (``_labeler/run.json`` for the labeler, ``_convert/run.json`` for
+``softlabels convert``) records what the run writes (teacher, tokenizer, k,
+temperature, corpus, sequence config; or the source set and the encoding) so
+that a resume with different settings is refused instead of mixing two label sets.
+
+Used by the labeler (driver and Ray workers) and by ``softlabels convert``.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from schemas import Manifest, ShardInfo, join_url, resolve_url, retry_io, write_whole
-from schemas.crash import crash_point
-from schemas.storage import sweep_partial_writes
-from schemas.fingerprint import sha256_bytes
-from schemas.manifest import MANIFEST_NAME
+from softlabels.common.files import sweep_partial_writes, write_whole
+from softlabels.schemas import Manifest, ShardInfo, join_url, resolve_url, retry_io
+from softlabels.common.crash import crash_point
+from softlabels.schemas.fingerprint import sha256_bytes
+from softlabels.schemas.errors import UserError
+from softlabels.schemas.manifest import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +46,18 @@ class Commit:
     inputs: str | None
 
 
-class OutputError(ValueError):
+class OutputError(UserError):
     """The output location cannot be used (foreign content, mismatched resume, unreachable)."""
 
 
 class LabelSetWriter:
     """All writes of one label set go through here (driver and workers alike)."""
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, url: str, storage_options: Mapping[str, Any] | None = None, run_record: str = RUN_RECORD, job: str = "labeler"
+    ) -> None:
+        """``run_record``: where this kind of run records its identity; ``job`` names its crash points."""
+        self.run_record, self.job = run_record, job
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = resolve_url(self.url, self.storage_options)
@@ -110,8 +118,8 @@ class LabelSetWriter:
             log.info("--overwrite: removing everything under %s", self.url)
             retry_io(lambda: self.fs.rm(self.root, recursive=True), f"remove {self.url}")
             self.fs.invalidate_cache()
-        if self.exists(RUN_RECORD):
-            stored = json.loads(self._read(RUN_RECORD))
+        if self.exists(self.run_record):
+            stored = json.loads(self._read(self.run_record))
             diffs = _diff(stored, identity)
             if diffs:
                 raise OutputError(
@@ -122,7 +130,7 @@ class LabelSetWriter:
             return "complete" if self.exists(MANIFEST_NAME) else "resume"
         if self.exists(""):
             self._refuse_foreign()
-        self._write(RUN_RECORD, (json.dumps(identity, indent=2, sort_keys=True) + "\n").encode())
+        self._write(self.run_record, (json.dumps(identity, indent=2, sort_keys=True) + "\n").encode())
         return "new"
 
     def abandon(self) -> None:
@@ -134,7 +142,7 @@ class LabelSetWriter:
 
     def _refuse_foreign(self) -> None:
         """Raise unless the (existing) root is empty or holds this tool's run record."""
-        if self.exists(RUN_RECORD):
+        if self.exists(self.run_record):
             return
         entries = retry_io(lambda: self.fs.ls(self.root, detail=False), f"list {self.url}")
         if entries:
@@ -193,7 +201,7 @@ class LabelSetWriter:
             sha256=sha256_bytes(shard_bytes),
         )
         self._write(info.path, shard_bytes)
-        crash_point("labeler.shard-written")
+        crash_point(f"{self.job}.shard-written")
         marker = {**asdict(info), "inputs": inputs} if inputs else asdict(info)
         self._write(f"{COMMITS}/{name}.json", json.dumps(marker, sort_keys=True).encode())
         return info
@@ -212,6 +220,10 @@ class LabelSetWriter:
             for f in sorted(Path(tmp).iterdir()):
                 if f.is_file():
                     self._write(f"{TOKENIZER}/{f.name}", f.read_bytes())
+
+    def write_file(self, rel: str, data: bytes) -> None:
+        """Publish one whole file at ``rel`` (relative to the root), e.g. a tokenizer file."""
+        self._write(rel, data)
 
     def write_manifest(self, manifest: Manifest) -> None:
         """The commit of the whole set: written last, once every shard is committed."""

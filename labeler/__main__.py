@@ -1,5 +1,0 @@
-import sys
-
-from labeler.cli import main
-
-sys.exit(main())

@@ -1,0 +1,167 @@
+"""Command-line helpers shared by every ``softlabels`` subcommand (stdlib only; PyYAML lazily for --config).
+
+* :func:`run_main` runs a command body: a :class:`~softlabels.schemas.errors.UserError`
+  becomes one line and exit code 2; any other exception keeps its traceback (a bug).
+* :func:`resolve_settings` fills a frozen config dataclass from its defaults, a YAML
+  file (``--config``) and the flags given, in that order.
+* :func:`require_extra` says which ``pip install 'softlabels[...]'`` a command needs
+  before it starts, instead of an ImportError midway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+from softlabels.schemas.errors import UserError
+
+C = TypeVar("C")
+
+
+def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
+    """``["key=value", ...]`` -> dict; values are parsed as JSON when they can be (true, 3, {...})."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--storage-option expects key=value, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Raise a UserError naming the extra to install if any of ``modules`` is missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"this command needs {', '.join(missing)}: pip install 'softlabels[{extra}]'")
+
+
+@contextlib.contextmanager
+def remote_code_guard(model: str) -> Iterator[None]:
+    """Turn transformers' refusals of a model into one-line user errors.
+
+    A model that ships its own code names ``--trust-remote-code``; a model that
+    is not there (no such directory, not in the local hub cache, no network)
+    says so, instead of transformers' multi-line OSError.
+    """
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise UserError(
+                f"{model} needs its own Python code to load; it was not run. Pass --trust-remote-code if you trust it"
+            ) from e
+        raise
+    except OSError as e:
+        if isinstance(e, UserError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{model} cannot be loaded: {first}") from e
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_main(fn: Callable[[], int], debug: bool, prog: str) -> int:
+    """Run a command body; a UserError becomes ``prog: error: <one line>`` and exit code 2.
+
+    Every other exception propagates with its traceback (Python exits 1): it is a bug
+    to report, not the user's to fix. ``--debug`` shows user errors' tracebacks too.
+    """
+    try:
+        return fn()
+    except UserError as e:
+        if debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+# -- settings: defaults < --config FILE.yaml < flags -----------------------------------------
+
+
+def load_yaml_settings(path: str, cls: type) -> dict[str, Any]:
+    """Read a ``--config`` file into ``cls``'s field names (``top_k`` or ``top-k``); unknown keys are an error."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as e:
+        raise UserError(f"config file {path}: cannot be read ({e.strerror or e})") from e
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise UserError(f"config file {path}: unknown setting {key!r} (known: {', '.join(sorted(names))})")
+        out[name] = value
+    if not isinstance(out.get("storage_options", {}), dict):
+        raise UserError(f"config file {path}: storage_options must be a mapping")
+    return out
+
+
+def resolve_settings(cls: type[C], yaml_path: str | None, flags: Mapping[str, Any], required: tuple[str, ...] = ()) -> C:
+    """Build ``cls`` from its defaults, then the YAML file, then ``flags`` (only the flags given).
+
+    ``storage_options`` from the file and from ``--storage-option`` are merged (flags win
+    per key). ``required`` fields must come from one of the two.
+
+    Raises:
+        UserError: an unreadable file, an unknown key, a missing required setting, or a
+            value the config class refuses.
+    """
+    values = load_yaml_settings(yaml_path, cls) if yaml_path else {}
+    options = {**values.get("storage_options", {}), **flags.get("storage_options", {})}
+    values.update({k: v for k, v in flags.items() if k != "storage_options"})
+    values["storage_options"] = options
+    for name in required:
+        if not values.get(name):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"no {name}: pass {flag} or set {name} in the --config file")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise UserError(f"bad configuration: {e}") from e
+
+
+def given_flags(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The settings a command line gave (flags left out stay out: their default is ``SUPPRESS``).
+
+    ``--storage-option KEY=VALUE`` entries become ``storage_options``.
+    """
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "json", "debug", "handler", *skip)}
+    if "storage_option" in given:
+        given["storage_options"] = parse_storage_options(given.pop("storage_option"))
+    return given
+
+
+def debug_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")

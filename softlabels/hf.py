@@ -1,0 +1,88 @@
+"""A label set as a Hugging Face ``datasets`` dataset, with decoded columns (needs ``softlabels[hf]``).
+
+::
+
+    import softlabels
+    ds = softlabels.to_hf_dataset("s3://bucket/labels/run1")                  # datasets.Dataset
+    it = softlabels.to_hf_dataset("s3://bucket/labels/run1", streaming=True)  # datasets.IterableDataset
+
+One row per sequence, whatever the set's encoding: ``sample_id``, ``source``,
+``input_ids [L]`` int32, ``topk_ids [L][k]`` int32 (descending by log-prob),
+``topk_logprobs [L][k]`` float32, ``tail_logprob [L]`` float32, and for sets labeled
+with ``--tail-samples S`` also ``tail_sample_ids [L][S]`` and ``tail_sample_counts [L][S]``.
+Every shard is checked against the manifest's sha256 as it is read.
+
+``Dataset`` writes the decoded rows to the ``datasets`` cache once (keyed by the
+manifest's sha256, so a rewritten set is never served stale); ``IterableDataset``
+streams shard by shard and splits shards over DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from softlabels.common.cli import require_extra
+from softlabels.schemas import open_label_set
+from softlabels.schemas.fingerprint import sha256_bytes
+from softlabels.schemas.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from softlabels.schemas.storage import join_url, retry_io
+
+
+def features(manifest: Manifest) -> Any:
+    """The ``datasets.Features`` of a label set's decoded rows."""
+    import datasets
+
+    seq = getattr(datasets, "List", None) or datasets.Sequence  # datasets >= 4 names it List
+    k, s = manifest.top_k, manifest.tail_samples
+    cols = {
+        "sample_id": datasets.Value("string"),
+        "source": datasets.Value("string"),
+        "input_ids": seq(datasets.Value("int32")),
+        "topk_ids": seq(seq(datasets.Value("int32"), length=k)),
+        "topk_logprobs": seq(seq(datasets.Value("float32"), length=k)),
+        "tail_logprob": seq(datasets.Value("float32")),
+    }
+    if s:
+        cols["tail_sample_ids"] = seq(seq(datasets.Value("int32"), length=s))
+        cols["tail_sample_counts"] = seq(seq(datasets.Value("uint8"), length=s))
+    return datasets.Features(cols)
+
+
+def _rows(url: str, storage_options: dict[str, Any], shards: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    ls = open_label_set(url, storage_options)
+    for shard in shards:
+        for s in ls.read_shard(ShardInfo(**shard)):
+            row = {"sample_id": s.sample_id, "source": s.source, "input_ids": s.input_ids, "topk_ids": s.topk_ids,
+                   "topk_logprobs": s.topk_logprobs, "tail_logprob": s.tail_logprob}
+            if s.tail_sample_ids is not None:
+                row.update(tail_sample_ids=s.tail_sample_ids, tail_sample_counts=s.tail_sample_counts)
+            yield row
+
+
+def to_hf_dataset(
+    url: str, storage_options: Mapping[str, Any] | None = None, streaming: bool = False, cache_dir: str | None = None
+) -> Any:
+    """The label set at ``url`` as a ``datasets.Dataset`` (or ``IterableDataset`` with ``streaming``).
+
+    Raises:
+        UserError: ``datasets`` is not installed, or the label set cannot be opened (see
+            :func:`softlabels.schemas.open_label_set`).
+    """
+    require_extra("hf", "datasets")
+    import datasets
+
+    ls = open_label_set(url, storage_options)
+    gen_kwargs = {
+        "url": ls.url,
+        "storage_options": dict(ls.storage_options),
+        "shards": [dataclasses.asdict(s) for s in ls.shards],
+    }
+    feats = features(ls.manifest)
+    if streaming:
+        return datasets.IterableDataset.from_generator(_rows, features=feats, gen_kwargs=gen_kwargs)
+    # The cache key: what the set holds (its manifest), never the storage options (they may hold secrets).
+    manifest = retry_io(lambda: ls.fs.cat_file(join_url(ls.root, MANIFEST_NAME)), f"read {ls.url}/{MANIFEST_NAME}")
+    return datasets.Dataset.from_generator(_rows, features=feats, gen_kwargs=gen_kwargs, cache_dir=cache_dir,
+                                           fingerprint="softlabels-" + sha256_bytes(manifest)[:32])
