@@ -144,7 +144,7 @@ def seaweedfs(bucket: str = "softlabels-bench", port: int = S3_PORT, timeout: fl
 
     Sets ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and ``AWS_ENDPOINT_URL``
     in this process's environment first: SeaweedFS takes its one identity from
-    those variables when it starts and enforces it, and ``schemas.resolve_url``
+    those variables when it starts and enforces it, and ``softlabels.schemas.resolve_url``
     (hence the labeler) picks the endpoint from ``AWS_ENDPOINT_URL``.
     Processes started later (Ray workers) inherit them.
 

@@ -1,12 +1,13 @@
 """Do students notice the encoding? Train on fp16 vs compact labels (and with tail draws), two seeds each.
 
-The real labeler labels the built-in corpus with the built-in teacher twice, at
-the same k and sequence settings (``--limit`` sequences of ``--max-length``):
+The real labeler (``softlabels label``) labels the built-in corpus with the
+built-in teacher twice, at the same k and sequence settings (``--limit``
+sequences of ``--max-length``):
 
   fp16     ``--encoding fp16 --tail-samples S`` (fp16 log-probs: the reference)
   compact  ``--encoding compact`` (the default; error within its ``max_kl``)
 
-Then the ``tiny`` student is trained with ``trainer.loop.train`` (as
+Then the ``tiny`` student is trained with ``softlabels.trainer.loop.train`` (as
 ``bench/quality.py`` does: same budget, eval cadence and held-out split) for
 each seed in ``--seeds``:
 
@@ -14,7 +15,7 @@ each seed in ``--seeds``:
   labels plus the S draws per position from the teacher's tail).
 
 Every final student is scored on the held-out split (the same sequences in
-both sets: sample ids are content addresses) by ``trainer.evaluate`` (CE on
+both sets: sample ids are content addresses) by ``softlabels.trainer.evaluate`` (CE on
 true tokens, KL over the stored buckets) and against the teacher's full
 distribution (teacher in memory). Prints a table with the per-seed values, the
 spread between seeds (run-to-run noise) and the differences between label sets.
@@ -67,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def label(args: argparse.Namespace, name: str, extra: list[str]) -> str:
     """Label (or reuse) one set with the real labeler CLI; returns its path."""
     out = str(Path(args.work) / name)
-    cmd = [sys.executable, "-m", "labeler", "run", "--teacher", "smollm2-135m", "--corpus", "pydoc", "--output", out,
+    cmd = [sys.executable, "-m", "softlabels", "label", "--teacher", "smollm2-135m", "--corpus", "pydoc", "--output", out,
            "--top-k", str(args.top_k), "--max-length", str(args.max_length), "--limit", str(args.limit),
            "--shard-tokens", "8192", "--json", *extra]
     t = time.time()

@@ -7,7 +7,7 @@ memory (over the loaded model and its inputs) of two ways to get the top-k:
   full logits: ``model(input_ids, attention_mask).logits`` -> ``log_softmax``
                (in fp32) -> ``topk``, as a naive labeler would;
   labeler:     the body's hidden states at the real positions ->
-               ``labeler.topk.topk_with_tail`` (LM head over ``head_chunk``
+               ``softlabels.labeler.topk.topk_with_tail`` (LM head over ``head_chunk``
                positions at a time, top-k + exact tail), as ``TeacherRunner`` does.
 
 The first grows with batch x sequence x vocab; the labeler's is bounded by

@@ -5,11 +5,11 @@ Same process, same teacher weights, same random sequences, same batches
 
   (a) bare forward: ``model(input_ids=..., attention_mask=...)`` producing the
       full ``[batch, seq, vocab]`` logits (inputs already on the device);
-  (b) labeler: what the Ray job does with one unit (:mod:`labeler.actor`), here
+  (b) labeler: what the Ray job does with one unit (:mod:`softlabels.labeler.actor`), here
       run one step after the other in one process:
         label  - ``TeacherRunner.label`` (body + chunked LM head + top-k + exact
                  tail, results to the host), as ``TeacherActor.label`` does;
-        encode - ``labeler.actor.encode_shard`` (``Sample``, ``sample_id``,
+        encode - ``softlabels.labeler.actor.encode_shard`` (``Sample``, ``sample_id``,
                  ``encode_samples`` in the default encoding,
                  ``table_to_parquet_bytes``), as the shard writer actor does;
         write  - ``LabelSetWriter.commit_unit`` (shard, then commit marker) to a
@@ -21,7 +21,7 @@ timing. In the Ray job encode + write run in a writer actor while the teacher
 labels its next unit, so the table also gives the label stage alone (a
 replica's own pace when its writer keeps up) and encode + write alone (the
 writer's pace). ``--ray-job`` also times the whole Ray job
-(``labeler.job.run``) on the built-in pydoc corpus, packed to the same length.
+(``softlabels.labeler.job.run``) on the built-in pydoc corpus, packed to the same length.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"{common.S3_PORT} (needs the 'weed' binary and s3fs); anything else is a URL or "
                         "local path used as is (default: %(default)s)")
     p.add_argument("--ray-job", action="store_true",
-                   help="also time labeler.job.run on the built-in pydoc corpus (needs ray; not with random:)")
+                   help="also time softlabels.labeler.job.run on the built-in pydoc corpus (needs ray; not with random:)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -232,7 +232,7 @@ def measure(args: argparse.Namespace, runner: Any, fp: str, output: str) -> tupl
 
 
 def ray_job(args: argparse.Namespace, output: str) -> dict[str, Any]:
-    """Time ``labeler.job.run`` on the pydoc corpus, packed to ``--length``; returns its summary figures."""
+    """Time ``softlabels.labeler.job.run`` on the pydoc corpus, packed to ``--length``; returns its summary figures."""
     from softlabels.labeler.config import LabelConfig
     from softlabels.labeler.job import run
 

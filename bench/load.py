@@ -3,7 +3,7 @@
 One process, one run, side by side:
 
   1. **Many tiny documents.** Corpora of ``--tiny-small`` and ``--tiny``
-     one-line documents (``.jsonl``), each labeled in full by the labeler CLI
+     one-line documents (``.jsonl``), each labeled in full by ``softlabels label``
      with a small random teacher that uses the built-in teacher's tokenizer
      (49,152 ids). While it runs, the RSS of the driver and of every process
      it started (Ray's and the workers: the process tree) is sampled every
@@ -16,7 +16,7 @@ One process, one run, side by side:
      Peaks as above, against a 1 MB single-document corpus.
   3. **Trainer, time to first batch**, from a label set of ``--shards``
      shards vs one of ~12, on local disk and on a local SeaweedFS S3 server:
-     ``LabelDataset`` + ``StatefulLoader`` as ``trainer run`` builds them,
+     ``LabelDataset`` + ``StatefulLoader`` as ``softlabels train`` builds them,
      timed from construction (manifest read) to the first batch, median of
      ``--repeats``. Also counts the shards fetched before that batch.
 
@@ -111,7 +111,7 @@ class TreeRSS:
 
 def label(teacher: str, corpus: Path, out: Path, limit: int | None, max_length: int, shard_tokens: int = 65536) -> dict[str, Any]:
     """Run the labeler CLI; returns its JSON summary plus the peaks and wall time."""
-    cmd = [sys.executable, "-m", "labeler", "run", "--teacher", teacher, "--corpus", str(corpus), "--output", str(out),
+    cmd = [sys.executable, "-m", "softlabels", "label", "--teacher", teacher, "--corpus", str(corpus), "--output", str(out),
            "--top-k", "8", "--max-length", str(max_length), "--shard-tokens", str(shard_tokens), "--batch-tokens", "8192",
            "--json"]
     if limit:

@@ -4,11 +4,11 @@ One process, one run:
 
   1. start a local SeaweedFS S3 server (``common.seaweedfs``) and upload the
      label set into its bucket (``fs.put_file`` per file);
-  2. read the train split from ``s3://`` with ``trainer.data.LabelDataset`` +
-     ``StatefulLoader`` (its ``collate``), exactly as ``trainer.loop.train``
+  2. read the train split from ``s3://`` with ``softlabels.trainer.data.LabelDataset`` +
+     ``StatefulLoader`` (its ``collate``), exactly as ``softlabels.trainer.loop.train``
      builds them, for ``--epochs`` passes, in each loader configuration
      (the trainer's defaults; ``prefetch=0``; ``num_workers=2`` forked, as
-     ``trainer run --num-workers 2`` does; ``num_workers=2`` from a
+     ``softlabels train --num-workers 2`` does; ``num_workers=2`` from a
      forkserver), configurations interleaved over ``--repeats`` rounds. Each
      pass fetches every shard from S3 again, checks its sha256, decodes and
      collates;
@@ -38,7 +38,7 @@ import common
 from trainer_speed import build_mode, default_labels, fixed_batches, open_labels, quiet_hf, train_step
 
 # Name -> LabelDataset prefetch, DataLoader num_workers and worker start method. "default" and
-# "workers2" are what ``trainer run`` does with --num-workers 0 / 2 (fork, Linux's default).
+# "workers2" are what ``softlabels train`` does with --num-workers 0 / 2 (fork, Linux's default).
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {"prefetch": 2, "num_workers": 0, "mp": None},
     "prefetch0": {"prefetch": 0, "num_workers": 0, "mp": None},

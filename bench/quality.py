@@ -4,7 +4,7 @@ The built-in teacher's label set of the built-in corpus, the built-in ``tiny``
 student, one fixed budget (``--steps`` x ``--batch-size`` sequences), one seed.
 Four students, trained one after the other:
 
-  ce       ``trainer.loop.train(TrainConfig(loss="ce"))``: true next tokens only;
+  ce       ``softlabels.trainer.loop.train(TrainConfig(loss="ce"))``: true next tokens only;
   topk-kl  ``train(loss="topk-kl")``: KL over the renormalized stored top-k;
   tail-kl  ``train(loss="tail-kl")``: KL over the stored top-k + exact tail bucket;
   online   the teacher in memory, full-vocabulary KL(teacher || student) every
@@ -14,7 +14,7 @@ Four students, trained one after the other:
            order: checked against ``train``'s ``--log-samples`` record), same
            student init, AdamW groups, warmup + cosine schedule, clipping.
 
-Every student is scored by ``trainer.evaluate.evaluate`` on the same held-out
+Every student is scored by ``softlabels.trainer.evaluate.evaluate`` on the same held-out
 split every ``--eval-every`` steps: CE on the true next tokens and KL(teacher
 || student) over the stored top-k + tail buckets (the metric is identical for
 all four). At the end the four final students are also scored against the
@@ -97,7 +97,7 @@ def config(args: argparse.Namespace, loss: str, out: Path) -> Any:
 
 
 def offline(args: argparse.Namespace, loss: str, out: Path) -> dict[str, Any]:
-    """``trainer.loop.train`` as is; eval curve from its metrics.jsonl."""
+    """``softlabels.trainer.loop.train`` as is; eval curve from its metrics.jsonl."""
     from softlabels.trainer.loop import train
 
     summary = train(config(args, loss, out))

@@ -1,4 +1,4 @@
-"""Which int8 quantizer for `trainer export`: the candidates side by side on this CPU.
+"""Which int8 quantizer for `softlabels export`: the candidates side by side on this CPU.
 
     .venv/bin/python bench/quantizers.py [--model runs/demo/student]
 
@@ -7,7 +7,7 @@ vocabulary) it times a forward pass over a fixed [8, 128] batch with:
 PyTorch fp32; torch.ao.quantization.quantize_dynamic (int8 Linear); torchao's
 Int8WeightOnlyConfig and Int8DynamicActivationInt8WeightConfig (only if torchao
 is installed: it is not a dependency); ONNX Runtime fp32 and int8 as
-`trainer export` writes them. Prints tokens/s, the ratio to PyTorch fp32, and
+`softlabels export` writes them. Prints tokens/s, the ratio to PyTorch fp32, and
 the relative logit error against PyTorch fp32, all from this one run.
 """
 
@@ -92,7 +92,7 @@ def main() -> int:
             export_model(src, f"{tmp}/{scheme}", scheme)
             onnx_model = load_exported(f"{tmp}/{scheme}")
             add(f"onnxruntime {'fp32' if scheme == 'none' else 'int8'}", lambda o=onnx_model: o.logits(ids, mask),
-                weights_bytes(f"{tmp}/{scheme}"), "trainer export" if scheme == "int8" else "")
+                weights_bytes(f"{tmp}/{scheme}"), "softlabels export" if scheme == "int8" else "")
     base = rows[0][1]
     print(f"\n{'candidate':<32}{'tokens/s':>10}{'vs fp32':>9}{'weights MB':>12}{'logit err':>11}  note")
     for name, tps, size, err, note in rows:

@@ -1,11 +1,11 @@
 """Trainer step time: offline KD from stored labels vs CE alone vs online KD with the teacher.
 
-Same student init (the built-in ``tiny``, ``trainer.student.build_student``),
+Same student init (the built-in ``tiny``, ``softlabels.trainer.student.build_student``),
 same batches (the first ``--batches`` batches of the train split, read with
-``StatefulLoader`` as ``trainer.loop.train`` does), one process, modes
+``StatefulLoader`` as ``softlabels.trainer.loop.train`` does), one process, modes
 interleaved round by round:
 
-  ce       ``trainer.loop.KDModule`` with ``loss="ce"``: cross-entropy on the
+  ce       ``softlabels.trainer.loop.KDModule`` with ``loss="ce"``: cross-entropy on the
            true next tokens only (the floor: no teacher information at all);
   tail-kl  ``KDModule`` with ``loss="tail-kl"``: KL over the stored top-k +
            tail buckets (offline KD, what the trainer does by default);
@@ -14,9 +14,9 @@ interleaved round by round:
            producing the full ``[batch, seq, vocab]`` logits every step, then
            full-vocabulary KL(teacher || student) on the student's chunked,
            recomputed head (:class:`OnlineKD`, the same chunking as
-           ``trainer.losses.chunked_loss``).
+           ``softlabels.trainer.losses.chunked_loss``).
 
-A step is what ``trainer.loop.train`` does per batch: forward, backward,
+A step is what ``softlabels.trainer.loop.train`` does per batch: forward, backward,
 gradient clipping, AdamW step (same parameter groups and betas). Reported:
 median step time over ``--repeats`` rounds (each round: every mode over every
 batch, mode order rotated), tokens/s, ratios tail-kl/ce (issue target
@@ -47,7 +47,7 @@ import common
 from softlabels.trainer.losses import label_positions
 
 MODES = ("ce", "tail-kl", "topk-kl", "online")
-LABELS_CMD = (".venv/bin/python -m labeler run --teacher smollm2-135m --corpus pydoc --output runs/bench-labels "
+LABELS_CMD = (".venv/bin/softlabels label --teacher smollm2-135m --corpus pydoc --output runs/bench-labels "
               "--top-k 64 --max-length 128 --limit 400 --shard-tokens 8192")
 
 
@@ -72,7 +72,7 @@ def open_labels(url: str) -> Any:
 
 
 def fixed_batches(labels: Any, n: int, batch_size: int, seed: int = 0, eval_fraction: float = 0.05) -> list[dict]:
-    """The first ``n`` training batches, read exactly as ``trainer.loop.train`` reads them."""
+    """The first ``n`` training batches, read exactly as ``softlabels.trainer.loop.train`` reads them."""
     from softlabels.trainer.data import LabelDataset, StatefulLoader
 
     ds = LabelDataset(labels, split="train", eval_fraction=eval_fraction, seed=seed, epochs=None)
@@ -109,7 +109,7 @@ class OnlineKD(torch.nn.Module):
     The teacher runs under ``inference_mode`` and produces the full
     ``[batch, seq, vocab]`` logits, as a plain online-KD loop does. The
     student side is chunked and recomputed in backward exactly like
-    ``trainer.losses.chunked_loss`` (same ``chunk``), so the two KD modes
+    ``softlabels.trainer.losses.chunked_loss`` (same ``chunk``), so the two KD modes
     differ only in where the teacher distribution comes from.
     ``teacher_s`` holds the seconds of the last teacher forward.
     """
@@ -151,7 +151,7 @@ def quiet_hf() -> None:
 
 
 def make_optimizer(model: Any, lr: float = 1e-3, weight_decay: float = 0.01) -> Any:
-    """AdamW as ``trainer.loop.train`` builds it: decay on matrices only, betas (0.9, 0.95)."""
+    """AdamW as ``softlabels.trainer.loop.train`` builds it: decay on matrices only, betas (0.9, 0.95)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     return torch.optim.AdamW(
@@ -161,7 +161,7 @@ def make_optimizer(model: Any, lr: float = 1e-3, weight_decay: float = 0.01) -> 
 
 
 def train_step(step_fn: Any, model: Any, opt: Any, batch: dict, clip: float = 1.0, sched: Any = None) -> float:
-    """One optimizer step as ``trainer.loop.train`` takes it (grad_accum 1, CPU); returns the loss."""
+    """One optimizer step as ``softlabels.trainer.loop.train`` takes it (grad_accum 1, CPU); returns the loss."""
     opt.zero_grad(set_to_none=True)
     loss, _ = step_fn(batch)
     loss.backward()

@@ -2,8 +2,8 @@
 # Rehearse the cluster labeling job on one machine: a multi-node Ray cluster (a head and
 # worker nodes, each with its own resources), the labeling job submitted with
 # `ray job submit` and the same entrypoint as deploy/kuberay/label-rayjob.yaml
-# (`python -m labeler run ...`), the manifest and every shard's sha256 checked,
-# everything torn down by PID. (`python -m labeler inspect URL` summarizes the set.)
+# (`softlabels label ...`), the manifest and every shard's sha256 checked,
+# everything torn down by PID. (`softlabels inspect URL` summarizes the set.)
 #
 #   deploy/local-cluster.sh [--workers N] [--cpus-per-node C] -- LABELER_RUN_FLAGS...
 #
@@ -51,7 +51,7 @@ fi
 BIN=$(cd "$(dirname "$PY")" && pwd)
 RAY="$BIN/ray"
 [ -x "$RAY" ] || { echo "local-cluster.sh: no ray next to $PY (install the labeler extra)" >&2; exit 2; }
-# The job's `python` must be this one: every Ray process inherits this PATH.
+# The job's `softlabels` must be this one: every Ray process inherits this PATH.
 export PATH="$BIN:$PATH"
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} TOKENIZERS_PARALLELISM=false
 unset RAY_ADDRESS
@@ -111,11 +111,11 @@ for i in $(seq "$WORKERS"); do
 done
 
 JOB=softlabels-rehearsal-$(date +%s)
-echo "== ray job submit ($JOB): python -m labeler run ${LABELER_ARGS[*]}"
+echo "== ray job submit ($JOB): softlabels label ${LABELER_ARGS[*]}"
 # The job server may answer before its agents are up ("No available agent"): retry for a minute.
 for attempt in $(seq 20); do
   if "$RAY" job submit --address "http://127.0.0.1:$DASH" --submission-id "$JOB" --entrypoint-num-cpus 0 --no-wait \
-      -- python -m labeler run "${LABELER_ARGS[@]}" >"$TMP/submit.log" 2>&1; then
+      -- softlabels label "${LABELER_ARGS[@]}" >"$TMP/submit.log" 2>&1; then
     break
   fi
   if [ "$attempt" = 20 ]; then cat "$TMP/submit.log"; exit 1; fi

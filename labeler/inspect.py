@@ -1,4 +1,4 @@
-"""``labeler inspect``: manifest summary plus statistics of the stored labels.
+"""``softlabels inspect``: manifest summary plus statistics of the stored labels.
 
 Per position it reports the teacher's top-1 probability, the mass held by
 the top-k, the tail mass outside it, and the entropy of the (k+1)-bucket
@@ -15,6 +15,7 @@ import numpy as np
 
 from softlabels.schemas import open_label_set
 from softlabels.common.plot import pyplot, save_png
+from softlabels.schemas.errors import UserError
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -45,7 +46,7 @@ def inspect_label_set(
 ) -> dict[str, Any]:
     """Summarize a label set: sizes, and label statistics over (up to) ``max_shards`` shards."""
     if max_shards < 1:
-        raise ValueError(f"--max-shards must be >= 1, got {max_shards}")
+        raise UserError(f"--max-shards must be >= 1, got {max_shards}")
     if plot is not None:
         pyplot(plot)  # checks the name and that matplotlib is there, before reading shards
     ls = open_label_set(url, storage_options)

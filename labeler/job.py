@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from softlabels import __version__
 from softlabels.labeler.config import LabelConfig
 from softlabels.labeler.corpus import Corpus
 from softlabels.labeler.pipeline import NothingToLabel, Pipeline, cluster_gpus, ray_session
@@ -31,20 +32,12 @@ from softlabels.schemas import (
     tokenizer_fingerprint,
 )
 from softlabels.common.cli import remote_code_guard
+from softlabels.schemas.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("softlabels")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "0+unknown"
-
-
-LABELER_VERSION = _package_version()  # recorded in every manifest
+LABELER_VERSION = __version__  # recorded in every manifest
 
 
 @dataclass
@@ -93,14 +86,14 @@ def run(cfg: LabelConfig) -> Summary:
     with remote_code_guard(f"teacher {cfg.teacher}"):
         context, head_vocab = _teacher_shape(source, cfg.trust_remote_code)
     if context is not None and cfg.max_length > context:
-        raise ValueError(f"--max-length {cfg.max_length} exceeds the teacher's context of {context} tokens")
+        raise UserError(f"--max-length {cfg.max_length} exceeds the teacher's context of {context} tokens")
     with remote_code_guard(f"teacher {cfg.teacher}"):
         tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     vocab = len(tokenizer)
     if cfg.top_k > vocab:
-        raise ValueError(f"--top-k {cfg.top_k} exceeds the tokenizer's vocabulary of {vocab}")
+        raise UserError(f"--top-k {cfg.top_k} exceeds the tokenizer's vocabulary of {vocab}")
     if (cfg.packing or cfg.add_eos) and tokenizer.eos_token_id is None:
-        raise ValueError("--packing/--add-eos need a tokenizer with an EOS token; this one has none")
+        raise UserError("--packing/--add-eos need a tokenizer with an EOS token; this one has none")
     # Heads padded past the tokenizer (e.g. 32064 rows for 32000 tokens) can emit those ids too.
     id_space = max(vocab, head_vocab or 0)
     seq_cfg = SequenceConfig(cfg.max_length, cfg.packing, cfg.add_eos, cfg.limit, cfg.shard_tokens)
@@ -110,7 +103,7 @@ def run(cfg: LabelConfig) -> Summary:
         # The device default follows the cluster (the driver may have no GPU).
         device, dtype = pick_device_dtype(cfg.device or ("cuda" if cluster_gpus(ray) else "cpu"), cfg.dtype)
         if device.startswith("cuda") and not cluster_gpus(ray):
-            raise ValueError(f"--device {device}: the Ray cluster has no GPUs")
+            raise UserError(f"--device {device}: the Ray cluster has no GPUs")
         t_info = teacher_info(source, dtype)
         identity = {
             "schema_version": SCHEMA_VERSION,

@@ -42,6 +42,7 @@ from softlabels.common.commit import Commit, OutputError
 from softlabels.labeler.teacher import TeacherSource
 from softlabels.schemas import SequenceConfig, ShardInfo
 from softlabels.common.crash import crash_point
+from softlabels.schemas.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ MAX_SKIPPED_LOGGED = 20
 UNITS_AHEAD = 64  # planned units buffered on the driver (bounds its memory)
 
 
-class NothingToLabel(ValueError):
+class NothingToLabel(UserError):
     """The corpus was read in full and holds no text (every document empty or skipped)."""
 
 
@@ -66,11 +67,11 @@ def _probe_ray_address(address: str, timeout: float = 5.0) -> None:
         return  # "auto" finds a local cluster itself; ray:// goes through the Ray client
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
-        raise ValueError(f"--ray-address {address!r}: expected host:port, 'auto' or ray://host:port")
+        raise UserError(f"--ray-address {address!r}: expected host:port, 'auto' or ray://host:port")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
-        raise ValueError(f"cannot join the Ray cluster at {address!r}: nothing answers there ({e})") from e
+        raise UserError(f"cannot join the Ray cluster at {address!r}: nothing answers there ({e})") from e
 
 
 @contextmanager
@@ -96,7 +97,7 @@ def ray_session(address: str | None) -> Iterator[Any]:
             else:
                 ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
         except ConnectionError as e:
-            raise ValueError(f"cannot join the Ray cluster at {address!r}: {e}") from e
+            raise UserError(f"cannot join the Ray cluster at {address!r}: {e}") from e
         started = True
     try:
         yield ray
@@ -187,7 +188,7 @@ class Pipeline:
             try:
                 docs, stats = ray.get(ref)
             except ray.exceptions.RayTaskError as e:
-                raise e.cause if isinstance(e.cause, Exception) else e
+                raise e.cause if isinstance(e.cause, UserError) else e  # a bug keeps the worker's traceback
             self.totals.add(stats)
             for row in stats.skipped:
                 skipped += 1
@@ -222,13 +223,13 @@ class Pipeline:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         per = cfg.gpus_per_replica
         if per > 1 and not gpu:
-            raise ValueError(f"--gpus-per-replica {per} needs --device cuda and GPUs in the Ray cluster")
+            raise UserError(f"--gpus-per-replica {per} needs --device cuda and GPUs in the Ray cluster")
         if gpu and per > max_gpus_per_node(nodes):
-            raise ValueError(f"--gpus-per-replica {per}: no node of the Ray cluster has {per} GPUs "
+            raise UserError(f"--gpus-per-replica {per}: no node of the Ray cluster has {per} GPUs "
                              f"(most on one node: {max_gpus_per_node(nodes)}); a replica's GPUs must share a node")
         replicas = cfg.num_replicas or (cluster_gpus(ray) // per if gpu else len(nodes)) or 1
         if gpu and replicas * per > cluster_gpus(ray):
-            raise ValueError(f"--num-replicas {replicas} x --gpus-per-replica {per} needs {replicas * per} GPUs; "
+            raise UserError(f"--num-replicas {replicas} x --gpus-per-replica {per} needs {replicas * per} GPUs; "
                              f"the Ray cluster has {cluster_gpus(ray)}")
         cpus = int(ray.cluster_resources().get("CPU", 1))
         threads = None if gpu else (cfg.threads or max(1, cpus // replicas))
@@ -346,13 +347,17 @@ class Pipeline:
 
 
 def _get(ray: Any, ref: Any, name: str) -> Any:
-    """``ray.get`` that turns a worker's error into the error itself (one line for the user)."""
+    """``ray.get`` that raises a worker's user error as itself (one line for the user).
+
+    Any other error in a worker is a bug: the RayTaskError propagates with the
+    worker's traceback. A replica that died past its restarts is ``JobFailed``.
+    """
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, (OSError, ValueError)):
+        if isinstance(e.cause, UserError):
             raise e.cause from None
-        raise JobFailed(f"unit {name} failed: {_first_line(e.cause or e)}") from e
+        raise
     except ray.exceptions.RayActorError as e:
         raise JobFailed(f"unit {name}: its teacher replica died past its restarts ({_first_line(e)})") from e
 

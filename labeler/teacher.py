@@ -18,6 +18,7 @@ import numpy as np
 
 from softlabels.labeler.builtin import BUILTIN_TEACHERS, builtin_teacher_dir
 from softlabels.schemas import TeacherInfo
+from softlabels.schemas.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,10 @@ def resolve_teacher(spec: str, revision: str | None = None) -> TeacherSource:
     p = Path(spec).expanduser()
     if p.exists():
         if not (p / "config.json").exists():
-            raise ValueError(f"teacher directory {spec} has no config.json (not a Hugging Face model directory)")
+            raise UserError(f"teacher directory {spec} has no config.json (not a Hugging Face model directory)")
         return TeacherSource(spec, str(p.resolve()), p.name, None, True)
     if spec.startswith((".", "/", "~")):
-        raise ValueError(f"teacher path {spec} does not exist")
+        raise UserError(f"teacher path {spec} does not exist")
     return TeacherSource(spec, spec, spec, revision, False)
 
 
@@ -89,7 +90,7 @@ def pick_device_dtype(device: str | None, dtype: str | None) -> tuple[str, str]:
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dt = dtype or ("bfloat16" if dev.startswith("cuda") else "float32")
     if dt not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dt!r}")
+        raise UserError(f"dtype must be float32, bfloat16 or float16, got {dt!r}")
     return dev, dt
 
 
@@ -134,7 +135,7 @@ class TeacherRunner:
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self.vocab = self.head.weight.shape[0]
         if top_k > self.vocab:
-            raise ValueError(f"--top-k {top_k} exceeds the teacher's vocabulary of {self.vocab}")
+            raise UserError(f"--top-k {top_k} exceeds the teacher's vocabulary of {self.vocab}")
         self.top_k, self.temperature = top_k, temperature
         self.batch_tokens, self.head_chunk = batch_tokens, head_chunk
         self.tail_samples = tail_samples

@@ -2,8 +2,8 @@
 
 Runs the CLIs exactly as a user would: the labeler (local Ray), then the
 trainer, which never loads the teacher, twice at the same budget (the default
-KD loss, and plain CE on the true tokens for reference), then `trainer export`
-(int8) and `trainer compare`, whose table of teacher -> student -> quantized
+KD loss, and plain CE on the true tokens for reference), then `softlabels export`
+(int8) and `softlabels compare`, whose table of teacher -> student -> quantized
 student ends the demo. Re-running reuses a complete label set.
 """
 
@@ -21,11 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str) -> dict:
-    print("$ python -m " + " ".join(args), flush=True)
-    proc = subprocess.run([sys.executable, "-m", *args, "--json"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    print("$ softlabels " + " ".join(args), flush=True)
+    proc = subprocess.run([sys.executable, "-m", "softlabels", *args, "--json"], cwd=REPO, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        sys.exit(f"demo: step failed: python -m {' '.join(args)} (exit {proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        sys.exit(f"demo: step failed: softlabels {' '.join(args)} (exit {proc.returncode})")
+    return json.loads(proc.stdout)
 
 
 def targets(t: dict, s: dict, c: dict, q: dict) -> list[tuple[bool, str]]:
@@ -54,26 +54,26 @@ def main() -> int:
     args = p.parse_args()
     t0 = time.time()
     labels = f"{args.out}/labels"
-    lab = cli("labeler", "run", "--teacher", "smollm2-135m", "--corpus", "pydoc", "--output", labels,
+    lab = cli("label", "--teacher", "smollm2-135m", "--corpus", "pydoc", "--output", labels,
               "--top-k", "64", "--max-length", "128", "--limit", str(args.sequences), "--shard-tokens", "8192")
     budget = ("--steps", str(args.steps), "--batch-size", "8", "--lr", "2e-3", "--warmup-steps", "10",
               "--eval-fraction", "0.1", "--eval-batches", "20", "--seed", "0")
-    tr = cli("trainer", "run", "--labels", labels, "--student", "tiny", "--output", f"{args.out}/student", *budget)
-    cli("trainer", "run", "--labels", labels, "--student", "tiny", "--output", f"{args.out}/student-ce",
+    tr = cli("train", "--labels", labels, "--student", "tiny", "--output", f"{args.out}/student", *budget)
+    cli("train", "--labels", labels, "--student", "tiny", "--output", f"{args.out}/student-ce",
         "--loss", "ce", *budget)
     shutil.rmtree(f"{args.out}/student-int8", ignore_errors=True)  # the demo's own output, remade from this student
-    cli("trainer", "export", "--model", f"{args.out}/student", "--output", f"{args.out}/student-int8", "--quantize", "int8")
+    cli("export", "--model", f"{args.out}/student", "--output", f"{args.out}/student-int8", "--quantize", "int8")
     from softlabels.labeler.builtin import builtin_teacher_dir
 
     models = {"teacher": str(builtin_teacher_dir("smollm2-135m")), "student": f"{args.out}/student",
               "student-ce": f"{args.out}/student-ce", "student-int8": f"{args.out}/student-int8"}
-    print("$ python -m trainer compare ...", flush=True)
-    proc = subprocess.run([sys.executable, "-m", "trainer", "compare", "--labels", labels, "--models", *models.values(),
+    print("$ softlabels compare ...", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "softlabels", "compare", "--labels", labels, "--models", *models.values(),
                            "--names", *models, "--eval-fraction", "0.1", "--plot", f"{args.out}/compare.png", "--json"],
                           cwd=REPO, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        sys.exit(f"demo: step failed: python -m trainer compare (exit {proc.returncode})")
-    rows = {r["name"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+        sys.exit(f"demo: step failed: softlabels compare (exit {proc.returncode})")
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
     b, a = tr["before"], tr["after"]
     rate = f"{lab['tokens_per_s']:,.0f}" if lab["labeled_tokens"] else "(reused)"
     print()

@@ -141,35 +141,34 @@ def builtin_teacher() -> str:
 
 
 def run_cli(
-    module: str, *args: str, check: bool = True, timeout: float = 600, env: dict[str, str] | None = None,
-    umask: int | None = None,
+    *args: str, check: bool = True, timeout: float = 600, env: dict[str, str] | None = None, umask: int | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m module args`` like a user would (``env`` adds variables); returns the completed process."""
+    """Run ``python -m softlabels args`` like a user would (``env`` adds variables); returns the completed process."""
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        [sys.executable, "-m", "softlabels", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
         env={**os.environ, **(env or {})}, umask=-1 if umask is None else umask,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise AssertionError(f"softlabels {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
 
 
-def cli_in_process(module: str, *args: str) -> tuple[int, str, str]:
-    """Run ``python -m module args`` inside this process (no interpreter start-up); returns (code, stdout, stderr).
+def cli_in_process(*args: str) -> tuple[int, str, str]:
+    """Run ``softlabels args`` inside this process (no interpreter start-up); returns (code, stdout, stderr).
 
     For refusals, which end before any Ray or teacher work: the same ``main``
     a user's command runs, minus the seconds of importing torch again.
     """
     import contextlib
-    import importlib
     import io
 
-    cli = importlib.import_module(f"{module}.cli")
+    from softlabels.cli import main
+
     out, err = io.StringIO(), io.StringIO()
     sigterm = signal.getsignal(signal.SIGTERM)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = cli.main(list(args))
+            code = main(list(args))
         except SystemExit as e:  # argparse
             code = e.code
         finally:
@@ -177,12 +176,12 @@ def cli_in_process(module: str, *args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def assert_one_line_error(code: int, stderr: str, prog: str, *fragments: str) -> str:
-    """Exit code 2, no traceback, and a last line ``prog: error: ...`` holding every fragment."""
+def assert_one_line_error(code: int, stderr: str, command: str, *fragments: str) -> str:
+    """Exit code 2, no traceback, and a last line ``softlabels COMMAND: error: ...`` holding every fragment."""
     assert code == 2, (code, stderr[-3000:])
     assert "Traceback" not in stderr, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith(f"{prog}: error:"), last
+    assert last.startswith(f"softlabels {command}: error:"), last
     for f in fragments:
         assert f in last, (f, last)
     print(f"refused: {last}")  # shown with -s / -rP: the messages docs/reliability.md quotes

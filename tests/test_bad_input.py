@@ -73,16 +73,16 @@ LABELER_CASES = [
 def test_labeler_refuses(extra, fragment, inputs, tiny_teacher, s3_server, tmp_path):
     out = tmp_path / "out"
     extra = [a.format(d=inputs, s3=s3_server) for a in extra]
-    code, _, err = cli_in_process("labeler", "run", "--teacher", tiny_teacher, "--output", str(out), "--limit", "2",
+    code, _, err = cli_in_process("label", "--teacher", tiny_teacher, "--output", str(out), "--limit", "2",
                                   "--max-length", "64", *extra)
-    assert_one_line_error(code, err, "labeler", fragment)
+    assert_one_line_error(code, err, "label", fragment)
     assert not out.exists(), "a refused run wrote to its output"
     assert sorted(p.name for p in (inputs / "foreign").iterdir()) == ["notes.txt"]
 
 
 def test_labeler_debug_shows_the_traceback(tiny_teacher, tmp_path):
     with pytest.raises(ValueError, match="top_k must be a positive integer"):
-        cli_in_process("labeler", "run", "--teacher", tiny_teacher, "--output", str(tmp_path / "o"), "--top-k", "0", "--debug")
+        cli_in_process("label", "--teacher", tiny_teacher, "--output", str(tmp_path / "o"), "--top-k", "0", "--debug")
 
 
 def test_corpus_of_only_empty_documents_is_refused_and_leaves_the_output_as_it_was(ray_local, tiny_teacher, tmp_path):
@@ -90,9 +90,9 @@ def test_corpus_of_only_empty_documents_is_refused_and_leaves_the_output_as_it_w
     corpus = tmp_path / "blank.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["", "", ""]))
     out = tmp_path / "out"
-    code, _, err = cli_in_process("labeler", "run", "--teacher", tiny_teacher, "--corpus", str(corpus), "--output", str(out),
+    code, _, err = cli_in_process("label", "--teacher", tiny_teacher, "--corpus", str(corpus), "--output", str(out),
                                   "--max-length", "64")
-    assert_one_line_error(code, err, "labeler", "has no text to label (3 documents, 3 empty, 0 skipped)")
+    assert_one_line_error(code, err, "label", "has no text to label (3 documents, 3 empty, 0 skipped)")
     assert not out.exists()
 
 
@@ -149,8 +149,8 @@ TRAINER_SET_CASES = [
 @pytest.mark.parametrize("how,fragment", TRAINER_SET_CASES, ids=[c[0] for c in TRAINER_SET_CASES])
 def test_trainer_refuses_a_damaged_label_set(how, fragment, label_set, tmp_path):
     bad = damage(label_set, tmp_path, how)
-    code, out, err = cli_in_process("trainer", "eval", "--labels", bad, "--model", "tiny", "--split", "all")
-    assert_one_line_error(code, err, "trainer", fragment)
+    code, out, err = cli_in_process("eval", "--labels", bad, "--model", "tiny", "--split", "all")
+    assert_one_line_error(code, err, "eval", fragment)
     assert not out.strip(), "a refused eval printed results"
 
 
@@ -172,6 +172,56 @@ TRAINER_FLAG_CASES = [
 def test_trainer_refuses(extra, fragment, label_set, s3_server, tmp_path):
     out = tmp_path / "o"
     extra = [a.format(s3=s3_server) for a in extra]
-    code, _, err = cli_in_process("trainer", "run", "--labels", label_set, "--output", str(out), *extra)
-    assert_one_line_error(code, err, "trainer", fragment.format(s3=s3_server))
+    code, _, err = cli_in_process("train", "--labels", label_set, "--output", str(out), *extra)
+    assert_one_line_error(code, err, "train", fragment.format(s3=s3_server))
     assert not (out / "model.safetensors").exists() and not (out / "checkpoints").exists()
+
+
+def test_internal_error_keeps_its_traceback(label_set, tmp_path):
+    """A bug (here: a corrupted array in a DataLoader worker) is not the user's fault: traceback, exit 1."""
+    script = (
+        "import sys\n"
+        "import softlabels.trainer.data as data\n"
+        "real = data.sample_to_tensors\n"
+        "def corrupted(s, *a):\n"
+        "    s.topk_logprobs = s.topk_logprobs[:, :-1]  # one column short\n"
+        "    return real(s, *a)\n"
+        "data.sample_to_tensors = corrupted\n"
+        "from softlabels.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "train", "--labels", label_set, "--output", str(tmp_path / "o"), "--steps", "1",
+         "--num-workers", "1", "--eval-batches", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback (most recent call last)" in proc.stderr and "DataLoader worker" in proc.stderr, proc.stderr[-3000:]
+    assert "softlabels train: error:" not in proc.stderr
+
+
+def test_trainer_config_file_and_flags(tmp_path):
+    """Defaults < --config YAML < flags; every boolean switch can be turned off again (--no-...)."""
+    from softlabels.cli import build_parser
+    from softlabels.common.cli import given_flags, resolve_settings
+    from softlabels.labeler.config import LabelConfig, resolve_config
+    from softlabels.trainer.config import TrainConfig
+
+    conf = tmp_path / "job.yaml"
+    conf.write_text("labels: s3://b/set\noutput: runs/a\nsteps: 50\nresume: true\nskip-corrupt: true\n"
+                    "storage_options: {anon: false}\n")
+    args = build_parser().parse_args(["train", "--config", str(conf), "--steps", "7", "--no-resume", "--lr", "3e-4",
+                                      "--storage-option", "key=k"])
+    cfg = resolve_settings(TrainConfig, args.config, given_flags(args), required=("labels", "output"))
+    assert (cfg.labels, cfg.output, cfg.steps, cfg.lr, cfg.resume, cfg.skip_corrupt) == ("s3://b/set", "runs/a", 7, 3e-4, False, True)
+    assert cfg.storage_options == {"anon": False, "key": "k"} and cfg.batch_size == TrainConfig.batch_size
+    conf.write_text("output: o\npacking: true\noverwrite: true\n")
+    args = build_parser().parse_args(["label", "--config", str(conf), "--no-packing"])
+    lab = resolve_config(args.config, given_flags(args))
+    assert (lab.packing, lab.overwrite, lab.top_k) == (False, True, LabelConfig.top_k)
+    code, _, err = cli_in_process("train", "--config", str(conf))
+    assert_one_line_error(code, err, "train", "unknown setting 'packing'")
+    conf.write_text("labels: x\n")
+    code, _, err = cli_in_process("train", "--config", str(conf))
+    assert_one_line_error(code, err, "train", "no output: pass --output or set output in the --config file")

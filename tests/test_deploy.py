@@ -110,7 +110,7 @@ def test_rayjob_uses_only_kuberay_fields_and_runs_the_labeler_cli():
     assert spec["shutdownAfterJobFinishes"] is True
     # no logic in YAML: the entrypoint is exactly one labeler command
     words = shlex.split(spec["entrypoint"])
-    assert words[:4] == ["python", "-m", "labeler", "run"] and not {";", "&&", "||", "|"} & set(words)
+    assert words[:2] == ["softlabels", "label"] and not {";", "&&", "||", "|"} & set(words)
     # the cluster runs the Ray the project is tested with, and the image builds with it
     import ray
 
@@ -152,23 +152,25 @@ def test_dockerfile_passes_hadolint():
     assert not re.search(r"(?i)AWS_(SECRET|ACCESS)|aws_secret|password\s*=", text), "credentials in the image"
 
 
-def commands() -> list[tuple[str, str, list[str]]]:
-    """(where, program, argv after it) for every labeler/trainer/torchrun command in deploy/."""
-    out = [("label-rayjob.yaml", "labeler", shlex.split(rayjob()["spec"]["entrypoint"])[3:])]
+def commands() -> list[tuple[str, list[str]]]:
+    """(where, argv after ``softlabels`` or ``torchrun``) for every command in deploy/; torchrun's as ["torchrun", ...]."""
+    out = [("label-rayjob.yaml", shlex.split(rayjob()["spec"]["entrypoint"])[1:])]
     for f in ("train-job.yaml", "eval-job.yaml"):
         for d in docs(DEPLOY / "kuberay" / f):
             if d["kind"] == "Job":
                 cmd = d["spec"]["template"]["spec"]["containers"][0]["command"]
                 if cmd[0] == "torchrun":
                     split = cmd.index("-m")
-                    out.append((f, "torchrun", cmd[1:split]))
-                    cmd = ["python", *cmd[split:]]
-                out.append((f, cmd[2], cmd[3:]))
+                    assert cmd[split + 1] == "softlabels", cmd
+                    out.append((f, ["torchrun", *cmd[1:split]]))
+                    cmd = ["softlabels", *cmd[split + 2:]]
+                assert cmd[0] == "softlabels", cmd
+                out.append((f, cmd[1:]))
     # commands in comments and docs: the cluster-launcher header, the rehearsal's example, the runbook
     for f in ("ray-cluster-aws.yaml", "local-cluster.sh", "README.md"):
         text = re.sub(r"\\\n\s*#?\s*", " ", (DEPLOY / f).read_text())
-        for m in re.finditer(r"python -m (labeler|trainer) (\w+)((?: [^`\n]*)?)", text):
-            out.append((f, m.group(1), [m.group(2), *re.findall(r"--[a-z][a-z0-9-]*", m.group(3).split("#")[0])]))
+        for m in re.finditer(r"softlabels (label|inspect|train|eval)((?: [^`\n]*)?)", text):
+            out.append((f, [m.group(1), *re.findall(r"--[a-z][a-z0-9-]*", m.group(2).split("#")[0])]))
     return out
 
 
@@ -178,22 +180,22 @@ def flags_of(argv: list[str]) -> set[str]:
 
 def test_every_flag_in_deploy_files_exists():
     helps = {}
-    for prog, sub in [("labeler", "run"), ("labeler", "inspect"), ("trainer", "run"), ("trainer", "eval")]:
-        code, out, _ = cli_in_process(prog, sub, "--help")
+    for sub in ("label", "inspect", "train", "eval"):
+        code, out, _ = cli_in_process(sub, "--help")
         assert code == 0
-        helps[(prog, sub)] = set(re.findall(r"--[a-z][a-z0-9-]*", out))
+        helps[sub] = set(re.findall(r"--[a-z][a-z0-9-]*", out))
     from torch.distributed.run import get_args_parser
 
     torchrun = {s for a in get_args_parser()._actions for s in a.option_strings}
     seen = set()
-    for where, prog, argv in commands():
-        if prog == "torchrun":
-            missing = flags_of(argv) - torchrun
+    for where, argv in commands():
+        if argv[0] == "torchrun":
+            missing = flags_of(argv[1:]) - torchrun
         else:
-            missing = flags_of(argv[1:]) - helps[(prog, argv[0])]
-            seen.add((prog, argv[0]))
-        assert not missing, f"{where}: {prog} {argv[:1]} has no flag(s) {sorted(missing)}"
-    assert {("labeler", "run"), ("trainer", "run"), ("trainer", "eval")} <= seen
+            missing = flags_of(argv[1:]) - helps[argv[0]]
+            seen.add(argv[0])
+        assert not missing, f"{where}: {argv[0]} has no flag(s) {sorted(missing)}"
+    assert {"label", "train", "eval"} <= seen
 
 
 def test_local_cluster_script_refuses_without_an_output():

@@ -14,7 +14,7 @@ from conftest import run_cli
 
 def test_builtin_teacher_to_s3_train_and_eval(builtin_teacher, s3_server, tmp_path):
     url = f"{s3_server}/e2e"
-    proc = run_cli("labeler", "run", "--teacher", "smollm2-135m", "--corpus", "pydoc", "--output", url,
+    proc = run_cli("label", "--teacher", "smollm2-135m", "--corpus", "pydoc", "--output", url,
                    "--top-k", "16", "--max-length", "64", "--limit", "12", "--shard-tokens", "300", "--json")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["sequences"] == 12 and summary["shards"] >= 2
@@ -41,8 +41,8 @@ def test_builtin_teacher_to_s3_train_and_eval(builtin_teacher, s3_server, tmp_pa
         assert 0 < float(kl.mean()) < 1.5 * ls.manifest.label_encoding.max_kl
 
     out = tmp_path / "student"
-    train = json.loads(run_cli("trainer", "run", "--labels", url, "--output", str(out), "--steps", "4",
+    train = json.loads(run_cli("train", "--labels", url, "--output", str(out), "--steps", "4",
                                "--batch-size", "4", "--eval-fraction", "0.25", "--json").stdout.strip().splitlines()[-1])
     assert train["after"]["kl"] < train["before"]["kl"]
-    ev = json.loads(run_cli("trainer", "eval", "--labels", url, "--model", str(out), "--eval-fraction", "0.25").stdout)
+    ev = json.loads(run_cli("eval", "--labels", url, "--model", str(out), "--eval-fraction", "0.25").stdout)
     assert set(ev) >= {"ce", "kl", "top1"} and all(np.isfinite([ev["ce"], ev["kl"], ev["top1"]]))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from softlabels.schemas import Encoding, Sample, UnsupportedSchemaVersion, decode_table, encode_samples, open_label_set, sample_id
@@ -15,6 +16,7 @@ from softlabels.schemas.encodings import META_ENCODING, kl_buckets
 from softlabels.schemas.format import read_parquet_bytes, table_to_parquet_bytes
 
 FIXTURE_V1 = Path(__file__).parent / "fixtures" / "v1-set"
+FIXTURE_V2 = Path(__file__).parent / "fixtures" / "v2-sets"
 
 
 def peaked_samples(n_rows: int, k: int, vocab: int, seed: int = 0, sharp: float = 4.0) -> list[Sample]:
@@ -194,10 +196,85 @@ def test_stored_v1_label_set_still_reads():
         np.testing.assert_array_equal(s.tail_logprob, tail.astype(np.float32))
 
 
-def test_plain_pyarrow_reads_the_fp16_encoding():
-    samples = peaked_samples(3, 2, 50)
-    t = read_parquet_bytes(table_to_parquet_bytes(encode_samples(samples, 2)))
-    row = t.slice(1, 1).to_pylist()[0]
-    assert row["input_ids"] == samples[1].input_ids.tolist()
-    assert row["topk_ids"] == samples[1].topk_ids.tolist()
-    assert isinstance(t.column("topk_logprobs").type, (pa.ListType, pa.LargeListType))
+def v2_fixture_arrays():
+    """The arrays tests/fixtures/make_v2.py stored (same seeded recipe): per row (ids, top, lp, tail, draws, counts)."""
+    rng = np.random.default_rng(2024)
+    out = []
+    for rows in [(5, 9), (7,)]:
+        for length in rows:
+            ids = rng.integers(0, 300, size=length).astype(np.int32)
+            logits = rng.normal(size=(length, 300)) * 3
+            logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+            top = np.argsort(-logp, axis=1, kind="stable")[:, :4]
+            lp = np.take_along_axis(logp, top, 1)
+            draws = np.stack([np.sort(rng.choice(np.arange(4, 300), size=3, replace=False)) for _ in range(length)])
+            out.append((ids, top, lp, np.log(1 - np.exp(lp).sum(1)), draws, np.ones((length, 3), np.uint8)))
+    return out
+
+
+@pytest.mark.parametrize("name", ["fp16", "packed", "packed-q8", "compact"])
+def test_stored_v2_label_sets_still_read(name):
+    """tests/fixtures/v2-sets/NAME was written by the v2 writer (0.3.0): compact's footer held raw zstd bytes then."""
+    ls = open_label_set(str(FIXTURE_V2 / name))
+    assert ls.manifest.schema_version == 2 and ls.manifest.label_encoding.name == name
+    got = list(ls.iter_samples())
+    expected = v2_fixture_arrays()
+    assert len(got) == len(expected) == 3
+    for s, (ids, top, lp, tail, draws, counts) in zip(got, expected):
+        np.testing.assert_array_equal(s.input_ids, ids)
+        np.testing.assert_array_equal(s.tail_sample_ids, draws)
+        np.testing.assert_array_equal(s.tail_sample_counts, counts)
+        if name in ("fp16", "packed"):
+            np.testing.assert_array_equal(s.topk_ids, top)
+            np.testing.assert_array_equal(s.topk_logprobs, lp.astype(np.float16).astype(np.float32))
+            np.testing.assert_array_equal(s.tail_logprob, tail.astype(np.float32))
+        else:  # lossy: the same ids (order may swap among near-ties), within the error budget
+            assert [set(r) for r in s.topk_ids] == [set(r) for r in top]
+            budget = ls.manifest.label_encoding.max_kl or 1e-4  # packed-q8: ~1e-5 measured, no budget recorded
+            assert kl_buckets(lp, tail, _align(s, top), s.tail_logprob).mean() <= budget * 1.01
+
+
+def _align(s: Sample, top: np.ndarray) -> np.ndarray:
+    """The decoded log-probs in the order of ``top``'s ids (lossy encodings may reorder near-ties)."""
+    pos = np.array([[list(row).index(i) for i in want] for row, want in zip(s.topk_ids, top)])
+    return np.take_along_axis(s.topk_logprobs, pos, 1)
+
+
+@pytest.mark.parametrize("name", ["fp16", "packed", "packed-q8", "compact"])
+def test_every_footer_value_is_utf8_text(name):
+    """Parquet key-value metadata must be UTF-8 (polars refuses the whole file otherwise)."""
+    data = table_to_parquet_bytes(encode_samples(peaked_samples(3, 4, 500), 4, Encoding(name), 500))
+    meta = pq.ParquetFile(pa.BufferReader(data)).metadata.metadata
+    assert meta and all(isinstance(v.decode("utf-8"), str) for v in meta.values())
+    assert json.loads(meta[b"softlabels.schema_version"]) == 3
+
+
+@pytest.mark.parametrize("name", ["fp16", "packed", "packed-q8", "compact"])
+def test_every_encoding_opens_in_pyarrow_pandas_polars_duckdb_and_datasets(name, tmp_path):
+    """No tool errors on any encoding; where a tool sees plain columns (fp16), its values equal softlabels'."""
+    import datasets
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    samples = peaked_samples(4, 3, 700, seed=5)
+    path = tmp_path / "part-000000.parquet"
+    path.write_bytes(table_to_parquet_bytes(encode_samples(samples, 3, Encoding(name), 700)))
+    decoded = list(decode_table(pq.read_table(path)))
+    frames = {
+        "pyarrow": pq.read_table(path).to_pylist(),
+        "pandas": pd.read_parquet(path).to_dict("records"),
+        "polars": pl.read_parquet(path).to_dicts(),
+        "duckdb": [dict(zip(rel.columns, row)) for rel in [duckdb.sql(f"SELECT * FROM '{path}'")] for row in rel.fetchall()],
+        "datasets": list(datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf"))),
+    }
+    for tool, rows in frames.items():
+        assert [r["sample_id"] for r in rows] == [s.sample_id for s in samples], tool
+        for r, s in zip(rows, decoded):
+            np.testing.assert_array_equal(np.asarray(list(r["input_ids"])), s.input_ids, err_msg=tool)
+            if name == "fp16":
+                ids = np.array([list(x) for x in r["topk_ids"]])
+                lp = np.array([list(x) for x in r["topk_logprobs"]], dtype=np.float32)
+                np.testing.assert_array_equal(ids, s.topk_ids, err_msg=tool)
+                np.testing.assert_array_equal(lp, s.topk_logprobs, err_msg=tool)
+                np.testing.assert_array_equal(np.asarray(list(r["tail_logprob"]), np.float32), s.tail_logprob, err_msg=tool)

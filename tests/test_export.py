@@ -1,4 +1,4 @@
-"""`trainer export` (ONNX Runtime int8) and `trainer compare` on the tiny teacher's label set."""
+"""`softlabels export` (ONNX Runtime int8) and `softlabels compare` on the tiny teacher's label set."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def exports(student, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("exports")
     out = {}
     for scheme in ("int8", "none"):
-        code, stdout, err = cli_in_process("trainer", "export", "--model", student, "--output",
+        code, stdout, err = cli_in_process("export", "--model", student, "--output",
                                            str(root / scheme), "--quantize", scheme, "--json")
         assert code == 0, err[-2000:]
         assert json.loads(stdout.strip().splitlines()[-1])["scheme"] == scheme
@@ -126,11 +126,12 @@ def test_compare_measures_every_model_and_scores_the_teacher_against_its_own_lab
 
     png = tmp_path / "cmp.png"
     code, out, err = cli_in_process(
-        "trainer", "compare", "--labels", label_set, "--models", tiny_teacher, student, exports["int8"],
+        "compare", "--labels", label_set, "--models", tiny_teacher, student, exports["int8"],
         "--names", "teacher", "student", "student-int8", "--eval-fraction", "0.2", "--prompt-rows", "2",
         "--prompt-length", "32", "--seconds", "0.2", "--threads", "1", "--plot", str(png), "--json")
     assert code == 0, err[-3000:]
-    rows = {r["name"]: r for r in json.loads(out.strip().splitlines()[-1])}
+    rows = {r["name"]: r for r in json.loads(out)}  # --json: stdout is the JSON and nothing else
+    assert "student-int8" in err and "CPU tok/s" in err  # the table went to stderr
     assert list(rows) == ["teacher", "student", "student-int8"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The teacher against its own labels: only the encoding's error is left.
@@ -155,20 +156,20 @@ def test_compare_measures_every_model_and_scores_the_teacher_against_its_own_lab
 
 
 def test_export_and_compare_refuse_bad_input_in_one_line(label_set, student, exports, tmp_path):
-    code, _, err = cli_in_process("trainer", "export", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o"))
-    assert_one_line_error(code, err, "trainer", "nope", "does not exist")
-    code, _, err = cli_in_process("trainer", "export", "--model", student, "--output", exports["int8"])
-    assert_one_line_error(code, err, "trainer", "already exists and is not empty")
-    code, _, err = cli_in_process("trainer", "export", "--model", exports["int8"], "--output", str(tmp_path / "o"))
-    assert_one_line_error(code, err, "trainer", "already an export")
-    code, _, err = cli_in_process("trainer", "compare", "--labels", label_set, "--models", student, exports["int8"],
+    code, _, err = cli_in_process("export", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "export", "nope", "does not exist")
+    code, _, err = cli_in_process("export", "--model", student, "--output", exports["int8"])
+    assert_one_line_error(code, err, "export", "already exists and is not empty")
+    code, _, err = cli_in_process("export", "--model", exports["int8"], "--output", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "export", "already an export")
+    code, _, err = cli_in_process("compare", "--labels", label_set, "--models", student, exports["int8"],
                                   "--names", "one")
-    assert_one_line_error(code, err, "trainer", "--names gives 1 names for 2 models")
-    code, _, err = cli_in_process("trainer", "compare", "--labels", label_set, "--models", str(tmp_path))
-    assert_one_line_error(code, err, "trainer", "neither a Hugging Face model directory")
-    code, _, err = cli_in_process("trainer", "compare", "--labels", label_set, "--models", student, "--plot", "x.jpg")
-    assert_one_line_error(code, err, "trainer", "expected a .png")
-    code, _, err = cli_in_process("trainer", "compare", "--labels", label_set, "--models", student, "--rounds", "0",
+    assert_one_line_error(code, err, "compare", "--names gives 1 names for 2 models")
+    code, _, err = cli_in_process("compare", "--labels", label_set, "--models", str(tmp_path))
+    assert_one_line_error(code, err, "compare", "neither a Hugging Face model directory")
+    code, _, err = cli_in_process("compare", "--labels", label_set, "--models", student, "--plot", "x.jpg")
+    assert_one_line_error(code, err, "compare", "expected a .png")
+    code, _, err = cli_in_process("compare", "--labels", label_set, "--models", student, "--rounds", "0",
                                   "--plot", "")
-    assert_one_line_error(code, err, "trainer", "--rounds must be at least 1")
+    assert_one_line_error(code, err, "compare", "--rounds must be at least 1")
     assert not (tmp_path / "o").exists()

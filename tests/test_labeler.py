@@ -168,12 +168,12 @@ def test_cli_wrong_credentials_fail_clearly(tiny_teacher, tmp_path, s3_server):
 
     env = dict(os.environ, AWS_SECRET_ACCESS_KEY="wrong")
     proc = subprocess.run(
-        [sys.executable, "-m", "labeler", "run", "--teacher", tiny_teacher, "--output", f"{s3_server}/x", "--limit", "1"],
+        [sys.executable, "-m", "softlabels", "label", "--teacher", tiny_teacher, "--output", f"{s3_server}/x", "--limit", "1"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("labeler: error: output") and ("denied" in last or "reachable" in last), last
+    assert last.startswith("softlabels label: error: output") and ("denied" in last or "reachable" in last), last
 
 
 def stale_ray_tmpdir() -> str:
@@ -193,11 +193,11 @@ def stale_ray_tmpdir() -> str:
 
 def test_a_dead_ray_address_fails_fast_in_one_line(tiny_teacher, tmp_path):
     # ray.init() retries a dead GCS for minutes; a hang would hit run_cli's timeout instead.
-    proc = run_cli("labeler", "run", "--teacher", tiny_teacher, "--output", str(tmp_path / "dead"), "--limit", "2",
+    proc = run_cli("label", "--teacher", tiny_teacher, "--output", str(tmp_path / "dead"), "--limit", "2",
                    "--max-length", "32", "--ray-address", "127.0.0.1:1", check=False, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("labeler: error: cannot join the Ray cluster at '127.0.0.1:1'"), last
+    assert last.startswith("softlabels label: error: cannot join the Ray cluster at '127.0.0.1:1'"), last
     assert not (tmp_path / "dead" / "manifest.json").exists()
 
 
@@ -289,7 +289,7 @@ def test_yaml_config_with_flags_overriding_it(tiny_teacher, tmp_path):
     conf = tmp_path / "job.yaml"
     conf.write_text(f"teacher: {tiny_teacher}\noutput: {out}\ntop-k: 4\nmax_length: 32\nlimit: 3\n" + "storage_options: {}\n")
     # with a stale Ray address file around (see stale_ray_tmpdir): the run still starts its own Ray
-    proc = run_cli("labeler", "run", "--config", str(conf), "--top-k", "5", "--json",
+    proc = run_cli("label", "--config", str(conf), "--top-k", "5", "--json",
                    env={"RAY_TMPDIR": stale_ray_tmpdir(), "RAY_ADDRESS": ""})
     m = open_label_set(str(out)).manifest
     assert (m.top_k, m.sequence.max_length, m.totals.sequences) == (5, 32, 3)
@@ -301,7 +301,7 @@ def test_inspect_statistics_match_a_direct_computation_and_plot(ray_local, tiny_
     out = str(tmp_path / "ls")
     run(cfg(tiny_teacher, out))
     png = tmp_path / "stats.png"
-    report = json.loads(run_cli("labeler", "inspect", out, "--max-shards", "100", "--plot", str(png)).stdout)
+    report = json.loads(run_cli("inspect", out, "--max-shards", "100", "--plot", str(png)).stdout)
     lp = np.concatenate([s.topk_logprobs.astype(np.float64) for s in open_label_set(out).iter_samples()])
     tail = np.concatenate([s.tail_logprob.astype(np.float64) for s in open_label_set(out).iter_samples()])
     p = np.exp(np.concatenate([lp, tail[:, None]], -1))

@@ -57,7 +57,7 @@ def markers(url: str) -> dict[str, str]:
 
 def start(teacher: str, url: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "labeler", "run", *args(teacher), "--output", url, "--json"],
+        [sys.executable, "-m", "softlabels", "label", *args(teacher), "--output", url, "--json"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "SOFTLABELS_CRASH_AT": "never", **env},
     )

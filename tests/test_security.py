@@ -38,17 +38,17 @@ def test_no_credentials_in_anything_written(tiny_teacher, s3_server, tmp_path):
         no_env = {k: "" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
         opts = ["--storage-option", f"key={ACCESS_KEY}", "--storage-option", f"secret={SECRET_KEY}"]
         printed = []
-        for module, *args in [
-            ("labeler", "run", "--teacher", tiny_teacher, "--output", labels, "--limit", "12", "--max-length", "64",
+        for args in [
+            ("label", "--teacher", tiny_teacher, "--output", labels, "--limit", "12", "--max-length", "64",
              "--shard-tokens", "256", *opts),
-            ("labeler", "inspect", labels, "--plot", str(tmp_path / "inspect.png"), *opts),
-            ("trainer", "run", "--labels", labels, "--output", str(student), "--steps", "2", "--batch-size", "2",
+            ("inspect", labels, "--plot", str(tmp_path / "inspect.png"), *opts),
+            ("train", "--labels", labels, "--output", str(student), "--steps", "2", "--batch-size", "2",
              "--eval-batches", "1", "--checkpoint-every", "1", "--checkpoint-dir", ckpt, "--plot",
              str(tmp_path / "curves.png")),
         ]:
             # ... the trainer's run reads them from its environment (the usual AWS chain).
             env = {"RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": "", **(no_env if "--storage-option" in args else {})}
-            proc = run_cli(module, *args, env=env)
+            proc = run_cli(*args, env=env)
             printed.append(proc.stdout + proc.stderr)
 
         written: dict[str, bytes] = {}
@@ -83,13 +83,13 @@ def test_remote_code_is_off_unless_asked(label_set, tmp_path):
     (tmp_path / "m" / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     for f in Path(label_set, "tokenizer").iterdir():  # the set's own tokenizer: only the model needs code
         shutil.copy(f, tmp_path / "m" / f.name)
-    lab = run_cli("labeler", "run", "--teacher", str(tmp_path / "m"), "--output", str(tmp_path / "o"), check=False)
-    trn = run_cli("trainer", "eval", "--labels", label_set, "--model", str(tmp_path / "m"), check=False)
-    for proc, prog in ((lab, "labeler"), (trn, "trainer")):
+    lab = run_cli("label", "--teacher", str(tmp_path / "m"), "--output", str(tmp_path / "o"), check=False)
+    trn = run_cli("eval", "--labels", label_set, "--model", str(tmp_path / "m"), check=False)
+    for proc, prog in ((lab, "softlabels label"), (trn, "softlabels eval")):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith(f"{prog}: error:") and "Pass --trust-remote-code if you trust it" in last, last
     assert not marker.exists(), "the model's own code ran without --trust-remote-code"
     assert not (tmp_path / "o").exists()
-    assert {"--trust-remote-code"} <= set(run_cli("labeler", "run", "--help").stdout.split())
-    assert "--trust-remote-code" in run_cli("trainer", "run", "--help").stdout
+    assert {"--trust-remote-code"} <= set(run_cli("label", "--help").stdout.split())
+    assert "--trust-remote-code" in run_cli("train", "--help").stdout

@@ -44,7 +44,7 @@ def test_workers_split_shards_without_overlap_or_gaps(label_set, workers):
 def test_training_improves_the_student_and_saves_a_loadable_model(label_set, tmp_path):
     out = tmp_path / "student"
     # umask 027: group may read, others may not (safetensors alone would write 0600)
-    proc = run_cli("trainer", "run", "--labels", label_set, "--output", str(out), "--steps", "30",
+    proc = run_cli("train", "--labels", label_set, "--output", str(out), "--steps", "30",
                    "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "3", "--eval-fraction", "0.2", "--json",
                    umask=0o027)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -61,17 +61,17 @@ def test_training_improves_the_student_and_saves_a_loadable_model(label_set, tmp
     modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir() if f.is_file()}
     assert modes["model.safetensors"] == 0o640 and set(modes.values()) == {0o640}, modes
     assert model.config.vocab_size == json.loads((out / "config.json").read_text())["vocab_size"]
-    ev = json.loads(run_cli("trainer", "eval", "--labels", label_set, "--model", str(out), "--eval-fraction", "0.2").stdout)
+    ev = json.loads(run_cli("eval", "--labels", label_set, "--model", str(out), "--eval-fraction", "0.2").stdout)
     assert ev["kl"] == pytest.approx(after["kl"], rel=1e-4) and ev["ce"] == pytest.approx(after["ce"], rel=1e-4)
 
 
 def test_student_with_another_tokenizer_is_refused(label_set, builtin_teacher, tmp_path):
-    code, _, err = cli_in_process("trainer", "eval", "--labels", label_set, "--model", builtin_teacher)
-    assert_one_line_error(code, err, "trainer", "student tokenizer", "differs from the label set's", "sha256:",
+    code, _, err = cli_in_process("eval", "--labels", label_set, "--model", builtin_teacher)
+    assert_one_line_error(code, err, "eval", "student tokenizer", "differs from the label set's", "sha256:",
                           "--allow-vocab-mismatch")
     # With the flag, a student whose embeddings hold every id of the set trains.
     out = tmp_path / "mismatch"
-    proc = run_cli("trainer", "run", "--labels", label_set, "--student", builtin_teacher, "--output", str(out),
+    proc = run_cli("train", "--labels", label_set, "--student", builtin_teacher, "--output", str(out),
                    "--steps", "1", "--batch-size", "1", "--eval-batches", "1", "--allow-vocab-mismatch", "--json")
     assert "training anyway" in proc.stderr and json.loads(proc.stdout.strip().splitlines()[-1])["steps"] == 1
 

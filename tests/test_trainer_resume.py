@@ -82,7 +82,7 @@ def test_corrupt_shard_is_named_or_skipped_and_counted(label_set, tmp_path):
 
 
 def train_args(labels, out, *extra):
-    return ["run", "--labels", labels, "--output", str(out), "--steps", "6", "--batch-size", "3", "--lr", "3e-3",
+    return ["train", "--labels", labels, "--output", str(out), "--steps", "6", "--batch-size", "3", "--lr", "3e-3",
             "--warmup-steps", "2", "--eval-fraction", "0.1", "--eval-batches", "2", "--eval-every", "3",
             "--checkpoint-every", "3", "--num-workers", "2", "--json", *extra]
 
@@ -103,25 +103,25 @@ def same_weights(a, b) -> bool:
 @pytest.fixture(scope="module")
 def uninterrupted(label_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("trainer-ref") / "a"
-    run_cli("trainer", *train_args(label_set, out))
+    run_cli(*train_args(label_set, out))
     return out
 
 
 def test_sigkilled_mid_run_then_resumed_continues_the_curve_exactly(label_set, uninterrupted, tmp_path):
     b = tmp_path / "b"
     # SIGKILL right after step 5: the step-3 checkpoint is the last one
-    killed = run_cli("trainer", *train_args(label_set, b), check=False, env={"SOFTLABELS_CRASH_AT": "trainer.step@5"})
+    killed = run_cli(*train_args(label_set, b), check=False, env={"SOFTLABELS_CRASH_AT": "trainer.step@5"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (b / "checkpoints" / "latest").read_text() == "step-000003"
     assert max(r["step"] for r in curve(b)) == 5  # the killed run got past its checkpoint
-    code, _, err = cli_in_process("trainer", *train_args(label_set, b))
-    assert_one_line_error(code, err, "trainer", "pass --resume")
-    summary = json.loads(run_cli("trainer", *train_args(label_set, b, "--resume")).stdout.strip().splitlines()[-1])
+    code, _, err = cli_in_process(*train_args(label_set, b))
+    assert_one_line_error(code, err, "train", "pass --resume")
+    summary = json.loads(run_cli(*train_args(label_set, b, "--resume")).stdout.strip().splitlines()[-1])
     assert summary["resumed_from"] == 3
     assert curve(b) == curve(uninterrupted)
     assert same_weights(b, uninterrupted)
     png = tmp_path / "curves.png"
-    assert cli_in_process("trainer", "plot", str(b / "metrics.jsonl"), "--output", str(png))[0] == 0
+    assert cli_in_process("plot", str(b / "metrics.jsonl"), "--output", str(png))[0] == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -134,7 +134,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one_in_force(point, la
     from softlabels.trainer.student import build_student
 
     c = tmp_path / "c"
-    killed = run_cli("trainer", *train_args(label_set, c), check=False, env={"SOFTLABELS_CRASH_AT": point})
+    killed = run_cli(*train_args(label_set, c), check=False, env={"SOFTLABELS_CRASH_AT": point})
     assert killed.returncode == -9 and f"crash point {point}" in killed.stderr
     partial = list((c / "checkpoints").rglob(".model.safetensors.tmp-*"))
     assert bool(partial) == point.startswith("publish:")  # the weights half-published: under a temporary name only
@@ -147,7 +147,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one_in_force(point, la
     ref = load_file(uninterrupted / "checkpoints" / "step-000003" / "model.safetensors")
     assert kept.keys() == ref.keys() and all(torch.equal(kept[k], ref[k]) for k in ref)
     if point.startswith("publish:"):  # (the resume itself is shown exact above; once here, with a partial file)
-        summary = json.loads(run_cli("trainer", *train_args(label_set, c, "--resume")).stdout.strip().splitlines()[-1])
+        summary = json.loads(run_cli(*train_args(label_set, c, "--resume")).stdout.strip().splitlines()[-1])
         assert summary["resumed_from"] == 3
         assert curve(c) == curve(uninterrupted) and same_weights(c, uninterrupted)
         assert not [p for p in (c / "checkpoints").rglob(".*tmp-*")], "the partial write was not swept"
@@ -165,7 +165,7 @@ def test_a_checkpoint_with_pickled_code_is_refused(label_set, uninterrupted, tmp
     d = tmp_path / "evil"
     shutil.copytree(uninterrupted, d)
     torch.save({"step": 3, "payload": Exploit(tmp_path / "pwned")}, d / "checkpoints" / "step-000006" / "state-rank0.pt")
-    proc = run_cli("trainer", *train_args(label_set, d, "--resume", "--steps", "8"), check=False)
+    proc = run_cli(*train_args(label_set, d, "--resume", "--steps", "8"), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "state-rank0.pt" in last and "refused to unpickle" in last, last
@@ -187,7 +187,7 @@ class Exploit:
 def test_ddp_two_cpu_ranks_see_disjoint_data_and_end_with_equal_weights(label_set, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m", "trainer", "run", "--labels", label_set, "--output", str(out), "--steps", "4", "--batch-size", "2",
+           "-m", "softlabels", "train", "--labels", label_set, "--output", str(out), "--steps", "4", "--batch-size", "2",
            "--eval-fraction", "0.1", "--eval-batches", "1", "--log-samples", "--json"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -228,11 +228,11 @@ def test_checkpoints_on_s3_and_resume_from_them(label_set, s3_server, tmp_path):
     ckpt = f"{s3_server}/ckpt-{tmp_path.name}"
     args = ["run", "--labels", label_set, "--output", str(tmp_path / "s"), "--batch-size", "2", "--eval-batches", "1",
             "--eval-fraction", "0.1", "--checkpoint-every", "1", "--checkpoint-dir", ckpt, "--json"]
-    run_cli("trainer", *args, "--steps", "2")
+    run_cli(*args, "--steps", "2")
     fs, root = resolve_url(ckpt)
     fs.invalidate_cache()
     assert fs.cat_file(f"{root}/latest") == b"step-000002"
     assert {p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/step-000002")} == {
         "model.safetensors", "optimizer.pt", "state-rank0.pt"}
-    summary = json.loads(run_cli("trainer", *args, "--steps", "3", "--resume").stdout.strip().splitlines()[-1])
+    summary = json.loads(run_cli(*args, "--steps", "3", "--resume").stdout.strip().splitlines()[-1])
     assert summary["resumed_from"] == 2 and summary["steps"] == 3

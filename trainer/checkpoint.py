@@ -26,6 +26,7 @@ import torch
 from softlabels.common.files import sweep_partial_writes, write_whole
 from softlabels.schemas import join_url, resolve_url, retry_io
 from softlabels.common.crash import crash_point
+from softlabels.schemas.errors import UserError
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -109,14 +110,14 @@ class CheckpointStore:
         missing, unexpected = model.load_state_dict(weights, strict=False)
         tied = set(model.state_dict()) - set(_unique_tensors(model))
         if unexpected or set(missing) - tied:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {join_url(self.url, name)} does not fit this student "
                 f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})"
             )
         try:
             state = _torch_load(self._read(f"{name}/state-rank{rank}.pt"), join_url(self.url, f"{name}/state-rank{rank}.pt"))
         except FileNotFoundError as e:
-            raise ValueError(f"checkpoint {join_url(self.url, name)} has no state for rank {rank}: "
+            raise UserError(f"checkpoint {join_url(self.url, name)} has no state for rank {rank}: "
                              "resume with the world size it was saved with") from e
         return _torch_load(self._read(f"{name}/optimizer.pt"), join_url(self.url, f"{name}/optimizer.pt")), state
 
@@ -133,5 +134,5 @@ def _torch_load(data: bytes, where: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"checkpoint {where} holds objects other than tensors and plain data (refused to unpickle them): "
+        raise UserError(f"checkpoint {where} holds objects other than tensors and plain data (refused to unpickle them): "
                          f"{str(e).splitlines()[0]}") from e

@@ -1,4 +1,4 @@
-"""``python -m trainer compare``: teacher, students and quantized students side by side.
+"""``softlabels compare``: teacher, students and quantized students side by side.
 
 For each model: parameters, weights on disk, peak memory, tokens/s on a fixed
 prompt set (CPU; and GPU when there is one, for PyTorch models), and on the
@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from softlabels.schemas.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +137,11 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _measure_in_child(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "trainer.compare", json.dumps({"spec": spec, "opts": opts})],
+    proc = subprocess.run([sys.executable, "-m", "softlabels.trainer.compare", json.dumps({"spec": spec, "opts": opts})],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        raise ValueError(f"model {spec}: {lines[-1] if lines else f'measurement failed (exit {proc.returncode})'}")
+        raise UserError(f"model {spec}: {lines[-1] if lines else f'measurement failed (exit {proc.returncode})'}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -148,10 +150,10 @@ def _check_spec(spec: str) -> None:
 
     p = Path(spec)
     if p.exists() and not (p / "config.json").is_file() and not (p / ONNX_FILE).is_file():
-        raise ValueError(f"model {spec} is neither a Hugging Face model directory (config.json) "
+        raise UserError(f"model {spec} is neither a Hugging Face model directory (config.json) "
                          f"nor an export ({ONNX_FILE}, {META_FILE})")
     if not p.exists() and spec.startswith((".", "/", "~")):
-        raise ValueError(f"model {spec} does not exist")
+        raise UserError(f"model {spec} does not exist")
 
 
 def compare(
@@ -169,12 +171,12 @@ def compare(
     from softlabels.schemas import open_label_set
 
     if not models:
-        raise ValueError("--models needs at least one model")
+        raise UserError("--models needs at least one model")
     if rounds < 1:
-        raise ValueError(f"--rounds must be at least 1, got {rounds}")
+        raise UserError(f"--rounds must be at least 1, got {rounds}")
     names = list(names or [])
     if names and len(names) != len(models):
-        raise ValueError(f"--names gives {len(names)} names for {len(models)} models")
+        raise UserError(f"--names gives {len(names)} names for {len(models)} models")
     for spec in models:
         _check_spec(spec)
     open_label_set(labels, storage_options or {})  # a bad label set stops here, before any model loads

@@ -66,6 +66,8 @@ class TrainConfig:
             raise UserError("--loss tail-sampled cannot use --top-k: the stored tail draws never saw the entries k' drops")
         if not 0 <= self.alpha <= 1:
             raise UserError(f"alpha must be in [0, 1], got {self.alpha!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"min_lr_ratio must be in [0, 1] (a share of the peak lr), got {self.min_lr_ratio!r}")
         if not self.lr > 0:
             raise UserError(f"lr must be > 0, got {self.lr!r}")
         if not self.temperature > 0:

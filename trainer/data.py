@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from softlabels.schemas import LabelSet, Sample, open_label_set
 from softlabels.schemas.errors import ShardChecksumError
+from softlabels.schemas.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +101,15 @@ class LabelDataset(IterableDataset):
         split_by_rank: bool = True,
     ) -> None:
         if split not in ("train", "eval", "all"):
-            raise ValueError(f"split must be train, eval or all, got {split!r}")
+            raise UserError(f"split must be train, eval or all, got {split!r}")
         if not 0 <= eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction!r}")
+            raise UserError(f"eval_fraction must be in [0, 1), got {eval_fraction!r}")
         if shuffle_window < 1 or prefetch < 0:
-            raise ValueError(f"shuffle_window must be >= 1 and prefetch >= 0, got {shuffle_window}, {prefetch}")
+            raise UserError(f"shuffle_window must be >= 1 and prefetch >= 0, got {shuffle_window}, {prefetch}")
         self.labels = url if isinstance(url, LabelSet) else open_label_set(url, storage_options)
         k = self.labels.manifest.top_k
         if top_k is not None and not 1 <= top_k <= k:
-            raise ValueError(f"top_k must be in [1, {k}] (the label set's k), got {top_k}")
+            raise UserError(f"top_k must be in [1, {k}] (the label set's k), got {top_k}")
         self.top_k = None if top_k in (None, k) else top_k
         self.split, self.eval_fraction = split, eval_fraction
         self.seed, self.shuffle, self.epochs, self.verify = seed, shuffle, epochs, verify
@@ -142,7 +143,7 @@ class LabelDataset(IterableDataset):
             samples = self.labels.read_shard(shard, verify=self.verify)
         except ShardChecksumError as e:
             if not self.skip_corrupt:
-                raise ShardChecksumError(f"{e} (--skip-corrupt skips such shards)") from e
+                raise ShardChecksumError(f"{e} (softlabels train --skip-corrupt skips such shards)") from e
             self.corrupt_skipped += 1
             log.warning("skipping corrupt shard (%s)", e)
             return []
@@ -213,7 +214,7 @@ class LabelDataset(IterableDataset):
         # rotating which slot each worker serves makes a resumed run continue the cycle.
         slot, slots = rank * nworkers + (wid + self.rotation) % nworkers, world * nworkers
         if self.resume and len(self.resume) != slots:
-            raise ValueError(
+            raise UserError(
                 f"the data position was saved with {len(self.resume)} reader slot(s) (ranks x workers); "
                 f"this run has {slots}: resume with the same world size and --num-workers"
             )

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from softlabels.trainer.data import LabelDataset, collate
 from softlabels.trainer.losses import label_positions, position_loss
+from softlabels.schemas.errors import UserError
 
 
 def _move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -71,7 +72,7 @@ def evaluate(
     if was_training:
         model.train()
     if n_pos == 0:
-        raise ValueError("the eval split is empty: raise --eval-fraction or label more data")
+        raise UserError("the eval split is empty: raise --eval-fraction or label more data")
     return {
         "ce": ce_sum / max(1, n_tgt),
         "ppl": math.exp(min(50.0, ce_sum / max(1, n_tgt))),

@@ -1,4 +1,4 @@
-"""Quantized export of a trained student: ``python -m trainer export``.
+"""Quantized export of a trained student: ``softlabels export``.
 
 The student is traced to ONNX (``torch.onnx.export``) and its weights are
 quantized by ONNX Runtime's dynamic quantization: int8 weights with one
@@ -49,7 +49,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from softlabels.common.files import current_umask
+from softlabels.common.files import current_umask, make_dir
+from softlabels.schemas.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def _need_onnx() -> tuple[Any, Any]:
         import onnx
         import onnxruntime
     except ImportError as e:
-        raise ValueError(
+        raise UserError(
             f"export needs onnx and onnxruntime ({e.name} is not installed): pip install 'softlabels[export]'"
         ) from e
     return onnx, onnxruntime
@@ -178,17 +179,17 @@ def export_model(
     written beside ``output`` and renamed into place whole.
     """
     if scheme not in SCHEMES:
-        raise ValueError(f"--quantize must be one of {list(SCHEMES)}, got {scheme!r}")
+        raise UserError(f"--quantize must be one of {list(SCHEMES)}, got {scheme!r}")
     src, out = Path(model_dir), Path(output)
     if "://" in output:
-        raise ValueError(f"export output {output}: must be a local directory (copy it to object storage afterwards)")
+        raise UserError(f"export output {output}: must be a local directory (copy it to object storage afterwards)")
     if not (src / "config.json").is_file():
         what = "does not exist" if not src.exists() else "has no config.json (not a Hugging Face model directory)"
-        raise ValueError(f"model {model_dir} {what}")
+        raise UserError(f"model {model_dir} {what}")
     if is_export_dir(src):
-        raise ValueError(f"model {model_dir} is already an export; pass the trained student's directory")
+        raise UserError(f"model {model_dir} is already an export; pass the trained student's directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"export output {output} already exists and is not empty; choose another directory")
+        raise UserError(f"export output {output} already exists and is not empty; choose another directory")
     onnx, ort = _need_onnx()
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -205,7 +206,7 @@ def export_model(
     vocab = model.get_output_embeddings().weight.shape[0]
     hidden = model.get_output_embeddings().weight.shape[1]
     params = sum(p.numel() for p in model.parameters())
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out.parent, "export output folder")
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     os.chmod(stage, 0o777 & ~current_umask())  # mkdtemp's 0700 would make the published directory private
     try:
@@ -255,7 +256,7 @@ def export_model(
         got = torch.from_numpy(sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
         valid = mask.bool()
         if not torch.isfinite(got[valid]).all():
-            raise ValueError(f"export of {model_dir}: the {scheme} model gives non-finite logits")
+            raise UserError(f"export of {model_dir}: the {scheme} model gives non-finite logits")
         diff = float((got - want).abs()[valid].max())
         rel = float((got - want)[valid].norm() / want[valid].norm().clamp_min(1e-12))
         agree = float((got.argmax(-1) == want.argmax(-1))[valid].float().mean())
@@ -278,7 +279,7 @@ def export_model(
             "outputs": {"logits": "float32 [batch, sequence, vocab]"},
             "probe": {"max_abs_logit_diff": diff, "relative_logit_error": rel, "top1_agreement": agree, "positions": int(valid.sum())},
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
-            "load": f"trainer.export.load_exported({str(out)!r})",
+            "load": f"softlabels.trainer.export.load_exported({str(out)!r})",
             "export_s": round(time.time() - t0, 1),
         }
         (stage / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -304,7 +305,7 @@ class OnnxCausalLM:
         _, ort = _need_onnx()
         p = Path(path)
         if not is_export_dir(p):
-            raise ValueError(f"{path} is not an export directory (no {ONNX_FILE} and {META_FILE})")
+            raise UserError(f"{path} is not an export directory (no {ONNX_FILE} and {META_FILE})")
         self.path = p
         self.meta = json.loads((p / META_FILE).read_text())
         options = ort.SessionOptions()
@@ -328,5 +329,5 @@ class OnnxCausalLM:
 
 
 def load_exported(path: str | Path, threads: int | None = None) -> OnnxCausalLM:
-    """Load a directory written by ``python -m trainer export``: the one call to get a runnable model back."""
+    """Load a directory written by ``softlabels export``: the one call to get a runnable model back."""
     return OnnxCausalLM(path, threads)

@@ -12,6 +12,7 @@ from typing import Any
 from transformers import Trainer
 
 from softlabels.trainer.losses import LOSSES, chunked_loss
+from softlabels.schemas.errors import UserError
 
 
 class DistillationTrainer(Trainer):
@@ -20,7 +21,7 @@ class DistillationTrainer(Trainer):
     def __init__(self, *args: Any, loss: str = "tail-kl", alpha: float = 1.0, temperature: float = 1.0,
                  head_chunk: int = 1024, **kwargs: Any) -> None:
         if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+            raise UserError(f"loss must be one of {LOSSES}, got {loss!r}")
         super().__init__(*args, **kwargs)
         # Our batches carry label columns the model's forward() does not take: keep them.
         self.args.remove_unused_columns = False

@@ -19,13 +19,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from softlabels.common.crash import crash_point
-from softlabels.common.files import widen_to_umask
+from softlabels.common.files import make_dir, widen_to_umask
 from softlabels.trainer.checkpoint import CheckpointStore, rng_state, set_rng_state
 from softlabels.trainer.data import LabelDataset, StatefulLoader
 from softlabels.trainer.evaluate import _move, evaluate
 from softlabels.trainer.config import TrainConfig
 from softlabels.trainer.losses import chunked_loss
 from softlabels.trainer.student import build_student
+from softlabels.schemas.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         skip_corrupt=cfg.skip_corrupt, split_by_rank=False,
     )
     if cfg.loss == "tail-sampled" and not train_ds.manifest.tail_samples:
-        raise ValueError(f"--loss tail-sampled: the label set {cfg.labels} has no tail samples (label it with --tail-samples S)")
+        raise UserError(f"--loss tail-sampled: the label set {cfg.labels} has no tail samples (label it with --tail-samples S)")
     model, tokenizer = build_student(cfg.student, train_ds.labels, cfg.seed, allow_vocab_mismatch=cfg.allow_vocab_mismatch,
                                      trust_remote_code=cfg.trust_remote_code)
     model.to(device)
@@ -103,11 +104,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                  f", {world} ranks" if world > 1 else "")
 
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--output")
     store = CheckpointStore(cfg.checkpoint_dir or str(out / "checkpoints"), cfg.storage_options)
     latest = store.latest()
     if latest and not cfg.resume:
-        raise ValueError(
+        raise UserError(
             f"{store.url} holds checkpoint {latest}: pass --resume to continue that run, or use another --output"
         )
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from softlabels.common.plot import pyplot, save_png
+from softlabels.schemas.errors import UserError
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
@@ -14,14 +15,14 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as e:
-        raise ValueError(f"metrics file {path}: cannot be read ({e.strerror or e})") from e
+        raise UserError(f"metrics file {path}: cannot be read ({e.strerror or e})") from e
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from e
         (evals if "eval" in row else train).append(row)
     return train, evals
 
@@ -31,7 +32,7 @@ def plot_metrics(path: str | Path, png: str | Path) -> None:
     plt = pyplot(str(png))
     train, evals = read_metrics(path)
     if not train and not evals:
-        raise ValueError(f"metrics file {path} holds no rows")
+        raise UserError(f"metrics file {path} holds no rows")
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
     axes[0].set(xlabel="step", ylabel="training loss", title="training loss")

@@ -14,6 +14,7 @@ from typing import Any
 
 from softlabels.schemas import LabelSet, join_url, retry_io, tokenizer_fingerprint
 from softlabels.common.cli import remote_code_guard
+from softlabels.schemas.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def load_label_tokenizer(labels: LabelSet) -> Any:
 
     rel = labels.manifest.tokenizer.files
     if not rel:
-        raise ValueError(f"label set {labels.url} carries no tokenizer files; pass a student with its own tokenizer")
+        raise UserError(f"label set {labels.url} carries no tokenizer files; pass a student with its own tokenizer")
     src = join_url(labels.root, rel)
     with tempfile.TemporaryDirectory() as tmp:
         for path in retry_io(lambda: labels.fs.ls(src, detail=False), f"list {join_url(labels.url, rel)}"):
@@ -58,7 +59,7 @@ def check_tokenizer(tokenizer: Any, labels: LabelSet, where: str, allow_mismatch
     msg = (f"student tokenizer ({where}, {fp[:19]}) differs from the label set's "
            f"({labels.manifest.tokenizer.name}, {want[:19]})")
     if not allow_mismatch:
-        raise ValueError(f"{msg}: the student must share the teacher's tokenizer (--allow-vocab-mismatch overrides)")
+        raise UserError(f"{msg}: the student must share the teacher's tokenizer (--allow-vocab-mismatch overrides)")
     log.warning("%s; training anyway (--allow-vocab-mismatch): ids mean what the teacher's tokenizer says", msg)
     return False
 
@@ -95,9 +96,9 @@ def build_student(
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
         return model, tokenizer
     if not Path(spec).exists() and spec.startswith((".", "/", "~")):
-        raise ValueError(f"student path {spec} does not exist")
+        raise UserError(f"student path {spec} does not exist")
     if Path(spec).exists() and not (Path(spec) / "config.json").exists():
-        raise ValueError(f"student directory {spec} has no config.json (not a Hugging Face model directory)")
+        raise UserError(f"student directory {spec} has no config.json (not a Hugging Face model directory)")
     with remote_code_guard(f"student {spec}"):
         tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
         check_tokenizer(tokenizer, labels, spec, allow_vocab_mismatch)
@@ -106,7 +107,7 @@ def build_student(
         )
     rows = min(model.get_input_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0])
     if rows < vocab:
-        raise ValueError(
+        raise UserError(
             f"student {spec} has {rows} embeddings, fewer than the label set's vocabulary of {vocab}: "
             "its ids do not all fit"
         )

@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 from softlabels.common.crash import crash_point
+from softlabels.schemas.errors import UserError
 from softlabels.schemas.storage import is_local, retry_io
 
 log = logging.getLogger(__name__)
@@ -96,3 +97,11 @@ def sweep_partial_writes(fs: Any, root: str) -> int:
     if removed:
         log.info("removed %d partial write(s) left by an interrupted run under %s", removed, root)
     return removed
+
+
+def make_dir(path: str | os.PathLike[str], what: str) -> None:
+    """``mkdir -p`` for a location the user named; a refusal (permissions, a file in the way) is a UserError."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot create the directory ({e.strerror or e})") from e

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from softlabels.common.errors import UserError
+from softlabels.schemas.errors import UserError
 
 
 def pyplot(path: str) -> Any:
