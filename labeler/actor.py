@@ -13,10 +13,10 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-
-from softlabels.common.commit import LabelSetWriter
 from softlabels.labeler.teacher import TeacherRunner, TeacherSource, resolve_teacher
 from softlabels.schemas import Encoding, Sample, encode_samples, sample_id, table_to_parquet_bytes
+
+from softlabels.common.commit import LabelSetWriter
 from softlabels.common.crash import crash_point
 
 Labels = list[tuple[np.ndarray, ...]]  # (ids, logprobs, tail[, tail sample ids, counts]) per sequence

@@ -21,8 +21,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from softlabels.common.files import widen_to_umask
 from softlabels.schemas.errors import UserError
+
+from softlabels.common.files import widen_to_umask
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,10 @@ import signal
 import sys
 from dataclasses import fields
 
+from softlabels.labeler.config import LabelConfig
+
 from softlabels.common import crash
 from softlabels.common.cli import debug_flag, given_flags, parse_storage_options, require_extra
-from softlabels.labeler.config import LabelConfig
 
 BOOL = argparse.BooleanOptionalAction
 

@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from softlabels.common.cli import resolve_settings
 from softlabels.schemas import DEFAULT_ENCODING, Encoding
 from softlabels.schemas.errors import UserError
+
+from softlabels.common.cli import resolve_settings
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from softlabels.schemas import resolve_url, retry_io
-from softlabels.schemas.storage import is_local
 from softlabels.schemas.errors import UserError
+from softlabels.schemas.storage import is_local
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-
 from softlabels.schemas import open_label_set
-from softlabels.common.plot import pyplot, save_png
 from softlabels.schemas.errors import UserError
+
+from softlabels.common.plot import pyplot, save_png
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 

@@ -16,11 +16,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from softlabels import __version__
 from softlabels.labeler.config import LabelConfig
 from softlabels.labeler.corpus import Corpus
 from softlabels.labeler.pipeline import NothingToLabel, Pipeline, cluster_gpus, ray_session
-from softlabels.common.commit import LabelSetWriter
 from softlabels.labeler.teacher import TeacherSource, load_tokenizer, pick_device_dtype, resolve_teacher, teacher_info
 from softlabels.schemas import (
     SCHEMA_VERSION,
@@ -31,8 +29,11 @@ from softlabels.schemas import (
     Totals,
     tokenizer_fingerprint,
 )
-from softlabels.common.cli import remote_code_guard
 from softlabels.schemas.errors import UserError
+
+from softlabels import __version__
+from softlabels.common.cli import remote_code_guard
+from softlabels.common.commit import LabelSetWriter
 
 log = logging.getLogger(__name__)
 

@@ -33,16 +33,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from softlabels.labeler.config import LabelConfig
 from softlabels.labeler.corpus import Corpus, CorpusTotals
 from softlabels.labeler.plan import Unit, build_sequences, iter_units, read_and_tokenize, unit_digest
 from softlabels.labeler.progress import Progress
-from softlabels.common.commit import Commit, OutputError
 from softlabels.labeler.teacher import TeacherSource
 from softlabels.schemas import SequenceConfig, ShardInfo
-from softlabels.common.crash import crash_point
 from softlabels.schemas.errors import UserError
+
+from softlabels.common.commit import Commit, OutputError
+from softlabels.common.crash import crash_point
 
 log = logging.getLogger(__name__)
 

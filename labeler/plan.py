@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from softlabels.labeler.corpus import Block, BlockReader, BlockStats, Document
 from softlabels.schemas import SequenceConfig
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from softlabels.labeler.builtin import BUILTIN_TEACHERS, builtin_teacher_dir
 from softlabels.schemas import TeacherInfo
 from softlabels.schemas.errors import UserError
@@ -167,7 +166,6 @@ class TeacherRunner:
         labeled again (a resumed run) gets the same samples.
         """
         import torch
-
         from softlabels.labeler.topk import topk_with_tail
 
         results: list[Any] = [None] * len(sequences)

@@ -14,13 +14,13 @@ format specification.
 from softlabels.schemas.encodings import DEFAULT_ENCODING, ENCODINGS, Encoding
 from softlabels.schemas.errors import (
     LabelSetError,
-    ShardFormatError,
-    StorageError,
-    UserError,
     ManifestError,
     MissingManifestError,
     ShardChecksumError,
+    ShardFormatError,
+    StorageError,
     UnsupportedSchemaVersion,
+    UserError,
 )
 from softlabels.schemas.fingerprint import sample_id, tokenizer_fingerprint
 from softlabels.schemas.format import (

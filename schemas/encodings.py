@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
 from softlabels.schemas.bitpack import bit_width, from_planes, pack_bits, planes_for, to_planes, unpack_bits
 from softlabels.schemas.errors import ShardFormatError, UserError
 

@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
 from softlabels.schemas.encodings import Encoding, decode_labels, encode_labels, flat_list, fp16_columns, rows_list
 from softlabels.schemas.errors import UnsupportedSchemaVersion
 

@@ -25,7 +25,7 @@ def cli(*args: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", "softlabels", *args, "--json"], cwd=REPO, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         sys.exit(f"demo: step failed: softlabels {' '.join(args)} (exit {proc.returncode})")
-    return json.loads(proc.stdout)
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # Ray may print its workers' lines before the summary
 
 
 def targets(t: dict, s: dict, c: dict, q: dict) -> list[tuple[bool, str]]:

@@ -34,7 +34,13 @@ from softlabels.schemas import Encoding, LabelSet, Manifest, ShardInfo, Totals, 
 from softlabels.schemas.encodings import META_ENCODING
 from softlabels.schemas.errors import UserError
 from softlabels.schemas.fingerprint import sha256_bytes
-from softlabels.schemas.format import SCHEMA_VERSION, decode_table, encode_samples, read_parquet_bytes, table_to_parquet_bytes
+from softlabels.schemas.format import (
+    SCHEMA_VERSION,
+    decode_table,
+    encode_samples,
+    read_parquet_bytes,
+    table_to_parquet_bytes,
+)
 from softlabels.schemas.manifest import MANIFEST_NAME
 
 log = logging.getLogger(__name__)

@@ -150,9 +150,9 @@ def test_compare_measures_every_model_and_scores_the_teacher_against_its_own_lab
     for r in rows.values():
         assert r["cpu_tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0 and r["positions"] == direct["positions"]
         assert r["rounds"] == 2  # the default: every model timed twice, in turn
-    lines = out.splitlines()
-    assert any(ln.startswith("student-int8 vs student:") and "smaller on disk" in ln for ln in lines), out
-    assert any(ln.startswith("student vs teacher:") for ln in lines), out
+    lines = err.splitlines()  # the table and ratios: on stderr under --json
+    assert any(ln.startswith("student-int8 vs student:") and "smaller on disk" in ln for ln in lines), err
+    assert any(ln.startswith("student vs teacher:") for ln in lines), err
 
 
 def test_export_and_compare_refuse_bad_input_in_one_line(label_set, student, exports, tmp_path):

@@ -150,10 +150,15 @@ def test_unknown_schema_version_is_refused_naming_it(version):
 
 
 @pytest.mark.parametrize("path", ["../x.parquet", "/etc/passwd", "s3://other/x.parquet", "shards/../../x", "a\\b"])
-def test_shard_paths_outside_the_set_are_refused(path):
+def test_paths_outside_the_set_are_refused(path):
+    """Shard paths and the tokenizer folder (which convert copies and students load) stay inside the set."""
     d = json.loads(make_manifest((ShardInfo("shards/ok.parquet", 1, 1, 1, "a"),)).to_json())
     d["shards"][0]["path"] = path
     with pytest.raises(ManifestError, match="shard path"):
+        Manifest.from_json(json.dumps(d))
+    d = json.loads(make_manifest((ShardInfo("shards/ok.parquet", 1, 1, 1, "a"),)).to_json())
+    d["tokenizer"]["files"] = path
+    with pytest.raises(ManifestError, match="tokenizer folder"):
         Manifest.from_json(json.dumps(d))
 
 

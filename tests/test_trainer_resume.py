@@ -226,7 +226,7 @@ def test_checkpoints_on_s3_and_resume_from_them(label_set, s3_server, tmp_path):
     from softlabels.schemas import resolve_url
 
     ckpt = f"{s3_server}/ckpt-{tmp_path.name}"
-    args = ["run", "--labels", label_set, "--output", str(tmp_path / "s"), "--batch-size", "2", "--eval-batches", "1",
+    args = ["train", "--labels", label_set, "--output", str(tmp_path / "s"), "--batch-size", "2", "--eval-batches", "1",
             "--eval-fraction", "0.1", "--checkpoint-every", "1", "--checkpoint-dir", ckpt, "--json"]
     run_cli(*args, "--steps", "2")
     fs, root = resolve_url(ckpt)

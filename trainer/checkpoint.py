@@ -14,19 +14,19 @@ a crash while saving leaves the previous checkpoint in force.
 from __future__ import annotations
 
 import io
-import pickle
 import logging
+import pickle
 import random
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
-
-from softlabels.common.files import sweep_partial_writes, write_whole
 from softlabels.schemas import join_url, resolve_url, retry_io
-from softlabels.common.crash import crash_point
 from softlabels.schemas.errors import UserError
+
+from softlabels.common.crash import crash_point
+from softlabels.common.files import sweep_partial_writes, write_whole
 
 log = logging.getLogger(__name__)
 LATEST = "latest"

@@ -118,9 +118,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     require_extra("trainer", "torch", "transformers", "safetensors")
-    from softlabels.common.cli import resolve_settings
     from softlabels.trainer.config import TrainConfig
     from softlabels.trainer.loop import train
+
+    from softlabels.common.cli import resolve_settings
 
     cfg = resolve_settings(TrainConfig, args.config, given_flags(args), required=("labels", "output"))
     summary = train(cfg)
@@ -141,7 +142,6 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     require_extra("trainer", "torch", "transformers")
     import torch
-
     from softlabels.trainer.data import LabelDataset
     from softlabels.trainer.evaluate import evaluate
     from softlabels.trainer.student import build_student

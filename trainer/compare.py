@@ -87,7 +87,6 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
     """Measure one model (in this process). ``opts``: labels, storage_options, eval_fraction, batch_size,
     eval_batches, rows, length, seconds, threads, trust_remote_code, and speed_only (time it, nothing else)."""
     import torch
-
     from softlabels.schemas import open_label_set
     from softlabels.trainer.data import LabelDataset
     from softlabels.trainer.evaluate import evaluate

@@ -39,11 +39,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-
 from softlabels.schemas import LabelSet, Sample, open_label_set
-from softlabels.schemas.errors import ShardChecksumError
-from softlabels.schemas.errors import UserError
+from softlabels.schemas.errors import ShardChecksumError, UserError
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 log = logging.getLogger(__name__)
 

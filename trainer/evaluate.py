@@ -6,11 +6,10 @@ import math
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
-
+from softlabels.schemas.errors import UserError
 from softlabels.trainer.data import LabelDataset, collate
 from softlabels.trainer.losses import label_positions, position_loss
-from softlabels.schemas.errors import UserError
+from torch.utils.data import DataLoader
 
 
 def _move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -49,8 +49,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from softlabels.common.files import current_umask, make_dir
 from softlabels.schemas.errors import UserError
+
+from softlabels.common.files import current_umask, make_dir
 
 log = logging.getLogger(__name__)
 

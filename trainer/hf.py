@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import Trainer
-
-from softlabels.trainer.losses import LOSSES, chunked_loss
 from softlabels.schemas.errors import UserError
+from softlabels.trainer.losses import LOSSES, chunked_loss
+from transformers import Trainer
 
 
 class DistillationTrainer(Trainer):

@@ -16,17 +16,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from softlabels.schemas.errors import UserError
+from softlabels.trainer.checkpoint import CheckpointStore, rng_state, set_rng_state
+from softlabels.trainer.config import TrainConfig
+from softlabels.trainer.data import LabelDataset, StatefulLoader
+from softlabels.trainer.evaluate import _move, evaluate
+from softlabels.trainer.losses import chunked_loss
+from softlabels.trainer.student import build_student
 from torch.nn.parallel import DistributedDataParallel
 
 from softlabels.common.crash import crash_point
 from softlabels.common.files import make_dir, widen_to_umask
-from softlabels.trainer.checkpoint import CheckpointStore, rng_state, set_rng_state
-from softlabels.trainer.data import LabelDataset, StatefulLoader
-from softlabels.trainer.evaluate import _move, evaluate
-from softlabels.trainer.config import TrainConfig
-from softlabels.trainer.losses import chunked_loss
-from softlabels.trainer.student import build_student
-from softlabels.schemas.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
 from softlabels.trainer.config import LOSSES  # the names live with the config, which needs no torch
+from torch.utils.checkpoint import checkpoint
 
 _NEG = -1e30  # stands in for log(0) where -inf would poison gradients
 

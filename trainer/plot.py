@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from softlabels.common.plot import pyplot, save_png
 from softlabels.schemas.errors import UserError
+
+from softlabels.common.plot import pyplot, save_png
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:

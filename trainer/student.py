@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from softlabels.schemas import LabelSet, join_url, retry_io, tokenizer_fingerprint
-from softlabels.common.cli import remote_code_guard
 from softlabels.schemas.errors import UserError
+
+from softlabels.common.cli import remote_code_guard
 
 log = logging.getLogger(__name__)
 

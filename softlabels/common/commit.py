@@ -22,11 +22,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from softlabels.common.crash import crash_point
 from softlabels.common.files import sweep_partial_writes, write_whole
 from softlabels.schemas import Manifest, ShardInfo, join_url, resolve_url, retry_io
-from softlabels.common.crash import crash_point
-from softlabels.schemas.fingerprint import sha256_bytes
 from softlabels.schemas.errors import UserError
+from softlabels.schemas.fingerprint import sha256_bytes
 from softlabels.schemas.manifest import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
