@@ -173,21 +173,31 @@ def test_unknown_shard_version_or_encoding_is_refused_naming_it():
         list(decode_table(read_parquet_bytes(table_to_parquet_bytes(bad_enc))))
 
 
+def fixture_arrays(seed: int, draws: int = 0) -> list[tuple[np.ndarray, ...]]:
+    """The seeded recipe of tests/fixtures/make_v1.py (seed 1234) and make_v2.py (seed 2024, 3 draws):
+    per stored row ``(ids, top, lp, tail)``, plus ``(draw ids, counts)`` with ``draws``."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for length in (5, 9, 7):  # two rows in the first shard, one in the second
+        ids = rng.integers(0, 300, size=length).astype(np.int32)
+        logits = rng.normal(size=(length, 300)) * 3
+        logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+        top = np.argsort(-logp, axis=1, kind="stable")[:, :4]
+        lp = np.take_along_axis(logp, top, 1)
+        row = (ids, top, lp, np.log(1 - np.exp(lp).sum(1)))
+        if draws:
+            ids_drawn = np.stack([np.sort(rng.choice(np.arange(4, 300), size=draws, replace=False)) for _ in range(length)])
+            row += (ids_drawn, np.ones((length, draws), np.uint8))
+        out.append(row)
+    return out
+
+
 def test_stored_v1_label_set_still_reads():
     """tests/fixtures/v1-set was written by the v1 writer (tests/fixtures/make_v1.py); regenerate its arrays."""
     ls = open_label_set(str(FIXTURE_V1))
     assert ls.manifest.schema_version == 1 and ls.manifest.label_encoding.name == "fp16"
     got = list(ls.iter_samples())
-    rng = np.random.default_rng(1234)
-    expected = []
-    for rows in [(5, 9), (7,)]:
-        for length in rows:
-            ids = rng.integers(0, 300, size=length).astype(np.int32)
-            logits = rng.normal(size=(length, 300)) * 3
-            logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-            top = np.argsort(-logp, axis=1, kind="stable")[:, :4]
-            lp = np.take_along_axis(logp, top, 1)
-            expected.append((ids, top, lp, np.log(1 - np.exp(lp).sum(1))))
+    expected = fixture_arrays(1234)
     assert len(got) == len(expected) == 3
     for s, (ids, top, lp, tail) in zip(got, expected):
         np.testing.assert_array_equal(s.input_ids, ids)
@@ -196,29 +206,13 @@ def test_stored_v1_label_set_still_reads():
         np.testing.assert_array_equal(s.tail_logprob, tail.astype(np.float32))
 
 
-def v2_fixture_arrays():
-    """The arrays tests/fixtures/make_v2.py stored (same seeded recipe): per row (ids, top, lp, tail, draws, counts)."""
-    rng = np.random.default_rng(2024)
-    out = []
-    for rows in [(5, 9), (7,)]:
-        for length in rows:
-            ids = rng.integers(0, 300, size=length).astype(np.int32)
-            logits = rng.normal(size=(length, 300)) * 3
-            logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-            top = np.argsort(-logp, axis=1, kind="stable")[:, :4]
-            lp = np.take_along_axis(logp, top, 1)
-            draws = np.stack([np.sort(rng.choice(np.arange(4, 300), size=3, replace=False)) for _ in range(length)])
-            out.append((ids, top, lp, np.log(1 - np.exp(lp).sum(1)), draws, np.ones((length, 3), np.uint8)))
-    return out
-
-
 @pytest.mark.parametrize("name", ["fp16", "packed", "packed-q8", "compact"])
 def test_stored_v2_label_sets_still_read(name):
     """tests/fixtures/v2-sets/NAME was written by the v2 writer (0.3.0): compact's footer held raw zstd bytes then."""
     ls = open_label_set(str(FIXTURE_V2 / name))
     assert ls.manifest.schema_version == 2 and ls.manifest.label_encoding.name == name
     got = list(ls.iter_samples())
-    expected = v2_fixture_arrays()
+    expected = fixture_arrays(2024, draws=3)
     assert len(got) == len(expected) == 3
     for s, (ids, top, lp, tail, draws, counts) in zip(got, expected):
         np.testing.assert_array_equal(s.input_ids, ids)
