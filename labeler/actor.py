@@ -85,9 +85,11 @@ class ShardWriterActor:
     """Encodes and commits units next to a teacher replica (same node, warm storage client)."""
 
     def __init__(
-        self, output: str, storage_options: dict[str, Any], top_k: int, tokenizer_fp: str, encoding: Encoding, vocab_size: int
+        self, output: str, storage_options: dict[str, Any], top_k: int, tokenizer_fp: str, encoding: Encoding,
+        vocab_size: int, owner: tuple[int, str] | None = None,
     ) -> None:
         self.writer = LabelSetWriter(output, storage_options)
+        self.writer.follow(owner)  # every commit first checks that the driver still holds the output
         self.top_k, self.tokenizer_fp = top_k, tokenizer_fp
         self.encoding, self.vocab_size = encoding, vocab_size
 

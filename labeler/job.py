@@ -10,8 +10,10 @@ last, from the units' commit records.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -76,13 +78,33 @@ def _teacher_shape(source: TeacherSource, trust_remote_code: bool) -> tuple[int 
     return getattr(text, "max_position_embeddings", None), getattr(text, "vocab_size", None)
 
 
+def check_scratch_space(cfg: LabelConfig) -> None:
+    """Temporary folders this process and a local Ray need, writable: else one line naming the variable."""
+    import tempfile
+
+    try:
+        tempfile.TemporaryDirectory().cleanup()
+    except OSError as e:
+        raise UserError(f"no writable temporary folder ({e}): set TMPDIR to a writable folder") from e
+    if not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
+        # Where a local Ray puts its session: RAY_TMPDIR, else TMPDIR (taken as it is, on Linux), else /tmp.
+        ray_tmp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+        try:
+            os.makedirs(ray_tmp, exist_ok=True)
+            tempfile.TemporaryDirectory(dir=ray_tmp).cleanup()
+        except OSError as e:
+            raise UserError(f"Ray's temporary folder {ray_tmp} is not writable ({e.strerror or e}): "
+                            "set RAY_TMPDIR (or TMPDIR) to a writable folder") from e
+
+
 def run(cfg: LabelConfig) -> Summary:
     """Run (or resume) a labeling job and return its summary."""
     t0 = time.time()
+    check_scratch_space(cfg)
     log.info("labeling config: %s", cfg.redacted())
     writer = LabelSetWriter(cfg.output, cfg.storage_options)
     writer.check_reachable(cfg.overwrite)
-    corpus = Corpus(cfg.corpus, cfg.text_field, cfg.storage_options, cfg.on_error)
+    corpus = Corpus(cfg.corpus, cfg.text_field, cfg.storage_options, cfg.on_error, exclude=cfg.output)
     source = resolve_teacher(cfg.teacher, cfg.revision)
     with remote_code_guard(f"teacher {cfg.teacher}"):
         context, head_vocab = _teacher_shape(source, cfg.trust_remote_code)
@@ -100,62 +122,64 @@ def run(cfg: LabelConfig) -> Summary:
     seq_cfg = SequenceConfig(cfg.max_length, cfg.packing, cfg.add_eos, cfg.limit, cfg.shard_tokens)
     tok_info = TokenizerInfo(name=source.display_name, vocab_size=vocab, fingerprint=tokenizer_fingerprint(tokenizer))
 
-    with ray_session(cfg.ray_address) as ray:
-        # The device default follows the cluster (the driver may have no GPU).
-        device, dtype = pick_device_dtype(cfg.device or ("cuda" if cluster_gpus(ray) else "cpu"), cfg.dtype)
-        if device.startswith("cuda") and not cluster_gpus(ray):
-            raise UserError(f"--device {device}: the Ray cluster has no GPUs")
-        t_info = teacher_info(source, dtype)
-        identity = {
-            "schema_version": SCHEMA_VERSION,
-            "teacher": {"id": t_info.id, "revision": t_info.revision, "weights_sha256": t_info.weights_sha256,
-                        "dtype": dtype},
-            "tokenizer": tok_info.fingerprint,
-            "top_k": cfg.top_k,
-            "temperature": cfg.temperature,
-            "corpus": {"source": cfg.corpus, "listing": corpus.listing_fingerprint(), "text_field": cfg.text_field,
-                       "on_error": cfg.on_error},
-            "sequence": asdict(seq_cfg),
-            "encoding": cfg.label_encoding.to_dict(),
-            "tail_samples": cfg.tail_samples,
-        }
-        status = writer.begin(identity, cfg.overwrite)
-        if status == "complete":
-            return _already_complete(writer, cfg, t0)
-        done = writer.committed() if status == "resume" else {}
-        if done:
-            log.info("resuming: %d committed unit(s) verified (size and sha256)", len(done))
-        if not writer.exists("tokenizer/tokenizer_config.json"):
-            writer.write_tokenizer(tokenizer)
-        try:
-            out = Pipeline(ray, cfg, source, device, dtype, tokenizer, tok_info.fingerprint, corpus, seq_cfg, done,
-                           id_space).run()
-        except NothingToLabel:
-            if status == "new":
-                writer.abandon()  # leave the output as it was: a fixed corpus can then use it
-            raise
-
-    shards = tuple(out.shards)
-    manifest = Manifest(
-        teacher=t_info,
-        tokenizer=tok_info,
-        top_k=cfg.top_k,
-        temperature=cfg.temperature,
-        corpus=CorpusInfo(cfg.corpus, out.corpus.fingerprint, out.corpus.documents, out.corpus.empty,
-                          out.corpus.skipped),
-        sequence=seq_cfg,
-        shards=shards,
-        totals=Totals(
-            sequences=sum(s.rows for s in shards),
-            tokens=sum(s.tokens for s in shards),
-            bytes=sum(s.bytes for s in shards),
-        ),
-        labeler_version=LABELER_VERSION,
-        encoding=cfg.label_encoding.to_dict(),
-        tail_samples=cfg.tail_samples,
-        created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-    )
-    writer.write_manifest(manifest)
+    writer.acquire(cfg.overwrite, cfg.take_over)  # before Ray starts: a second run on the output is refused at once
+    try:
+        with ray_session(cfg.ray_address) as ray:
+            # The device default follows the cluster (the driver may have no GPU).
+            device, dtype = pick_device_dtype(cfg.device or ("cuda" if cluster_gpus(ray) else "cpu"), cfg.dtype)
+            if device.startswith("cuda") and not cluster_gpus(ray):
+                raise UserError(f"--device {device}: the Ray cluster has no GPUs")
+            t_info = teacher_info(source, dtype)
+            identity = {
+                "schema_version": SCHEMA_VERSION,
+                "teacher": {"id": t_info.id, "revision": t_info.revision, "weights_sha256": t_info.weights_sha256,
+                            "dtype": dtype},
+                "tokenizer": tok_info.fingerprint,
+                "top_k": cfg.top_k,
+                "temperature": cfg.temperature,
+                # Not --on-error: each committed unit's input digest already says what it was made from.
+                "corpus": {"source": cfg.corpus, "listing": corpus.listing_fingerprint(), "text_field": cfg.text_field},
+                "sequence": asdict(seq_cfg),
+                "encoding": cfg.label_encoding.to_dict(),
+                "tail_samples": cfg.tail_samples,
+            }
+            status = writer.begin(identity, cfg.overwrite)
+            if status == "complete":
+                return _already_complete(writer, cfg, t0)
+            done = writer.committed() if status == "resume" else {}
+            if done:
+                log.info("resuming: %d committed unit(s) verified (size and sha256)", len(done))
+            tok_info = dataclasses.replace(tok_info, checksums=writer.write_tokenizer(tokenizer))
+            try:
+                out = Pipeline(ray, cfg, source, device, dtype, tokenizer, tok_info.fingerprint, corpus, seq_cfg, done,
+                               id_space, writer.owner()).run()
+            except NothingToLabel:
+                if status == "new":
+                    writer.abandon()  # leave the output as it was: a fixed corpus can then use it
+                raise
+            shards = tuple(out.shards)
+            manifest = Manifest(
+                teacher=t_info,
+                tokenizer=tok_info,
+                top_k=cfg.top_k,
+                temperature=cfg.temperature,
+                corpus=CorpusInfo(cfg.corpus, out.corpus.fingerprint, out.corpus.documents, out.corpus.empty,
+                                  out.corpus.skipped),
+                sequence=seq_cfg,
+                shards=shards,
+                totals=Totals(
+                    sequences=sum(s.rows for s in shards),
+                    tokens=sum(s.tokens for s in shards),
+                    bytes=sum(s.bytes for s in shards),
+                ),
+                labeler_version=LABELER_VERSION,
+                encoding=cfg.label_encoding.to_dict(),
+                tail_samples=cfg.tail_samples,
+                created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+            )
+            writer.write_manifest(manifest)
+    finally:
+        writer.finish()
     return Summary(
         output=cfg.output,
         sequences=manifest.totals.sequences,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import socket
 import threading
 import time
@@ -90,6 +91,8 @@ def ray_session(address: str | None) -> Iterator[Any]:
     started = False
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
+        main = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if main else None
         try:
             if address:
                 _probe_ray_address(address)
@@ -98,6 +101,11 @@ def ray_session(address: str | None) -> Iterator[Any]:
                 ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
         except ConnectionError as e:
             raise UserError(f"cannot join the Ray cluster at {address!r}: {e}") from e
+        finally:
+            if main:
+                # ray.init installs its own SIGTERM handler (a C++ stack dump, exit 134): put ours back,
+                # so a preempted job unwinds, releases its output and shuts Ray down.
+                signal.signal(signal.SIGTERM, sigterm)
         started = True
     try:
         yield ray
@@ -149,9 +157,13 @@ class Pipeline:
         seq_cfg: SequenceConfig,
         done: dict[str, Commit],
         vocab_size: int,
+        owner: tuple[int, str] | None = None,
     ) -> None:
         self.ray, self.cfg, self.source, self.device, self.dtype = ray, cfg, source, device, dtype
         self.vocab_size = vocab_size  # every id the teacher can emit is below it
+        self.owner = owner  # the driver's claim on the output: writers check it before each commit
+        # With --limit no document can contribute more tokens than limit x max_length sequences hold.
+        self.max_doc_tokens = cfg.limit * cfg.max_length if cfg.limit else None
         self.tokenizer, self.tokenizer_fp = tokenizer, tokenizer_fp
         self.corpus, self.seq_cfg, self.done = corpus, seq_cfg, done
         self.totals = CorpusTotals()
@@ -182,7 +194,7 @@ class Pipeline:
         skipped = 0
         while inflight or nxt < len(blocks):
             while nxt < len(blocks) and len(inflight) < lookahead:
-                inflight.append((read.remote(reader, blocks[nxt], tok), blocks[nxt]))
+                inflight.append((read.remote(reader, blocks[nxt], tok, self.max_doc_tokens), blocks[nxt]))
                 nxt += 1
             ref, block = inflight.popleft()
             try:
@@ -254,7 +266,8 @@ class Pipeline:
         self.writers = [
             writer_cls.options(
                 num_cpus=TASK_CPUS, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)
-            ).remote(cfg.output, cfg.storage_options, cfg.top_k, self.tokenizer_fp, cfg.label_encoding, self.vocab_size)
+            ).remote(cfg.output, cfg.storage_options, cfg.top_k, self.tokenizer_fp, cfg.label_encoding, self.vocab_size,
+                     self.owner)
             for node in node_ids
         ]
         ray.get([w.ready.remote() for w in self.writers])

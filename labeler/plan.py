@@ -37,18 +37,44 @@ class Unit:
         return sum(len(s.input_ids) for s in self.sequences)
 
 
-def tokenize(docs: list[Document], tokenizer: Any) -> list[tuple[str, np.ndarray]]:
-    """``(doc_id, int32 token ids)`` per document, without special tokens (one batched call)."""
+# With --limit, a document far longer than the limit needs is tokenized from a prefix: the
+# tokens wanted, then MARGIN_TOKENS more, at CHARS_PER_TOKEN characters per token at most.
+# Tokenizers work word by word (a pre-tokenizer, then BPE inside each word), so cutting the
+# text changes only the tokens next to the cut, far past the ones kept.
+MARGIN_TOKENS = 1024
+CHARS_PER_TOKEN = 32
+
+
+def tokenize(docs: list[Document], tokenizer: Any, max_tokens: int | None = None) -> list[tuple[str, np.ndarray]]:
+    """``(doc_id, int32 token ids)`` per document, without special tokens (one batched call).
+
+    ``max_tokens``: no document needs more tokens than this (``--limit`` x ``--max-length``);
+    longer documents are tokenized from a prefix and cut to it, so a 50 MB line costs what
+    the limit needs, not the memory of tokenizing it whole.
+    """
     if not docs:
         return []
-    encoded = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
-    return [(d.doc_id, np.asarray(ids, dtype=np.int32)) for d, ids in zip(docs, encoded)]
+    texts = [d.text for d in docs]
+    cut = None if max_tokens is None else (max_tokens + MARGIN_TOKENS) * CHARS_PER_TOKEN
+    if cut is not None:
+        texts = [t[:cut] for t in texts]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    out = []
+    for d, t, ids in zip(docs, texts, encoded):
+        if cut is not None and len(d.text) > len(t):
+            if len(ids) < max_tokens + MARGIN_TOKENS // 2:  # unusually long tokens: the prefix is not enough
+                ids = tokenizer(d.text, add_special_tokens=False)["input_ids"]
+            ids = ids[:max_tokens]
+        out.append((d.doc_id, np.asarray(ids, dtype=np.int32)))
+    return out
 
 
-def read_and_tokenize(reader: BlockReader, block: Block, tokenizer: Any) -> tuple[list[tuple[str, np.ndarray]], BlockStats]:
+def read_and_tokenize(
+    reader: BlockReader, block: Block, tokenizer: Any, max_tokens: int | None = None
+) -> tuple[list[tuple[str, np.ndarray]], BlockStats]:
     """One block, read and tokenized: the body of the parallel reading tasks."""
     docs, stats = reader.read(block)
-    return tokenize(docs, tokenizer), stats
+    return tokenize(docs, tokenizer, max_tokens), stats
 
 
 def build_sequences(docs: Iterable[tuple[str, np.ndarray]], eos: int | None, cfg: SequenceConfig) -> Iterator[Sequence]:

@@ -36,11 +36,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from softlabels.schemas.bitpack import bit_width, from_planes, pack_bits, planes_for, to_planes, unpack_bits
 from softlabels.schemas.errors import ShardFormatError, UserError
 
 ENCODINGS = ("fp16", "packed", "packed-q8", "compact")
+# Bounds that untrusted label sets must not get past before anything is allocated for them.
+MAX_VOCAB = 1 << 22  # token ids (4.2M); the largest vocabularies in use are ~10^6
+MAX_TOP_K = 1 << 16
 DEFAULT_ENCODING = "compact"
 DEFAULT_MAX_KL = 1e-4  # nats/token; each shard measures its own error and is held within it
 META_ENCODING = b"softlabels.encoding"
@@ -220,6 +222,8 @@ def decode_labels(table: pa.Table, version: int) -> tuple[np.ndarray, np.ndarray
         p = np.exp(-q.astype(np.float64) * scale[:, None])
         return ids, _renormalized_log(p, tail), tail
     if name == "compact":
+        if not 0 < int(meta["vocab_size"]) <= MAX_VOCAB:
+            raise ShardFormatError(f"compact shard declares a vocabulary of {meta['vocab_size']} (at most {MAX_VOCAB})")
         packed = md[META_VOCAB] if version == 2 else base64.b64decode(md[META_VOCAB], validate=True)
         buckets = np.frombuffer(
             pa.Codec("zstd").decompress(packed, decompressed_size=int(meta["vocab_size"]), asbytes=True), dtype=np.uint8

@@ -16,8 +16,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from softlabels.schemas.encodings import Encoding, decode_labels, encode_labels, flat_list, fp16_columns, rows_list
-from softlabels.schemas.errors import UnsupportedSchemaVersion
+from softlabels.schemas.encodings import (
+    MAX_VOCAB,
+    Encoding,
+    decode_labels,
+    encode_labels,
+    flat_list,
+    fp16_columns,
+    rows_list,
+)
+from softlabels.schemas.errors import LabelSetError, ShardFormatError, UnsupportedSchemaVersion
 
 # 3: every footer value is UTF-8 text (compact's vocabulary buckets in base64); 2: encodings; 1: fp16 only.
 SCHEMA_VERSION = 3
@@ -176,8 +184,12 @@ def _decode_flat(table: pa.Table) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         topk_ids, topk_lp, tail = fp16_columns(table, table.schema.field("topk_ids").type.value_type.list_size)
     else:
         topk_ids, topk_lp, tail = decode_labels(table, version)
+    input_ids = flat_list(table.column("input_ids")).astype(np.int32, copy=False)
+    if not len(input_ids) == len(topk_ids) == len(topk_lp) == len(tail):
+        raise ShardFormatError(f"label columns hold {len(topk_ids)}/{len(topk_lp)}/{len(tail)} positions "
+                               f"(ids/log-probs/tail), input_ids {len(input_ids)}")
     flat = {
-        "input_ids": flat_list(table.column("input_ids")).astype(np.int32, copy=False),
+        "input_ids": input_ids,
         "topk_ids": topk_ids,
         "topk_logprobs": topk_lp,
         "tail_logprob": tail,
@@ -230,3 +242,48 @@ def decoded_table(table: pa.Table) -> pa.Table:
 def read_parquet_bytes(data: bytes) -> pa.Table:
     """Parse shard bytes into a table."""
     return pq.read_table(pa.BufferReader(data))
+
+
+# What decoding a malformed shard can raise (pyarrow, numpy, our decoders, a bad footer).
+_MALFORMED = (pa.ArrowException, ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError, RecursionError)
+
+
+def decode_shard(data: bytes, top_k: int, where: str, rows: int | None = None, tokens: int | None = None,
+                 tail_samples: int | None = None) -> list[Sample]:
+    """Parse and decode the bytes of a shard of an untrusted label set, checked against its manifest.
+
+    Args:
+        top_k, rows, tokens, tail_samples: what the manifest says the shard holds.
+        where: the shard's URL, for messages.
+
+    Raises:
+        ShardFormatError: anything malformed (not Parquet, a bad footer or column, another k,
+            other row or token counts than the manifest's, ids out of range), naming ``where``.
+        UnsupportedSchemaVersion: a shard version this reader does not know.
+    """
+    try:
+        table = read_parquet_bytes(data)
+        k = (table.schema.metadata or {}).get(_META_TOPK)
+        if k is not None and int(k) != top_k:
+            raise ShardFormatError(f"holds top_k={int(k)}, the manifest says {top_k}")
+        if rows is not None and table.num_rows != rows:
+            raise ShardFormatError(f"holds {table.num_rows} rows, the manifest says {rows}")
+        samples = list(decode_table(table))
+    except LabelSetError as e:
+        raise type(e)(f"shard {where}: {e}") from e
+    except _MALFORMED as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ShardFormatError(f"shard {where} cannot be decoded ({type(e).__name__}: {first})") from e
+    n = sum(len(s.input_ids) for s in samples)
+    if tokens is not None and n != tokens:
+        raise ShardFormatError(f"shard {where}: holds {n} tokens, the manifest says {tokens}")
+    for s in samples:
+        if s.topk_ids.shape[1] != top_k:
+            raise ShardFormatError(f"shard {where}: sample {s.sample_id} has k={s.topk_ids.shape[1]}, the manifest says {top_k}")
+        if tail_samples is not None and (s.tail_sample_ids.shape[1] if s.tail_sample_ids is not None else 0) != tail_samples:
+            raise ShardFormatError(f"shard {where}: tail samples per position differ from the manifest's {tail_samples}")
+        for name in ("input_ids", "topk_ids"):
+            a = getattr(s, name)
+            if a.size and not (0 <= int(a.min()) and int(a.max()) < MAX_VOCAB):
+                raise ShardFormatError(f"shard {where}: {name} of sample {s.sample_id} lie outside [0, {MAX_VOCAB})")
+    return samples

@@ -2,20 +2,28 @@
 
 A label set without a manifest is "still being written" and readers refuse
 it. The manifest never holds credentials or storage options.
+
+A label set from a shared bucket is untrusted input, so the reader checks the
+manifest before anything else is fetched or allocated: its size and nesting, the
+type of every field, non-negative counts that add up, a vocabulary and ``top_k``
+within bounds, and every path it names confined to the set.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from softlabels.schemas.encodings import Encoding
+from softlabels.schemas.encodings import MAX_TOP_K, MAX_VOCAB, Encoding
 from softlabels.schemas.errors import ManifestError, UnsupportedSchemaVersion
 from softlabels.schemas.format import SCHEMA_VERSION, SUPPORTED_VERSIONS
 
 MANIFEST_NAME = "manifest.json"
+# Bounds a hostile manifest must not get past (a real one is far inside them).
+MAX_MANIFEST_BYTES = 512 * 2**20  # ~2.5M shards; SOFTLABELS_MAX_MANIFEST_BYTES raises it
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,9 @@ class TokenizerInfo:
     vocab_size: int  # number of distinct ids (len(tokenizer)), the label id range
     fingerprint: str  # schemas.tokenizer_fingerprint(tokenizer)
     files: str | None = "tokenizer"  # folder (relative) holding the tokenizer files, if copied
+    # sha256 of each file in `files` (name -> hex); readers fetch exactly these and verify them
+    # (sets written before 0.4.0 have none: their folder is listed and read as it is)
+    checksums: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,12 +127,15 @@ class Manifest:
                 f"label set has schema_version {self.schema_version!r}; "
                 f"this softlabels supports {list(SUPPORTED_VERSIONS)} (upgrade softlabels to read it)"
             )
-        if not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ManifestError(f"top_k must be a positive int, got {self.top_k!r}")
-        if self.top_k > self.tokenizer.vocab_size:
-            raise ManifestError(f"top_k {self.top_k} exceeds vocab_size {self.tokenizer.vocab_size}")
-        if not self.temperature > 0:
-            raise ManifestError(f"temperature must be > 0, got {self.temperature!r}")
+        vocab = self.tokenizer.vocab_size
+        if not _is_int(vocab) or not 1 <= vocab <= MAX_VOCAB:
+            raise ManifestError(f"tokenizer.vocab_size must be an int in 1..{MAX_VOCAB}, got {vocab!r}")
+        if not _is_int(self.top_k) or not 1 <= self.top_k <= MAX_TOP_K:
+            raise ManifestError(f"top_k must be an int in 1..{MAX_TOP_K}, got {self.top_k!r}")
+        if self.top_k > vocab:
+            raise ManifestError(f"top_k {self.top_k} exceeds vocab_size {vocab}")
+        if not (isinstance(self.temperature, float) and 0 < self.temperature < float("inf")):
+            raise ManifestError(f"temperature must be a finite number > 0, got {self.temperature!r}")
         if not isinstance(self.tail_samples, int) or not 0 <= self.tail_samples <= 255:
             raise ManifestError(f"tail_samples must be an int in 0..255, got {self.tail_samples!r}")
         try:
@@ -130,18 +144,29 @@ class Manifest:
             raise ManifestError(f"encoding {self.encoding!r}: {e}") from e
         if self.tokenizer.files is not None:
             _check_inside(self.tokenizer.files, "tokenizer folder")
-        if self.converted_from is not None and not isinstance(self.converted_from, dict):
-            raise ManifestError(f"converted_from must be a JSON object, got {self.converted_from!r}")
+        for name, digest in (self.tokenizer.checksums or {}).items():
+            if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
+                raise ManifestError(f"tokenizer file name {name!r} is not a plain file name")
+            if not isinstance(digest, str):
+                raise ManifestError(f"tokenizer file {name!r}: sha256 must be a string, got {digest!r:.80}")
+        if self.tokenizer.checksums is not None and not self.tokenizer.files:
+            raise ManifestError("tokenizer.checksums given without a tokenizer folder (tokenizer.files)")
+        _check_flat("converted_from", self.converted_from)
+        _check_flat("encoding", self.encoding)
         seen = set()
         for s in self.shards:
             _check_inside(s.path)
             if s.path in seen:
                 raise ManifestError(f"shard {s.path!r} is listed twice")
             seen.add(s.path)
-        if sum(s.rows for s in self.shards) != self.totals.sequences:
-            raise ManifestError("totals.sequences does not equal the sum of shard rows")
-        if sum(s.tokens for s in self.shards) != self.totals.tokens:
-            raise ManifestError("totals.tokens does not equal the sum of shard tokens")
+            if s.rows < 1 or s.tokens < s.rows or s.bytes < 1:
+                raise ManifestError(f"shard {s.path!r}: rows {s.rows}, tokens {s.tokens}, bytes {s.bytes} "
+                                    "(a shard holds at least one row of at least one token)")
+        for name, value in (("sequences", sum(s.rows for s in self.shards)),
+                            ("tokens", sum(s.tokens for s in self.shards)),
+                            ("bytes", sum(s.bytes for s in self.shards))):
+            if getattr(self.totals, name) != value:
+                raise ManifestError(f"totals.{name} is {getattr(self.totals, name)}, the shards add up to {value}")
 
     @property
     def label_encoding(self) -> Encoding:
@@ -159,10 +184,15 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str | bytes, where: str = "manifest.json") -> Manifest:
         """Parse and validate. Raises UnsupportedSchemaVersion / ManifestError naming ``where``."""
+        if len(text) > max_manifest_bytes():
+            raise ManifestError(f"{where}: {len(text):,} bytes, more than a manifest may hold ({max_manifest_bytes():,}; "
+                                "SOFTLABELS_MAX_MANIFEST_BYTES raises the limit)")
         try:
             d = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ManifestError(f"{where}: not valid JSON ({e})") from e
+        except RecursionError as e:
+            raise ManifestError(f"{where}: JSON nested too deeply to be a manifest") from e
         if not isinstance(d, dict):
             raise ManifestError(f"{where}: expected a JSON object")
         version = d.get("schema_version")
@@ -177,7 +207,7 @@ class Manifest:
                 teacher=_build(TeacherInfo, d["teacher"]),
                 tokenizer=_build(TokenizerInfo, d["tokenizer"]),
                 top_k=d["top_k"],
-                temperature=float(d["temperature"]),
+                temperature=_number(d["temperature"], "temperature"),
                 corpus=_build(CorpusInfo, d["corpus"]),
                 sequence=_build(SequenceConfig, d["sequence"]),
                 shards=tuple(_build(ShardInfo, s) for s in d["shards"]),
@@ -196,11 +226,60 @@ class Manifest:
             raise ManifestError(f"{where}: {e}") from e
 
 
+def max_manifest_bytes() -> int:
+    """The largest manifest a reader accepts (``SOFTLABELS_MAX_MANIFEST_BYTES``, default 512 MiB)."""
+    return int(os.environ.get("SOFTLABELS_MAX_MANIFEST_BYTES") or MAX_MANIFEST_BYTES)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# The JSON types each annotation admits (dataclass annotations are strings here).
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "int": (int,), "bool": (bool,), "float": (float, int),
+    "dict[str, str]": (dict,), "dict[str, Any]": (dict,),
+}
+
+
 def _build(cls: type, d: Any) -> Any:
+    """``cls(**d)`` after checking that ``d`` has only ``cls``'s fields, each of its JSON type."""
     if not isinstance(d, dict):
         raise ManifestError(f"{cls.__name__} must be a JSON object, got {type(d).__name__}")
-    names = {f.name for f in fields(cls)}
-    unknown = set(d) - names
+    names = {f.name: f.type for f in fields(cls)}
+    unknown = set(d) - set(names)
     if unknown:
         raise ManifestError(f"{cls.__name__} has unknown field(s) {sorted(unknown)}")
+    for key, value in d.items():
+        kind = str(names[key])
+        optional = kind.endswith(" | None")
+        if value is None and optional:
+            continue
+        allowed = _TYPES[kind.removesuffix(" | None")]
+        if not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool)):
+            raise ManifestError(f"{cls.__name__}.{key} must be {kind.replace(' | None', ' or null')}, got {value!r:.80}")
+        if _is_int(value) and value < 0:
+            raise ManifestError(f"{cls.__name__}.{key} must not be negative, got {value}")
     return cls(**d)
+
+
+def _check_flat(name: str, value: Any, depth: int = 2) -> None:
+    """An optional mapping of names to plain values, or to such mappings (``depth`` levels at most):
+    derived sets echo it, so it stays small and shallow."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or depth < 1:
+        raise ManifestError(f"{name} must be a JSON object of plain values, got {str(value)[:80]}")
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise ManifestError(f"{name} must be a JSON object of plain values, got {str(value)[:80]}")
+        if isinstance(v, dict):
+            _check_flat(f"{name}.{k}", v, depth - 1)
+        elif not (v is None or isinstance(v, (str, int, float, bool))):
+            raise ManifestError(f"{name}.{k} must be a plain value, got {str(v)[:80]}")
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ManifestError(f"{name} must be a number, got {value!r:.80}")
+    return float(value)

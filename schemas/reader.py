@@ -8,8 +8,8 @@ from typing import Any
 
 from softlabels.schemas.errors import LabelSetError, MissingManifestError, ShardChecksumError
 from softlabels.schemas.fingerprint import sha256_bytes
-from softlabels.schemas.format import Sample, decode_table, read_parquet_bytes
-from softlabels.schemas.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from softlabels.schemas.format import Sample, decode_shard
+from softlabels.schemas.manifest import MANIFEST_NAME, Manifest, ShardInfo, max_manifest_bytes
 from softlabels.schemas.storage import join_url, resolve_url, retry_io
 
 
@@ -27,7 +27,9 @@ class LabelSet:
         self._fs.invalidate_cache()  # fsspec instances are shared: drop listings cached before the set was written
         where = join_url(self.url, MANIFEST_NAME)
         try:
-            raw = retry_io(lambda: self.fs.cat_file(join_url(self.root, MANIFEST_NAME)), f"read {where}")
+            # At most one byte past the cap: a hostile 200 MB manifest is refused, not read whole.
+            cap = max_manifest_bytes() + 1
+            raw = retry_io(lambda: self.fs.cat_file(join_url(self.root, MANIFEST_NAME), start=0, end=cap), f"read {where}")
         except FileNotFoundError as e:
             if "bucket does not exist" in str(e):  # S3's NoSuchBucket: say so, not "no manifest"
                 raise MissingManifestError(f"no label set at {self.url}: the bucket does not exist") from e
@@ -36,6 +38,7 @@ class LabelSet:
                 "(the labeler writes the manifest last)"
             ) from e
         self.manifest: Manifest = Manifest.from_json(raw, where=where)
+        self.manifest_sha256 = sha256_bytes(raw)  # what derived sets and caches record as this set's identity
 
     @property
     def fs(self) -> Any:
@@ -70,9 +73,48 @@ class LabelSet:
                 raise ShardChecksumError(f"shard {where}: sha256 {digest} does not match manifest {shard.sha256}")
         return data
 
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The tokenizer files the set carries (name -> bytes), each checked against the manifest's sha256.
+
+        Sets written before 0.4.0 record no checksums: their tokenizer folder is listed and
+        read as it is.
+
+        Raises:
+            LabelSetError: the set carries no tokenizer, or a listed file is missing.
+            ShardChecksumError: a file's bytes differ from the manifest's sha256.
+        """
+        tok = self.manifest.tokenizer
+        if not tok.files:
+            raise LabelSetError(f"label set {self.url} carries no tokenizer files")
+        folder = join_url(self.root, tok.files)
+        if tok.checksums is None:
+            paths = retry_io(lambda: self.fs.ls(folder, detail=False), f"list {join_url(self.url, tok.files)}")
+            names = sorted(p.rsplit("/", 1)[-1] for p in paths)
+        else:
+            names = sorted(tok.checksums)
+        out = {}
+        for name in names:
+            where = join_url(self.url, tok.files, name)
+            try:
+                data = retry_io(lambda n=name: self.fs.cat_file(join_url(folder, n)), f"read {where}")
+            except FileNotFoundError as e:
+                raise LabelSetError(f"tokenizer file {where} is listed in the manifest but missing") from e
+            if tok.checksums is not None and sha256_bytes(data) != tok.checksums[name]:
+                raise ShardChecksumError(f"tokenizer file {where}: sha256 {sha256_bytes(data)} does not match the "
+                                         f"manifest's {tok.checksums[name]}")
+            out[name] = data
+        return out
+
     def read_shard(self, shard: ShardInfo, verify: bool = True) -> list[Sample]:
-        """Fetch, verify and decode one shard."""
-        return list(decode_table(read_parquet_bytes(self.read_shard_bytes(shard, verify))))
+        """Fetch, verify and decode one shard, checked against what the manifest says it holds.
+
+        Raises:
+            ShardChecksumError: size or sha256 differ from the manifest (with ``verify``).
+            ShardFormatError: the bytes are not a shard of this set (another k, counts, a bad column).
+        """
+        m = self.manifest
+        return decode_shard(self.read_shard_bytes(shard, verify), m.top_k, join_url(self.url, shard.path),
+                            shard.rows, shard.tokens, m.tail_samples)
 
     def iter_samples(self, shards: Iterable[ShardInfo] | None = None, verify: bool = True) -> Iterator[Sample]:
         """Yield samples shard by shard, in manifest order unless ``shards`` is given."""

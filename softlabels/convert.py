@@ -25,23 +25,16 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timezone
 from typing import Any
 
-import numpy as np
-
 from softlabels import __version__
 from softlabels.common.cli import debug_flag, parse_storage_options
 from softlabels.common.commit import LabelSetWriter
-from softlabels.schemas import Encoding, LabelSet, Manifest, ShardInfo, Totals, join_url, open_label_set, retry_io
-from softlabels.schemas.encodings import META_ENCODING
+from softlabels.schemas import Encoding, LabelSet, Manifest, ShardInfo, Totals, open_label_set
 from softlabels.schemas.errors import UserError
-from softlabels.schemas.fingerprint import sha256_bytes
 from softlabels.schemas.format import (
     SCHEMA_VERSION,
-    decode_table,
     encode_samples,
-    read_parquet_bytes,
     table_to_parquet_bytes,
 )
-from softlabels.schemas.manifest import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
@@ -62,39 +55,22 @@ class ConvertSummary:
     wall_s: float
 
 
-def _id_space(ls: LabelSet, table: Any) -> int:
-    """The id range to encode against: the manifest's vocabulary, or what the source shard recorded if larger.
-
-    Teachers with a padded LM head can store ids at or above ``len(tokenizer)``; a compact
-    source shard records the range it was encoded against.
-    """
-    meta = json.loads((table.schema.metadata or {}).get(META_ENCODING, b"{}"))
-    return max(ls.manifest.tokenizer.vocab_size, int(meta.get("vocab_size", 0)))
-
-
 def convert_shard(ls: LabelSet, shard: ShardInfo, encoding: Encoding) -> bytes:
-    """Read (verified), decode and re-encode one shard; deterministic."""
-    table = read_parquet_bytes(ls.read_shard_bytes(shard))
-    samples = list(decode_table(table))
-    vocab = _id_space(ls, table)
-    if samples:
-        vocab = max(vocab, 1 + int(max(int(np.max(s.topk_ids, initial=0)) for s in samples)))
+    """Read (verified against the manifest), decode and re-encode one shard; deterministic.
+
+    Ids are encoded against the manifest's vocabulary, or above it where a teacher with a
+    padded LM head stored higher ids.
+    """
+    samples = ls.read_shard(shard)
+    vocab = max([ls.manifest.tokenizer.vocab_size] + [int(s.topk_ids.max()) + 1 for s in samples if s.topk_ids.size])
     return table_to_parquet_bytes(encode_samples(samples, ls.manifest.top_k, encoding, vocab))
 
 
-def _copy_tokenizer(ls: LabelSet, writer: LabelSetWriter) -> None:
-    folder = ls.manifest.tokenizer.files
-    if not folder:
-        return
-    src = join_url(ls.root, folder)
-    try:
-        names = sorted(p.rsplit("/", 1)[-1] for p in retry_io(lambda: ls.fs.ls(src, detail=False), f"list {src}"))
-    except FileNotFoundError:
-        log.warning("source %s names tokenizer folder %r but it is missing; the converted set has none", ls.url, folder)
-        return
-    for name in names:
-        data = retry_io(lambda n=name: ls.fs.cat_file(join_url(src, n)), f"read {join_url(ls.url, folder, name)}")
-        writer.write_file(f"{folder}/{name}", data)
+def _copy_tokenizer(ls: LabelSet, writer: LabelSetWriter) -> dict[str, str] | None:
+    """Copy the source's tokenizer files (each checked against its manifest); returns their sha256."""
+    if not ls.manifest.tokenizer.files:
+        return None
+    return writer.write_files(ls.manifest.tokenizer.files, ls.tokenizer_files())
 
 
 def convert(
@@ -104,6 +80,7 @@ def convert(
     storage_options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     workers: int = 4,
+    take_over: bool = False,
 ) -> ConvertSummary:
     """Re-encode the label set at ``source`` into a new one at ``output`` (resumable).
 
@@ -118,68 +95,71 @@ def convert(
     if source.rstrip("/") == output.rstrip("/"):
         raise UserError(f"--output {output} is the source itself; convert into a new location")
     ls = open_label_set(source, storage_options)
-    manifest_bytes = retry_io(lambda: ls.fs.cat_file(join_url(ls.root, MANIFEST_NAME)), f"read {ls.url}/{MANIFEST_NAME}")
     origin = {
         "url": ls.url,
-        "manifest_sha256": sha256_bytes(manifest_bytes),
+        "manifest_sha256": ls.manifest_sha256,
         "encoding": ls.manifest.encoding,
         "labeler_version": ls.manifest.labeler_version,
     }
     writer = LabelSetWriter(output, storage_options, run_record=RUN_RECORD, job="convert")
     writer.check_reachable(overwrite)
     identity = {"source_manifest_sha256": origin["manifest_sha256"], "encoding": enc.to_dict(), "schema_version": SCHEMA_VERSION}
-    status = writer.begin(identity, overwrite)
-    if status == "complete":
-        m = writer.read_manifest()
-        return ConvertSummary(ls.url, output, enc.name, "already complete", len(m.shards), len(m.shards),
-                              ls.manifest.totals.bytes, m.totals.bytes, time.time() - t0)
-    done = writer.committed() if status == "resume" else {}
-    _copy_tokenizer(ls, writer)
-
     names = [posixpath.basename(s.path).removesuffix(".parquet") for s in ls.shards]
     if len(set(names)) != len(names):
         raise UserError(f"source {ls.url}: two shards share a file name; cannot convert it shard by shard")
-    out: dict[int, ShardInfo] = {}
-    resumed = 0
-    todo = []
-    for i, (name, shard) in enumerate(zip(names, ls.shards)):
-        commit = done.get(name)
-        if commit is not None and commit.inputs == shard.sha256:
-            out[i] = commit.info
-            resumed += 1
-        else:
-            todo.append((i, name, shard))
-    if resumed:
-        log.info("resuming: %d of %d shard(s) already converted and verified", resumed, len(names))
-
-    def one(name: str, shard: ShardInfo) -> ShardInfo:
-        data = convert_shard(ls, shard, enc)
-        return writer.commit_unit(name, data, rows=shard.rows, tokens=shard.tokens, inputs=shard.sha256)
-
-    last_log = time.time()
-    pool = ThreadPoolExecutor(max_workers=workers)  # numpy and zstd release the GIL; reads and writes overlap
+    status = writer.begin(identity, overwrite, take_over)
     try:
-        futures = {pool.submit(one, name, shard): i for i, name, shard in todo}
-        for f in as_completed(futures):
-            out[futures[f]] = f.result()
-            if time.time() - last_log > 10 or len(out) == len(names):
-                log.info("converted %d/%d shards", len(out), len(names))
-                last_log = time.time()
-    finally:
-        pool.shutdown(cancel_futures=True)
+        if status == "complete":
+            m = writer.read_manifest()
+            return ConvertSummary(ls.url, output, enc.name, "already complete", len(m.shards), len(m.shards),
+                                  ls.manifest.totals.bytes, m.totals.bytes, time.time() - t0)
+        done = writer.committed() if status == "resume" else {}
+        tokenizer = dataclasses.replace(ls.manifest.tokenizer, checksums=_copy_tokenizer(ls, writer))
 
-    shards = tuple(out[i] for i in range(len(names)))
-    manifest = dataclasses.replace(
-        ls.manifest,
-        shards=shards,
-        totals=Totals(sum(s.rows for s in shards), sum(s.tokens for s in shards), sum(s.bytes for s in shards)),
-        encoding=enc.to_dict(),
-        labeler_version=__version__,
-        created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-        converted_from=origin,
-        schema_version=SCHEMA_VERSION,
-    )
-    writer.write_manifest(Manifest.from_json(manifest.to_json(), "converted manifest"))
+        out: dict[int, ShardInfo] = {}
+        resumed = 0
+        todo = []
+        for i, (name, shard) in enumerate(zip(names, ls.shards)):
+            commit = done.get(name)
+            if commit is not None and commit.inputs == shard.sha256:
+                out[i] = commit.info
+                resumed += 1
+            else:
+                todo.append((i, name, shard))
+        if resumed:
+            log.info("resuming: %d of %d shard(s) already converted and verified", resumed, len(names))
+
+        def one(name: str, shard: ShardInfo) -> ShardInfo:
+            data = convert_shard(ls, shard, enc)
+            return writer.commit_unit(name, data, rows=shard.rows, tokens=shard.tokens, inputs=shard.sha256)
+
+        last_log = time.time()
+        pool = ThreadPoolExecutor(max_workers=workers)  # numpy and zstd release the GIL; reads and writes overlap
+        try:
+            futures = {pool.submit(one, name, shard): i for i, name, shard in todo}
+            for f in as_completed(futures):
+                out[futures[f]] = f.result()
+                if time.time() - last_log > 10 or len(out) == len(names):
+                    log.info("converted %d/%d shards", len(out), len(names))
+                    last_log = time.time()
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+        shards = tuple(out[i] for i in range(len(names)))
+        manifest = dataclasses.replace(
+            ls.manifest,
+            tokenizer=tokenizer,
+            shards=shards,
+            totals=Totals(sum(s.rows for s in shards), sum(s.tokens for s in shards), sum(s.bytes for s in shards)),
+            encoding=enc.to_dict(),
+            labeler_version=__version__,
+            created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+            converted_from=origin,
+            schema_version=SCHEMA_VERSION,
+        )
+        writer.write_manifest(Manifest.from_json(manifest.to_json(), "converted manifest"))
+    finally:
+        writer.finish()
     return ConvertSummary(ls.url, output, enc.name, "written", len(shards), resumed, ls.manifest.totals.bytes,
                           manifest.totals.bytes, time.time() - t0)
 
@@ -203,6 +183,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="fsspec storage option for both sets (repeatable)")
     c.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="delete what is at --output and start afresh (default: off)")
+    c.add_argument("--take-over", action=argparse.BooleanOptionalAction, default=False,
+                   help="claim --output even though another run's claim has not expired (that run must be dead)")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     debug_flag(c)
     c.set_defaults(handler=_main)
@@ -210,7 +192,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     s = convert(args.url, args.output, args.encoding, parse_storage_options(args.storage_option), args.overwrite,
-                args.workers)
+                args.workers, args.take_over)
     if args.json:
         print(json.dumps(dataclasses.asdict(s)))
         return 0

@@ -25,9 +25,7 @@ from typing import Any
 
 from softlabels.common.cli import require_extra
 from softlabels.schemas import open_label_set
-from softlabels.schemas.fingerprint import sha256_bytes
-from softlabels.schemas.manifest import MANIFEST_NAME, Manifest, ShardInfo
-from softlabels.schemas.storage import join_url, retry_io
+from softlabels.schemas.manifest import Manifest, ShardInfo
 
 
 def features(manifest: Manifest) -> Any:
@@ -83,6 +81,5 @@ def to_hf_dataset(
     if streaming:
         return datasets.IterableDataset.from_generator(_rows, features=feats, gen_kwargs=gen_kwargs)
     # The cache key: what the set holds (its manifest), never the storage options (they may hold secrets).
-    manifest = retry_io(lambda: ls.fs.cat_file(join_url(ls.root, MANIFEST_NAME)), f"read {ls.url}/{MANIFEST_NAME}")
     return datasets.Dataset.from_generator(_rows, features=feats, gen_kwargs=gen_kwargs, cache_dir=cache_dir,
-                                           fingerprint="softlabels-" + sha256_bytes(manifest)[:32])
+                                           fingerprint="softlabels-" + ls.manifest_sha256[:32])

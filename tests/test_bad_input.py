@@ -96,8 +96,36 @@ def test_corpus_of_only_empty_documents_is_refused_and_leaves_the_output_as_it_w
     assert not out.exists()
 
 
+def _rewrite_shard(d: Path, m: dict, change) -> None:
+    """Replace the first shard by ``change(table) -> bytes`` and record its size and sha256 (a consistent forgery)."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    shard = d / m["shards"][0]["path"]
+    data = change(pq.read_table(shard))
+    shard.write_bytes(data)
+    m["shards"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    m["totals"]["bytes"] = sum(s["bytes"] for s in m["shards"])
+
+
+def _plant_code(d: Path, m: dict, marker: Path) -> None:
+    """A tokenizer that would run a Python file (writing ``marker``), with checksums that match it."""
+    import hashlib
+
+    tok = d / "tokenizer"
+    (tok / "tokenization_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    (tok / "tokenizer_config.json").write_text(json.dumps(config))
+    m["tokenizer"]["checksums"] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in tok.iterdir()}
+
+
 def damage(label_set: str, tmp_path: Path, how: str) -> str:
-    """A copy of ``label_set`` with one thing wrong; returns its path."""
+    """A copy of ``label_set`` with one thing wrong (or hostile); returns its path."""
+    from softlabels.schemas import decode_table, encode_samples, table_to_parquet_bytes
+    from softlabels.schemas.encodings import META_ENCODING, Encoding
+
     d = tmp_path / how
     shutil.copytree(label_set, d)
     m = json.loads((d / "manifest.json").read_text())
@@ -126,6 +154,54 @@ def damage(label_set: str, tmp_path: Path, how: str) -> str:
     elif how == "manifest-missing":
         (d / "manifest.json").unlink()
         return str(d)
+    elif how == "manifest-deeply-nested":
+        (d / "manifest.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+        return str(d)
+    elif how == "manifest-too-large":
+        (d / "manifest.json").write_text(json.dumps(m) + " " * 5000)  # the test caps manifests at 4,000 bytes
+        return str(d)
+    elif how == "vocab-of-a-billion":
+        m["tokenizer"]["vocab_size"] = 10**9
+    elif how == "top-k-of-a-billion":
+        m["top_k"] = m["tokenizer"]["vocab_size"] = 10**9
+    elif how == "totals-negative":
+        m["totals"]["sequences"] = -5
+    elif how == "totals-do-not-add-up":
+        m["totals"]["tokens"] += 1
+    elif how == "field-of-the-wrong-type":
+        m["shards"][0]["rows"] = str(m["shards"][0]["rows"])
+    elif how == "tokenizer-folder-escapes":
+        m["tokenizer"]["files"] = "../outside_tok"
+    elif how == "tokenizer-file-edited":
+        (d / "tokenizer" / "tokenizer.json").write_text("{}")
+    elif how == "tokenizer-checksum-names-a-path":
+        m["tokenizer"]["checksums"] = {"../../etc/passwd": "0" * 64}
+    elif how == "tokenizer-auto-map":
+        _plant_code(d, m, tmp_path / "ran")
+    elif how == "shard-with-another-k":  # a valid shard of k=4 in a k=8 set, with a matching sha256
+        def four(t):
+            rows = list(decode_table(t))
+            for s in rows:
+                s.topk_ids, s.topk_logprobs = s.topk_ids[:, :4], s.topk_logprobs[:, :4]
+            return table_to_parquet_bytes(encode_samples(rows, 4, Encoding("fp16")))
+        _rewrite_shard(d, m, four)
+    elif how == "shard-array-cut-short":  # one row's input ids a position short of its labels, sha256 matching
+        def cut(t):
+            import pyarrow as pa
+
+            ids = t.column("input_ids").to_pylist()
+            ids[0] = ids[0][:-1]
+            column = pa.array(ids, t.schema.field("input_ids").type)
+            fixed = t.set_column(t.column_names.index("input_ids"), "input_ids", column)
+            return table_to_parquet_bytes(fixed.replace_schema_metadata(t.schema.metadata))
+        _rewrite_shard(d, m, cut)
+    elif how == "footer-claims-a-huge-vocabulary":
+        def huge(t):
+            meta = dict(t.schema.metadata)
+            enc = json.loads(meta[META_ENCODING])
+            meta[META_ENCODING] = json.dumps({**enc, "vocab_size": 10**9}).encode()
+            return table_to_parquet_bytes(t.replace_schema_metadata(meta))
+        _rewrite_shard(d, m, huge)
     else:
         raise AssertionError(how)
     (d / "manifest.json").write_text(json.dumps(m))
@@ -143,11 +219,27 @@ TRAINER_SET_CASES = [
     ("shard-corrupted", "part-000000"),
     ("manifest-not-json", "not valid JSON"),
     ("manifest-missing", "no manifest.json"),
+    ("manifest-deeply-nested", "nested too deeply"),
+    ("manifest-too-large", "more than a manifest may hold"),
+    ("vocab-of-a-billion", "vocab_size must be an int in 1..4194304"),
+    ("top-k-of-a-billion", "must be an int in 1.."),
+    ("totals-negative", "must not be negative"),
+    ("totals-do-not-add-up", "the shards add up to"),
+    ("field-of-the-wrong-type", "ShardInfo.rows must be int"),
+    ("tokenizer-folder-escapes", "tokenizer folder '../outside_tok' is not a plain relative path"),
+    ("tokenizer-file-edited", "tokenizer.json: sha256"),
+    ("tokenizer-checksum-names-a-path", "is not a plain file name"),
+    ("tokenizer-auto-map", "auto_map"),
+    ("shard-with-another-k", "holds top_k=4, the manifest says 8"),
+    ("shard-array-cut-short", "label columns hold 1006/1006/1006 positions"),
+    ("footer-claims-a-huge-vocabulary", "declares a vocabulary of 1000000000"),
 ]
 
 
 @pytest.mark.parametrize("how,fragment", TRAINER_SET_CASES, ids=[c[0] for c in TRAINER_SET_CASES])
-def test_trainer_refuses_a_damaged_label_set(how, fragment, label_set, tmp_path):
+def test_trainer_refuses_a_damaged_label_set(how, fragment, label_set, tmp_path, monkeypatch):
+    if how == "manifest-too-large":
+        monkeypatch.setenv("SOFTLABELS_MAX_MANIFEST_BYTES", "4000")
     bad = damage(label_set, tmp_path, how)
     code, out, err = cli_in_process("eval", "--labels", bad, "--model", "tiny", "--split", "all")
     assert_one_line_error(code, err, "eval", fragment)
@@ -165,6 +257,13 @@ TRAINER_FLAG_CASES = [
     ("labels-bucket-missing", ["--labels", "s3://no-such-bucket-xyz/set"], "s3://no-such-bucket-xyz/set: the bucket does not exist"),
     ("labels-wrong-credentials", ["--labels", "{s3}/any", "--storage-option", "key=softlabels-nobody",
                                   "--storage-option", "secret=wrong"], "read {s3}/any/manifest.json: access denied"),
+    ("clip-negative", ["--clip", "-1"], "clip must be > 0"),
+    ("lr-infinite", ["--lr", "inf"], "lr must be a finite number"),
+    ("weight-decay-nan", ["--weight-decay", "nan"], "weight_decay must be a finite number"),
+    ("min-lr-ratio-above-1", ["--min-lr-ratio", "2"], "min_lr_ratio must be a finite number in [0, 1]"),
+    ("eval-fraction-1", ["--eval-fraction", "1"], "eval_fraction must be a finite number in [0, 1)"),
+    ("train-split-empty", ["--eval-fraction", "0.999999"], "the train split of"),
+    ("allow-changed-unknown", ["--allow-changed", "loss"], "invalid choice: 'loss'"),
 ]
 
 
@@ -226,3 +325,30 @@ def test_trainer_config_file_and_flags(tmp_path):
     conf.write_text("labels: x\n")
     code, _, err = cli_in_process("train", "--config", str(conf))
     assert_one_line_error(code, err, "train", "no output: pass --output or set output in the --config file")
+
+
+def test_a_label_set_never_runs_code_nor_reads_stdin(label_set, tmp_path):
+    """A planted tokenizer with an auto_map and a Python file: refused in one line with "y" waiting on stdin."""
+    import subprocess
+    import sys
+
+    bad = damage(label_set, tmp_path, "tokenizer-auto-map")
+    proc = subprocess.run(
+        [sys.executable, "-m", "softlabels", "train", "--labels", bad, "--output", str(tmp_path / "o"), "--steps", "1",
+         "--trust-remote-code"],  # the student's flag: it never covers code from a label set
+        input="y\ny\ny\n", capture_output=True, text=True, timeout=300,
+    )
+    assert_one_line_error(proc.returncode, proc.stderr, "train", "auto_map", "nothing was run")
+    assert not (tmp_path / "ran").exists(), "the label set's Python file ran"
+
+
+@pytest.mark.parametrize("variable,value,teacher,fragment", [
+    ("TMPDIR", "/proc/softlabels-no-such-dir", None, "set RAY_TMPDIR (or TMPDIR) to a writable folder"),
+    ("SOFTLABELS_CACHE", "/proc/softlabels-no-such-dir", "smollm2-135m", "set SOFTLABELS_CACHE to a writable folder"),
+])
+def test_unwritable_scratch_folders_name_the_variable(variable, value, teacher, fragment, tiny_teacher, tmp_path,
+                                                      monkeypatch):
+    monkeypatch.setenv(variable, value)
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    code, _, err = cli_in_process("label", "--teacher", teacher or tiny_teacher, "--output", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "label", fragment)

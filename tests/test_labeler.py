@@ -340,3 +340,56 @@ def test_tail_samples_are_drawn_outside_the_topk_reproducibly_and_train(ray_loca
     with pytest.raises(ValueError, match="has no tail samples"):
         train(TrainConfig(labels=label_set, output=str(tmp_path / "s3"), steps=1, loss="tail-sampled"))
     assert not (tmp_path / "s3").exists() or not any((tmp_path / "s3").iterdir())
+
+
+def test_corpus_edge_cases_read_as_a_user_means(tmp_path):
+    """Any-case extensions, a BOM, a name with brackets taken literally, and the run's own output left out."""
+    from pathlib import Path
+
+    from softlabels.labeler.corpus import Corpus
+
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "a.TXT").write_text("upper case extension")
+    (d / "b.JSONL").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "a BOM before the first line"}).encode() + b"\n")
+    (d / "data[1].txt").write_text("brackets in the name")
+    out = d / "labels"  # the run's own output inside the corpus folder: never read back as corpus
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "part-000000.jsonl").write_text('{"not": "text"}\n')
+    corpus = Corpus(str(d), exclude=str(out))
+    assert [Path(f).name for f in corpus.files] == ["a.TXT", "b.JSONL", "data[1].txt"]
+    texts = [doc.text for b in corpus.blocks() for doc in corpus.reader.read(b)[0]]
+    assert texts == ["upper case extension", "a BOM before the first line", "brackets in the name"]
+    assert [Path(f).name for f in Corpus(str(d / "data[1].txt")).files] == ["data[1].txt"]
+
+
+def test_a_long_document_is_tokenized_only_as_far_as_the_limit_needs(tiny_teacher):
+    from pydoc_data.topics import topics
+    from transformers import AutoTokenizer
+
+    from softlabels.labeler.corpus import Document
+    from softlabels.labeler.plan import tokenize
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    text = " ".join(topics[k] for k in sorted(topics)) * 2  # ~0.9 MB on one line
+    full = tok(text, add_special_tokens=False)["input_ids"]
+    ((_, ids),) = tokenize([Document("long", text)], tok, max_tokens=3000)
+    assert len(full) > 100_000 and ids.tolist() == full[:3000]
+
+
+def test_on_error_may_change_on_resume(tiny_teacher, tmp_path, ray_local):
+    """The hint after a bad row, `--on-error skip`, is accepted on the same output."""
+    from softlabels.labeler.config import LabelConfig
+    from softlabels.labeler.job import run
+    from softlabels.schemas.errors import UserError
+
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "a.jsonl").write_text("".join(json.dumps({"text": f"row {i} " * 40}) + "\n" for i in range(30)))
+    (d / "b.jsonl").write_text(json.dumps({"text": "fine"}) + "\n{ not json\n")
+    cfg = dict(teacher=tiny_teacher, corpus=str(d), output=str(tmp_path / "out"), top_k=4, max_length=64,
+               shard_tokens=256, batch_tokens=256)
+    with pytest.raises(UserError, match="b.jsonl:2: not valid JSON"):
+        run(LabelConfig(**cfg))
+    summary = run(LabelConfig(**cfg, on_error="skip"))
+    assert summary.status == "written" and summary.skipped_documents == 1

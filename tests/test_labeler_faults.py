@@ -167,6 +167,25 @@ def test_driver_sigkilled_at_a_crash_point_then_resume_is_byte_identical(point, 
     resume_and_check(tiny_teacher, url, before, reference)
 
 
+def test_sigterm_mid_run_ends_cleanly_then_resume_is_byte_identical(reference, tiny_teacher, tmp_path):
+    """What Kubernetes sends on preemption: exit 143, no Ray stack dump, Ray's processes gone, the claim released."""
+    url = str(tmp_path / "preempted")
+    proc = start(tiny_teacher, url)
+    deadline = time.time() + 300
+    while len(markers(url)) < 2:
+        assert proc.poll() is None, f"the run ended before the signal:\n{proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "no commits appeared in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    for sign in ("Aborted", "core dumped", "*** SIGTERM", "Traceback"):
+        assert sign not in err, err[-3000:]
+    assert settle(proc, timeout=10) == [], "Ray processes outlived the driver"
+    assert not (tmp_path / "preempted" / "_claim").exists(), "the claim was not released"
+    resume_and_check(tiny_teacher, url, markers(url), reference)
+
+
 def test_a_teacher_replica_sigkilled_mid_unit_is_restarted_and_its_unit_retried(reference, tiny_teacher, tmp_path):
     url = str(tmp_path / "replica")
     proc = start(tiny_teacher, url, SOFTLABELS_CRASH_AT="labeler.labeled@3", SOFTLABELS_CRASH_SCOPE="process",

@@ -172,6 +172,42 @@ def test_a_checkpoint_with_pickled_code_is_refused(label_set, uninterrupted, tmp
     assert not (tmp_path / "pwned").exists()
 
 
+def test_resume_with_other_settings_is_refused_naming_each(label_set, uninterrupted, tmp_path):
+    """The checkpoint records the label set and the settings a resume must keep; --allow-changed lets lr move."""
+    from softlabels.convert import convert
+
+    d = tmp_path / "run"
+    shutil.copytree(uninterrupted, d)
+    other = str(tmp_path / "fp16")
+    convert(label_set, other, "fp16")  # the same labels, another label set (its manifest differs)
+    (tmp_path / "wide.json").write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                                                    "num_attention_heads": 2, "num_key_value_heads": 1}))
+    cases = [
+        (["--loss", "ce"], ["loss: checkpoint 'tail-kl', now 'ce'"]),
+        (["--lr", "5e-3"], ["lr: checkpoint 0.003, now 0.005", "--allow-changed lr accepts the change"]),
+        (["--student", str(tmp_path / "wide.json")], ["student: checkpoint 'tiny', now"]),
+        (["--batch-size", "2", "--seed", "1"], ["batch_size: checkpoint 3, now 2", "seed: checkpoint 0, now 1"]),
+    ]
+    for extra, fragments in cases:
+        code, _, err = cli_in_process(*train_args(label_set, d, "--resume", "--steps", "8"), *extra)
+        assert_one_line_error(code, err, "train", *fragments)
+    args = train_args(other, d, "--resume", "--steps", "8")
+    code, _, err = cli_in_process(*args)
+    assert_one_line_error(code, err, "train", "labels: checkpoint")
+    code, out, err = cli_in_process(*train_args(label_set, d, "--resume", "--steps", "7"), "--lr", "5e-3",
+                                    "--allow-changed", "lr")
+    assert code == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["resumed_from"] == 6
+
+
+def test_a_diverging_run_stops_and_saves_no_nan_weights(label_set, tmp_path):
+    out = tmp_path / "diverged"
+    code, _, err = cli_in_process("train", "--labels", label_set, "--output", str(out), "--steps", "6", "--lr", "1e30",
+                                  "--clip", "inf", "--warmup-steps", "0", "--batch-size", "2", "--eval-batches", "1")
+    assert_one_line_error(code, err, "train", "the loss is", "no weights saved")
+    assert not (out / "model.safetensors").exists()
+
+
 class Exploit:
     """Unpickling this runs a shell command: what a tampered checkpoint could carry."""
 
@@ -233,6 +269,6 @@ def test_checkpoints_on_s3_and_resume_from_them(label_set, s3_server, tmp_path):
     fs.invalidate_cache()
     assert fs.cat_file(f"{root}/latest") == b"step-000002"
     assert {p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/step-000002")} == {
-        "model.safetensors", "optimizer.pt", "state-rank0.pt"}
+        "model.safetensors", "optimizer.pt", "state-rank0.pt", "run.json"}
     summary = json.loads(run_cli(*args, "--steps", "3", "--resume").stdout.strip().splitlines()[-1])
     assert summary["resumed_from"] == 2 and summary["steps"] == 3

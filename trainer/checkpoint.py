@@ -14,6 +14,7 @@ a crash while saving leaves the previous checkpoint in force.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import pickle
 import random
@@ -22,11 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from softlabels.schemas import join_url, resolve_url, retry_io
-from softlabels.schemas.errors import UserError
 
 from softlabels.common.crash import crash_point
 from softlabels.common.files import sweep_partial_writes, write_whole
+from softlabels.schemas import join_url, resolve_url, retry_io
+from softlabels.schemas.errors import UserError
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -87,12 +88,40 @@ class CheckpointStore:
         except FileNotFoundError:
             return None
 
-    def save_shared(self, name: str, model: torch.nn.Module, optimizer_state: dict[str, Any]) -> None:
-        """What every rank holds the same copy of: written by rank 0."""
+    def save_shared(self, name: str, model: torch.nn.Module, optimizer_state: dict[str, Any],
+                    run: dict[str, Any]) -> None:
+        """What every rank holds the same copy of: written by rank 0. ``run``: what a resume must keep."""
         from safetensors.torch import save
 
+        self._write(f"{name}/run.json", (json.dumps(run, indent=2, sort_keys=True) + "\n").encode())
         self._write(f"{name}/model.safetensors", save(_unique_tensors(model)))
         self._write(f"{name}/optimizer.pt", _torch_bytes(optimizer_state))
+
+    def check_resume(self, name: str, run: dict[str, Any], allow_changed: tuple[str, ...] = (),
+                     changeable: tuple[str, ...] = ()) -> None:
+        """Refuse to resume checkpoint ``name`` with settings other than those it recorded (each named).
+
+        Raises:
+            UserError: a difference outside ``allow_changed``; the message says which of them
+                ``changeable`` settings ``--allow-changed`` would let through.
+        """
+        try:
+            stored = json.loads(self._read(f"{name}/run.json"))
+        except FileNotFoundError:
+            log.warning("checkpoint %s records no settings (written before 0.4.0): they are not checked", name)
+            return
+        except ValueError as e:
+            raise UserError(f"checkpoint {join_url(self.url, name)}/run.json is not valid JSON ({e})") from e
+        diffs = [f"{k}: checkpoint {stored.get(k)!r}, now {v!r}" for k, v in run.items()
+                 if k not in allow_changed and stored.get(k) != v]
+        if diffs:
+            hint = [d.split(":")[0] for d in diffs if d.split(":")[0] in changeable]
+            raise UserError(
+                f"--resume from {join_url(self.url, name)} with other settings than the run it continues "
+                f"({'; '.join(diffs)}); "
+                + (f"--allow-changed {' --allow-changed '.join(hint)} accepts the change; " if hint else "")
+                + "for a new run use another --output"
+            )
 
     def save_rank(self, name: str, rank: int, state: dict[str, Any]) -> None:
         self._write(f"{name}/state-rank{rank}.pt", _torch_bytes(state))
@@ -107,7 +136,11 @@ class CheckpointStore:
         from safetensors.torch import load
 
         weights = load(self._read(f"{name}/model.safetensors"))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+        except RuntimeError as e:  # tensor shapes differ: another student
+            raise UserError(f"checkpoint {join_url(self.url, name)} does not fit this student "
+                            f"({str(e).strip().splitlines()[-1].strip()[:200]})") from e
         tied = set(model.state_dict()) - set(_unique_tensors(model))
         if unexpected or set(missing) - tied:
             raise UserError(

@@ -32,7 +32,7 @@ def _common(p: argparse.ArgumentParser, suppress: bool = False) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``train``, ``eval``, ``export``, ``compare`` and ``plot`` to the ``softlabels`` command."""
-    from softlabels.trainer.config import TrainConfig
+    from softlabels.trainer.config import CHANGEABLE, TrainConfig
 
     d = argparse.Namespace(**{f.name: f.default for f in fields(TrainConfig)})  # defaults for the help text
     r = sub.add_parser(
@@ -64,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--checkpoint-every", type=int, default=S, help="save a checkpoint every N steps (default: 0, never)")
     r.add_argument("--checkpoint-dir", default=S, help="checkpoint location, local or URL (default: OUTPUT/checkpoints)")
     r.add_argument("--resume", action=BOOL, default=S, help="continue from the latest checkpoint, exactly (starts fresh if there is none)")
+    r.add_argument("--allow-changed", action="append", choices=CHANGEABLE, default=S, metavar="SETTING",
+                   help=f"let --resume change this optimizer setting from what the checkpoint recorded (repeatable; "
+                   f"one of {', '.join(CHANGEABLE)}); other settings a resume must keep are never changed")
     r.add_argument("--shuffle-window", type=int, default=S, help=f"shards whose rows are shuffled together (default: {d.shuffle_window})")
     r.add_argument("--prefetch", type=int, default=S, help=f"shards read ahead in the background (default: {d.prefetch})")
     r.add_argument("--top-k", type=int, default=S, help="use only the first k' of the stored k entries (the tail absorbs the rest exactly)")

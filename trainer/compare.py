@@ -103,7 +103,11 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
     if is_export_dir(spec):
         from transformers import AutoTokenizer
 
-        check_tokenizer(AutoTokenizer.from_pretrained(spec), labels, spec)
+        from softlabels.common.cli import remote_code_guard
+
+        with remote_code_guard(f"model {spec}"):
+            tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=opts["trust_remote_code"])
+        check_tokenizer(tokenizer, labels, spec)
         model: Any = OnnxCausalLM(spec, threads=opts["threads"])
         row.update(format=f"onnx {model.meta['scheme']}", parameters=model.parameters_count)
 

@@ -7,12 +7,18 @@ setting answer at once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from softlabels.schemas.errors import UserError
 
 LOSSES = ("tail-kl", "topk-kl", "reverse-kl", "tail-sampled", "ce")
+# A resumed run continues one run: these must be what its checkpoint recorded ...
+KEEP_ON_RESUME = ("student", "loss", "alpha", "temperature", "top_k", "seed", "batch_size", "grad_accum",
+                  "eval_fraction", "shuffle_window")
+# ... and these too, unless named in --allow-changed (deliberate changes to the optimizer's course).
+CHANGEABLE = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "clip")
 
 
 @dataclass(frozen=True)
@@ -51,31 +57,58 @@ class TrainConfig:
     plot: str | None = None  # PNG of the loss and eval curves, drawn at the end
     log_samples: bool = False  # write the sample keys each rank trained on (tests, audits)
     trust_remote_code: bool = False  # a hub student's own modeling code runs only if asked
+    allow_changed: tuple[str, ...] = ()  # CHANGEABLE settings a --resume may change
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "head_chunk"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise UserError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("warmup_steps", "eval_every", "num_workers", "checkpoint_every", "prefetch"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        object.__setattr__(self, "allow_changed", tuple(self.allow_changed or ()))  # a list from YAML or flags
+        for name in ("steps", "batch_size", "grad_accum", "head_chunk", "shuffle_window"):
+            _check_int(self, name, 1)
+        for name in ("warmup_steps", "eval_every", "num_workers", "checkpoint_every", "prefetch", "seed"):
+            _check_int(self, name, 0)
+        for name in ("eval_batches", "top_k"):
+            if getattr(self, name) is not None:
+                _check_int(self, name, 1)
+        _check_float(self, "lr", 0, None, low_open=True)
+        _check_float(self, "weight_decay", 0, None)
+        _check_float(self, "min_lr_ratio", 0, 1)
+        _check_float(self, "alpha", 0, 1)
+        _check_float(self, "temperature", 0, None, low_open=True)
+        _check_float(self, "eval_fraction", 0, 1, high_open=True)
+        if not (isinstance(self.clip, (int, float)) and not isinstance(self.clip, bool) and self.clip > 0):
+            raise UserError(f"clip must be > 0 (a gradient-norm bound; inf turns clipping off), got {self.clip!r}")
         if self.loss not in LOSSES:
             raise UserError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.loss == "tail-sampled" and self.top_k is not None:
             raise UserError("--loss tail-sampled cannot use --top-k: the stored tail draws never saw the entries k' drops")
-        if not 0 <= self.alpha <= 1:
-            raise UserError(f"alpha must be in [0, 1], got {self.alpha!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise UserError(f"min_lr_ratio must be in [0, 1] (a share of the peak lr), got {self.min_lr_ratio!r}")
-        if not self.lr > 0:
-            raise UserError(f"lr must be > 0, got {self.lr!r}")
-        if not self.temperature > 0:
-            raise UserError(f"temperature must be > 0, got {self.temperature!r}")
         if self.plot is not None and not self.plot.lower().endswith(".png"):
             raise UserError(f"plot {self.plot}: expected a .png file name")
+        unknown = set(self.allow_changed) - set(CHANGEABLE)
+        if unknown:
+            raise UserError(f"--allow-changed takes {', '.join(CHANGEABLE)}; not {', '.join(sorted(unknown))}")
+
+    def resume_record(self) -> dict[str, Any]:
+        """The settings a resumed run must keep (the label set is recorded beside them)."""
+        return {name: getattr(self, name) for name in (*KEEP_ON_RESUME, *CHANGEABLE)}
 
     def redacted(self) -> dict[str, Any]:
         d = asdict(self)
         d["storage_options"] = {k: "***" for k in self.storage_options}
         return d
+
+
+def _check_int(cfg: TrainConfig, name: str, low: int) -> None:
+    v = getattr(cfg, name)
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise UserError(f"{name} must be {what}, got {v!r}")
+
+
+def _check_float(cfg: TrainConfig, name: str, low: float, high: float | None, low_open: bool = False,
+                 high_open: bool = False) -> None:
+    v = getattr(cfg, name)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if ok:
+        ok = (v > low if low_open else v >= low) and (high is None or (v < high if high_open else v <= high))
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open or high is None else "]"
+        raise UserError(f"{name} must be a finite number in {lo}{low}, {'inf' if high is None else high}{hi}, got {v!r}")

@@ -197,6 +197,11 @@ class LabelDataset(IterableDataset):
         epoch = start_epoch
         while self.epochs is None or epoch < self.epochs:
             mine = self._shards_of(slot, slots, epoch)
+            if not mine and self.epochs is None:  # would loop forever without a sample
+                raise UserError(
+                    f"reader slot {slot} of {slots} (ranks x DataLoader workers) gets none of the label set's "
+                    f"{len(self.labels.shards)} shard(s): use fewer ranks or --num-workers"
+                )
             windows = [mine[i : i + self.shuffle_window] for i in range(0, len(mine), self.shuffle_window)]
             for w, shards in enumerate(windows):
                 if epoch == start_epoch and w < start_window:
@@ -218,7 +223,15 @@ class LabelDataset(IterableDataset):
             )
         start = self.resume.get(slot, (0, 0, 0))
         plan = list(self._plan(slot, slots)) if self.epochs is not None else self._plan(slot, slots)
+        yielded = {}  # epoch -> samples yielded, to stop an endless pass over a split with no sample
         for epoch, w, rows in self._reader(plan):  # type: ignore[arg-type]
+            if self.epochs is None and epoch >= start[0] + 2 and not yielded.get(epoch - 1):
+                raise UserError(
+                    f"the {self.split} split of {self.labels.url} holds no sample for reader slot {slot} of {slots} "
+                    f"({self.manifest.totals.sequences} sequences in all, --eval-fraction {self.eval_fraction}): "
+                    "label more data, lower --eval-fraction, or use fewer ranks or --num-workers"
+                )
+            yielded.setdefault(epoch, 0)
             order = range(len(rows))
             if self.shuffle:
                 order = np.random.default_rng([self.seed, epoch, slot, w]).permutation(len(rows))
@@ -229,6 +242,7 @@ class LabelDataset(IterableDataset):
                 item = sample_to_tensors(rows[r], self.top_k)
                 item["position"] = torch.tensor([slot, slots, epoch, w, offset + 1], dtype=torch.long)
                 item["sample_key"] = torch.tensor(int(rows[r].sample_id[:15], 16), dtype=torch.long)
+                yielded[epoch] += 1
                 yield item
 
 

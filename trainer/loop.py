@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from softlabels.schemas.errors import UserError
 from softlabels.trainer.checkpoint import CheckpointStore, rng_state, set_rng_state
-from softlabels.trainer.config import TrainConfig
+from softlabels.trainer.config import CHANGEABLE, TrainConfig
 from softlabels.trainer.data import LabelDataset, StatefulLoader
 from softlabels.trainer.evaluate import _move, evaluate
 from softlabels.trainer.losses import chunked_loss
@@ -29,6 +29,10 @@ from softlabels.common.crash import crash_point
 from softlabels.common.files import make_dir, widen_to_umask
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(UserError):
+    """The loss or the gradients became NaN or infinite."""
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -122,7 +126,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     loader = StatefulLoader(train_ds, cfg.batch_size, cfg.num_workers)
     start, tokens, before, rng = 0, 0, None, None
+    run_record = {"labels": train_ds.labels.manifest_sha256, **cfg.resume_record()}
     if latest and cfg.resume:
+        store.check_resume(latest, run_record, cfg.allow_changed, CHANGEABLE)
         opt_state, state = store.load(latest, model, rank)
         opt.load_state_dict(opt_state["optimizer"])
         sched.load_state_dict(opt_state["scheduler"])
@@ -133,6 +139,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     elif cfg.resume and rank == 0:
         log.info("--resume: no checkpoint in %s yet, starting from step 0", store.url)
 
+    # The first batch now, before any evaluation: a split or reader slot without samples is refused
+    # before training starts (and the workers start reading meanwhile).
+    pending = [next(loader)] if start < cfg.steps else []
     metrics_path = Path(cfg.metrics) if cfg.metrics else out / ("metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl")
     metrics = _Metrics(metrics_path, keep_until=start)
     if before is None:
@@ -154,7 +163,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         parts_sum: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
-            batch = _move(next(loader), device)
+            batch = _move(pending.pop() if pending else next(loader), device)
             sync = world == 1 or micro == cfg.grad_accum - 1
             with autocast, (contextlib.nullcontext() if sync else step_fn.no_sync()):
                 loss, parts = step_fn(batch)
@@ -165,6 +174,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if samples_log is not None:
                 samples_log.write(" ".join(str(int(x)) for x in batch["sample_key"]) + "\n")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        if not (math.isfinite(float(loss.detach())) and math.isfinite(float(grad_norm))):
+            # Before opt.step: the weights stay finite, and nothing of this step is saved.
+            raise TrainingDiverged(
+                f"step {step + 1}: the loss is {float(loss.detach())} (gradient norm {float(grad_norm)}) at lr "
+                f"{sched.get_last_lr()[0]:.3g}; stopped, no weights saved from it. Lower --lr or --clip, or check "
+                "the label set" + (f"; the last checkpoint is in {store.url}" if cfg.checkpoint_every else ""))
         opt.step()
         sched.step()
         row = {"step": step + 1, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0],
@@ -179,7 +194,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             name = f"step-{step + 1:06d}"
             if rank == 0:
-                store.save_shared(name, model, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+                store.save_shared(name, model, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, run_record)
             store.save_rank(name, rank, {"step": step + 1, "tokens": tokens, "before": before,
                                          "data": loader.state_dict(), "rng": rng_state()})
             if world > 1:

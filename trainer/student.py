@@ -12,10 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from softlabels.schemas import LabelSet, join_url, retry_io, tokenizer_fingerprint
-from softlabels.schemas.errors import UserError
-
 from softlabels.common.cli import remote_code_guard
+from softlabels.schemas import LabelSet, join_url, tokenizer_fingerprint
+from softlabels.schemas.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +30,40 @@ TINY = dict(
 )
 
 
+def refuse_code(files: dict[str, bytes], where: str) -> None:
+    """Refuse tokenizer files that would make transformers load Python code (``auto_map``, ``*.py``).
+
+    A label set is untrusted input: its tokenizer is data, never code, whatever
+    ``--trust-remote-code`` says (that flag is for the student the user chose).
+    """
+    for name, data in sorted(files.items()):
+        if name.endswith(".json"):
+            try:
+                d = json.loads(data)
+            except (ValueError, RecursionError) as e:
+                raise UserError(f"{where}/{name}: not valid JSON ({str(e)[:80]})") from e
+            if isinstance(d, dict) and "auto_map" in d:
+                raise UserError(f"{where}/{name} has an auto_map entry (custom Python code); a label set's tokenizer "
+                                "never runs code: refused (nothing was run)")
+    for name in sorted(files):
+        if name.endswith((".py", ".pyc", ".so")):
+            raise UserError(f"{where}/{name}: a label set's tokenizer must not carry code; refused (nothing was run)")
+
+
 def load_label_tokenizer(labels: LabelSet) -> Any:
-    """The tokenizer stored inside the label set."""
+    """The tokenizer stored inside the label set (files checked against the manifest; no code ever runs)."""
     from transformers import AutoTokenizer
 
-    rel = labels.manifest.tokenizer.files
-    if not rel:
+    if not labels.manifest.tokenizer.files:
         raise UserError(f"label set {labels.url} carries no tokenizer files; pass a student with its own tokenizer")
-    src = join_url(labels.root, rel)
+    files = labels.tokenizer_files()
+    where = join_url(labels.url, labels.manifest.tokenizer.files)
+    refuse_code(files, where)
     with tempfile.TemporaryDirectory() as tmp:
-        for path in retry_io(lambda: labels.fs.ls(src, detail=False), f"list {join_url(labels.url, rel)}"):
-            name = path.rsplit("/", 1)[-1]
-            data = retry_io(lambda p=path: labels.fs.cat_file(p), f"read {path}")
+        for name, data in files.items():
             Path(tmp, name).write_bytes(data)
-        return AutoTokenizer.from_pretrained(tmp)
+        with remote_code_guard(f"tokenizer {where}"):
+            return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)
 
 
 def check_tokenizer(tokenizer: Any, labels: LabelSet, where: str, allow_mismatch: bool = False) -> bool:
@@ -84,6 +103,9 @@ def build_student(
     if spec == "tiny" or spec.endswith(".json"):
         tokenizer = load_label_tokenizer(labels)
         check_tokenizer(tokenizer, labels, f"{labels.url}/{labels.manifest.tokenizer.files}")
+        if len(tokenizer) != vocab:  # the fingerprint vouches for the tokenizer, not for the number beside it
+            raise UserError(f"label set {labels.url}: the manifest's vocab_size {vocab} is not its tokenizer's "
+                            f"{len(tokenizer)}; refused (a student's embeddings would be sized from it)")
         if spec == "tiny":
             config = LlamaConfig(vocab_size=vocab, **TINY)
         else:

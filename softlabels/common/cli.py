@@ -90,12 +90,24 @@ def run_main(fn: Callable[[], int], debug: bool, prog: str) -> int:
     except UserError as e:
         if debug:
             raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = _one_line(e)
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(e: BaseException) -> str:
+    """The user-facing line of an error; for one re-raised from a DataLoader worker, the original's."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    lines = text.splitlines()
+    if lines[0].startswith("Caught ") and "Original Traceback" in text:  # torch's worker re-raise
+        last = lines[-1].strip()
+        return last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
+    return lines[0]
 
 
 # -- settings: defaults < --config FILE.yaml < flags -----------------------------------------

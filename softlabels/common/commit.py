@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from softlabels.common.crash import crash_point
+from softlabels.common.claim import CLAIMS, OutputClaim
 from softlabels.common.files import sweep_partial_writes, write_whole
 from softlabels.schemas import Manifest, ShardInfo, join_url, resolve_url, retry_io
+from softlabels.schemas.storage import is_local
 from softlabels.schemas.errors import UserError
 from softlabels.schemas.fingerprint import sha256_bytes
 from softlabels.schemas.manifest import MANIFEST_NAME
@@ -32,9 +35,12 @@ from softlabels.schemas.manifest import MANIFEST_NAME
 log = logging.getLogger(__name__)
 
 RUN_RECORD = "_labeler/run.json"
+RUN_RECORDS = (RUN_RECORD, "_convert/run.json")  # one per command that writes label sets
 COMMITS = "_commits"
 SHARDS = "shards"
 TOKENIZER = "tokenizer"
+# Everything a label set is made of: what --overwrite may delete (the claim is handled apart).
+LABEL_SET_PATHS = (MANIFEST_NAME, SHARDS, COMMITS, TOKENIZER, "_labeler", "_convert")
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,8 @@ class LabelSetWriter:
     ) -> None:
         """``run_record``: where this kind of run records its identity; ``job`` names its crash points."""
         self.run_record, self.job = run_record, job
+        self.claim: OutputClaim | None = None
+        self._made_root = False
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = resolve_url(self.url, self.storage_options)
@@ -87,16 +95,16 @@ class LabelSetWriter:
         """Fail early (one line), before Ray starts, if the output cannot be used.
 
         Raises:
-            OutputError: bad bucket, credentials or endpoint; or (without
-                ``overwrite``) a location holding something that is not a label set.
+            OutputError: bad bucket, credentials or endpoint; a location holding something
+                that is not a label set (with or without ``overwrite``); or (without
+                ``overwrite``) a label set that another command wrote.
         """
         try:
             if self._bucket and not retry_io(lambda: self.fs.exists(self._bucket), f"stat bucket {self._bucket}"):
                 # exists() says False for both "no bucket" and "not allowed": ask again to learn which.
                 retry_io(lambda: self.fs.ls(self._bucket, detail=False), f"list bucket {self._bucket}")
                 raise OutputError(f"output {self.url}: bucket {self._bucket!r} does not exist")
-            if self.exists("") and not overwrite:
-                self._refuse_foreign()
+            self._refuse_other(overwrite)
         except PermissionError as e:
             raise OutputError(f"output {self.url}: {e}") from e
         except FileNotFoundError as e:
@@ -104,52 +112,128 @@ class LabelSetWriter:
         except OSError as e:
             raise OutputError(f"output {self.url}: not reachable ({e})") from e
 
-    def begin(self, identity: dict[str, Any], overwrite: bool) -> str:
+    def begin(self, identity: dict[str, Any], overwrite: bool, take_over: bool = False) -> str:
         """Claim the output for this run; returns "new", "resume" or "complete".
+
+        The claim (:mod:`softlabels.common.claim`) is held until :meth:`finish`; a second
+        run on the same output is refused while it lives.
 
         Raises:
             OutputError: the location holds something that is not a label set, or
                 a label set made with different settings (the message names them).
+            OutputClaimed: another live run holds the output.
         """
         # Other processes (workers, a crashed earlier run) write here: never
         # trust listings fsspec cached in this process.
         self.fs.invalidate_cache()
-        if overwrite and self.exists(""):
-            log.info("--overwrite: removing everything under %s", self.url)
-            retry_io(lambda: self.fs.rm(self.root, recursive=True), f"remove {self.url}")
-            self.fs.invalidate_cache()
-        if self.exists(self.run_record):
-            stored = json.loads(self._read(self.run_record))
-            diffs = _diff(stored, identity)
-            if diffs:
-                raise OutputError(
-                    f"output {self.url} holds a label set made with different settings ({'; '.join(diffs)}); "
-                    "use another --output, or --overwrite to start afresh"
-                )
+        if self.claim is None:
+            self.acquire(overwrite, take_over)
+        try:
+            if overwrite:
+                self._remove_label_set()
+            # Temporary files left under the root are orphans now: their writer's claim is gone.
             sweep_partial_writes(self.fs, self.root)
-            return "complete" if self.exists(MANIFEST_NAME) else "resume"
-        if self.exists(""):
-            self._refuse_foreign()
-        self._write(self.run_record, (json.dumps(identity, indent=2, sort_keys=True) + "\n").encode())
-        return "new"
+            if self.exists(self.run_record):
+                stored = json.loads(self._read(self.run_record))
+                diffs = _diff(stored, identity)
+                if diffs:
+                    raise OutputError(
+                        f"output {self.url} holds a label set made with different settings ({'; '.join(diffs)}); "
+                        "use another --output, or --overwrite to start afresh"
+                    )
+                return "complete" if self.exists(MANIFEST_NAME) else "resume"
+            self._write(self.run_record, (json.dumps(identity, indent=2, sort_keys=True) + "\n").encode())
+            return "new"
+        except BaseException:
+            self.finish()
+            raise
+
+    def acquire(self, overwrite: bool = False, take_over: bool = False) -> None:
+        """Claim the output (before any expensive start-up: a second run is refused at once).
+
+        Raises:
+            OutputError: the location is not one this command may write (see :meth:`check_reachable`).
+            OutputClaimed: another live run holds the output.
+        """
+        self.fs.invalidate_cache()
+        self._refuse_other(overwrite)
+        self._made_root = is_local(self.fs) and not self.exists("")
+        self.claim = OutputClaim(self.fs, self.root, self.url, f"softlabels {self.job}")
+        self.claim.acquire(take_over)
+
+    def finish(self) -> None:
+        """Release the claim (after the manifest is published, or when the run ends otherwise)."""
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
+        if self._made_root:  # a run refused or failed before writing anything leaves no empty folder
+            try:
+                os.rmdir(self.fs._strip_protocol(self.root))
+            except OSError:
+                pass  # not empty: it holds what the run wrote
+
+    def owner(self) -> tuple[int, str] | None:
+        """``(generation, run id)`` of this run's claim, for writers on other processes to check."""
+        return None if self.claim is None or self.claim.gen is None else (self.claim.gen, self.claim.holder.run_id)
+
+    def follow(self, owner: tuple[int, str] | None) -> None:
+        """On a worker: check before each commit that the driver's claim ``owner`` still holds the output."""
+        if owner is not None:
+            self.claim = OutputClaim.following(self.fs, self.root, self.url, *owner)
 
     def abandon(self) -> None:
         """Remove what a new run wrote (run record, tokenizer) when it ends with nothing labeled."""
         self.fs.invalidate_cache()
-        if self.exists(COMMITS):
-            return  # units were committed: keep them for a resume
-        retry_io(lambda: self.fs.rm(self.root, recursive=True), f"remove {self.url}")
+        if not self.exists(COMMITS):  # units were committed: keep them for a resume
+            self._remove_label_set()
+        self.finish()
+        try:
+            if not retry_io(lambda: self.fs.ls(self.root, detail=False), f"list {self.url}"):
+                self.fs.rmdir(self.root)
+        except (FileNotFoundError, OSError):
+            pass  # object stores have no folders
 
-    def _refuse_foreign(self) -> None:
-        """Raise unless the (existing) root is empty or holds this tool's run record."""
-        if self.exists(self.run_record):
+    def _entries(self) -> list[str]:
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1]
+                    for p in retry_io(lambda: self.fs.ls(self.root, detail=False), f"list {self.url}")]
+        except FileNotFoundError:
+            return []
+
+    def _refuse_other(self, overwrite: bool) -> None:
+        """Raise unless the root is missing, empty, this command's label set, or (with ``overwrite``) any label set.
+
+        ``--overwrite`` never applies to a location that is not a label set: it deletes
+        only the paths a label set is made of (:data:`LABEL_SET_PATHS`).
+        """
+        entries = [e for e in self._entries() if e != CLAIMS]
+        if not entries or self.exists(self.run_record):
             return
-        entries = retry_io(lambda: self.fs.ls(self.root, detail=False), f"list {self.url}")
-        if entries:
+        if not (self.exists(MANIFEST_NAME) or any(self.exists(r) for r in RUN_RECORDS)):
             raise OutputError(
                 f"output {self.url} is not empty and is not a softlabels label set "
-                f"(found {entries[0].rsplit('/', 1)[-1]!r}); choose an empty location"
+                f"(found {sorted(entries)[0]!r}); choose an empty location (--overwrite deletes only label sets)"
             )
+        if not overwrite:
+            raise OutputError(
+                f"output {self.url} holds a label set that `softlabels {self.job}` did not write "
+                "(another command's, or one without its run record); use another location, or --overwrite to replace it"
+            )
+
+    def _remove_label_set(self) -> None:
+        """Delete the paths a label set is made of (never anything else under the root)."""
+        removed = []
+        for rel in LABEL_SET_PATHS:
+            if self.exists(rel):
+                retry_io(lambda r=rel: self.fs.rm(self._p(r), recursive=True), f"remove {self._u(rel)}")
+                removed.append(rel)
+        self.fs.invalidate_cache()
+        if removed:
+            log.info("--overwrite: removed %s under %s", ", ".join(removed), self.url)
+        left = [e for e in self._entries() if e not in (CLAIMS, *LABEL_SET_PATHS)]
+        if left:
+            log.warning("--overwrite: kept %d file(s) under %s that softlabels did not write (%s)", len(left), self.url,
+                        ", ".join(sorted(left)[:5]))
 
     def committed(self, workers: int = 16) -> dict[str, Commit]:
         """Verified commits: marker present, shard object present with matching size and sha256.
@@ -200,6 +284,8 @@ class LabelSetWriter:
             bytes=len(shard_bytes),
             sha256=sha256_bytes(shard_bytes),
         )
+        if self.claim is not None:
+            self.claim.check()  # a run that lost its output stops before writing into it
         self._write(info.path, shard_bytes)
         crash_point(f"{self.job}.shard-written")
         marker = {**asdict(info), "inputs": inputs} if inputs else asdict(info)
@@ -210,23 +296,29 @@ class LabelSetWriter:
         return Manifest.from_json(self._read(MANIFEST_NAME), self._u(MANIFEST_NAME))
 
     # -- driver: publishing --------------------------------------------------
-    def write_tokenizer(self, tokenizer: Any) -> None:
-        """Copy the tokenizer files into the set so students can use them without the teacher."""
+    def write_tokenizer(self, tokenizer: Any) -> dict[str, str]:
+        """Copy the tokenizer files into the set so students can use them without the teacher.
+
+        Returns each file's sha256 (name -> hex), which the manifest records. Idempotent:
+        the same tokenizer writes the same bytes, so a resumed run simply writes them again.
+        """
         import tempfile
         from pathlib import Path
 
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save_pretrained(tmp)
-            for f in sorted(Path(tmp).iterdir()):
-                if f.is_file():
-                    self._write(f"{TOKENIZER}/{f.name}", f.read_bytes())
+            return self.write_files(TOKENIZER, {f.name: f.read_bytes() for f in Path(tmp).iterdir() if f.is_file()})
 
-    def write_file(self, rel: str, data: bytes) -> None:
-        """Publish one whole file at ``rel`` (relative to the root), e.g. a tokenizer file."""
-        self._write(rel, data)
+    def write_files(self, folder: str, files: Mapping[str, bytes]) -> dict[str, str]:
+        """Publish ``files`` (name -> bytes) under ``folder``, in name order; returns their sha256."""
+        for name in sorted(files):
+            self._write(f"{folder}/{name}", files[name])
+        return {name: sha256_bytes(files[name]) for name in sorted(files)}
 
     def write_manifest(self, manifest: Manifest) -> None:
-        """The commit of the whole set: written last, once every shard is committed."""
+        """The commit of the whole set: written last, once every shard is committed, by the claim's holder."""
+        if self.claim is not None:
+            self.claim.check()
         self._write(MANIFEST_NAME, manifest.to_json().encode())
 
 

@@ -1,0 +1,256 @@
+"""An output has one owner: an exclusive, expiring claim kept alive by a heartbeat.
+
+A run that writes a label set (``softlabels label``, ``softlabels convert``) first
+claims its output: it creates ``_claim/gen-NNNNNN.json`` with a *conditional* write
+(``O_EXCL``-style on a local disk, ``If-None-Match: *`` on S3), so of two runs that
+race for the same generation exactly one succeeds. The claim names its holder (host,
+pid, start time, command) and an expiry; a heartbeat thread renews it. The highest
+generation is the owner.
+
+* A second run finds a live claim and refuses in one line naming the holder.
+* A claim whose holder died expires (no heartbeat); the next run takes the output over
+  by creating the next generation (again conditionally), or at once with ``--take-over``.
+* The owner checks that it still holds the highest generation before it commits a
+  unit and before it publishes the manifest: a run that lost its claim (paused past
+  its expiry, taken over) stops instead of mixing its writes with the new owner's.
+* On success the claim is released (its files deleted).
+
+Stores without conditional writes (fsspec backends other than local disk and S3)
+fall back to write-then-read-back, which narrows the race without closing it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from softlabels.schemas.errors import UserError
+from softlabels.schemas.storage import is_local, join_url, retry_io
+
+log = logging.getLogger(__name__)
+
+CLAIMS = "_claim"
+TTL_S = 120.0  # a claim not renewed for this long is dead
+HEARTBEAT_S = 20.0
+
+
+class OutputClaimed(UserError):
+    """Another live run holds the output."""
+
+
+class ClaimLost(UserError):
+    """This run's claim was taken over (it was paused past its expiry, or ``--take-over`` was used)."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    run_id: str
+    host: str
+    pid: int
+    started_at: str  # ISO 8601 UTC
+    command: str
+    expires_at: float  # epoch seconds
+
+    def describe(self) -> str:
+        left = self.expires_at - time.time()
+        state = f"expires in {left:.0f} s unless renewed" if left > 0 else f"expired {-left:.0f} s ago"
+        return f"{self.command} on host {self.host}, pid {self.pid}, started {self.started_at} ({state})"
+
+
+def _dead(holder: Holder) -> bool:
+    """True if the holder ran on this host and its process is gone (a crashed run: no need to wait)."""
+    if holder.host != socket.gethostname() or holder.pid <= 0:
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, under another user
+    return False
+
+
+def _gen_name(gen: int) -> str:
+    return f"{CLAIMS}/gen-{gen:06d}.json"
+
+
+class OutputClaim:
+    """The claim of one run on one output root; see the module docstring."""
+
+    def __init__(self, fs: Any, root: str, url: str, command: str, ttl: float = TTL_S) -> None:
+        self.fs, self.root, self.url, self.ttl = fs, root, url, ttl
+        self.command = command
+        self.gen: int | None = None
+        self.holder: Holder | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost: str | None = None  # why, once the heartbeat found the claim gone
+
+    @classmethod
+    def following(cls, fs: Any, root: str, url: str, gen: int, run_id: str) -> OutputClaim:
+        """A claim held by another process of the same run (the driver): only :meth:`check` is used."""
+        claim = cls(fs, root, url, "")
+        claim.gen = gen
+        claim.holder = Holder(run_id, "", 0, "", "", 0.0)
+        return claim
+
+    # -- reading -----------------------------------------------------------------------
+    def _path(self, rel: str) -> str:
+        return join_url(self.root, rel)
+
+    def generations(self) -> list[int]:
+        self.fs.invalidate_cache()
+        try:
+            names = retry_io(lambda: self.fs.ls(self._path(CLAIMS), detail=False), f"list {self.url}/{CLAIMS}")
+        except FileNotFoundError:
+            return []
+        out = []
+        for p in names:
+            base = p.rsplit("/", 1)[-1]
+            if base.startswith("gen-") and base.endswith(".json") and base[4:-5].isdigit():
+                out.append(int(base[4:-5]))
+        return sorted(out)
+
+    def read(self, gen: int) -> Holder | None:
+        try:
+            raw = retry_io(lambda: self.fs.cat_file(self._path(_gen_name(gen))), f"read {self.url}/{_gen_name(gen)}")
+            return Holder(**json.loads(raw))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError):  # half-written on a store without atomic writes: treat as live, fresh
+            return Holder("?", "?", 0, "?", "unknown run", time.time() + self.ttl)
+
+    def current(self) -> tuple[int, Holder | None] | None:
+        gens = self.generations()
+        return (gens[-1], self.read(gens[-1])) if gens else None
+
+    # -- writing -----------------------------------------------------------------------
+    def _record(self) -> Holder:
+        assert self.holder is not None
+        return Holder(**{**asdict(self.holder), "expires_at": time.time() + self.ttl})
+
+    def _create(self, gen: int, holder: Holder) -> bool:
+        """Write ``gen`` only if nobody has: True if this run created it."""
+        data = json.dumps(asdict(holder), indent=1).encode()
+        path = self._path(_gen_name(gen))
+        if is_local(self.fs):
+            local = self.fs._strip_protocol(path)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            tmp = f"{local}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            try:
+                os.link(tmp, local)  # atomic, and fails if the name exists: a whole file or none
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        if {"s3", "s3a"} & set(protocols):
+            try:
+                self.fs.pipe_file(path, data, mode="create")  # not retried: a refusal is the answer
+                return True
+            except OSError:
+                # s3fs reports a failed conditional write as OSError (EINVAL) or a retried error:
+                # whether it was ours is decided by reading it back.
+                self.fs.invalidate_cache()
+                got = self.read(gen)
+                return got is not None and got.run_id == holder.run_id
+        if retry_io(lambda: self.fs.exists(path), f"stat {self.url}/{_gen_name(gen)}"):
+            return False
+        retry_io(lambda: self.fs.pipe_file(path, data), f"claim {self.url}")
+        got = self.read(gen)
+        return got is not None and got.run_id == holder.run_id
+
+    def acquire(self, take_over: bool = False) -> None:
+        """Claim the output, or raise :class:`OutputClaimed` naming the live holder."""
+        self.holder = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(),
+                             datetime.now(timezone.utc).replace(microsecond=0).isoformat(), self.command, 0.0)
+        for _ in range(5):
+            cur = self.current()
+            if cur is not None:
+                gen, holder = cur
+                if holder is not None and holder.expires_at > time.time() and not take_over and not _dead(holder):
+                    raise OutputClaimed(
+                        f"output {self.url} is being written by another run: {holder.describe()}; wait for it, "
+                        "or pass --take-over if that run is dead"
+                    )
+                if holder is not None:
+                    log.warning("taking over output %s from %s", self.url, holder.describe())
+                nxt = gen + 1
+            else:
+                nxt = 0
+            if self._create(nxt, self._record()):
+                self.gen = nxt
+                for old in self.generations():
+                    if old < nxt:
+                        self._delete(old)
+                self._start_heartbeat()
+                return
+        raise OutputClaimed(f"output {self.url}: another run claimed it at the same moment; try again")
+
+    def check(self) -> None:
+        """Raise :class:`ClaimLost` unless this run still holds the highest generation."""
+        if self.lost:
+            raise ClaimLost(self.lost)
+        gens = self.generations()
+        holder = self.read(self.gen) if self.gen in gens else None
+        if not gens or gens[-1] != self.gen or holder is None or holder.run_id != self.holder.run_id:
+            newer = self.read(gens[-1]) if gens else None
+            self.lost = (f"output {self.url}: this run no longer holds its claim"
+                         + (f"; {newer.describe()} took it over" if newer else "") + "; stopped before writing more")
+            raise ClaimLost(self.lost)
+
+    def _renew(self) -> None:
+        self.check()
+        data = json.dumps(asdict(self._record()), indent=1).encode()
+        path = self._path(_gen_name(self.gen))
+        if is_local(self.fs):
+            from softlabels.common.files import write_whole
+
+            write_whole(self.fs, path, data, f"renew claim {self.url}")
+        else:
+            retry_io(lambda: self.fs.pipe_file(path, data), f"renew claim {self.url}")
+
+    def _start_heartbeat(self) -> None:
+        def beat() -> None:
+            while not self._stop.wait(HEARTBEAT_S):
+                try:
+                    self._renew()
+                except ClaimLost as e:
+                    log.error("%s", e)
+                    return
+                except OSError as e:  # storage trouble: the next beat tries again; the claim lives TTL_S
+                    log.warning("could not renew the claim on %s: %s", self.url, e)
+
+        self._thread = threading.Thread(target=beat, name="claim-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _delete(self, gen: int) -> None:
+        try:
+            retry_io(lambda: self.fs.rm_file(self._path(_gen_name(gen))), f"remove {self.url}/{_gen_name(gen)}")
+        except FileNotFoundError:
+            pass
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete this run's claim (if it still holds it)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.gen is not None and not self.lost:
+            self._delete(self.gen)
+            if is_local(self.fs):
+                try:
+                    os.rmdir(self.fs._strip_protocol(self._path(CLAIMS)))
+                except OSError:
+                    pass  # another claim landed in it meanwhile
+        self.gen = None

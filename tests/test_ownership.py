@@ -1,0 +1,106 @@
+"""An output has one owner: claims on local disk and S3, two labelers on one output, --overwrite's reach."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, assert_one_line_error, cli_in_process
+from softlabels.common.claim import ClaimLost, Holder, OutputClaim, OutputClaimed, _gen_name
+from softlabels.schemas import open_label_set, resolve_url
+
+
+def claim(url: str, command: str = "softlabels label") -> OutputClaim:
+    fs, root = resolve_url(url)
+    return OutputClaim(fs, root, url, command)
+
+
+def test_a_claim_is_exclusive_until_released_or_expired(storage_root):
+    # The race itself: two runs create the same generation at once; the store lets exactly one win.
+    racers = [claim(storage_root), claim(storage_root)]
+    for i, r in enumerate(racers):
+        r.holder = Holder(f"racer-{i}", "h", 1, "t", "softlabels label", time.time() + 60)
+    assert [r._create(9, r.holder) for r in racers] == [True, False]
+    assert racers[0].read(9).run_id == "racer-0"
+    racers[0].gen = 9
+    racers[0].release()
+
+    a = claim(storage_root)
+    a.acquire()
+    b = claim(storage_root, "softlabels convert")
+    with pytest.raises(OutputClaimed, match=rf"another run: softlabels label on host {socket.gethostname()}, pid \d+"):
+        b.acquire()
+    a.check()  # still the owner
+    a.release()
+    b.acquire()  # free again
+    b.release()
+    assert claim(storage_root).current() is None
+
+    # A claim another host left behind: live until it expires, then taken over.
+    fs, root = resolve_url(storage_root)
+    stale = Holder("dead-run", "other-host", 1, "2026-01-01T00:00:00+00:00", "softlabels label", time.time() + 60)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        fs.makedirs(f"{root}/_claim", exist_ok=True)
+    fs.pipe_file(f"{root}/{_gen_name(3)}", json.dumps(stale.__dict__).encode())
+    with pytest.raises(OutputClaimed, match="other-host"):
+        claim(storage_root).acquire()
+    fs.pipe_file(f"{root}/{_gen_name(3)}", json.dumps({**stale.__dict__, "expires_at": time.time() - 1}).encode())
+    c = claim(storage_root)
+    c.acquire()
+    assert c.gen == 4 and [g for g in c.generations()] == [4]  # the dead claim is gone
+    # --take-over of a live claim: the old holder finds out before its next write.
+    d = claim(storage_root)
+    d.acquire(take_over=True)
+    with pytest.raises(ClaimLost, match="took it over"):
+        c.check()
+    d.release()
+
+
+def test_two_labelers_on_one_output_exactly_one_proceeds(tiny_teacher, storage_root):
+    """The second run is refused naming the first (before it starts Ray); the first publishes a set that
+    verifies shard by shard."""
+    args = ["--teacher", tiny_teacher, "--corpus", "pydoc", "--top-k", "8", "--max-length", "64", "--limit", "400",
+            "--shard-tokens", "256", "--batch-tokens", "256", "--threads", "1", "--output", storage_root]
+    first = subprocess.Popen([sys.executable, "-m", "softlabels", "label", *args, "--json"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    fs, root = resolve_url(storage_root)
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None:
+        fs.invalidate_cache()
+        if fs.exists(f"{root}/_labeler/run.json"):  # claimed, and Ray is up: it is labeling now
+            break
+        time.sleep(0.1)
+    assert first.poll() is None, first.communicate()[1][-2000:]
+    # --overwrite --top-k 4 too: refused before it deletes anything
+    code, _, err = cli_in_process("label", *args, "--top-k", "4", "--overwrite")
+    assert_one_line_error(code, err, "label", "is being written by another run", f"pid {first.pid}", "--take-over")
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    ls = open_label_set(storage_root)
+    assert ls.manifest.top_k == 8 and sum(len(ls.read_shard(s)) for s in ls.shards) == ls.manifest.totals.sequences
+    assert not fs.exists(f"{root}/_claim/{_gen_name(0).split('/')[-1]}")  # released when done
+
+
+def test_overwrite_deletes_only_label_sets(tiny_teacher, tmp_path, label_set):
+    corpus = tmp_path / "mine"
+    corpus.mkdir()
+    (corpus / "notes.txt").write_text("my corpus")
+    code, _, err = cli_in_process("label", "--teacher", tiny_teacher, "--output", str(corpus), "--overwrite")
+    assert_one_line_error(code, err, "label", "is not a softlabels label set", "--overwrite deletes only label sets")
+    assert (corpus / "notes.txt").read_text() == "my corpus"
+    # A label set with a file of the user's beside it: --overwrite removes the set, keeps the file.
+    import shutil
+
+    target = tmp_path / "set"
+    shutil.copytree(label_set, target)
+    (target / "README.txt").write_text("notes on this set")
+    code, _, err = cli_in_process("convert", label_set, "--output", str(target), "--overwrite", "--encoding", "fp16")
+    assert code == 0, err[-2000:]
+    assert (target / "README.txt").read_text() == "notes on this set"
+    assert open_label_set(str(target)).manifest.encoding == {"name": "fp16"}
+    assert not (target / "_labeler").exists()  # the labeler's run record went with its set
