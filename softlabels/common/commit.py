@@ -186,12 +186,7 @@ class LabelSetWriter:
         self.fs.invalidate_cache()
         if not self.exists(COMMITS):  # units were committed: keep them for a resume
             self._remove_label_set()
-        self.finish()
-        try:
-            if not retry_io(lambda: self.fs.ls(self.root, detail=False), f"list {self.url}"):
-                self.fs.rmdir(self.root)
-        except (FileNotFoundError, OSError):
-            pass  # object stores have no folders
+        self.finish()  # and a folder this run created goes too
 
     def _entries(self) -> list[str]:
         try:
