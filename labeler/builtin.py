@@ -85,8 +85,9 @@ def builtin_teacher_dir(alias: str) -> Path:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=spec["gguf"])
-        model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=spec["gguf"], dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=spec["gguf"], trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=spec["gguf"], dtype=torch.float32,
+                                                     trust_remote_code=False)
         # transformers marks GGUF-loaded models as quantized and refuses to
         # save them; the weights are already de-quantized to fp32, so copy
         # them into a plain model built from the same config and save that.

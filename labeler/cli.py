@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from dataclasses import fields
 
@@ -84,7 +83,6 @@ def _label(args: argparse.Namespace) -> int:
 
     if crash.enabled():  # fault-injection tests: a crash point in a Ray worker also kills this driver
         os.environ.setdefault(crash.DRIVER_ENV, str(os.getpid()))
-    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         summary = run(resolve_config(args.config, given_flags(args)))
     except JobFailed as e:
@@ -109,8 +107,3 @@ def _inspect(args: argparse.Namespace) -> int:
     report = inspect_label_set(args.url, parse_storage_options(args.storage_option), args.max_shards, plot=args.plot)
     print(json.dumps(report, indent=2))
     return 0
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    # Preemption (Kubernetes, schedulers) sends SIGTERM: unwind so Ray shuts down cleanly.
-    raise SystemExit(143)

@@ -136,7 +136,7 @@ class Manifest:
             raise ManifestError(f"top_k {self.top_k} exceeds vocab_size {vocab}")
         if not (isinstance(self.temperature, float) and 0 < self.temperature < float("inf")):
             raise ManifestError(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        if not isinstance(self.tail_samples, int) or not 0 <= self.tail_samples <= 255:
+        if not _is_int(self.tail_samples) or not 0 <= self.tail_samples <= 255:
             raise ManifestError(f"tail_samples must be an int in 0..255, got {self.tail_samples!r}")
         try:
             Encoding.from_dict(self.encoding)
@@ -196,11 +196,14 @@ class Manifest:
         if not isinstance(d, dict):
             raise ManifestError(f"{where}: expected a JSON object")
         version = d.get("schema_version")
-        if version not in SUPPORTED_VERSIONS:
+        if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
             raise UnsupportedSchemaVersion(
                 f"{where}: schema_version {version!r} is not supported by this softlabels "
                 f"(supports {list(SUPPORTED_VERSIONS)})"
             )
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ManifestError(f"{where}: unknown field(s) {sorted(unknown)}")
         try:
             return cls(
                 schema_version=version,

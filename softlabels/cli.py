@@ -20,6 +20,7 @@ and a command whose extra is not installed says which one to install.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from softlabels import __version__
@@ -43,10 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    # Preemption (Kubernetes, schedulers) sends SIGTERM: unwind, so that claims are released,
+    # Ray shuts down and nothing half-written is published; exit 143 as a killed process would.
+    raise SystemExit(143)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand; returns the exit code."""
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     return run_main(lambda: args.handler(args), args.debug, f"softlabels {args.command}")
 
 

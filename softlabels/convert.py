@@ -182,7 +182,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--workers", type=int, default=4, help="shards converted at once (default: %(default)s)")
     c.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="fsspec storage option for both sets (repeatable)")
     c.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
-                   help="delete what is at --output and start afresh (default: off)")
+                   help="delete the label set at --output (only the paths a label set is made of) and start afresh "
+                   "(default: off)")
     c.add_argument("--take-over", action=argparse.BooleanOptionalAction, default=False,
                    help="claim --output even though another run's claim has not expired (that run must be dead)")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
