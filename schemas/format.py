@@ -203,7 +203,10 @@ def _decode_flat(table: pa.Table) -> tuple[np.ndarray, dict[str, np.ndarray]]:
 
 def decode_table(table: pa.Table) -> Iterator[Sample]:
     """Decode a shard table (any supported version and encoding) into samples."""
-    lengths, flat = _decode_flat(table)
+    return _samples(table, *_decode_flat(table))
+
+
+def _samples(table: pa.Table, lengths: np.ndarray, flat: dict[str, np.ndarray]) -> Iterator[Sample]:
     bounds = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=bounds[1:])
     sids = table.column("sample_id").to_pylist()
@@ -268,22 +271,22 @@ def decode_shard(data: bytes, top_k: int, where: str, rows: int | None = None, t
             raise ShardFormatError(f"holds top_k={int(k)}, the manifest says {top_k}")
         if rows is not None and table.num_rows != rows:
             raise ShardFormatError(f"holds {table.num_rows} rows, the manifest says {rows}")
-        samples = list(decode_table(table))
+        lengths, flat = _decode_flat(table)
+        n = len(flat["input_ids"])
+        if tokens is not None and n != tokens:
+            raise ShardFormatError(f"holds {n} tokens, the manifest says {tokens}")
+        if flat["topk_ids"].shape[1] != top_k:
+            raise ShardFormatError(f"has k={flat['topk_ids'].shape[1]}, the manifest says {top_k}")
+        draws = flat["tail_sample_ids"].shape[1] if "tail_sample_ids" in flat else 0
+        if tail_samples is not None and draws != tail_samples:
+            raise ShardFormatError(f"holds {draws} tail samples per position, the manifest says {tail_samples}")
+        for name in ("input_ids", "topk_ids"):  # whole columns at once: this runs for every shard read
+            a = flat[name]
+            if a.size and not (0 <= int(a.min()) and int(a.max()) < MAX_VOCAB):
+                raise ShardFormatError(f"{name} lie outside [0, {MAX_VOCAB})")
+        return list(_samples(table, lengths, flat))
     except LabelSetError as e:
         raise type(e)(f"shard {where}: {e}") from e
     except _MALFORMED as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise ShardFormatError(f"shard {where} cannot be decoded ({type(e).__name__}: {first})") from e
-    n = sum(len(s.input_ids) for s in samples)
-    if tokens is not None and n != tokens:
-        raise ShardFormatError(f"shard {where}: holds {n} tokens, the manifest says {tokens}")
-    for s in samples:
-        if s.topk_ids.shape[1] != top_k:
-            raise ShardFormatError(f"shard {where}: sample {s.sample_id} has k={s.topk_ids.shape[1]}, the manifest says {top_k}")
-        if tail_samples is not None and (s.tail_sample_ids.shape[1] if s.tail_sample_ids is not None else 0) != tail_samples:
-            raise ShardFormatError(f"shard {where}: tail samples per position differ from the manifest's {tail_samples}")
-        for name in ("input_ids", "topk_ids"):
-            a = getattr(s, name)
-            if a.size and not (0 <= int(a.min()) and int(a.max()) < MAX_VOCAB):
-                raise ShardFormatError(f"shard {where}: {name} of sample {s.sample_id} lie outside [0, {MAX_VOCAB})")
-    return samples

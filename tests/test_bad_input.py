@@ -185,6 +185,13 @@ def damage(label_set: str, tmp_path: Path, how: str) -> str:
                 s.topk_ids, s.topk_logprobs = s.topk_ids[:, :4], s.topk_logprobs[:, :4]
             return table_to_parquet_bytes(encode_samples(rows, 4, Encoding("fp16")))
         _rewrite_shard(d, m, four)
+    elif how == "ids-beyond-the-student":  # a valid shard whose top-k names an id the tokenizer does not have
+        def beyond(t):
+            rows = list(decode_table(t))
+            rows[0].topk_ids = rows[0].topk_ids.copy()
+            rows[0].topk_ids[0, -1] = m["tokenizer"]["vocab_size"] + 5
+            return table_to_parquet_bytes(encode_samples(rows, m["top_k"], Encoding("fp16")))
+        _rewrite_shard(d, m, beyond)
     elif how == "shard-array-cut-short":  # one row's input ids a position short of its labels, sha256 matching
         def cut(t):
             import pyarrow as pa
@@ -232,6 +239,7 @@ TRAINER_SET_CASES = [
     ("tokenizer-auto-map", "auto_map"),
     ("shard-with-another-k", "holds top_k=4, the manifest says 8"),
     ("shard-array-cut-short", "label columns hold 1006/1006/1006 positions"),
+    ("ids-beyond-the-student", "is beyond the student's"),
     ("footer-claims-a-huge-vocabulary", "declares a vocabulary of 1000000000"),
 ]
 

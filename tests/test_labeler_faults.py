@@ -63,6 +63,15 @@ def start(teacher: str, url: str, **env: str) -> subprocess.Popen:
     )
 
 
+def wait_for_commits(proc: subprocess.Popen, url: str, n: int, before: str) -> None:
+    """Until the running labeler ``proc`` has committed ``n`` units (it must not end first)."""
+    deadline = time.time() + 300
+    while len(markers(url)) < n:
+        assert proc.poll() is None, f"the run ended before {before}:\n{proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "no commits appeared in time"
+        time.sleep(0.02)
+
+
 def summary_of(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
@@ -171,11 +180,7 @@ def test_sigterm_mid_run_ends_cleanly_then_resume_is_byte_identical(reference, t
     """What Kubernetes sends on preemption: exit 143, no Ray stack dump, Ray's processes gone, the claim released."""
     url = str(tmp_path / "preempted")
     proc = start(tiny_teacher, url)
-    deadline = time.time() + 300
-    while len(markers(url)) < 2:
-        assert proc.poll() is None, f"the run ended before the signal:\n{proc.stderr.read()[-3000:]}"
-        assert time.time() < deadline, "no commits appeared in time"
-        time.sleep(0.05)
+    wait_for_commits(proc, url, 2, "the signal")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
@@ -200,11 +205,7 @@ def test_a_teacher_replica_sigkilled_mid_unit_is_restarted_and_its_unit_retried(
 def test_s3_server_down_for_seconds_mid_run_is_ridden_out(reference, tiny_teacher, seaweed, s3_server):
     url = f"{s3_server}/outage-{uuid.uuid4().hex[:8]}"
     proc = start(tiny_teacher, url)
-    deadline = time.time() + 300
-    while len(markers(url)) < 2:
-        assert proc.poll() is None, f"the run ended before the outage:\n{proc.stderr.read()[-3000:]}"
-        assert time.time() < deadline, "no commits appeared in time"
-        time.sleep(0.02)
+    wait_for_commits(proc, url, 2, "the outage")
     seaweed.stop()
     time.sleep(3)
     assert proc.poll() is None, "the run ended while the server was down"

@@ -147,10 +147,11 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
     from softlabels.trainer.data import LabelDataset
     from softlabels.trainer.evaluate import evaluate
-    from softlabels.trainer.student import build_student
+    from softlabels.trainer.student import build_student, embedding_rows
 
     ds = LabelDataset(args.labels, parse_storage_options(args.storage_option), args.split, args.eval_fraction, shuffle=False)
     model, _ = build_student(args.model, ds.labels, args.seed, trust_remote_code=args.trust_remote_code)
+    ds.max_id = embedding_rows(model)
     model.to(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     result = evaluate(model, ds, args.batch_size, args.max_batches, args.head_chunk)
     print(json.dumps({"model": args.model, "labels": args.labels, "split": args.split, **result}))

@@ -91,7 +91,7 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
     from softlabels.trainer.data import LabelDataset
     from softlabels.trainer.evaluate import evaluate
     from softlabels.trainer.export import OnnxCausalLM, is_export_dir, weights_bytes
-    from softlabels.trainer.student import build_student, check_tokenizer, load_label_tokenizer
+    from softlabels.trainer.student import build_student, check_tokenizer, embedding_rows, load_label_tokenizer
 
     torch.set_num_threads(opts["threads"])
     labels = open_label_set(opts["labels"], opts["storage_options"])
@@ -132,6 +132,8 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
     if opts.get("speed_only"):
         return row
     ds = LabelDataset(labels, split="eval", eval_fraction=opts["eval_fraction"], shuffle=False)
+    if not isinstance(model, OnnxCausalLM):
+        ds.max_id = embedding_rows(model)
     with torch.inference_mode():
         row.update(evaluate(model, ds, opts["batch_size"], opts["eval_batches"]))
     if isinstance(model, OnnxCausalLM):

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 from softlabels.schemas import LabelSet, Sample, open_label_set
-from softlabels.schemas.errors import ShardChecksumError, UserError
+from softlabels.schemas.errors import ShardChecksumError, ShardFormatError, UserError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ class LabelDataset(IterableDataset):
         self.resume: dict[int, tuple[int, int, int]] = {}  # slot -> (epoch, window, offset) to start at
         self.rotation = 0  # DataLoader worker 0 serves this rank's slot `rotation` (the one due next)
         self.corrupt_skipped = 0
+        self.max_id: int | None = None  # the student's embedding rows: every stored id must be below it
 
     @property
     def manifest(self):
@@ -145,6 +146,11 @@ class LabelDataset(IterableDataset):
             self.corrupt_skipped += 1
             log.warning("skipping corrupt shard (%s)", e)
             return []
+        if self.max_id is not None and samples:
+            top = max(max(int(s.topk_ids.max(initial=0)), int(s.input_ids.max(initial=0))) for s in samples)
+            if top >= self.max_id:
+                raise ShardFormatError(f"shard {self.labels.url}/{shard.path}: token id {top} is beyond the "
+                                       f"student's {self.max_id} embeddings")
         return [s for s in samples if self._keep(s)]
 
     def _shards_of(self, slot: int, slots: int, epoch: int) -> list[int]:

@@ -22,7 +22,7 @@ from softlabels.trainer.config import CHANGEABLE, TrainConfig
 from softlabels.trainer.data import LabelDataset, StatefulLoader
 from softlabels.trainer.evaluate import _move, evaluate
 from softlabels.trainer.losses import chunked_loss
-from softlabels.trainer.student import build_student
+from softlabels.trainer.student import build_student, embedding_rows
 from torch.nn.parallel import DistributedDataParallel
 
 from softlabels.common.crash import crash_point
@@ -102,6 +102,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model, tokenizer = build_student(cfg.student, train_ds.labels, cfg.seed, allow_vocab_mismatch=cfg.allow_vocab_mismatch,
                                      trust_remote_code=cfg.trust_remote_code)
     model.to(device)
+    train_ds.max_id = eval_ds.max_id = embedding_rows(model)  # a stored id the student has no row for: one line
     n_params = sum(p.numel() for p in model.parameters())
     if rank == 0:
         log.info("student %s: %.1fM parameters on %s%s", cfg.student, n_params / 1e6, device,

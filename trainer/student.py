@@ -128,10 +128,15 @@ def build_student(
         model = AutoModelForCausalLM.from_pretrained(
             spec, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
         )
-    rows = min(model.get_input_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0])
+    rows = embedding_rows(model)
     if rows < vocab:
         raise UserError(
             f"student {spec} has {rows} embeddings, fewer than the label set's vocabulary of {vocab}: "
             "its ids do not all fit"
         )
     return model, tokenizer
+
+
+def embedding_rows(model: Any) -> int:
+    """How many token ids a student can take in and score (the smaller of its two embedding matrices)."""
+    return min(model.get_input_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0])
