@@ -133,7 +133,7 @@ echo "== manifest check: $OUTPUT"
 # The manifest is there (the set is published) and every shard it lists matches its size and sha256.
 "$PY" - "$OUTPUT" <<'PY'
 import sys
-import schemas
+import softlabels.schemas as schemas
 
 ls = schemas.open_label_set(sys.argv[1])
 for shard in ls.manifest.shards:

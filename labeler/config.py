@@ -68,8 +68,10 @@ class LabelConfig:
         if not isinstance(self.encoding, str):
             raise UserError(f"encoding must be a string such as 'compact', got {self.encoding!r}")
         Encoding.parse(self.encoding)  # an unknown name or parameter fails here, before any work
-        if not self.temperature > 0:
-            raise UserError(f"temperature must be > 0, got {self.temperature!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t < float("inf")):
+            raise UserError(f"temperature must be a finite number > 0, got {t!r}")
+        object.__setattr__(self, "temperature", float(t))  # YAML may give 1
         if self.batch_tokens < self.max_length:
             raise UserError(
                 f"batch_tokens ({self.batch_tokens}) must be >= max_length ({self.max_length}) "

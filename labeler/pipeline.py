@@ -40,7 +40,7 @@ from softlabels.labeler.plan import Unit, build_sequences, iter_units, read_and_
 from softlabels.labeler.progress import Progress
 from softlabels.labeler.teacher import TeacherSource
 from softlabels.schemas import SequenceConfig, ShardInfo
-from softlabels.schemas.errors import UserError
+from softlabels.schemas.errors import StorageError, UserError
 
 from softlabels.common.commit import Commit, OutputError
 from softlabels.common.crash import crash_point
@@ -200,7 +200,7 @@ class Pipeline:
             try:
                 docs, stats = ray.get(ref)
             except ray.exceptions.RayTaskError as e:
-                raise e.cause if isinstance(e.cause, UserError) else e  # a bug keeps the worker's traceback
+                raise _unwrapped(e)
             self.totals.add(stats)
             for row in stats.skipped:
                 skipped += 1
@@ -368,11 +368,20 @@ def _get(ray: Any, ref: Any, name: str) -> Any:
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, UserError):
-            raise e.cause from None
-        raise
+        raise _unwrapped(e) from None
     except ray.exceptions.RayActorError as e:
         raise JobFailed(f"unit {name}: its teacher replica died past its restarts ({_first_line(e)})") from e
+
+
+def _unwrapped(e: Any) -> BaseException:
+    """A worker's error as the driver should raise it: a user error or a storage fault as itself (one
+    line: a file removed mid-run, a bucket gone), a bug as the RayTaskError with the worker's traceback."""
+    cause = e.cause
+    if isinstance(cause, UserError):
+        return cause
+    if isinstance(cause, OSError):
+        return StorageError(f"{_first_line(cause)} (in a Ray worker)")
+    return e
 
 
 def _first_line(e: BaseException) -> str:

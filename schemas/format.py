@@ -280,10 +280,13 @@ def decode_shard(data: bytes, top_k: int, where: str, rows: int | None = None, t
         draws = flat["tail_sample_ids"].shape[1] if "tail_sample_ids" in flat else 0
         if tail_samples is not None and draws != tail_samples:
             raise ShardFormatError(f"holds {draws} tail samples per position, the manifest says {tail_samples}")
-        for name in ("input_ids", "topk_ids"):  # whole columns at once: this runs for every shard read
-            a = flat[name]
-            if a.size and not (0 <= int(a.min()) and int(a.max()) < MAX_VOCAB):
+        for name in ("input_ids", "topk_ids", "tail_sample_ids"):  # whole columns: this runs for every shard read
+            a = flat.get(name)
+            if a is not None and a.size and not (0 <= int(a.min()) and int(a.max()) < MAX_VOCAB):
                 raise ShardFormatError(f"{name} lie outside [0, {MAX_VOCAB})")
+        ids = table.column("sample_id")
+        if ids.null_count or not pc.all(pc.match_substring_regex(ids, "^[0-9a-f]{16,64}$")).as_py():
+            raise ShardFormatError("a sample_id is not a hex content address")
         return list(_samples(table, lengths, flat))
     except LabelSetError as e:
         raise type(e)(f"shard {where}: {e}") from e

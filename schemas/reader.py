@@ -10,7 +10,20 @@ from softlabels.schemas.errors import LabelSetError, MissingManifestError, Shard
 from softlabels.schemas.fingerprint import sha256_bytes
 from softlabels.schemas.format import Sample, decode_shard
 from softlabels.schemas.manifest import MANIFEST_NAME, Manifest, ShardInfo, max_manifest_bytes
-from softlabels.schemas.storage import join_url, resolve_url, retry_io
+from softlabels.schemas.storage import is_local, join_url, resolve_url, retry_io
+
+
+MAX_TOKENIZER_BYTES = 256 * 2**20  # all tokenizer files together (a 256k vocabulary's are ~30 MB)
+
+
+def _check_no_links(fs: Any, root: str, path: str, where: str) -> None:
+    """On a local disk, refuse a path that leads outside the set through a symbolic link."""
+    if not is_local(fs):
+        return  # object stores have no links
+    real_root = os.path.realpath(fs._strip_protocol(root))
+    real = os.path.realpath(fs._strip_protocol(path))
+    if real != real_root and not real.startswith(real_root + os.sep):
+        raise LabelSetError(f"{where} leads outside the label set (a symbolic link to {real}); refused")
 
 
 class LabelSet:
@@ -62,7 +75,9 @@ class LabelSet:
         """
         where = join_url(self.url, shard.path)
         try:
-            data = retry_io(lambda: self.fs.cat_file(join_url(self.root, shard.path)), f"read {where}")
+            # One byte past the recorded size at most: an object larger than the manifest says is refused, not read.
+            data = retry_io(lambda: self.fs.cat_file(join_url(self.root, shard.path), start=0, end=shard.bytes + 1),
+                            f"read {where}")
         except FileNotFoundError as e:
             raise LabelSetError(f"shard {where} is listed in the manifest but missing") from e
         if verify:
@@ -87,18 +102,28 @@ class LabelSet:
         if not tok.files:
             raise LabelSetError(f"label set {self.url} carries no tokenizer files")
         folder = join_url(self.root, tok.files)
+        _check_no_links(self.fs, self.root, folder, join_url(self.url, tok.files))
         if tok.checksums is None:
-            paths = retry_io(lambda: self.fs.ls(folder, detail=False), f"list {join_url(self.url, tok.files)}")
-            names = sorted(p.rsplit("/", 1)[-1] for p in paths)
+            try:
+                entries = retry_io(lambda: self.fs.ls(folder, detail=True), f"list {join_url(self.url, tok.files)}")
+            except FileNotFoundError as e:
+                raise LabelSetError(f"label set {self.url}: its tokenizer folder {tok.files!r} is missing") from e
+            names = sorted(e["name"].rsplit("/", 1)[-1] for e in entries if e.get("type") != "directory")
         else:
             names = sorted(tok.checksums)
-        out = {}
+        out: dict[str, bytes] = {}
         for name in names:
             where = join_url(self.url, tok.files, name)
+            _check_no_links(self.fs, self.root, join_url(folder, name), where)
+            left = MAX_TOKENIZER_BYTES - sum(len(d) for d in out.values())
             try:
-                data = retry_io(lambda n=name: self.fs.cat_file(join_url(folder, n)), f"read {where}")
-            except FileNotFoundError as e:
+                data = retry_io(lambda n=name: self.fs.cat_file(join_url(folder, n), start=0, end=left + 1),
+                                f"read {where}")
+            except (FileNotFoundError, IsADirectoryError) as e:
                 raise LabelSetError(f"tokenizer file {where} is listed in the manifest but missing") from e
+            if len(data) > left:
+                raise LabelSetError(f"label set {self.url}: its tokenizer files hold more than "
+                                    f"{MAX_TOKENIZER_BYTES // 2**20} MiB; refused")
             if tok.checksums is not None and sha256_bytes(data) != tok.checksums[name]:
                 raise ShardChecksumError(f"tokenizer file {where}: sha256 {sha256_bytes(data)} does not match the "
                                          f"manifest's {tok.checksums[name]}")

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import posixpath
 import sys
 import time
@@ -28,13 +29,24 @@ from typing import Any
 from softlabels import __version__
 from softlabels.common.cli import debug_flag, parse_storage_options
 from softlabels.common.commit import LabelSetWriter
-from softlabels.schemas import Encoding, LabelSet, Manifest, ShardInfo, Totals, open_label_set
+from softlabels.schemas import (
+    Encoding,
+    LabelSet,
+    Manifest,
+    ShardInfo,
+    TokenizerInfo,
+    Totals,
+    join_url,
+    open_label_set,
+    retry_io,
+)
 from softlabels.schemas.errors import UserError
 from softlabels.schemas.format import (
     SCHEMA_VERSION,
     encode_samples,
     table_to_parquet_bytes,
 )
+from softlabels.schemas.storage import is_local, resolve_url
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +67,18 @@ class ConvertSummary:
     wall_s: float
 
 
+def _refuse_overlap(ls: LabelSet, output: str, storage_options: Mapping[str, Any] | None) -> None:
+    """The output must be neither the source, nor inside it, nor around it (``--overwrite`` would delete it)."""
+    fs, root = resolve_url(output, storage_options)
+    if type(fs) is not type(ls.fs):
+        return
+    a, b = ls.root.rstrip("/"), root.rstrip("/")
+    if is_local(fs):
+        a, b = os.path.realpath(fs._strip_protocol(a)), os.path.realpath(fs._strip_protocol(b))
+    if a == b or b.startswith(a + "/") or a.startswith(b + "/"):
+        raise UserError(f"--output {output} overlaps the source {ls.url}; convert into a separate location")
+
+
 def convert_shard(ls: LabelSet, shard: ShardInfo, encoding: Encoding) -> bytes:
     """Read (verified against the manifest), decode and re-encode one shard; deterministic.
 
@@ -66,11 +90,17 @@ def convert_shard(ls: LabelSet, shard: ShardInfo, encoding: Encoding) -> bytes:
     return table_to_parquet_bytes(encode_samples(samples, ls.manifest.top_k, encoding, vocab))
 
 
-def _copy_tokenizer(ls: LabelSet, writer: LabelSetWriter) -> dict[str, str] | None:
-    """Copy the source's tokenizer files (each checked against its manifest); returns their sha256."""
-    if not ls.manifest.tokenizer.files:
-        return None
-    return writer.write_files(ls.manifest.tokenizer.files, ls.tokenizer_files())
+def _copy_tokenizer(ls: LabelSet, writer: LabelSetWriter) -> TokenizerInfo:
+    """Copy the source's tokenizer files (each checked against its manifest); returns the new tokenizer record."""
+    tok = ls.manifest.tokenizer
+    if tok.files and tok.checksums is None and not retry_io(lambda: ls.fs.exists(join_url(ls.root, tok.files)),
+                                                            f"stat {ls.url}/{tok.files}"):
+        log.warning("source %s names tokenizer folder %r but has none (an early set); the copy carries none",
+                    ls.url, tok.files)
+        return dataclasses.replace(tok, files=None, checksums=None)
+    if not tok.files:
+        return tok
+    return dataclasses.replace(tok, checksums=writer.write_files(tok.files, ls.tokenizer_files()))
 
 
 def convert(
@@ -92,9 +122,8 @@ def convert(
     enc = Encoding.parse(encoding)
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
-    if source.rstrip("/") == output.rstrip("/"):
-        raise UserError(f"--output {output} is the source itself; convert into a new location")
     ls = open_label_set(source, storage_options)
+    _refuse_overlap(ls, output, storage_options)
     origin = {
         "url": ls.url,
         "manifest_sha256": ls.manifest_sha256,
@@ -114,7 +143,7 @@ def convert(
             return ConvertSummary(ls.url, output, enc.name, "already complete", len(m.shards), len(m.shards),
                                   ls.manifest.totals.bytes, m.totals.bytes, time.time() - t0)
         done = writer.committed() if status == "resume" else {}
-        tokenizer = dataclasses.replace(ls.manifest.tokenizer, checksums=_copy_tokenizer(ls, writer))
+        tokenizer = _copy_tokenizer(ls, writer)
 
         out: dict[int, ShardInfo] = {}
         resumed = 0

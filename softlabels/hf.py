@@ -20,6 +20,7 @@ streams shard by shard and splits shards over DataLoader workers.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -81,5 +82,7 @@ def to_hf_dataset(
     if streaming:
         return datasets.IterableDataset.from_generator(_rows, features=feats, gen_kwargs=gen_kwargs)
     # The cache key: what the set holds (its manifest), never the storage options (they may hold secrets).
-    return datasets.Dataset.from_generator(_rows, features=feats, gen_kwargs=gen_kwargs, cache_dir=cache_dir,
-                                           fingerprint="softlabels-" + ls.manifest_sha256[:32])
+    key = {"fingerprint": "softlabels-" + ls.manifest_sha256[:32]}
+    if "fingerprint" not in inspect.signature(datasets.Dataset.from_generator).parameters:
+        key = {}  # older datasets hash the generator's arguments instead
+    return datasets.Dataset.from_generator(_rows, features=feats, gen_kwargs=gen_kwargs, cache_dir=cache_dir, **key)

@@ -192,6 +192,26 @@ def damage(label_set: str, tmp_path: Path, how: str) -> str:
             rows[0].topk_ids[0, -1] = m["tokenizer"]["vocab_size"] + 5
             return table_to_parquet_bytes(encode_samples(rows, m["top_k"], Encoding("fp16")))
         _rewrite_shard(d, m, beyond)
+    elif how == "tail-sample-id-negative":  # tail draws naming id -7, everything else consistent
+        def draws(t):
+            import numpy as np
+
+            rows = list(decode_table(t))
+            for s in rows:
+                s.tail_sample_ids = np.full((len(s.input_ids), 2), -7, dtype=np.int32)
+                s.tail_sample_counts = np.ones((len(s.input_ids), 2), dtype=np.uint8)
+            return table_to_parquet_bytes(encode_samples(rows, m["top_k"], Encoding("fp16")))
+        _rewrite_shard(d, m, draws)
+        m["tail_samples"] = 2
+    elif how == "sample-id-not-hex":
+        def not_hex(t):
+            import pyarrow as pa
+
+            ids = t.column("sample_id").to_pylist()
+            ids[0] = "../../etc/passwd"
+            fixed = t.set_column(0, "sample_id", pa.array(ids, pa.string()))
+            return table_to_parquet_bytes(fixed.replace_schema_metadata(t.schema.metadata))
+        _rewrite_shard(d, m, not_hex)
     elif how == "shard-array-cut-short":  # one row's input ids a position short of its labels, sha256 matching
         def cut(t):
             import pyarrow as pa
@@ -240,6 +260,8 @@ TRAINER_SET_CASES = [
     ("shard-with-another-k", "holds top_k=4, the manifest says 8"),
     ("shard-array-cut-short", "label columns hold 1006/1006/1006 positions"),
     ("ids-beyond-the-student", "is beyond the student's"),
+    ("tail-sample-id-negative", "tail_sample_ids lie outside [0, 4194304)"),
+    ("sample-id-not-hex", "a sample_id is not a hex content address"),
     ("footer-claims-a-huge-vocabulary", "declares a vocabulary of 1000000000"),
 ]
 

@@ -62,6 +62,20 @@ def test_compact_to_fp16_to_compact_keeps_the_labels_within_each_encodings_error
         assert Path(back, "tokenizer", f.name).read_bytes() == f.read_bytes()
 
 
+@pytest.mark.parametrize("fixture", ["v1-set", "v2-sets/compact", "v2-sets/packed-q8"])
+def test_sets_of_earlier_versions_convert(fixture, tmp_path):
+    """A v1 or v2 set (written by the old writers) becomes a v3 set holding the same labels."""
+    src = str(Path(__file__).parent / "fixtures" / fixture)
+    out = str(tmp_path / "v3")
+    convert(src, out, "fp16")
+    new = open_label_set(out)
+    assert new.manifest.schema_version == 3 and new.manifest.converted_from["url"] == src
+    assert new.manifest.tokenizer.files is None  # the fixtures carry no tokenizer folder
+    for x, y in zip(samples(src), samples(out)):
+        np.testing.assert_array_equal(x.topk_ids, y.topk_ids)
+        np.testing.assert_array_equal(y.topk_logprobs, x.topk_logprobs.astype(np.float16).astype(np.float32))
+
+
 def test_to_hf_dataset_gives_the_decoded_columns(label_set, tmp_path):
     want = samples(label_set)
     ds = softlabels.to_hf_dataset(label_set, cache_dir=str(tmp_path / "hf"))
@@ -87,7 +101,7 @@ def run_convert(src: str, out: str, **env: str) -> subprocess.CompletedProcess:
 def listing(url: str) -> dict[str, bytes]:
     fs, root = resolve_url(url)
     fs.invalidate_cache()
-    return {p[len(root):]: fs.cat_file(p) for p in fs.find(root)}
+    return {p[len(root):]: fs.cat_file(p) for p in fs.find(root) if "/_claim/" not in p}  # who, when: not the set
 
 
 @pytest.mark.parametrize("point,where", [("convert.shard-written@2", "local"), ("publish:manifest.json@1", "s3")])
@@ -114,8 +128,10 @@ def test_a_killed_convert_resumes_byte_identically(label_set, tmp_path, s3_serve
 
 
 def test_convert_refusals_are_one_line(label_set, tmp_path):
-    code, _, err = cli_in_process("convert", label_set, "--output", label_set)
-    assert_one_line_error(code, err, "convert", "is the source itself")
+    for output in (label_set, label_set + "/../set", f"{label_set}/converted", str(Path(label_set).parent)):
+        code, _, err = cli_in_process("convert", label_set, "--output", output, "--overwrite")
+        assert_one_line_error(code, err, "convert", "overlaps the source")
+    assert open_label_set(label_set).manifest.totals.sequences > 0  # the source is untouched
     code, _, err = cli_in_process("convert", label_set, "--output", str(tmp_path / "x"), "--encoding", "zip")
     assert_one_line_error(code, err, "convert", "unknown encoding 'zip'")
     code, _, err = cli_in_process("convert", str(tmp_path / "none"), "--output", str(tmp_path / "x"))

@@ -28,7 +28,7 @@ def test_a_claim_is_exclusive_until_released_or_expired(storage_root):
     assert [r._create(9, r.holder) for r in racers] == [True, False]
     assert racers[0].read(9).run_id == "racer-0"
     racers[0].gen = 9
-    racers[0].release()
+    racers[0].release(forget=True)
 
     a = claim(storage_root)
     a.acquire()
@@ -39,7 +39,8 @@ def test_a_claim_is_exclusive_until_released_or_expired(storage_root):
     a.release()
     b.acquire()  # free again
     b.release()
-    assert claim(storage_root).current() is None
+    gen, holder = claim(storage_root).current()
+    assert holder.released and holder.command == "softlabels convert" and "(released)" in holder.describe()
 
     # A claim another host left behind: live until it expires, then taken over.
     fs, root = resolve_url(storage_root)
@@ -53,12 +54,35 @@ def test_a_claim_is_exclusive_until_released_or_expired(storage_root):
     c = claim(storage_root)
     c.acquire()
     assert c.gen == 4 and [g for g in c.generations()] == [4]  # the dead claim is gone
-    # --take-over of a live claim: the old holder finds out before its next write.
+    # --take-over of a live claim: the old holder finds out before its next write ...
     d = claim(storage_root)
     d.acquire(take_over=True)
     with pytest.raises(ClaimLost, match="took it over"):
         c.check()
     d.release()
+    # ... and a later run's claim is safe from it: generations are never reused, so the stale
+    # holder's release finds nothing of its own to release.
+    e = claim(storage_root)
+    e.acquire()
+    c.lost = None  # as if its heartbeat had not noticed yet
+    c.release()
+    e.check()
+    assert e.gen == 6 and e.read(6).run_id == e.holder.run_id and not e.read(6).released
+    e.release()
+    # A live-looking claim of this machine whose process is gone, or whose pid now belongs to
+    # another process (a restarted container runs as the same pid): taken over at once.
+    here = claim(storage_root)
+    here.acquire()
+    here._stop.set()  # no heartbeat: this test plays the holder's part below
+    gen, me = here.gen, here.holder
+    for pid, start in ((me.pid, me.pid_start + 1), (2**22 + 7, me.pid_start)):
+        fs.pipe_file(f"{root}/{_gen_name(gen)}",
+                     json.dumps({**me.__dict__, "pid": pid, "pid_start": start, "expires_at": time.time() + 60}).encode())
+        nxt = claim(storage_root)
+        nxt.acquire()
+        assert nxt.gen == gen + 1
+        gen = nxt.gen
+        nxt._stop.set()
 
 
 def test_two_labelers_on_one_output_exactly_one_proceeds(tiny_teacher, storage_root):
@@ -83,7 +107,8 @@ def test_two_labelers_on_one_output_exactly_one_proceeds(tiny_teacher, storage_r
     assert first.returncode == 0, err[-3000:]
     ls = open_label_set(storage_root)
     assert ls.manifest.top_k == 8 and sum(len(ls.read_shard(s)) for s in ls.shards) == ls.manifest.totals.sequences
-    assert not fs.exists(f"{root}/_claim/{_gen_name(0).split('/')[-1]}")  # released when done
+    gen, holder = claim(storage_root).current()
+    assert holder.released and holder.pid == first.pid  # released when done
 
 
 def test_overwrite_deletes_only_label_sets(tiny_teacher, tmp_path, label_set):

@@ -11,6 +11,7 @@ import sys
 from dataclasses import fields
 
 from softlabels.common.cli import debug_flag, given_flags, parse_storage_options, require_extra
+from softlabels.schemas.errors import UserError
 
 BOOL = argparse.BooleanOptionalAction
 S = argparse.SUPPRESS
@@ -144,6 +145,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     require_extra("trainer", "torch", "transformers")
+    for name, value in (("--batch-size", args.batch_size), ("--head-chunk", args.head_chunk),
+                        ("--max-batches", args.max_batches)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
     import torch
     from softlabels.trainer.data import LabelDataset
     from softlabels.trainer.evaluate import evaluate

@@ -144,9 +144,11 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
 def _measure_in_child(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "softlabels.trainer.compare", json.dumps({"spec": spec, "opts": opts})],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
+    if proc.returncode == 2:  # the child's run_main: a user error, already one line
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        raise UserError(f"model {spec}: {lines[-1] if lines else f'measurement failed (exit {proc.returncode})'}")
+        raise UserError(f"model {spec}: {lines[-1] if lines else 'refused'}")
+    if proc.returncode != 0:  # a bug or a crash (e.g. killed for memory): keep what it printed
+        raise RuntimeError(f"measuring model {spec} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -177,6 +179,11 @@ def compare(
 
     if not models:
         raise UserError("--models needs at least one model")
+    for name, value in (("--batch-size", batch_size), ("--prompt-rows", rows), ("--prompt-length", length)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if eval_batches is not None and eval_batches < 1:
+        raise UserError(f"--eval-batches must be at least 1, got {eval_batches}")
     if rounds < 1:
         raise UserError(f"--rounds must be at least 1, got {rounds}")
     names = list(names or [])

@@ -13,7 +13,8 @@ generation is the owner.
 * The owner checks that it still holds the highest generation before it commits a
   unit and before it publishes the manifest: a run that lost its claim (paused past
   its expiry, taken over) stops instead of mixing its writes with the new owner's.
-* On success the claim is released (its files deleted).
+* When the run ends the claim is marked released; the record stays, so generation
+  numbers only grow and a stale run can never take a later claim for its own.
 
 Stores without conditional writes (fsspec backends other than local disk and S3)
 fall back to write-then-read-back, which narrows the race without closing it.
@@ -21,6 +22,7 @@ fall back to write-then-read-back, which narrows the race without closing it.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -32,7 +34,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from softlabels.schemas.errors import UserError
+from softlabels.schemas.errors import StorageAccessDenied, UserError
 from softlabels.schemas.storage import is_local, join_url, retry_io
 
 log = logging.getLogger(__name__)
@@ -57,25 +59,54 @@ class Holder:
     pid: int
     started_at: str  # ISO 8601 UTC
     command: str
-    expires_at: float  # epoch seconds
+    expires_at: float  # epoch seconds; 0: released (the record stays, so generations are never reused)
+    boot_id: str = ""  # the kernel's boot id and the pid namespace: a pid means something only where both match
+    pidns: int = 0
+    pid_start: int = 0  # the process's start time (clock ticks since boot): tells a reused pid from the holder
+
+    @property
+    def released(self) -> bool:
+        return self.expires_at == 0
 
     def describe(self) -> str:
         left = self.expires_at - time.time()
-        state = f"expires in {left:.0f} s unless renewed" if left > 0 else f"expired {-left:.0f} s ago"
+        state = ("released" if self.released else f"expires in {left:.0f} s unless renewed" if left > 0
+                 else f"expired {-left:.0f} s ago")
         return f"{self.command} on host {self.host}, pid {self.pid}, started {self.started_at} ({state})"
 
 
-def _dead(holder: Holder) -> bool:
-    """True if the holder ran on this host and its process is gone (a crashed run: no need to wait)."""
-    if holder.host != socket.gethostname() or holder.pid <= 0:
-        return False
+def _machine() -> tuple[str, int]:
+    """``(boot id, pid namespace inode)`` of this process: where its pids can be checked."""
     try:
-        os.kill(holder.pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, under another user
-    return False
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()
+        return boot, os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return "", 0
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _dead(holder: Holder) -> bool:
+    """True if the holder's process is known to be gone: a crashed run's rerun need not wait for expiry.
+
+    Only where pids are comparable: same host, same boot, same pid namespace. A process with
+    the holder's pid that started at another time is not the holder (a restarted container
+    runs as the same pid 1).
+    """
+    boot, pidns = _machine()
+    if holder.host != socket.gethostname() or not boot or (holder.boot_id, holder.pidns) != (boot, pidns):
+        return False
+    if holder.pid <= 0 or not holder.pid_start:
+        return False
+    return _start_ticks(holder.pid) != holder.pid_start
 
 
 def _gen_name(gen: int) -> str:
@@ -120,73 +151,106 @@ class OutputClaim:
         return sorted(out)
 
     def read(self, gen: int) -> Holder | None:
+        path = self._path(_gen_name(gen))
         try:
-            raw = retry_io(lambda: self.fs.cat_file(self._path(_gen_name(gen))), f"read {self.url}/{_gen_name(gen)}")
+            raw = retry_io(lambda: self.fs.cat_file(path), f"read {self.url}/{_gen_name(gen)}")
             return Holder(**json.loads(raw))
         except FileNotFoundError:
             return None
-        except (ValueError, TypeError):  # half-written on a store without atomic writes: treat as live, fresh
-            return Holder("?", "?", 0, "?", "unknown run", time.time() + self.ttl)
+        except (ValueError, TypeError):
+            # Half-written (a store without atomic writes) or not ours: live for a TTL from when it was written.
+            try:
+                info = self.fs.info(path)
+                mtime = info.get("mtime") or info.get("LastModified")
+                written = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime)
+            except (OSError, TypeError, ValueError):
+                written = time.time()
+            return Holder("?", "?", 0, "?", "an unreadable claim", written + self.ttl)
 
     def current(self) -> tuple[int, Holder | None] | None:
         gens = self.generations()
         return (gens[-1], self.read(gens[-1])) if gens else None
 
     # -- writing -----------------------------------------------------------------------
-    def _record(self) -> Holder:
+    def _record(self, expires_at: float | None = None) -> Holder:
         assert self.holder is not None
-        return Holder(**{**asdict(self.holder), "expires_at": time.time() + self.ttl})
+        return Holder(**{**asdict(self.holder), "expires_at": time.time() + self.ttl if expires_at is None else expires_at})
 
     def _create(self, gen: int, holder: Holder) -> bool:
-        """Write ``gen`` only if nobody has: True if this run created it."""
+        """Write ``gen`` only if nobody has: True if this run created it.
+
+        Raises:
+            StorageAccessDenied: the store refused the credentials (not "another run").
+        """
         data = json.dumps(asdict(holder), indent=1).encode()
         path = self._path(_gen_name(gen))
-        if is_local(self.fs):
-            local = self.fs._strip_protocol(path)
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            tmp = f"{local}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            try:
-                os.link(tmp, local)  # atomic, and fails if the name exists: a whole file or none
-                return True
-            except FileExistsError:
+        where = f"claim {self.url}/{_gen_name(gen)}"
+        try:
+            if is_local(self.fs):
+                return self._create_local(self.fs._strip_protocol(path), data)
+            protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+            if {"s3", "s3a"} & set(protocols):
+                try:
+                    self.fs.pipe_file(path, data, mode="create")  # If-None-Match: *; not retried: a refusal is the answer
+                except PermissionError:
+                    raise
+                except OSError:
+                    pass  # s3fs reports a failed conditional write as OSError (EINVAL): decided by reading back
+            elif retry_io(lambda: self.fs.exists(path), f"stat {self.url}/{_gen_name(gen)}"):
                 return False
-            finally:
-                os.unlink(tmp)
-        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
-        if {"s3", "s3a"} & set(protocols):
-            try:
-                self.fs.pipe_file(path, data, mode="create")  # not retried: a refusal is the answer
-                return True
-            except OSError:
-                # s3fs reports a failed conditional write as OSError (EINVAL) or a retried error:
-                # whether it was ours is decided by reading it back.
-                self.fs.invalidate_cache()
-                got = self.read(gen)
-                return got is not None and got.run_id == holder.run_id
-        if retry_io(lambda: self.fs.exists(path), f"stat {self.url}/{_gen_name(gen)}"):
-            return False
-        retry_io(lambda: self.fs.pipe_file(path, data), f"claim {self.url}")
+            else:
+                retry_io(lambda: self.fs.pipe_file(path, data), where)
+        except PermissionError as e:
+            raise StorageAccessDenied(f"{where}: access denied ({e}); check credentials") from e
+        # Always read back: a store that ignored the condition let the last writer win.
+        self.fs.invalidate_cache()
         got = self.read(gen)
         return got is not None and got.run_id == holder.run_id
 
+    @staticmethod
+    def _create_local(local: str, data: bytes) -> bool:
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        tmp = f"{local}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        try:
+            os.link(tmp, local)  # atomic, and fails if the name exists: a whole file or none
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            # Filesystems without hard links (some FUSE and SMB mounts): exclusive create, then write.
+            try:
+                fd = os.open(local, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            return True
+        finally:
+            os.unlink(tmp)
+
     def acquire(self, take_over: bool = False) -> None:
         """Claim the output, or raise :class:`OutputClaimed` naming the live holder."""
+        boot, pidns = _machine()
         self.holder = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(),
-                             datetime.now(timezone.utc).replace(microsecond=0).isoformat(), self.command, 0.0)
+                             datetime.now(timezone.utc).replace(microsecond=0).isoformat(), self.command, 0.0,
+                             boot, pidns, _start_ticks(os.getpid()) or 0)
         for _ in range(5):
             cur = self.current()
             if cur is not None:
                 gen, holder = cur
-                if holder is not None and holder.expires_at > time.time() and not take_over and not _dead(holder):
+                live = holder is not None and holder.expires_at > time.time() and not _dead(holder)
+                if live and not take_over:
                     raise OutputClaimed(
                         f"output {self.url} is being written by another run: {holder.describe()}; wait for it, "
                         "or pass --take-over if that run is dead"
                     )
-                if holder is not None:
+                if holder is not None and not holder.released:
                     log.warning("taking over output %s from %s", self.url, holder.describe())
-                nxt = gen + 1
+                nxt = gen + 1  # generations only grow: the last one stays behind as a released record
             else:
                 nxt = 0
             if self._create(nxt, self._record()):
@@ -210,16 +274,20 @@ class OutputClaim:
                          + (f"; {newer.describe()} took it over" if newer else "") + "; stopped before writing more")
             raise ClaimLost(self.lost)
 
-    def _renew(self) -> None:
-        self.check()
-        data = json.dumps(asdict(self._record()), indent=1).encode()
+    def _write_own(self, holder: Holder, what: str) -> None:
+        data = json.dumps(asdict(holder), indent=1).encode()
         path = self._path(_gen_name(self.gen))
         if is_local(self.fs):
             from softlabels.common.files import write_whole
 
-            write_whole(self.fs, path, data, f"renew claim {self.url}")
+            write_whole(self.fs, path, data, f"{what} {self.url}")
         else:
-            retry_io(lambda: self.fs.pipe_file(path, data), f"renew claim {self.url}")
+            retry_io(lambda: self.fs.pipe_file(path, data), f"{what} {self.url}")
+
+    def _renew(self) -> None:
+        self.check()
+        if not self._stop.is_set():  # a release under way must not be undone by a late renewal
+            self._write_own(self._record(), "renew claim")
 
     def _start_heartbeat(self) -> None:
         def beat() -> None:
@@ -241,16 +309,21 @@ class OutputClaim:
         except FileNotFoundError:
             pass
 
-    def release(self) -> None:
-        """Stop the heartbeat and delete this run's claim (if it still holds it)."""
+    def release(self, forget: bool = False) -> None:
+        """Stop the heartbeat and mark this run's claim released, if it still holds it.
+
+        The released record stays (generation numbers are never reused, so a stale run can
+        never mistake a later claim for its own); ``forget`` deletes it instead, for a run
+        that leaves its output as it found it.
+        """
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join()  # an in-flight renewal finishes first (bounded by retry_io)
         if self.gen is not None and not self.lost:
-            self._delete(self.gen)
-            if is_local(self.fs):
-                try:
-                    os.rmdir(self.fs._strip_protocol(self._path(CLAIMS)))
-                except OSError:
-                    pass  # another claim landed in it meanwhile
+            held = self.read(self.gen)
+            if held is not None and held.run_id == self.holder.run_id:
+                if forget:
+                    self._delete(self.gen)
+                else:
+                    self._write_own(self._record(expires_at=0.0), "release claim")
         self.gen = None

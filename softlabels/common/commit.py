@@ -161,16 +161,24 @@ class LabelSetWriter:
         self.claim = OutputClaim(self.fs, self.root, self.url, f"softlabels {self.job}")
         self.claim.acquire(take_over)
 
-    def finish(self) -> None:
-        """Release the claim (after the manifest is published, or when the run ends otherwise)."""
+    def finish(self, forget: bool = False) -> None:
+        """Release the claim (after the manifest is published, or when the run ends otherwise).
+
+        A run that wrote nothing into a folder it created removes the folder again (its
+        released claim with it); ``forget`` removes the claim record in any case (a run that
+        leaves its output as it found it).
+        """
+        wrote_nothing = self._made_root and set(self._entries()) <= {CLAIMS}
         if self.claim is not None:
-            self.claim.release()
+            self.claim.release(forget=forget or wrote_nothing)
             self.claim = None
-        if self._made_root:  # a run refused or failed before writing anything leaves no empty folder
-            try:
-                os.rmdir(self.fs._strip_protocol(self.root))
-            except OSError:
-                pass  # not empty: it holds what the run wrote
+        if wrote_nothing:
+            local = self.fs._strip_protocol(self.root)
+            for folder in (os.path.join(local, CLAIMS), local):
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass  # not empty: someone wrote there meanwhile
 
     def owner(self) -> tuple[int, str] | None:
         """``(generation, run id)`` of this run's claim, for writers on other processes to check."""
@@ -184,9 +192,11 @@ class LabelSetWriter:
     def abandon(self) -> None:
         """Remove what a new run wrote (run record, tokenizer) when it ends with nothing labeled."""
         self.fs.invalidate_cache()
-        if not self.exists(COMMITS):  # units were committed: keep them for a resume
-            self._remove_label_set()
-        self.finish()  # and a folder this run created goes too
+        if self.exists(COMMITS):  # units were committed: keep them for a resume
+            self.finish()
+            return
+        self._remove_label_set()
+        self.finish(forget=True)  # the output is as it was (a folder this run created goes too)
 
     def _entries(self) -> list[str]:
         try:
