@@ -61,6 +61,11 @@ class LabelConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise UserError(f"{name} must be a positive integer, got {v!r}")
+        address = self.ray_address
+        if address and address != "auto" and "://" not in address:
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise UserError(f"--ray-address {address!r}: expected host:port, 'auto' or ray://host:port")
         if self.on_error not in ("fail", "skip"):
             raise UserError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
         if not isinstance(self.tail_samples, int) or isinstance(self.tail_samples, bool) or not 0 <= self.tail_samples <= 255:
