@@ -39,32 +39,41 @@ class TeacherActor:
         tail_samples: int = 0,
         gpus: int = 1,
     ) -> None:
-        import torch
-        from transformers.utils import logging as hf_logging
+        # Nothing heavy here: the driver learns the replica's node from a started process at once and
+        # starts the shard writers beside it while the teacher loads (:meth:`load`).
+        self.args = (dtype, device, top_k, temperature, batch_tokens, head_chunk, trust_remote_code, tail_samples)
+        self.source, self.threads, self.gpus = source, threads, gpus
+        self.runner: TeacherRunner | None = None
 
-        # Ray sets OMP_NUM_THREADS=1 in workers; give torch the cores we planned for.
-        if threads:
-            torch.set_num_threads(threads)
-        hf_logging.disable_progress_bar()
-        if source.is_builtin:
-            # The driver's cache path may not exist on this node: fetch/convert here.
-            source = resolve_teacher(source.spec, source.revision)
-        self.runner = TeacherRunner(
-            source, dtype, device, top_k, temperature, batch_tokens, head_chunk, trust_remote_code, tail_samples,
-            spread=gpus > 1,
-        )
+    def load(self) -> bool:
+        """Load the teacher (once; a restarted replica loads again on its first unit)."""
+        if self.runner is None:
+            import torch
+            from transformers.utils import logging as hf_logging
+
+            # Ray sets OMP_NUM_THREADS=1 in workers; give torch the cores we planned for.
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            hf_logging.disable_progress_bar()
+            source = self.source
+            if source.is_builtin:
+                # The driver's cache path may not exist on this node: fetch/convert here.
+                source = resolve_teacher(source.spec, source.revision)
+            self.runner = TeacherRunner(source, *self.args, spread=self.gpus > 1)
+        return True
 
     def label(self, unit: tuple[list[str], list[np.ndarray]]) -> Labels:
         """``(topk_ids, topk_logprobs fp32, tail)`` per sequence of the unit.
 
         fp32, not what the shard stores: lossy encodings measure their error against it.
         """
+        self.load()
         labels = self.runner.label(unit[1])
         crash_point("labeler.labeled")  # the unit is labeled, nothing of it written yet
         return labels
 
     def node(self) -> str:
-        """The Ray node this replica runs on (also: the teacher is loaded once this returns)."""
+        """The Ray node this replica runs on."""
         import ray
 
         return ray.get_runtime_context().get_node_id()

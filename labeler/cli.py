@@ -11,7 +11,7 @@ from dataclasses import fields
 from softlabels.labeler.config import LabelConfig
 
 from softlabels.common import crash
-from softlabels.common.cli import debug_flag, given_flags, parse_storage_options, require_extra
+from softlabels.common.cli import debug_flag, given_flags, parse_storage_options, process_started, require_extra
 
 BOOL = argparse.BooleanOptionalAction
 
@@ -84,7 +84,7 @@ def _label(args: argparse.Namespace) -> int:
     if crash.enabled():  # fault-injection tests: a crash point in a Ray worker also kills this driver
         os.environ.setdefault(crash.DRIVER_ENV, str(os.getpid()))
     try:
-        summary = run(resolve_config(args.config, given_flags(args)))
+        summary = run(resolve_config(args.config, given_flags(args)), started=process_started())
     except JobFailed as e:
         if args.debug:
             raise

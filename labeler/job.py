@@ -1,8 +1,9 @@
 """The labeling job: check inputs, claim the output, label on Ray, publish.
 
-Everything that can fail on bad input (output location, corpus, teacher
-config, tokenizer, k, max-length) is checked before Ray starts and before the
-teacher loads. Then :class:`labeler.pipeline.Pipeline` reads, tokenizes,
+Everything that can fail on bad input is checked before any work is sent to
+Ray and before the teacher loads: the output location and the corpus before Ray
+starts, the teacher's config and tokenizer (k, max-length, EOS) while a local Ray
+starts (both take seconds; a refusal shuts Ray down again). Then :class:`labeler.pipeline.Pipeline` reads, tokenizes,
 labels and commits units in parallel; the driver writes ``manifest.json``
 last, from the units' commit records.
 """
@@ -14,6 +15,7 @@ import os
 import sys
 import time
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -59,6 +61,8 @@ class Summary:
     empty_documents: int = 0
     replicas: int = 0
     units_per_node: dict[str, int] = field(default_factory=dict)
+    # From the command's start (or run()'s, in a program) to the first unit labeled; None if none was.
+    startup_s: float | None = None
 
     @property
     def bytes_per_token(self) -> float:
@@ -97,15 +101,34 @@ def check_scratch_space(cfg: LabelConfig) -> None:
                             "set RAY_TMPDIR (or TMPDIR) to a writable folder") from e
 
 
-def run(cfg: LabelConfig) -> Summary:
-    """Run (or resume) a labeling job and return its summary."""
+def run(cfg: LabelConfig, started: float | None = None) -> Summary:
+    """Run (or resume) a labeling job and return its summary.
+
+    ``started``: when the command started (epoch seconds), for the summary's start-up time.
+    """
     t0 = time.time()
+    started = started or t0
     check_scratch_space(cfg)
     log.info("labeling config: %s", cfg.redacted())
     writer = LabelSetWriter(cfg.output, cfg.storage_options)
     writer.check_reachable(cfg.overwrite)
     corpus = Corpus(cfg.corpus, cfg.text_field, cfg.storage_options, cfg.on_error, exclude=cfg.output)
     source = resolve_teacher(cfg.teacher, cfg.revision)
+    # The teacher's config and tokenizer (seconds: they import transformers and torch) are checked
+    # while Ray starts; a refusal there shuts Ray down again before it is reported.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-checks")
+    checks = pool.submit(_check_teacher, cfg, source)
+    pool.shutdown(wait=False)
+    try:
+        with ray_session(cfg.ray_address) as ray:
+            tokenizer, id_space = checks.result()
+            return _run(cfg, ray, writer, corpus, source, tokenizer, id_space, t0, started)
+    finally:
+        checks.cancel()
+
+
+def _check_teacher(cfg: LabelConfig, source: TeacherSource) -> tuple[Any, int]:
+    """The teacher's tokenizer, and the id space its labels live in; one line on what does not fit."""
     with remote_code_guard(f"teacher {cfg.teacher}"):
         context, head_vocab = _teacher_shape(source, cfg.trust_remote_code)
     if context is not None and cfg.max_length > context:
@@ -118,66 +141,70 @@ def run(cfg: LabelConfig) -> Summary:
     if (cfg.packing or cfg.add_eos) and tokenizer.eos_token_id is None:
         raise UserError("--packing/--add-eos need a tokenizer with an EOS token; this one has none")
     # Heads padded past the tokenizer (e.g. 32064 rows for 32000 tokens) can emit those ids too.
-    id_space = max(vocab, head_vocab or 0)
-    seq_cfg = SequenceConfig(cfg.max_length, cfg.packing, cfg.add_eos, cfg.limit, cfg.shard_tokens)
-    tok_info = TokenizerInfo(name=source.display_name, vocab_size=vocab, fingerprint=tokenizer_fingerprint(tokenizer))
+    return tokenizer, max(vocab, head_vocab or 0)
 
-    writer.acquire(cfg.overwrite, cfg.take_over)  # before Ray starts: a second run on the output is refused at once
+
+def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, source: TeacherSource, tokenizer: Any,
+         id_space: int, t0: float, started: float) -> Summary:
+    """The job once Ray is up and every input is checked: claim the output, label, publish."""
+    seq_cfg = SequenceConfig(cfg.max_length, cfg.packing, cfg.add_eos, cfg.limit, cfg.shard_tokens)
+    tok_info = TokenizerInfo(name=source.display_name, vocab_size=len(tokenizer), fingerprint=tokenizer_fingerprint(tokenizer))
+
+    writer.acquire(cfg.overwrite, cfg.take_over)  # before any Ray work: a second run on the output is refused at once
     try:
-        with ray_session(cfg.ray_address) as ray:
-            # The device default follows the cluster (the driver may have no GPU).
-            device, dtype = pick_device_dtype(cfg.device or ("cuda" if cluster_gpus(ray) else "cpu"), cfg.dtype)
-            if device.startswith("cuda") and not cluster_gpus(ray):
-                raise UserError(f"--device {device}: the Ray cluster has no GPUs")
-            t_info = teacher_info(source, dtype)
-            identity = {
-                "schema_version": SCHEMA_VERSION,
-                "teacher": {"id": t_info.id, "revision": t_info.revision, "weights_sha256": t_info.weights_sha256,
-                            "dtype": dtype},
-                "tokenizer": tok_info.fingerprint,
-                "top_k": cfg.top_k,
-                "temperature": cfg.temperature,
-                # Not --on-error: each committed unit's input digest already says what it was made from.
-                "corpus": {"source": cfg.corpus, "listing": corpus.listing_fingerprint(), "text_field": cfg.text_field},
-                "sequence": asdict(seq_cfg),
-                "encoding": cfg.label_encoding.to_dict(),
-                "tail_samples": cfg.tail_samples,
-            }
-            status = writer.begin(identity, cfg.overwrite)
-            if status == "complete":
-                return _already_complete(writer, cfg, t0)
-            done = writer.committed() if status == "resume" else {}
-            if done:
-                log.info("resuming: %d committed unit(s) verified (size and sha256)", len(done))
-            tok_info = dataclasses.replace(tok_info, checksums=writer.write_tokenizer(tokenizer))
-            try:
-                out = Pipeline(ray, cfg, source, device, dtype, tokenizer, tok_info.fingerprint, corpus, seq_cfg, done,
-                               id_space, writer.owner()).run()
-            except NothingToLabel:
-                if status == "new":
-                    writer.abandon()  # leave the output as it was: a fixed corpus can then use it
-                raise
-            shards = tuple(out.shards)
-            manifest = Manifest(
-                teacher=t_info,
-                tokenizer=tok_info,
-                top_k=cfg.top_k,
-                temperature=cfg.temperature,
-                corpus=CorpusInfo(cfg.corpus, out.corpus.fingerprint, out.corpus.documents, out.corpus.empty,
-                                  out.corpus.skipped),
-                sequence=seq_cfg,
-                shards=shards,
-                totals=Totals(
-                    sequences=sum(s.rows for s in shards),
-                    tokens=sum(s.tokens for s in shards),
-                    bytes=sum(s.bytes for s in shards),
-                ),
-                labeler_version=LABELER_VERSION,
-                encoding=cfg.label_encoding.to_dict(),
-                tail_samples=cfg.tail_samples,
-                created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-            )
-            writer.write_manifest(manifest)
+        # The device default follows the cluster (the driver may have no GPU).
+        device, dtype = pick_device_dtype(cfg.device or ("cuda" if cluster_gpus(ray) else "cpu"), cfg.dtype)
+        if device.startswith("cuda") and not cluster_gpus(ray):
+            raise UserError(f"--device {device}: the Ray cluster has no GPUs")
+        t_info = teacher_info(source, dtype)
+        identity = {
+            "schema_version": SCHEMA_VERSION,
+            "teacher": {"id": t_info.id, "revision": t_info.revision, "weights_sha256": t_info.weights_sha256,
+                        "dtype": dtype},
+            "tokenizer": tok_info.fingerprint,
+            "top_k": cfg.top_k,
+            "temperature": cfg.temperature,
+            # Not --on-error: each committed unit's input digest already says what it was made from.
+            "corpus": {"source": cfg.corpus, "listing": corpus.listing_fingerprint(), "text_field": cfg.text_field},
+            "sequence": asdict(seq_cfg),
+            "encoding": cfg.label_encoding.to_dict(),
+            "tail_samples": cfg.tail_samples,
+        }
+        status = writer.begin(identity, cfg.overwrite)
+        if status == "complete":
+            return _already_complete(writer, cfg, t0)
+        done = writer.committed() if status == "resume" else {}
+        if done:
+            log.info("resuming: %d committed unit(s) verified (size and sha256)", len(done))
+        tok_info = dataclasses.replace(tok_info, checksums=writer.write_tokenizer(tokenizer))
+        try:
+            out = Pipeline(ray, cfg, source, device, dtype, tokenizer, tok_info.fingerprint, corpus, seq_cfg, done,
+                           id_space, writer.owner(), writer.record).run()
+        except NothingToLabel:
+            if status == "new":
+                writer.abandon()  # leave the output as it was: a fixed corpus can then use it
+            raise
+        shards = tuple(out.shards)
+        manifest = Manifest(
+            teacher=t_info,
+            tokenizer=tok_info,
+            top_k=cfg.top_k,
+            temperature=cfg.temperature,
+            corpus=CorpusInfo(cfg.corpus, out.corpus.fingerprint, out.corpus.documents, out.corpus.empty,
+                              out.corpus.skipped),
+            sequence=seq_cfg,
+            shards=shards,
+            totals=Totals(
+                sequences=sum(s.rows for s in shards),
+                tokens=sum(s.tokens for s in shards),
+                bytes=sum(s.bytes for s in shards),
+            ),
+            labeler_version=LABELER_VERSION,
+            encoding=cfg.label_encoding.to_dict(),
+            tail_samples=cfg.tail_samples,
+            created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        )
+        writer.write_manifest(manifest)
     finally:
         writer.finish()
     return Summary(
@@ -195,6 +222,7 @@ def run(cfg: LabelConfig) -> Summary:
         empty_documents=out.corpus.empty,
         replicas=out.replicas,
         units_per_node=out.units_per_node,
+        startup_s=None if out.first_labeled is None else out.first_labeled - started,
     )
 
 
@@ -229,6 +257,7 @@ def print_summary(s: Summary, file: Any = sys.stdout) -> None:
                      + (", ".join(f"{n[:8]}={c}" for n, c in sorted(s.units_per_node.items())) or "-")),
         ("bytes", f"{s.bytes:,} ({s.bytes_per_token:.1f} bytes/token)"),
         ("wall time", f"{s.wall_s:.1f} s"),
+        ("start-up", "-" if s.startup_s is None else f"{s.startup_s:.1f} s (command start to the first unit labeled)"),
         ("labeling", f"{s.labeled_tokens:,} tokens in {s.label_s:.1f} s ({s.tokens_per_s:,.0f} tokens/s)"),
     ]
     width = max(len(k) for k, _ in rows)

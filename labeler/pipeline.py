@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from softlabels.labeler.config import LabelConfig
 from softlabels.labeler.corpus import Corpus, CorpusTotals
-from softlabels.labeler.plan import Unit, build_sequences, iter_units, read_and_tokenize, unit_digest
+from softlabels.labeler.plan import Unit, build_sequences, iter_units, read_and_tokenize, reading_tokenizer, unit_digest
 from softlabels.labeler.progress import Progress
 from softlabels.labeler.teacher import TeacherSource
 from softlabels.schemas import SequenceConfig, ShardInfo
@@ -131,6 +131,7 @@ class Outcome:
     label_s: float
     replicas: int
     units_per_node: dict[str, int] = field(default_factory=dict)
+    first_labeled: float | None = None  # when the first unit came back labeled (epoch seconds)
 
 
 class _Failed:
@@ -158,10 +159,13 @@ class Pipeline:
         done: dict[str, Commit],
         vocab_size: int,
         owner: tuple[int, str] | None = None,
+        record: Callable[..., None] | None = None,
     ) -> None:
         self.ray, self.cfg, self.source, self.device, self.dtype = ray, cfg, source, device, dtype
         self.vocab_size = vocab_size  # every id the teacher can emit is below it
         self.owner = owner  # the driver's claim on the output: writers check it before each commit
+        # Told of every committed unit, in plan position (LabelSetWriter.record: the commit index).
+        self.record = record or (lambda *a, **k: None)
         # With --limit no document can contribute more tokens than limit x max_length sequences hold.
         self.max_doc_tokens = cfg.limit * cfg.max_length if cfg.limit else None
         self.tokenizer, self.tokenizer_fp = tokenizer, tokenizer_fp
@@ -184,7 +188,7 @@ class Pipeline:
         """Tokenized documents in corpus order, read by parallel tasks a bounded number ahead."""
         ray = self.ray
         read = ray.remote(num_cpus=TASK_CPUS, max_retries=3)(read_and_tokenize)
-        reader, tok = ray.put(self.corpus.reader), ray.put(self.tokenizer)
+        reader, tok = ray.put(self.corpus.reader), ray.put(reading_tokenizer(self.tokenizer))
         blocks = self.corpus.blocks()
         weights = [max(1, self.corpus.sizes.get(b.path, 1)) for b in blocks]
         total, seen = sum(weights), 0
@@ -257,9 +261,10 @@ class Pipeline:
             for _ in range(replicas)
         ]
         try:
-            node_ids = ray.get([a.node.remote() for a in actors])  # each teacher is loaded once this returns
+            node_ids = ray.get([a.node.remote() for a in actors])  # the replicas' processes are up
         except ray.exceptions.RayActorError as e:
             raise JobFailed(f"a teacher replica failed to start: {_first_line(e)}") from e
+        loading = [a.load.remote() for a in actors]  # the teachers load while the writers start beside them
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         writer_cls = ray.remote(max_restarts=3, max_task_retries=3, max_concurrency=IN_FLIGHT)(ShardWriterActor)
@@ -270,7 +275,12 @@ class Pipeline:
                      self.owner)
             for node in node_ids
         ]
-        ray.get([w.ready.remote() for w in self.writers])
+        try:
+            ray.get([*loading, *(w.ready.remote() for w in self.writers)])
+        except ray.exceptions.RayTaskError as e:
+            raise _unwrapped(e) from None
+        except ray.exceptions.RayActorError as e:
+            raise JobFailed(f"a teacher replica failed to load: {_first_line(e)}") from e
         log.info(
             "%d teacher replica(s) on %d node(s) (%s, %s%s)", replicas, len(set(node_ids)), self.device, self.dtype,
             "" if gpu else f", {threads} torch threads each",
@@ -288,10 +298,11 @@ class Pipeline:
             t0 = time.time()
             shards: dict[int, ShardInfo] = {}
             labeling: dict[Any, int] = {}  # label ref -> replica
-            writing: dict[Any, tuple[Unit, int]] = {}  # commit ref -> (unit, replica)
+            writing: dict[Any, tuple[Unit, int, str]] = {}  # commit ref -> (unit, replica, input digest)
             load = [0] * len(actors)
             per_node: dict[str, int] = {}
             planning, resumed, labeled = True, 0, 0
+            first_labeled: float | None = None
             try:
                 while planning or labeling or writing:
                     while planning and min(load) < IN_FLIGHT:
@@ -311,6 +322,7 @@ class Pipeline:
                         commit = self.done.get(unit.name)
                         if commit is not None and commit.inputs == digest:
                             shards[unit.index] = commit.info
+                            self.record(unit.index, unit.name, commit.info, digest, resumed=True)
                             resumed += 1
                             progress.done(unit.tokens, resumed=True)
                             continue
@@ -324,7 +336,7 @@ class Pipeline:
                         label_ref = actors[r].label.remote(payload)
                         commit_ref = self.writers[r].write.remote(unit.name, payload, label_ref, digest)
                         labeling[label_ref] = r
-                        writing[commit_ref] = (unit, r)
+                        writing[commit_ref] = (unit, r, digest)
                         load[r] += 1
                     if not (labeling or writing):
                         continue
@@ -332,9 +344,11 @@ class Pipeline:
                     for ref in ready:
                         if ref in labeling:
                             load[labeling.pop(ref)] -= 1  # errors surface through the unit's write
+                            first_labeled = first_labeled or time.time()
                             continue
-                        unit, r = writing.pop(ref)
+                        unit, r, digest = writing.pop(ref)
                         shards[unit.index] = ShardInfo(**_get(ray, ref, unit.name))
+                        self.record(unit.index, unit.name, shards[unit.index], digest)
                         labeled += unit.tokens
                         per_node[node_ids[r]] = per_node.get(node_ids[r], 0) + 1
                         progress.done(unit.tokens)
@@ -354,6 +368,7 @@ class Pipeline:
                 label_s=label_s,
                 replicas=len(actors),
                 units_per_node=per_node,
+                first_labeled=first_labeled,
             )
         finally:
             self.stop.set()

@@ -9,13 +9,14 @@ the LM head over chunks of positions (:mod:`labeler.topk`), so the full
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from softlabels.labeler.builtin import BUILTIN_TEACHERS, builtin_teacher_dir
+from softlabels.labeler.builtin import BUILTIN_TEACHERS, builtin_teacher_dir, cache_dir
 from softlabels.schemas import TeacherInfo
 from softlabels.schemas.errors import UserError
 
@@ -53,17 +54,48 @@ def resolve_teacher(spec: str, revision: str | None = None) -> TeacherSource:
 
 
 def weights_sha256(path: str) -> str:
-    """sha256 over a local model directory's weight files (names and bytes, sorted)."""
-    h = hashlib.sha256()
+    """sha256 over a local model directory's weight files (names and bytes, sorted).
+
+    Remembered in ``$SOFTLABELS_CACHE/weights-sha256.json`` by each file's name, size,
+    modification time and inode, so a rerun on unchanged weights does not hash gigabytes again.
+    """
     files = sorted(
         f for f in Path(path).iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".gguf") and f.is_file()
     )
+    stamp = [[f.name, st.st_size, st.st_mtime_ns, st.st_ino] for f in files for st in [f.stat()]]
+    where, memo = str(Path(path).resolve()), _weights_memo()
+    known = memo.get(where)
+    if isinstance(known, dict) and known.get("files") == stamp and isinstance(known.get("sha256"), str):
+        return known["sha256"]
+    h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\x00")
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
+    memo[where] = {"files": stamp, "sha256": h.hexdigest()}
+    try:
+        import fsspec
+
+        from softlabels.common.files import write_whole
+
+        write_whole(fsspec.filesystem("file"), str(_WEIGHTS_MEMO()), json.dumps(memo, indent=1).encode(),
+                    f"write {_WEIGHTS_MEMO()}")
+    except OSError as e:  # a read-only cache only costs the next run the hashing
+        log.debug("could not remember the weights' sha256 in %s: %s", _WEIGHTS_MEMO(), e)
     return h.hexdigest()
+
+
+def _WEIGHTS_MEMO() -> Path:
+    return cache_dir() / "weights-sha256.json"
+
+
+def _weights_memo() -> dict[str, Any]:
+    try:
+        memo = json.loads(_WEIGHTS_MEMO().read_text())
+        return memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def teacher_info(source: TeacherSource, dtype: str) -> TeacherInfo:

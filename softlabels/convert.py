@@ -152,6 +152,7 @@ def convert(
             commit = done.get(name)
             if commit is not None and commit.inputs == shard.sha256:
                 out[i] = commit.info
+                writer.record(i, name, commit.info, commit.inputs, resumed=True)
                 resumed += 1
             else:
                 todo.append((i, name, shard))
@@ -167,7 +168,9 @@ def convert(
         try:
             futures = {pool.submit(one, name, shard): i for i, name, shard in todo}
             for f in as_completed(futures):
-                out[futures[f]] = f.result()
+                i = futures[f]
+                out[i] = f.result()
+                writer.record(i, names[i], out[i], ls.shards[i].sha256)
                 if time.time() - last_log > 10 or len(out) == len(names):
                     log.info("converted %d/%d shards", len(out), len(names))
                     last_log = time.time()

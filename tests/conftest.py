@@ -30,6 +30,9 @@ os.environ.update(
     RAY_USAGE_STATS_ENABLED="0",
     TOKENIZERS_PARALLELISM="false",
     HF_HUB_OFFLINE="1",
+    # Commit indexes of 4 units (the default is 1,000): every labeler and convert run in the tests
+    # gathers markers into indexes and resumes from them.
+    SOFTLABELS_INDEX_UNITS="4",
 )
 BUCKET = "softlabels-test"
 REPO = Path(__file__).resolve().parents[1]

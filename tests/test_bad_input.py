@@ -70,7 +70,7 @@ LABELER_CASES = [
 
 
 @pytest.mark.parametrize("extra,fragment", [c[1:] for c in LABELER_CASES], ids=[c[0] for c in LABELER_CASES])
-def test_labeler_refuses(extra, fragment, inputs, tiny_teacher, s3_server, tmp_path):
+def test_labeler_refuses(extra, fragment, inputs, ray_local, tiny_teacher, s3_server, tmp_path):
     out = tmp_path / "out"
     extra = [a.format(d=inputs, s3=s3_server) for a in extra]
     code, _, err = cli_in_process("label", "--teacher", tiny_teacher, "--output", str(out), "--limit", "2",

@@ -131,21 +131,27 @@ def _small_corpus(tmp_path):
 def test_rerun_is_a_no_op_and_resume_redoes_only_missing_units(ray_local, tiny_teacher, s3_server):
     # On S3; on local disk the same resume runs in tests/test_labeler_faults.py (after real SIGKILLs).
     storage_root = f"{s3_server}/rerun-{uuid.uuid4().hex[:8]}"
-    c = cfg(tiny_teacher, storage_root)
+    c = cfg(tiny_teacher, storage_root, shard_tokens=300)  # 6 units: one indexed block of 4, two markers
     run(c)
     before = read_all_bytes(storage_root)
     again = run(c)
     assert again.status == "already complete" and again.labeled_tokens == 0
-    # Simulate a crash: one unit lost its marker, another has a truncated shard.
+    n_units = len(open_label_set(storage_root).manifest.shards)
     fs, path = resolve_url(storage_root)
-    fs.rm(path + "/_commits/part-000001.json")
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(path + "/_commits")}
+    # Blocks of 4 units (SOFTLABELS_INDEX_UNITS) are gathered into an index and their markers deleted;
+    # the last, partial block keeps its markers.
+    assert n_units % 4 and names == {f"index-{b:06d}.json" for b in range(n_units // 4)} | {
+        f"part-{i:06d}.json" for i in range(n_units // 4 * 4, n_units)}, names
+    # Simulate a crash: the last unit lost its marker; an indexed unit's shard is truncated.
+    last = f"part-{n_units - 1:06d}"
+    fs.rm(f"{path}/_commits/{last}.json")
     fs.pipe_file(path + "/shards/part-000002.parquet", before["shards/part-000002.parquet"][:100])
     fs.rm(path + "/manifest.json")
     resumed = run(c)
-    n_units = len(open_label_set(storage_root).manifest.shards)
     assert resumed.resumed_units == n_units - 2
     assert resumed.labeled_tokens == sum(
-        s.tokens for s in open_label_set(storage_root).manifest.shards if s.path.endswith(("001.parquet", "002.parquet"))
+        s.tokens for s in open_label_set(storage_root).manifest.shards if s.path.endswith(("002.parquet", f"{last}.parquet"))
     )
     assert read_all_bytes(storage_root) == before
 

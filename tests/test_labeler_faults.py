@@ -21,7 +21,7 @@ import pytest
 
 from softlabels.schemas import resolve_url
 
-from conftest import REPO, run_cli
+from conftest import REPO
 
 # ~7,000 tokens in ~28 units with the tiny teacher: a run takes seconds, so every fault is affordable.
 def args(teacher: str) -> list[str]:
@@ -48,13 +48,21 @@ def set_bytes(url: str) -> dict[str, bytes]:
 
 
 def markers(url: str) -> dict[str, str]:
-    """Commit marker name -> last-modified time, as the store reports it."""
+    """Committed units (by their own marker, or held by a commit index) -> their shard's last-modified time."""
     fs, root = resolve_url(url)
     fs.invalidate_cache()
     if not fs.exists(f"{root}/_commits"):
         return {}
-    return {i["name"].rsplit("/", 1)[-1]: str(i.get("LastModified") or i.get("mtime"))
-            for i in fs.ls(f"{root}/_commits", detail=True) if i["name"].endswith(".json")}
+    units = set()
+    for path in fs.ls(f"{root}/_commits", detail=False):
+        name = path.rsplit("/", 1)[-1]
+        if name.startswith("index-") and name.endswith(".json"):
+            units |= {c["name"] for c in json.loads(fs.cat_file(path))["commits"]}
+        elif name.startswith("part-") and name.endswith(".json"):
+            units.add(name[: -len(".json")])
+    shards = {i["name"].rsplit("/", 1)[-1][: -len(".parquet")]: str(i.get("LastModified") or i.get("mtime"))
+              for i in fs.ls(f"{root}/shards", detail=True)}
+    return {u: shards[u] for u in units}
 
 
 def start(teacher: str, url: str, **env: str) -> subprocess.Popen:
@@ -152,8 +160,9 @@ def resume_and_check(teacher: str, url: str, before: dict[str, str], reference: 
     assert not manifest_exists(url), "a killed run published a manifest"
     summary = label_in_process(teacher, url)
     assert summary["resumed_units"] == len(before)
-    ref_tokens = {k: json.loads(v)["tokens"] for k, v in reference.items() if k.startswith("_commits/")}
-    assert summary["labeled_tokens"] == sum(t for k, t in ref_tokens.items() if k.split("/")[-1] not in before)
+    ref_tokens = {s["path"].rsplit("/", 1)[-1][: -len(".parquet")]: s["tokens"]
+                  for s in json.loads(reference["manifest.json"])["shards"]}
+    assert summary["labeled_tokens"] == sum(t for k, t in ref_tokens.items() if k not in before)
     after = markers(url)
     assert {k: after[k] for k in before} == before, "a committed unit was rewritten by the resume"
     assert set_bytes(url) == reference
@@ -161,11 +170,12 @@ def resume_and_check(teacher: str, url: str, before: dict[str, str], reference: 
 
 
 # Where the driver dies: while planning (teachers still loading), mid-unit (a unit labeled, nothing
-# of it written), between a shard and its commit marker, and while publishing the manifest.
+# of it written), between a shard and its commit marker, between a commit index and the deletion
+# of the markers it holds, and while publishing the manifest.
 @pytest.mark.parametrize(
     "point,storage",
     [("labeler.planned@3", "s3"), ("labeler.labeled@4", "local"), ("labeler.shard-written@5", "s3"),
-     ("publish:manifest.json", "local")],
+     ("labeler.indexed@2", "s3"), ("publish:manifest.json", "local")],
 )
 def test_driver_sigkilled_at_a_crash_point_then_resume_is_byte_identical(point, storage, reference, tiny_teacher, tmp_path, s3_server):
     url = place(storage, tmp_path, s3_server, "crash")
@@ -180,6 +190,12 @@ def test_driver_sigkilled_at_a_crash_point_then_resume_is_byte_identical(point, 
         # the fifth shard is written, its marker is not: that unit must be redone, never published
         shards = {k for k in set_bytes(url) if k.startswith("shards/")}
         assert len(shards) > len(before) and len(before) < n_units
+    if point.startswith("labeler.indexed"):
+        # two indexes written, the second block's markers not yet deleted: they and the index both hold it
+        fs, root = resolve_url(url)
+        names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/_commits")}
+        assert {"index-000000.json", "index-000001.json", "part-000004.json"} <= names, names
+        assert "part-000000.json" not in names
     if point.startswith("publish:"):
         assert len(before) == n_units
         assert [k for k in set_bytes(url) if ".manifest.json.tmp-" in k], "no partial manifest to sweep"

@@ -16,7 +16,9 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -77,6 +79,18 @@ def setup_logging(debug: bool) -> None:
     )
     for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def process_started() -> float:
+    """When this process started (epoch seconds, to ~10 ms on Linux; else now): interpreter start-up included."""
+    try:
+        with open("/proc/self/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
 
 
 def run_main(fn: Callable[[], int], debug: bool, prog: str) -> int:

@@ -3,8 +3,18 @@
 Commit protocol (object stores have no atomic rename):
 
 1. a worker writes ``shards/part-NNNNNN.parquet`` as one whole object,
-2. then ``_commits/part-NNNNNN.json`` (rows, tokens, bytes, sha256),
-3. the driver writes ``manifest.json`` last, from the markers.
+2. then ``_commits/part-NNNNNN.json`` (rows, tokens, bytes, sha256, input digest),
+3. once every unit of a block of :data:`INDEX_UNITS` consecutive units is committed, the
+   driver gathers their markers into one index, ``_commits/index-BBBBBB.json``, and then
+   deletes those markers (a resume of a large set reads a few hundred indexes, not one
+   object per unit),
+4. the driver writes ``manifest.json`` last.
+
+A crash at any point loses at most the units in flight: a unit is committed once its marker
+or an index holding it exists. A resume verifies units from an index by one listing of
+``shards/`` (each shard present, with the recorded size: whole objects only, so a shard
+of the right size is the one written; readers check every shard's sha256 against the
+manifest), and units known only by their marker in full (read back, size and sha256).
 
 A run record (``_labeler/run.json`` for the labeler, ``_convert/run.json`` for
 ``softlabels convert``) records what the run writes (teacher, tokenizer, k,
@@ -33,8 +43,11 @@ from softlabels.schemas.fingerprint import sha256_bytes
 from softlabels.schemas.manifest import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
+MAX_LOGGED = 20
 
 RUN_RECORD = "_labeler/run.json"
+INDEX_PREFIX = "index-"
+INDEX_UNITS = 1000  # units per commit index (``SOFTLABELS_INDEX_UNITS`` overrides it, for tests)
 RUN_RECORDS = (RUN_RECORD, "_convert/run.json")  # one per command that writes label sets
 COMMITS = "_commits"
 SHARDS = "shards"
@@ -71,6 +84,14 @@ class LabelSetWriter:
         self.fs, self.root = resolve_url(self.url, self.storage_options)
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
         self._bucket = self.root.split("/", 1)[0] if {"s3", "s3a", "gs", "gcs"} & set(protocols) else None
+        self.index_units = int(os.environ.get("SOFTLABELS_INDEX_UNITS") or INDEX_UNITS)
+        if self.index_units < 1:
+            raise ValueError(f"SOFTLABELS_INDEX_UNITS must be >= 1, not {self.index_units}")
+        # Driver side of the commit index (see :meth:`record`).
+        self._indexed: dict[int, set[str]] = {}  # block -> names its index holds (found by :meth:`committed`)
+        self._markers: set[str] = set()  # units whose own marker may still exist (to delete once indexed)
+        self._blocks: dict[int, dict[str, dict[str, Any]]] = {}  # block -> committed units' markers, this run
+        self._fresh: set[str] = set()  # units committed by this run
 
     # -- small helpers -------------------------------------------------------
     def _p(self, rel: str) -> str:
@@ -241,39 +262,125 @@ class LabelSetWriter:
                         ", ".join(sorted(left)[:5]))
 
     def committed(self, workers: int = 16) -> dict[str, Commit]:
-        """Verified commits: marker present, shard object present with matching size and sha256.
+        """Verified commits, by unit name; a unit not returned is (re)done.
 
-        Shards are read back and hashed in parallel threads (I/O bound), so a
-        resume of a large set does not verify one object at a time.
+        Units held by an index: their shard is listed with the recorded size (one listing of
+        ``shards/``). Units known only by their marker: the shard is read back and its size and
+        sha256 compared (in parallel threads; at most the units of the blocks that were not yet
+        indexed when the earlier run stopped).
         """
         from concurrent.futures import ThreadPoolExecutor
 
         self.fs.invalidate_cache()
+        self._indexed, self._markers, self._blocks, self._fresh = {}, set(), {}, set()
         if not self.exists(COMMITS):
             return {}
-        paths = sorted(
-            p
+        names = sorted(
+            p.rstrip("/").rsplit("/", 1)[-1]
             for p in retry_io(lambda: self.fs.ls(self._p(COMMITS), detail=False), f"list {self._u(COMMITS)}")
-            if p.endswith(".json")
         )
+        indexes = [n for n in names if n.startswith(INDEX_PREFIX) and n.endswith(".json")]
+        markers = [n[: -len(".json")] for n in names if n.endswith(".json") and not n.startswith(INDEX_PREFIX)]
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            checked = list(pool.map(self._verify, paths))
-        return {c.name: c for c in checked if c is not None}
+            blocks = list(pool.map(self._read_index, indexes))
+        indexed = {c.name: c for block in blocks for c in block}
+        for name, block in zip(indexes, blocks):
+            if block:
+                self._indexed[int(name[len(INDEX_PREFIX): -len(".json")])] = {c.name for c in block}
+        out: dict[str, Commit] = {}
+        if indexed:
+            sizes = self._shard_sizes()
+            bad = [c for c in indexed.values() if sizes.get(c.info.path) != c.info.bytes]
+            for c in bad[:MAX_LOGGED]:
+                log.warning("shard %s is missing or not the size its index records; its unit will be redone", c.info.path)
+            if len(bad) > MAX_LOGGED:
+                log.warning("... and %d more such shards", len(bad) - MAX_LOGGED)
+            out = {c.name: c for c in indexed.values() if sizes.get(c.info.path) == c.info.bytes}
+        self._markers = set(markers)  # the indexed ones among them are left over from a stop before their deletion
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            checked = list(pool.map(self._verify, [m for m in markers if m not in indexed]))
+        out.update((c.name, c) for c in checked if c is not None)
+        return out
 
-    def _verify(self, marker_path: str) -> Commit | None:
-        name = marker_path.rsplit("/", 1)[-1][: -len(".json")]
+    def _shard_sizes(self) -> dict[str, int]:
+        """Every object under ``shards/``: relative path -> size (listed, not read)."""
         try:
-            d = json.loads(retry_io(lambda: self.fs.cat_file(marker_path), f"read {marker_path}"))
-            inputs = d.pop("inputs", None)
-            info = ShardInfo(**d)
-            data = self._read(info.path)
-        except (FileNotFoundError, ValueError, TypeError) as e:
+            entries = retry_io(lambda: self.fs.ls(self._p(SHARDS), detail=True), f"list {self._u(SHARDS)}")
+        except FileNotFoundError:
+            return {}
+        return {f"{SHARDS}/{e['name'].rstrip('/').rsplit('/', 1)[-1]}": int(e.get("size") or 0)
+                for e in entries if e.get("type") != "directory"}
+
+    def _read_index(self, name: str) -> list[Commit]:
+        """The commits an index holds ([] if it is unusable: its units are then redone)."""
+        try:
+            d = json.loads(self._read(f"{COMMITS}/{name}"))
+            return [self._commit(dict(m)) for m in d["commits"]]
+        except (FileNotFoundError, ValueError, TypeError, KeyError, AttributeError) as e:
+            log.warning("commit index %s is unusable (%s); its units will be redone unless their markers remain",
+                        name, e)
+            return []
+
+    @staticmethod
+    def _commit(marker: dict[str, Any]) -> Commit:
+        name = marker.pop("name")
+        inputs = marker.pop("inputs", None)
+        info = ShardInfo(**marker)
+        if not isinstance(name, str) or info.path != f"{SHARDS}/{name}.parquet":
+            raise ValueError(f"unit {name!r} names shard {info.path!r}")
+        counts = (info.rows, info.tokens, info.bytes)
+        if not all(type(v) is int and v >= 0 for v in counts) or not isinstance(info.sha256, str):
+            raise ValueError(f"unit {name}: bad counts or digest")
+        return Commit(name, info, inputs)
+
+    def _verify(self, name: str) -> Commit | None:
+        try:
+            marker = json.loads(self._read(f"{COMMITS}/{name}.json"))
+            if not isinstance(marker, dict):
+                raise ValueError("not a JSON object")
+            commit = self._commit({**marker, "name": name})
+            data = self._read(commit.info.path)
+        except (FileNotFoundError, ValueError, TypeError, KeyError) as e:
             log.warning("commit %s is unusable (%s); its unit will be redone", name, e)
             return None
-        if len(data) != info.bytes or sha256_bytes(data) != info.sha256:
-            log.warning("shard %s does not match its commit marker; its unit will be redone", info.path)
+        if len(data) != commit.info.bytes or sha256_bytes(data) != commit.info.sha256:
+            log.warning("shard %s does not match its commit marker; its unit will be redone", commit.info.path)
             return None
-        return Commit(name, info, inputs)
+        return commit
+
+    # -- driver: the commit index ----------------------------------------------
+    def record(self, position: int, name: str, info: ShardInfo, inputs: str | None, resumed: bool = False) -> None:
+        """Note that unit ``position`` (0-based, in plan order) is committed (by this run, or ``resumed``).
+
+        When every unit of its block is noted, the block's index is written (unless an earlier
+        run's index already holds exactly these units) and the units' own markers are deleted.
+        Every unit must be noted once, in any order.
+        """
+        block = position // self.index_units
+        entries = self._blocks.setdefault(block, {})
+        entries[name] = {**asdict(info), "name": name, **({"inputs": inputs} if inputs else {})}
+        if not resumed:
+            self._markers.add(name)
+            self._fresh.add(name)
+        if len(entries) == self.index_units:
+            self._close_block(block, self._blocks.pop(block))
+
+    def _close_block(self, block: int, entries: dict[str, dict[str, Any]]) -> None:
+        if self._indexed.get(block) != set(entries) or not self._fresh.isdisjoint(entries):
+            if self.claim is not None:
+                self.claim.check()
+            body = {"first": block * self.index_units, "units": len(entries),
+                    "commits": [entries[n] for n in sorted(entries)]}
+            self._write(f"{COMMITS}/{INDEX_PREFIX}{block:06d}.json", json.dumps(body, sort_keys=True).encode())
+            crash_point(f"{self.job}.indexed")
+        stale = sorted(n for n in entries if n in self._markers)
+        if stale:
+            paths = [self._p(f"{COMMITS}/{n}.json") for n in stale]
+            try:
+                retry_io(lambda: self.fs.rm(paths), f"remove {len(paths)} commit marker(s) under {self._u(COMMITS)}")
+            except FileNotFoundError:
+                pass  # already gone (a redo of this block's deletion)
+            self._markers.difference_update(stale)
 
     # -- workers --------------------------------------------------------------
     def commit_unit(self, name: str, shard_bytes: bytes, rows: int, tokens: int, inputs: str | None = None) -> ShardInfo:
