@@ -57,7 +57,7 @@ def describe(name: str) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--labels", default=None,
-                   help="local label set to upload (default: runs/demo/labels if complete, else runs/bench-labels)")
+                   help="local label set to upload (default: runs/demo-full/labels if complete, else runs/bench-labels)")
     p.add_argument("--port", type=int, default=8533,
                    help="S3 port of the benchmark's SeaweedFS; the other ports shift with it "
                         "(default: %(default)s, clear of the tests' and labeler benchmarks' servers)")

@@ -48,7 +48,7 @@ METHODS = ("ce", "topk-kl", "tail-kl", "online")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--labels", default=None,
-                   help="label set (default: runs/demo/labels if complete, else runs/bench-labels)")
+                   help="label set (default: runs/demo-full/labels if complete, else runs/bench-labels)")
     p.add_argument("--teacher", default="smollm2-135m",
                    help="teacher for online KD and the full-vocabulary check: built-in alias or HF directory "
                         "(default: %(default)s; must be the label set's teacher)")

@@ -1,6 +1,6 @@
 """Which int8 quantizer for `softlabels export`: the candidates side by side on this CPU.
 
-    .venv/bin/python bench/quantizers.py [--model runs/demo/student]
+    .venv/bin/python bench/quantizers.py [--model runs/demo-full/student]
 
 For one student (default: a fresh `tiny` with the built-in teacher's 49,152-id
 vocabulary) it times a forward pass over a fixed [8, 128] batch with:

@@ -53,8 +53,8 @@ LABELS_CMD = (".venv/bin/softlabels label --teacher smollm2-135m --corpus pydoc 
 
 # -- pieces shared with loader.py and quality.py ------------------------------
 def default_labels() -> str:
-    """``runs/demo/labels`` if it is complete (has a manifest), else ``runs/bench-labels``."""
-    for rel in ("runs/demo/labels", "runs/bench-labels"):
+    """``runs/demo-full/labels`` (``make demo-full``'s 400 sequences) if it is complete (has a manifest), else ``runs/bench-labels``."""
+    for rel in ("runs/demo-full/labels", "runs/bench-labels"):
         if (common.REPO / rel / "manifest.json").exists():
             return str(common.REPO / rel)
     return str(common.REPO / "runs/bench-labels")
@@ -176,7 +176,7 @@ def train_step(step_fn: Any, model: Any, opt: Any, batch: dict, clip: float = 1.
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--labels", default=None,
-                   help=f"label set URL or path (default: runs/demo/labels if complete, else runs/bench-labels; "
+                   help=f"label set URL or path (default: runs/demo-full/labels if complete, else runs/bench-labels; "
                         f"build it with: {LABELS_CMD})")
     p.add_argument("--teacher", default="smollm2-135m",
                    help="teacher for online KD: built-in alias or HF directory (default: %(default)s)")

@@ -72,6 +72,10 @@ class TeacherActor:
         crash_point("labeler.labeled")  # the unit is labeled, nothing of it written yet
         return labels
 
+    def first_batch_at(self) -> float | None:
+        """When this replica finished its first batch (epoch seconds, this node's clock), if it has."""
+        return None if self.runner is None else self.runner.first_batch_at
+
     def node(self) -> str:
         """The Ray node this replica runs on."""
         import ray

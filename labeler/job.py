@@ -61,7 +61,7 @@ class Summary:
     empty_documents: int = 0
     replicas: int = 0
     units_per_node: dict[str, int] = field(default_factory=dict)
-    # From the command's start (or run()'s, in a program) to the first unit labeled; None if none was.
+    # From the command's start (or run()'s, in a program) to the teacher's first batch labeled; None if none was.
     startup_s: float | None = None
 
     @property
@@ -222,7 +222,7 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
         empty_documents=out.corpus.empty,
         replicas=out.replicas,
         units_per_node=out.units_per_node,
-        startup_s=None if out.first_labeled is None else out.first_labeled - started,
+        startup_s=None if out.first_batch is None else out.first_batch - started,
     )
 
 
@@ -257,7 +257,7 @@ def print_summary(s: Summary, file: Any = sys.stdout) -> None:
                      + (", ".join(f"{n[:8]}={c}" for n, c in sorted(s.units_per_node.items())) or "-")),
         ("bytes", f"{s.bytes:,} ({s.bytes_per_token:.1f} bytes/token)"),
         ("wall time", f"{s.wall_s:.1f} s"),
-        ("start-up", "-" if s.startup_s is None else f"{s.startup_s:.1f} s (command start to the first unit labeled)"),
+        ("start-up", "-" if s.startup_s is None else f"{s.startup_s:.1f} s (command start to the first batch labeled)"),
         ("labeling", f"{s.labeled_tokens:,} tokens in {s.label_s:.1f} s ({s.tokens_per_s:,.0f} tokens/s)"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -131,7 +131,7 @@ class Outcome:
     label_s: float
     replicas: int
     units_per_node: dict[str, int] = field(default_factory=dict)
-    first_labeled: float | None = None  # when the first unit came back labeled (epoch seconds)
+    first_batch: float | None = None  # when a teacher first finished a batch (epoch seconds)
 
 
 class _Failed:
@@ -302,7 +302,6 @@ class Pipeline:
             load = [0] * len(actors)
             per_node: dict[str, int] = {}
             planning, resumed, labeled = True, 0, 0
-            first_labeled: float | None = None
             try:
                 while planning or labeling or writing:
                     while planning and min(load) < IN_FLIGHT:
@@ -344,7 +343,6 @@ class Pipeline:
                     for ref in ready:
                         if ref in labeling:
                             load[labeling.pop(ref)] -= 1  # errors surface through the unit's write
-                            first_labeled = first_labeled or time.time()
                             continue
                         unit, r, digest = writing.pop(ref)
                         shards[unit.index] = ShardInfo(**_get(ray, ref, unit.name))
@@ -368,10 +366,20 @@ class Pipeline:
                 label_s=label_s,
                 replicas=len(actors),
                 units_per_node=per_node,
-                first_labeled=first_labeled,
+                first_batch=_first_batch(ray, actors),
             )
         finally:
             self.stop.set()
+
+
+def _first_batch(ray: Any, actors: list[Any]) -> float | None:
+    """The earliest first batch of any replica (None if none labeled, or a replica cannot say)."""
+    try:
+        times = [t for t in ray.get([a.first_batch_at.remote() for a in actors], timeout=30) if t is not None]
+    except Exception as e:  # a figure for the summary is not worth failing a finished run
+        log.debug("no first-batch time: %s", e)
+        return None
+    return min(times, default=None)
 
 
 def _get(ray: Any, ref: Any, name: str) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,7 @@ class TeacherRunner:
         self.top_k, self.temperature = top_k, temperature
         self.batch_tokens, self.head_chunk = batch_tokens, head_chunk
         self.tail_samples = tail_samples
+        self.first_batch_at: float | None = None  # epoch seconds
 
     def batches(self, lengths: list[int]) -> list[list[int]]:
         """Length-bucketed batches (indices), each with padded size <= batch_tokens.
@@ -227,4 +229,6 @@ class TeacherRunner:
                 n = len(sequences[i])
                 results[i] = tuple(a[start : start + n].numpy() for a in out)
                 start += n
+            if self.first_batch_at is None:
+                self.first_batch_at = time.time()  # the run's start-up ends here (its summary reports it)
         return results

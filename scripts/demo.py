@@ -5,6 +5,11 @@ trainer, which never loads the teacher, twice at the same budget (the default
 KD loss, and plain CE on the true tokens for reference), then `softlabels export`
 (int8) and `softlabels compare`, whose table of teacher -> student -> quantized
 student ends the demo. Re-running reuses a complete label set.
+
+Two sizes: the default fits in about 3 minutes on a 2-core CPU (96 sequences, 50 steps,
+a short speed timing in one round); ``--full`` (`make demo-full`, 15-25 minutes) labels 400
+sequences, trains 100 steps and times speed longer, in two rounds, for steadier figures. Each size has its own
+output folder, so both can be kept.
 """
 
 from __future__ import annotations
@@ -20,9 +25,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+SIZES = {  # sequences of 128 tokens; training steps, peak lr, warm-up; compare's timing (--seconds, --prompt-rows, --rounds)
+    "quick": dict(sequences=96, steps=50, lr="3e-3", warmup="5", seconds="1", prompt_rows="2", rounds="1"),
+    "full": dict(sequences=400, steps=100, lr="2e-3", warmup="10", seconds="5", prompt_rows="8", rounds="2"),
+}
+TIMES: list[tuple[str, float]] = []  # (step, seconds): printed at the end
+
+
 def cli(*args: str) -> dict:
     print("$ softlabels " + " ".join(args), flush=True)
+    t = time.time()
     proc = subprocess.run([sys.executable, "-m", "softlabels", *args, "--json"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    TIMES.append((args[0] + (" (ce)" if "ce" in args else ""), time.time() - t))
     if proc.returncode != 0:
         sys.exit(f"demo: step failed: softlabels {' '.join(args)} (exit {proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])  # Ray may print its workers' lines before the summary
@@ -47,16 +61,21 @@ def targets(t: dict, s: dict, c: dict, q: dict) -> list[tuple[bool, str]]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default=str(REPO / "runs" / "demo"), help="where labels and the student go")
-    p.add_argument("--sequences", type=int, default=400, help="sequences of 128 tokens to label")
-    p.add_argument("--steps", type=int, default=100, help="student training steps")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true", help="the bigger run (make demo-full): steadier figures, 15-25 min")
+    p.add_argument("--out", help="where labels and the students go (default: runs/demo, or runs/demo-full)")
+    p.add_argument("--sequences", type=int, help="sequences of 128 tokens to label (default: 96, or 400 with --full)")
+    p.add_argument("--steps", type=int, help="student training steps (default: 50, or 100 with --full)")
     args = p.parse_args()
+    size = SIZES["full" if args.full else "quick"]
+    args.out = args.out or str(REPO / "runs" / ("demo-full" if args.full else "demo"))
+    args.sequences = args.sequences or size["sequences"]
+    args.steps = args.steps or size["steps"]
     t0 = time.time()
     labels = f"{args.out}/labels"
     lab = cli("label", "--teacher", "smollm2-135m", "--corpus", "pydoc", "--output", labels,
               "--top-k", "64", "--max-length", "128", "--limit", str(args.sequences), "--shard-tokens", "8192")
-    budget = ("--steps", str(args.steps), "--batch-size", "8", "--lr", "2e-3", "--warmup-steps", "10",
+    budget = ("--steps", str(args.steps), "--batch-size", "8", "--lr", size["lr"], "--warmup-steps", size["warmup"],
               "--eval-fraction", "0.1", "--eval-batches", "20", "--seed", "0")
     tr = cli("train", "--labels", labels, "--student", "tiny", "--output", f"{args.out}/student", *budget)
     cli("train", "--labels", labels, "--student", "tiny", "--output", f"{args.out}/student-ce",
@@ -68,9 +87,12 @@ def main() -> int:
     models = {"teacher": str(builtin_teacher_dir("smollm2-135m")), "student": f"{args.out}/student",
               "student-ce": f"{args.out}/student-ce", "student-int8": f"{args.out}/student-int8"}
     print("$ softlabels compare ...", flush=True)
+    t = time.time()
     proc = subprocess.run([sys.executable, "-m", "softlabels", "compare", "--labels", labels, "--models", *models.values(),
-                           "--names", *models, "--eval-fraction", "0.1", "--plot", f"{args.out}/compare.png", "--json"],
+                           "--names", *models, "--eval-fraction", "0.1", "--seconds", size["seconds"],
+                           "--prompt-rows", size["prompt_rows"], "--rounds", size["rounds"], "--plot", f"{args.out}/compare.png", "--json"],
                           cwd=REPO, stdout=subprocess.PIPE, text=True)
+    TIMES.append(("compare", time.time() - t))
     if proc.returncode != 0:
         sys.exit(f"demo: step failed: softlabels compare (exit {proc.returncode})")
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
@@ -80,6 +102,8 @@ def main() -> int:
     print("softlabels demo: smollm2-135m -> tiny student, built-in pydoc corpus")
     print(f"  tokens labeled         {lab['tokens']:,} in {lab['sequences']} sequences, {lab['shards']} shards")
     print(f"  labeling tokens/s      {rate}  (CPU, {lab['labeled_tokens']:,} tokens this run)")
+    if lab.get("startup_s") is not None:
+        print(f"  labeler start-up       {lab['startup_s']:.1f} s  (command start to the first batch labeled)")
     from softlabels.schemas import open_label_set
 
     enc = open_label_set(labels).manifest.label_encoding
@@ -100,7 +124,10 @@ def main() -> int:
     print()
     for ok, text in targets(t, s, c, q):
         print(f"  [{'met' if ok else 'MISSED'}] {text}")
-    print(f"\n  total wall time {time.time() - t0:.0f} s; students in {args.out}/student*")
+    steps = ", ".join(f"{name} {sec:.0f} s" for name, sec in TIMES)
+    print(f"\n  total wall time {time.time() - t0:.0f} s ({steps}); students in {args.out}/student*")
+    if not args.full:
+        print("  steadier figures from a bigger run: make demo-full (15-25 minutes)")
     if not (a["ce"] < b["ce"] and a["kl"] < b["kl"]):
         print("demo: the student did not improve", file=sys.stderr)
         return 1

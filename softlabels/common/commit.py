@@ -376,10 +376,15 @@ class LabelSetWriter:
         stale = sorted(n for n in entries if n in self._markers)
         if stale:
             paths = [self._p(f"{COMMITS}/{n}.json") for n in stale]
+            what = f"remove {len(paths)} commit marker(s) under {self._u(COMMITS)}"
             try:
-                retry_io(lambda: self.fs.rm(paths), f"remove {len(paths)} commit marker(s) under {self._u(COMMITS)}")
-            except FileNotFoundError:
-                pass  # already gone (a redo of this block's deletion)
+                retry_io(lambda: self.fs.rm(paths), what)  # one request per 1,000 objects on S3
+            except FileNotFoundError:  # some were gone already: the others one by one
+                for path in paths:
+                    try:
+                        retry_io(lambda p=path: self.fs.rm_file(p), what)
+                    except FileNotFoundError:
+                        pass
             self._markers.difference_update(stale)
 
     # -- workers --------------------------------------------------------------
