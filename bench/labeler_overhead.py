@@ -156,7 +156,9 @@ def run_labeler(
     from softlabels.labeler.actor import encode_shard
     from softlabels.schemas import DEFAULT_ENCODING, Encoding
 
-    unit = ([f"bench:{name}:{i}" for i in range(len(sequences))], sequences)
+    from softlabels.labeler.seams import UnitInput
+
+    unit = UnitInput(tuple(f"bench:{name}:{i}" for i in range(len(sequences))), tuple(sequences))
     t: dict[str, list[float]] = {"label": [], "encode": [], "write": []}
     with common.timed(device, t["label"]):
         labels = runner.label(sequences)  # what TeacherActor.label returns

@@ -13,14 +13,12 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
+from softlabels.labeler.seams import UnitInput, UnitLabels
 from softlabels.labeler.teacher import TeacherRunner, TeacherSource, resolve_teacher
 from softlabels.schemas import Encoding, Sample, encode_samples, sample_id, table_to_parquet_bytes
 
 from softlabels.common.commit import LabelSetWriter
 from softlabels.common.crash import crash_point
-
-Labels = list[tuple[np.ndarray, ...]]  # (ids, logprobs, tail[, tail sample ids, counts]) per sequence
-
 
 class TeacherActor:
     """Plain class; :mod:`labeler.pipeline` wraps it with ``ray.remote``."""
@@ -62,13 +60,11 @@ class TeacherActor:
             self.runner = TeacherRunner(source, *self.args, spread=self.gpus > 1)
         return True
 
-    def label(self, unit: tuple[list[str], list[np.ndarray]]) -> Labels:
-        """``(topk_ids, topk_logprobs fp32, tail)`` per sequence of the unit.
-
-        fp32, not what the shard stores: lossy encodings measure their error against it.
-        """
+    def label(self, unit: UnitInput) -> UnitLabels:
+        """The unit's labels, log-probs in fp32 (not what the shard stores: lossy encodings measure
+        their error against them)."""
         self.load()
-        labels = self.runner.label(unit[1])
+        labels = self.runner.label(unit.input_ids)
         crash_point("labeler.labeled")  # the unit is labeled, nothing of it written yet
         return labels
 
@@ -84,12 +80,12 @@ class TeacherActor:
 
 
 def encode_shard(
-    unit: tuple[list[str], list[np.ndarray]], labels: Labels, top_k: int, tokenizer_fp: str, encoding: Encoding, vocab_size: int
+    unit: UnitInput, labels: UnitLabels, top_k: int, tokenizer_fp: str, encoding: Encoding, vocab_size: int
 ) -> bytes:
     """One unit's Parquet shard bytes (deterministic: same unit and labels, same bytes)."""
     samples = [
-        Sample(sample_id(tokenizer_fp, ids), src, np.asarray(ids, dtype=np.int32), *lab)
-        for src, ids, lab in zip(unit[0], unit[1], labels)
+        Sample(sample_id(tokenizer_fp, ids), src, np.asarray(ids, dtype=np.int32), **labels.sequence(i))
+        for i, (src, ids) in enumerate(zip(unit.sources, unit.input_ids))
     ]
     return table_to_parquet_bytes(encode_samples(samples, top_k, encoding, vocab_size))
 
@@ -106,11 +102,10 @@ class ShardWriterActor:
         self.top_k, self.tokenizer_fp = top_k, tokenizer_fp
         self.encoding, self.vocab_size = encoding, vocab_size
 
-    def write(self, name: str, unit: tuple[list[str], list[np.ndarray]], labels: Labels, inputs: str) -> dict[str, Any]:
+    def write(self, name: str, unit: UnitInput, labels: UnitLabels, inputs: str) -> dict[str, Any]:
         """Encode and commit one unit (shard, then marker); returns its ShardInfo as a dict."""
         data = encode_shard(unit, labels, self.top_k, self.tokenizer_fp, self.encoding, self.vocab_size)
-        tokens = sum(len(s) for s in unit[1])
-        return asdict(self.writer.commit_unit(name, data, rows=len(unit[1]), tokens=tokens, inputs=inputs))
+        return asdict(self.writer.commit_unit(name, data, rows=len(unit.input_ids), tokens=unit.tokens, inputs=inputs))
 
     def ready(self) -> bool:
         return True

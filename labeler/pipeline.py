@@ -38,6 +38,7 @@ from softlabels.labeler.config import LabelConfig
 from softlabels.labeler.corpus import Corpus, CorpusTotals
 from softlabels.labeler.plan import Unit, build_sequences, iter_units, read_and_tokenize, reading_tokenizer, unit_digest
 from softlabels.labeler.progress import Progress
+from softlabels.labeler.seams import UnitInput
 from softlabels.labeler.teacher import TeacherSource
 from softlabels.schemas import SequenceConfig, ShardInfo
 from softlabels.schemas.errors import StorageError, UserError
@@ -331,7 +332,7 @@ class Pipeline:
                                 "input than planned now (the corpus changed); use --overwrite to start afresh"
                             )
                         r = load.index(min(load))
-                        payload = ray.put(([s.source for s in unit.sequences], [s.input_ids for s in unit.sequences]))
+                        payload = ray.put(UnitInput.of(unit.sequences))
                         label_ref = actors[r].label.remote(payload)
                         commit_ref = self.writers[r].write.remote(unit.name, payload, label_ref, digest)
                         labeling[label_ref] = r

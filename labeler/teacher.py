@@ -12,12 +12,14 @@ import hashlib
 import json
 import time
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from softlabels.labeler.builtin import BUILTIN_TEACHERS, builtin_teacher_dir, cache_dir
+from softlabels.labeler.seams import EXTRAS, UnitLabels
 from softlabels.schemas import TeacherInfo
 from softlabels.schemas.errors import UserError
 
@@ -192,12 +194,12 @@ class TeacherRunner:
             out.append(cur)
         return out
 
-    def label(self, sequences: list[np.ndarray]) -> list[tuple[np.ndarray, ...]]:
-        """Return ``(topk_ids [L, k], topk_logprobs [L, k], tail [L])`` per sequence, in input order.
+    def label(self, sequences: Sequence[np.ndarray]) -> UnitLabels:
+        """The labels of ``sequences``: top-k ids and log-probs ``[N, k]`` and the tail ``[N]``, flat in input order.
 
-        With ``tail_samples``, two more arrays per sequence: sampled tail ids and
-        counts ``[L, S]``. The draws are seeded by the batch's tokens, so a unit
-        labeled again (a resumed run) gets the same samples.
+        With ``tail_samples``, two extras ``[N, S]``: sampled tail ids and counts. The draws
+        are seeded by the batch's tokens, so a unit labeled again (a resumed run) gets the
+        same samples.
         """
         import torch
         from softlabels.labeler.topk import topk_with_tail
@@ -225,10 +227,11 @@ class TeacherRunner:
                     flat, self.head, self.top_k, self.temperature, self.head_chunk, self.softcap, self.tail_samples, gen
                 )
             start = 0
+            names = ("topk_ids", "topk_logprobs", "tail_logprob", *EXTRAS)
             for i in batch:
                 n = len(sequences[i])
-                results[i] = tuple(a[start : start + n].numpy() for a in out)
+                results[i] = {name: a[start : start + n].numpy() for name, a in zip(names, out)}
                 start += n
             if self.first_batch_at is None:
                 self.first_batch_at = time.time()  # the run's start-up ends here (its summary reports it)
-        return results
+        return UnitLabels.concat(results)

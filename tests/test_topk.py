@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,3 +112,28 @@ def test_tail_samples_follow_the_tail_distribution_and_are_reproducible(head):
 def test_no_tail_means_no_samples(head):
     out = topk_with_tail(torch.randn(3, 16), head, 97, tail_samples=4, generator=torch.Generator().manual_seed(0))
     assert (out[4] == 0).all()
+
+
+def test_unit_labels_are_flat_per_position_and_slice_back_per_sequence():
+    """The typed seam between teacher and writer: per-sequence columns in, flat arrays, the same slices out."""
+    from softlabels.labeler.seams import UnitInput, UnitLabels
+
+    rng = np.random.default_rng(0)
+    lengths = (3, 1, 4)
+    per = [{"topk_ids": rng.integers(0, 50, (n, 2)), "topk_logprobs": rng.random((n, 2), dtype=np.float32),
+            "tail_logprob": rng.random(n, dtype=np.float32), "tail_sample_ids": rng.integers(0, 50, (n, 3)),
+            "tail_sample_counts": rng.integers(0, 3, (n, 3))} for n in lengths]
+    labels = UnitLabels.concat(per)
+    assert labels.lengths == lengths and labels.topk_ids.shape == (8, 2) and set(labels.extras) == {
+        "tail_sample_ids", "tail_sample_counts"}
+    for i, cols in enumerate(per):
+        got = labels.sequence(i)
+        assert set(got) == set(cols) and all(np.array_equal(got[k], cols[k]) for k in cols)
+    with pytest.raises(ValueError, match="tail_logprob has 7 rows for 8 positions"):
+        UnitLabels(lengths, labels.topk_ids, labels.topk_logprobs, labels.tail_logprob[:7])
+    with pytest.raises(ValueError, match="unknown label columns"):
+        UnitLabels(lengths, labels.topk_ids, labels.topk_logprobs, labels.tail_logprob, {"offsets": labels.tail_logprob})
+    unit = UnitInput(("a#0", "b#0", "c#0"), tuple(np.arange(n, dtype=np.int32) for n in lengths))
+    assert unit.lengths == lengths and unit.tokens == 8
+    with pytest.raises(ValueError, match="2 sources for 3 sequences"):
+        UnitInput(("a#0", "b#0"), unit.input_ids)

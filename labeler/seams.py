@@ -1,0 +1,88 @@
+"""The labeler's typed seams: what a teacher replica is given, and what it gives back.
+
+A unit crosses process boundaries twice (driver -> teacher replica -> shard writer).
+It travels as these two types, not as positional tuples, so that another teacher
+backend (it implements ``label(UnitInput) -> UnitLabels``) or another per-position
+column (an entry of :attr:`UnitLabels.extras`) plugs in at one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# The per-position columns a teacher may add, named as :class:`softlabels.schemas.Sample`'s fields.
+EXTRAS = ("tail_sample_ids", "tail_sample_counts")
+
+
+@dataclass(frozen=True)
+class UnitInput:
+    """One unit's sequences, in plan order: what a teacher labels."""
+
+    sources: tuple[str, ...]  # each sequence's "<doc_id>#<chunk>" (or "packed:<n>")
+    input_ids: tuple[np.ndarray, ...]  # [L_i] int32 token ids per sequence
+
+    def __post_init__(self) -> None:
+        if len(self.sources) != len(self.input_ids):
+            raise ValueError(f"{len(self.sources)} sources for {len(self.input_ids)} sequences")
+
+    @classmethod
+    def of(cls, sequences: Sequence[object]) -> UnitInput:
+        """From the plan's sequences (objects with ``source`` and ``input_ids``)."""
+        return cls(tuple(s.source for s in sequences), tuple(s.input_ids for s in sequences))  # type: ignore[attr-defined]
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(len(ids) for ids in self.input_ids)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+
+@dataclass(frozen=True)
+class UnitLabels:
+    """A teacher's labels for one unit: flat per-position arrays over its sequences, in order.
+
+    Row ``t`` describes the teacher's distribution over the token after position ``t``;
+    ``lengths`` says which rows belong to which sequence.
+    """
+
+    lengths: tuple[int, ...]
+    topk_ids: np.ndarray  # [N, k], descending by log-prob
+    topk_logprobs: np.ndarray  # [N, k] float32
+    tail_logprob: np.ndarray  # [N] float32: log of the mass outside the top-k
+    extras: Mapping[str, np.ndarray] = field(default_factory=dict)  # optional [N, ...] columns, names in EXTRAS
+
+    def __post_init__(self) -> None:
+        n = sum(self.lengths)
+        columns = {"topk_ids": self.topk_ids, "topk_logprobs": self.topk_logprobs, "tail_logprob": self.tail_logprob,
+                   **self.extras}
+        unknown = set(self.extras) - set(EXTRAS)
+        if unknown:
+            raise ValueError(f"unknown label columns {sorted(unknown)} (known: {EXTRAS})")
+        for name, a in columns.items():
+            if a.shape[:1] != (n,):
+                raise ValueError(f"label column {name} has {a.shape[0] if a.ndim else 0} rows for {n} positions")
+
+    @classmethod
+    def concat(cls, per_sequence: Sequence[Mapping[str, np.ndarray]]) -> UnitLabels:
+        """From one mapping of columns per sequence (each ``[L_i, ...]``), in order."""
+        if not per_sequence:
+            raise ValueError("a unit has at least one sequence")
+        names = list(per_sequence[0])
+        joined = {name: np.concatenate([s[name] for s in per_sequence]) for name in names}
+        lengths = tuple(len(s["tail_logprob"]) for s in per_sequence)
+        core = {k: joined.pop(k) for k in ("topk_ids", "topk_logprobs", "tail_logprob")}
+        return cls(lengths, **core, extras=joined)
+
+    def sequence(self, i: int) -> dict[str, np.ndarray]:
+        """Sequence ``i``'s columns (views), named as :class:`softlabels.schemas.Sample`'s fields."""
+        start = sum(self.lengths[:i])
+        end = start + self.lengths[i]
+        out = {"topk_ids": self.topk_ids[start:end], "topk_logprobs": self.topk_logprobs[start:end],
+               "tail_logprob": self.tail_logprob[start:end]}
+        out.update((k, v[start:end]) for k, v in self.extras.items())
+        return out
