@@ -120,11 +120,21 @@ def run(cfg: LabelConfig, started: float | None = None) -> Summary:
     checks = pool.submit(_check_teacher, cfg, source)
     pool.shutdown(wait=False)
     try:
+        writer.acquire(cfg.overwrite, cfg.take_over)  # before Ray starts: a second run on the output is refused at once
+    except BaseException:
+        checks.cancel()
+        raise
+    try:
         with ray_session(cfg.ray_address) as ray:
-            tokenizer, id_space = checks.result()
+            try:
+                tokenizer, id_space = checks.result()
+            except BaseException:
+                writer.finish(forget=True)  # refused: the output is left as it was
+                raise
             return _run(cfg, ray, writer, corpus, source, tokenizer, id_space, t0, started)
     finally:
         checks.cancel()
+        writer.finish()
 
 
 def _check_teacher(cfg: LabelConfig, source: TeacherSource) -> tuple[Any, int]:
@@ -150,7 +160,6 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
     seq_cfg = SequenceConfig(cfg.max_length, cfg.packing, cfg.add_eos, cfg.limit, cfg.shard_tokens)
     tok_info = TokenizerInfo(name=source.display_name, vocab_size=len(tokenizer), fingerprint=tokenizer_fingerprint(tokenizer))
 
-    writer.acquire(cfg.overwrite, cfg.take_over)  # before any Ray work: a second run on the output is refused at once
     try:
         # The device default follows the cluster (the driver may have no GPU).
         device, dtype = pick_device_dtype(cfg.device or ("cuda" if cluster_gpus(ray) else "cpu"), cfg.dtype)
@@ -175,7 +184,7 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
             return _already_complete(writer, cfg, t0)
         done = writer.committed() if status == "resume" else {}
         if done:
-            log.info("resuming: %d committed unit(s) verified (size and sha256)", len(done))
+            log.info("resuming: %d committed unit(s) verified", len(done))
         tok_info = dataclasses.replace(tok_info, checksums=writer.write_tokenizer(tokenizer))
         try:
             out = Pipeline(ray, cfg, source, device, dtype, tokenizer, tok_info.fingerprint, corpus, seq_cfg, done,

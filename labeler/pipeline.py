@@ -276,12 +276,16 @@ class Pipeline:
                      self.owner)
             for node in node_ids
         ]
+        ready = [w.ready.remote() for w in self.writers]
         try:
-            ray.get([*loading, *(w.ready.remote() for w in self.writers)])
+            ray.get(loading)
         except ray.exceptions.RayTaskError as e:
-            raise _unwrapped(e) from None
+            if isinstance(e.cause, UserError):
+                raise e.cause from None  # e.g. --top-k above the teacher's head rows: one line, exit 2
+            raise JobFailed(f"a teacher replica failed to load: {_first_line(e.cause or e)}") from e
         except ray.exceptions.RayActorError as e:
             raise JobFailed(f"a teacher replica failed to load: {_first_line(e)}") from e
+        ray.get(ready)
         log.info(
             "%d teacher replica(s) on %d node(s) (%s, %s%s)", replicas, len(set(node_ids)), self.device, self.dtype,
             "" if gpu else f", {threads} torch threads each",

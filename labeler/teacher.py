@@ -60,12 +60,14 @@ def weights_sha256(path: str) -> str:
     """sha256 over a local model directory's weight files (names and bytes, sorted).
 
     Remembered in ``$SOFTLABELS_CACHE/weights-sha256.json`` by each file's name, size,
-    modification time and inode, so a rerun on unchanged weights does not hash gigabytes again.
+    modification and change times, inode and device (any rewrite, copy or touch changes one
+    of them), so a rerun on unchanged weights does not hash gigabytes again.
     """
     files = sorted(
         f for f in Path(path).iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".gguf") and f.is_file()
     )
-    stamp = [[f.name, st.st_size, st.st_mtime_ns, st.st_ino] for f in files for st in [f.stat()]]
+    stamp = [[f.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+             for f in files for st in [f.stat()]]
     where, memo = str(Path(path).resolve()), _weights_memo()
     known = memo.get(where)
     if isinstance(known, dict) and known.get("files") == stamp and isinstance(known.get("sha256"), str):

@@ -39,12 +39,12 @@ def test_blocks_are_indexed_and_their_markers_deleted_then_a_resume_finds_every_
     random.Random(0).shuffle(order)  # units finish out of order across replicas
     data = committed_by_hand(writer, 8, order)
     # blocks [0,3) and [3,6) are complete: one index each, their markers gone; 6 and 7 keep theirs
-    assert listing(storage_root, "_commits") == {"index-000000.json", "index-000001.json",
-                                                 "part-000006.json", "part-000007.json"}
+    assert listing(storage_root, "_commits") == {"index", "part-000006.json", "part-000007.json"}
+    assert listing(storage_root, "_commits/index") == {"000000.json", "000001.json"}
     fs, root = resolve_url(storage_root)
-    index = json.loads(fs.cat_file(f"{root}/_commits/index-000001.json"))
+    index = json.loads(fs.cat_file(f"{root}/_commits/index/000001.json"))
     assert [c["name"] for c in index["commits"]] == ["part-000003", "part-000004", "part-000005"]
-    assert index["commits"][1]["inputs"] == "digest-4" and index["first"] == 3
+    assert index["commits"][1]["inputs"] == "digest-4" and (index["first"], index["block_units"]) == (3, 3)
 
     done = LabelSetWriter(storage_root).committed()
     assert sorted(done) == sorted(data)
@@ -56,7 +56,7 @@ def test_a_resume_redoes_units_whose_index_or_shard_is_unusable(storage_root, mo
     monkeypatch.setenv("SOFTLABELS_INDEX_UNITS", "2")
     data = committed_by_hand(LabelSetWriter(storage_root), 7, list(range(7)))
     fs, root = resolve_url(storage_root)
-    fs.pipe_file(f"{root}/_commits/index-000000.json", b"{not json")  # units 0, 1: index unreadable
+    fs.pipe_file(f"{root}/_commits/index/000000.json", b"{not json")  # units 0, 1: index unreadable
     fs.rm(f"{root}/shards/part-000002.parquet")  # unit 2: indexed, shard gone
     fs.pipe_file(f"{root}/shards/part-000005.parquet", data["part-000005"][:-1])  # unit 5: indexed, shard cut
     fs.pipe_file(f"{root}/shards/part-000006.parquet", b"x" * len(data["part-000006"]))  # 6: marker only, same size
@@ -70,7 +70,7 @@ def test_a_stop_between_index_and_marker_deletion_converges(storage_root, monkey
     monkeypatch.setenv("SOFTLABELS_INDEX_UNITS", "2")
     committed_by_hand(LabelSetWriter(storage_root), 4, [0, 1, 2, 3])
     fs, root = resolve_url(storage_root)
-    index1 = json.loads(fs.cat_file(f"{root}/_commits/index-000001.json"))
+    index1 = json.loads(fs.cat_file(f"{root}/_commits/index/000001.json"))
     for entry in index1["commits"]:  # the run stopped after writing index 1, before deleting its markers
         marker = {k: v for k, v in entry.items() if k != "name"}
         fs.pipe_file(f"{root}/_commits/{entry['name']}.json", json.dumps(marker, sort_keys=True).encode())
@@ -78,7 +78,8 @@ def test_a_stop_between_index_and_marker_deletion_converges(storage_root, monkey
     def stamps() -> dict[str, str]:
         fs.invalidate_cache()
         return {i["name"].rsplit("/", 1)[-1]: str(i.get("LastModified") or i.get("mtime"))
-                for i in fs.ls(f"{root}/_commits", detail=True)}
+                for folder in ("_commits", "_commits/index") for i in fs.ls(f"{root}/{folder}", detail=True)
+                if i["type"] == "file"}
 
     before = stamps()
     resumed = LabelSetWriter(storage_root)
@@ -88,7 +89,7 @@ def test_a_stop_between_index_and_marker_deletion_converges(storage_root, monkey
         name = f"part-{i:06d}"
         resumed.record(i, name, done[name].info, done[name].inputs, resumed=True)
     after = stamps()
-    assert set(after) == {"index-000000.json", "index-000001.json"}
+    assert set(after) == {"000000.json", "000001.json"}
     assert all(after[k] == before[k] for k in after), "an index was written again for nothing"
 
 
@@ -104,7 +105,42 @@ def test_a_marker_or_index_naming_a_shard_it_does_not_own_is_unusable(tmp_path, 
     fs, root = resolve_url(url)
     marker = json.loads(fs.cat_file(f"{root}/_commits/part-000002.json"))
     fs.pipe_file(f"{root}/_commits/part-000002.json", json.dumps({**marker, **bad}).encode())
-    index = json.loads(fs.cat_file(f"{root}/_commits/index-000000.json"))
+    index = json.loads(fs.cat_file(f"{root}/_commits/index/000000.json"))
     index["commits"][0].update(bad)
-    fs.pipe_file(f"{root}/_commits/index-000000.json", json.dumps(index).encode())
+    fs.pipe_file(f"{root}/_commits/index/000000.json", json.dumps(index).encode())
     assert sorted(LabelSetWriter(url).committed()) == []
+
+
+def test_a_unit_redone_after_its_block_was_indexed_is_taken_from_its_marker(tmp_path, monkeypatch):
+    """The marker is the later record: a shard rewritten (same size, other bytes) by a redo that stopped
+    before the block's index was written again is checked against the marker, and the index is rewritten."""
+    monkeypatch.setenv("SOFTLABELS_INDEX_UNITS", "2")
+    url = str(tmp_path / "set")
+    committed_by_hand(LabelSetWriter(url), 2, [0, 1])
+    redo = LabelSetWriter(url)
+    redo.committed()
+    new = b"X" * len(b"shard 1 " * 2)  # as if the teacher gave other bytes of the same size
+    info = redo.commit_unit("part-000001", new, rows=1, tokens=2, inputs="digest-1")  # then the run stopped
+    done = LabelSetWriter(url).committed()
+    assert done["part-000001"].info == info and done["part-000001"].info.sha256 != done["part-000000"].info.sha256
+    resumed = LabelSetWriter(url)
+    done = resumed.committed()
+    for i in (0, 1):
+        resumed.record(i, f"part-{i:06d}", done[f"part-{i:06d}"].info, f"digest-{i}", resumed=True)
+    fs, root = resolve_url(url)
+    index = json.loads(fs.cat_file(f"{root}/_commits/index/000000.json"))
+    assert index["commits"][1]["sha256"] == info.sha256 and listing(url, "_commits") == {"index"}
+
+
+def test_a_resume_keeps_the_block_size_the_set_was_indexed_with(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOFTLABELS_INDEX_UNITS", "4")
+    url = str(tmp_path / "set")
+    committed_by_hand(LabelSetWriter(url), 5, [0, 1, 2, 3, 4])
+    monkeypatch.setenv("SOFTLABELS_INDEX_UNITS", "2")  # e.g. another release's default
+    resumed = LabelSetWriter(url)
+    done = resumed.committed()
+    assert sorted(done) == [f"part-{i:06d}" for i in range(5)] and resumed.index_units == 4
+    for i in range(5):
+        resumed.record(i, f"part-{i:06d}", done[f"part-{i:06d}"].info, f"digest-{i}", resumed=True)
+    assert listing(url, "_commits/index") == {"000000.json"}  # block 0 not split, unit 4's block still open
+    assert sorted(LabelSetWriter(url).committed()) == [f"part-{i:06d}" for i in range(5)]

@@ -141,8 +141,9 @@ def test_rerun_is_a_no_op_and_resume_redoes_only_missing_units(ray_local, tiny_t
     names = {p.rsplit("/", 1)[-1] for p in fs.ls(path + "/_commits")}
     # Blocks of 4 units (SOFTLABELS_INDEX_UNITS) are gathered into an index and their markers deleted;
     # the last, partial block keeps its markers.
-    assert n_units % 4 and names == {f"index-{b:06d}.json" for b in range(n_units // 4)} | {
-        f"part-{i:06d}.json" for i in range(n_units // 4 * 4, n_units)}, names
+    assert n_units % 4 and names == {"index"} | {f"part-{i:06d}.json" for i in range(n_units // 4 * 4, n_units)}, names
+    assert {p.rsplit("/", 1)[-1] for p in fs.ls(path + "/_commits/index")} == {
+        f"{b:06d}.json" for b in range(n_units // 4)}
     # Simulate a crash: the last unit lost its marker; an indexed unit's shard is truncated.
     last = f"part-{n_units - 1:06d}"
     fs.rm(f"{path}/_commits/{last}.json")

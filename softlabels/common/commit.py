@@ -5,7 +5,7 @@ Commit protocol (object stores have no atomic rename):
 1. a worker writes ``shards/part-NNNNNN.parquet`` as one whole object,
 2. then ``_commits/part-NNNNNN.json`` (rows, tokens, bytes, sha256, input digest),
 3. once every unit of a block of :data:`INDEX_UNITS` consecutive units is committed, the
-   driver gathers their markers into one index, ``_commits/index-BBBBBB.json``, and then
+   driver gathers their markers into one index, ``_commits/index/BBBBBB.json``, and then
    deletes those markers (a resume of a large set reads a few hundred indexes, not one
    object per unit),
 4. the driver writes ``manifest.json`` last.
@@ -14,7 +14,7 @@ A crash at any point loses at most the units in flight: a unit is committed once
 or an index holding it exists. A resume verifies units from an index by one listing of
 ``shards/`` (each shard present, with the recorded size: whole objects only, so a shard
 of the right size is the one written; readers check every shard's sha256 against the
-manifest), and units known only by their marker in full (read back, size and sha256).
+manifest), and units that still have their marker in full (read back, size and sha256).
 
 A run record (``_labeler/run.json`` for the labeler, ``_convert/run.json`` for
 ``softlabels convert``) records what the run writes (teacher, tokenizer, k,
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 MAX_LOGGED = 20
 
 RUN_RECORD = "_labeler/run.json"
-INDEX_PREFIX = "index-"
+INDEX_DIR = "_commits/index"  # a folder: no unit's marker (_commits/NAME.json) can be taken for an index
 INDEX_UNITS = 1000  # units per commit index (``SOFTLABELS_INDEX_UNITS`` overrides it, for tests)
 RUN_RECORDS = (RUN_RECORD, "_convert/run.json")  # one per command that writes label sets
 COMMITS = "_commits"
@@ -264,10 +264,11 @@ class LabelSetWriter:
     def committed(self, workers: int = 16) -> dict[str, Commit]:
         """Verified commits, by unit name; a unit not returned is (re)done.
 
-        Units held by an index: their shard is listed with the recorded size (one listing of
-        ``shards/``). Units known only by their marker: the shard is read back and its size and
-        sha256 compared (in parallel threads; at most the units of the blocks that were not yet
-        indexed when the earlier run stopped).
+        Units known by their own marker (a block not yet indexed when the earlier run stopped,
+        or one whose markers were not yet deleted): the shard is read back and its size and
+        sha256 compared with the marker, in parallel threads; a marker wins over an index entry
+        (it is the later record). Units known only from an index: their shard is listed with the
+        recorded size (one listing of ``shards/``).
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -279,28 +280,45 @@ class LabelSetWriter:
             p.rstrip("/").rsplit("/", 1)[-1]
             for p in retry_io(lambda: self.fs.ls(self._p(COMMITS), detail=False), f"list {self._u(COMMITS)}")
         )
-        indexes = [n for n in names if n.startswith(INDEX_PREFIX) and n.endswith(".json")]
-        markers = [n[: -len(".json")] for n in names if n.endswith(".json") and not n.startswith(INDEX_PREFIX)]
+        markers = [n[: -len(".json")] for n in names if n.endswith(".json")]
+        indexes = self._index_names() if INDEX_DIR.rsplit("/", 1)[-1] in names else []
+        log.info("checking committed units under %s: %d commit index(es), %d marker(s)", self.url, len(indexes),
+                 len(markers))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            blocks = list(pool.map(self._read_index, indexes))
-        indexed = {c.name: c for block in blocks for c in block}
-        for name, block in zip(indexes, blocks):
-            if block:
-                self._indexed[int(name[len(INDEX_PREFIX): -len(".json")])] = {c.name for c in block}
-        out: dict[str, Commit] = {}
-        if indexed:
+            blocks = [b for b in pool.map(self._read_index, indexes) if b is not None]
+        if blocks:
+            # The block size the set was indexed with stays (a changed setting must not split a block).
+            sizes_used = {size for _, size, _ in blocks}
+            if len(sizes_used) > 1:
+                raise OutputError(f"output {self.url}: commit indexes of different block sizes {sorted(sizes_used)}; "
+                                  "use --overwrite to start afresh")
+            self.index_units = sizes_used.pop()
+        indexed = {c.name: c for _, _, commits in blocks for c in commits}
+        self._indexed = {block: {c.name for c in commits} for block, _, commits in blocks}
+        self._markers = set(markers)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            checked = dict(zip(markers, pool.map(self._verify, markers)))
+        out = {name: c for name, c in checked.items() if c is not None}
+        for name, c in out.items():
+            if name in indexed and c != indexed[name]:
+                self._fresh.add(name)  # a unit redone after its block was indexed: the index is rewritten
+        only_indexed = [c for name, c in indexed.items() if name not in checked]
+        if only_indexed:
             sizes = self._shard_sizes()
-            bad = [c for c in indexed.values() if sizes.get(c.info.path) != c.info.bytes]
+            bad = [c for c in only_indexed if sizes.get(c.info.path) != c.info.bytes]
             for c in bad[:MAX_LOGGED]:
                 log.warning("shard %s is missing or not the size its index records; its unit will be redone", c.info.path)
             if len(bad) > MAX_LOGGED:
                 log.warning("... and %d more such shards", len(bad) - MAX_LOGGED)
-            out = {c.name: c for c in indexed.values() if sizes.get(c.info.path) == c.info.bytes}
-        self._markers = set(markers)  # the indexed ones among them are left over from a stop before their deletion
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            checked = list(pool.map(self._verify, [m for m in markers if m not in indexed]))
-        out.update((c.name, c) for c in checked if c is not None)
+            out.update((c.name, c) for c in only_indexed if sizes.get(c.info.path) == c.info.bytes)
         return out
+
+    def _index_names(self) -> list[str]:
+        try:
+            paths = retry_io(lambda: self.fs.ls(self._p(INDEX_DIR), detail=False), f"list {self._u(INDEX_DIR)}")
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in paths) if n.endswith(".json"))
 
     def _shard_sizes(self) -> dict[str, int]:
         """Every object under ``shards/``: relative path -> size (listed, not read)."""
@@ -311,15 +329,20 @@ class LabelSetWriter:
         return {f"{SHARDS}/{e['name'].rstrip('/').rsplit('/', 1)[-1]}": int(e.get("size") or 0)
                 for e in entries if e.get("type") != "directory"}
 
-    def _read_index(self, name: str) -> list[Commit]:
-        """The commits an index holds ([] if it is unusable: its units are then redone)."""
+    def _read_index(self, name: str) -> tuple[int, int, list[Commit]] | None:
+        """``(block, block size, commits)`` of one index (None if it is unusable: its units are then redone)."""
         try:
-            d = json.loads(self._read(f"{COMMITS}/{name}"))
-            return [self._commit(dict(m)) for m in d["commits"]]
+            block = int(name[: -len(".json")])
+            d = json.loads(self._read(f"{INDEX_DIR}/{name}"))
+            size, first = d["block_units"], d["first"]
+            if type(size) is not int or size < 1 or first != block * size or not 0 < len(d["commits"]) <= size:
+                raise ValueError(f"block {block} of {size!r} units cannot start at unit {first!r} "
+                                 f"and hold {len(d['commits'])}")
+            return block, size, [self._commit(dict(m)) for m in d["commits"]]
         except (FileNotFoundError, ValueError, TypeError, KeyError, AttributeError) as e:
             log.warning("commit index %s is unusable (%s); its units will be redone unless their markers remain",
                         name, e)
-            return []
+            return None
 
     @staticmethod
     def _commit(marker: dict[str, Any]) -> Commit:
@@ -369,9 +392,9 @@ class LabelSetWriter:
         if self._indexed.get(block) != set(entries) or not self._fresh.isdisjoint(entries):
             if self.claim is not None:
                 self.claim.check()
-            body = {"first": block * self.index_units, "units": len(entries),
+            body = {"block_units": self.index_units, "first": block * self.index_units,
                     "commits": [entries[n] for n in sorted(entries)]}
-            self._write(f"{COMMITS}/{INDEX_PREFIX}{block:06d}.json", json.dumps(body, sort_keys=True).encode())
+            self._write(f"{INDEX_DIR}/{block:06d}.json", json.dumps(body, sort_keys=True).encode())
             crash_point(f"{self.job}.indexed")
         stale = sorted(n for n in entries if n in self._markers)
         if stale:
