@@ -11,7 +11,7 @@ before   ``LabelSetWriter.committed()`` of the previous release (its source take
 after    this release. A run gathers each block of 1,000 committed units into one index
          and deletes their markers as it goes (timed here apart, "indexing": spread over a
          real run, it costs one small write and one bulk delete per 1,000 units); then the
-         resume check ``committed()``: read the indexes, one listing of ``shards/`` for
+         resume check ``committed()``: read the indexes, list ``shards/`` (in parallel by name prefix) for
          the sizes. Both checks must find every unit.
 manifest the final manifest of all units: built, serialized, written (``write_manifest``).
 

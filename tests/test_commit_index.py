@@ -144,3 +144,19 @@ def test_a_resume_keeps_the_block_size_the_set_was_indexed_with(tmp_path, monkey
         resumed.record(i, f"part-{i:06d}", done[f"part-{i:06d}"].info, f"digest-{i}", resumed=True)
     assert listing(url, "_commits/index") == {"000000.json"}  # block 0 not split, unit 4's block still open
     assert sorted(LabelSetWriter(url).committed()) == [f"part-{i:06d}" for i in range(5)]
+
+
+def test_shards_are_listed_by_prefix_in_parallel_on_s3_with_the_same_result(s3_server):
+    """Groups of 1,000 names (part-000xxx, part-001xxx, ...) are listed in parallel; the sizes equal one listing's."""
+    url = f"{s3_server}/prefixes-{__import__('uuid').uuid4().hex[:8]}"
+    writer = LabelSetWriter(url)
+    names = ["part-000998", "part-000999", "part-001000", "part-002001"]
+    for i, name in enumerate(names):
+        writer.commit_unit(name, b"s" * (i + 1), rows=1, tokens=1)
+    fs, root = resolve_url(url)
+    fs.pipe_file(f"{root}/shards/part-003000.parquet", b"not asked for")
+    fs.invalidate_cache()
+    whole = {f"shards/{i['name'].rsplit('/', 1)[-1]}": i["size"] for i in fs.ls(f"{root}/shards", detail=True)}
+    by_prefix = writer._shard_sizes([f"shards/{n}" for n in names])
+    assert by_prefix == {k: v for k, v in whole.items() if not k.startswith("shards/part-003")}
+    assert by_prefix["shards/part-002001.parquet"] == 4

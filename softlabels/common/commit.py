@@ -11,7 +11,7 @@ Commit protocol (object stores have no atomic rename):
 4. the driver writes ``manifest.json`` last.
 
 A crash at any point loses at most the units in flight: a unit is committed once its marker
-or an index holding it exists. A resume verifies units from an index by one listing of
+or an index holding it exists. A resume verifies units from an index by listing
 ``shards/`` (each shard present, with the recorded size: whole objects only, so a shard
 of the right size is the one written; readers check every shard's sha256 against the
 manifest), and units that still have their marker in full (read back, size and sha256).
@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -268,7 +268,7 @@ class LabelSetWriter:
         or one whose markers were not yet deleted): the shard is read back and its size and
         sha256 compared with the marker, in parallel threads; a marker wins over an index entry
         (it is the later record). Units known only from an index: their shard is listed with the
-        recorded size (one listing of ``shards/``).
+        recorded size (a listing of ``shards/``).
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -304,7 +304,7 @@ class LabelSetWriter:
                 self._fresh.add(name)  # a unit redone after its block was indexed: the index is rewritten
         only_indexed = [c for name, c in indexed.items() if name not in checked]
         if only_indexed:
-            sizes = self._shard_sizes()
+            sizes = self._shard_sizes([c.info.path[: -len(".parquet")] for c in only_indexed])
             bad = [c for c in only_indexed if sizes.get(c.info.path) != c.info.bytes]
             for c in bad[:MAX_LOGGED]:
                 log.warning("shard %s is missing or not the size its index records; its unit will be redone", c.info.path)
@@ -320,14 +320,41 @@ class LabelSetWriter:
             return []
         return sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in paths) if n.endswith(".json"))
 
-    def _shard_sizes(self) -> dict[str, int]:
-        """Every object under ``shards/``: relative path -> size (listed, not read)."""
+    def _shard_sizes(self, paths: Collection[str] = ()) -> dict[str, int]:
+        """Objects under ``shards/``, relative path -> size (listed, not read), covering at least ``paths``.
+
+        On S3 the listing goes in parallel, one request per group of up to 1,000 names that
+        share all but their last three characters (``part-012xxx``); elsewhere one listing.
+        """
+        stems = [p.rsplit("/", 1)[-1] for p in paths]
+        groups = sorted({stem[:-3] for stem in stems})
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        where = f"list {self._u(SHARDS)}"
         try:
-            entries = retry_io(lambda: self.fs.ls(self._p(SHARDS), detail=True), f"list {self._u(SHARDS)}")
+            if len(groups) > 1 and all(groups) and {"s3", "s3a"} & set(protocols):
+                entries = retry_io(lambda: self._list_by_prefix(groups), where)
+            else:
+                entries = retry_io(lambda: self.fs.ls(self._p(SHARDS), detail=True), where)
         except FileNotFoundError:
             return {}
         return {f"{SHARDS}/{e['name'].rstrip('/').rsplit('/', 1)[-1]}": int(e.get("size") or 0)
                 for e in entries if e.get("type") != "directory"}
+
+    def _list_by_prefix(self, prefixes: list[str], parallel: int = 16) -> list[dict[str, Any]]:
+        import asyncio
+
+        from fsspec.asyn import sync
+
+        async def everything() -> list[dict[str, Any]]:
+            gate = asyncio.Semaphore(parallel)
+
+            async def one(prefix: str) -> list[dict[str, Any]]:
+                async with gate:
+                    return await self.fs._lsdir(self._p(SHARDS), refresh=True, prefix=prefix)
+
+            return [e for part in await asyncio.gather(*(one(p) for p in prefixes)) for e in part]
+
+        return sync(self.fs.loop, everything)
 
     def _read_index(self, name: str) -> tuple[int, int, list[Commit]] | None:
         """``(block, block size, commits)`` of one index (None if it is unusable: its units are then redone)."""
