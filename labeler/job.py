@@ -22,7 +22,8 @@ from typing import Any
 
 from softlabels.labeler.config import LabelConfig
 from softlabels.labeler.corpus import Corpus
-from softlabels.labeler.pipeline import NothingToLabel, Pipeline, cluster_gpus, ray_session
+from softlabels.labeler.pipeline import NothingToLabel, Pipeline
+from softlabels.labeler.raysession import cluster_gpus, ray_session
 from softlabels.labeler.teacher import TeacherSource, load_tokenizer, pick_device_dtype, resolve_teacher, teacher_info
 from softlabels.schemas import (
     SCHEMA_VERSION,
@@ -156,7 +157,7 @@ def _check_teacher(cfg: LabelConfig, source: TeacherSource) -> tuple[Any, int]:
 
 def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, source: TeacherSource, tokenizer: Any,
          id_space: int, t0: float, started: float) -> Summary:
-    """The job once Ray is up and every input is checked: claim the output, label, publish."""
+    """The job once Ray is up, the output claimed and every input checked: label, publish."""
     seq_cfg = SequenceConfig(cfg.max_length, cfg.packing, cfg.add_eos, cfg.limit, cfg.shard_tokens)
     tok_info = TokenizerInfo(name=source.display_name, vocab_size=len(tokenizer), fingerprint=tokenizer_fingerprint(tokenizer))
 
