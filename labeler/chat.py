@@ -100,3 +100,59 @@ def render_chat(
     else:
         trained = [any(s <= a < e for s, e in spans) for a, _ in enc["offset_mapping"]]
     return RenderedChat(text, ids, trained)
+
+
+# -- rows as users keep them -------------------------------------------------------------------
+FORMATS = ("text", "chat", "prompt-completion")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "tool": "tool", "function": "tool"}
+COMPLETION_FIELDS = ("completion", "response")
+
+
+def detect_format(row: Any, text_field: str = "text") -> str:
+    """``text``, ``chat`` or ``prompt-completion``, from the fields of a corpus row (what ``--format auto`` chooses).
+
+    Raises:
+        UserError: the row has none of the fields any format reads.
+    """
+    if isinstance(row, Mapping):
+        if "messages" in row or "conversations" in row:
+            return "chat"
+        if "prompt" in row and any(f in row for f in COMPLETION_FIELDS):
+            return "prompt-completion"
+        if text_field in row:
+            return "text"
+    fields = sorted(row) if isinstance(row, Mapping) else type(row).__name__
+    raise UserError(f"cannot tell the corpus format from a row with fields {fields}: expected '{text_field}', "
+                    f"'messages' (or ShareGPT 'conversations'), or 'prompt' with 'completion' or 'response'")
+
+
+def row_messages(row: Mapping[str, Any], fmt: str, where: str = "row") -> list[dict[str, str]]:
+    """A chat or prompt-completion row as ``{"role", "content"}`` messages (checked, one line naming ``where``).
+
+    Chat rows: OpenAI/HF ``messages`` (``role``/``content``), or ShareGPT ``conversations``
+    (``from``/``value``, with ``human``/``gpt`` for user/assistant). Prompt-completion rows:
+    ``prompt`` and ``completion`` (or ``response``) become one user and one assistant turn.
+    """
+    if fmt == "prompt-completion":
+        key = next((f for f in COMPLETION_FIELDS if f in row), None)
+        if "prompt" not in row or key is None:
+            raise UserError(f"{where}: a prompt-completion row needs 'prompt' and 'completion' (or 'response')")
+        return check_messages([{"role": "user", "content": row["prompt"]},
+                               {"role": "assistant", "content": row[key]}], where)
+    if fmt != "chat":
+        raise ValueError(f"row_messages reads chat and prompt-completion rows, not {fmt!r}")
+    if "messages" in row:
+        return check_messages(row["messages"], where)
+    turns = row.get("conversations")
+    if not isinstance(turns, Sequence) or isinstance(turns, (str, bytes)):
+        raise UserError(f"{where}: expected 'messages' or 'conversations' to be a list of turns")
+    messages = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, Mapping) or "from" not in t or "value" not in t:
+            raise UserError(f"{where}: conversation turn {i} needs a 'from' and a 'value'")
+        if t["from"] not in SHAREGPT_ROLES:
+            raise UserError(f"{where}: conversation turn {i} is from {t['from']!r}; expected one of "
+                            f"{', '.join(SHAREGPT_ROLES)}")
+        messages.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+    return check_messages(messages, where)

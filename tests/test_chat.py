@@ -129,3 +129,48 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tokenizers):
                 " else '...') + '\\n' }}{% endfor %}")
     with pytest.raises(UserError, match="renders turn 1 differently once later turns follow"):
         render_chat(tokenizers["builtin"], CONVERSATION, chat_template=template)
+
+
+@pytest.mark.parametrize("row,fmt", [
+    ({"text": "plain"}, "text"),
+    ({"messages": [], "text": "x"}, "chat"),
+    ({"conversations": []}, "chat"),
+    ({"prompt": "p", "response": "r"}, "prompt-completion"),
+    ({"prompt": "p", "completion": "c", "text": "t"}, "prompt-completion"),
+])
+def test_the_format_is_told_from_a_rows_fields(row, fmt):
+    from softlabels.labeler.chat import detect_format
+
+    assert detect_format(row) == fmt
+
+
+def test_rows_of_every_shape_become_the_same_messages():
+    from softlabels.labeler.chat import detect_format, row_messages
+
+    want = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}]
+    openai = {"messages": want}
+    sharegpt = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                                  {"from": "gpt", "value": "Hello."}]}
+    for row in (openai, sharegpt):
+        assert row_messages(row, detect_format(row)) == want
+    pc = {"prompt": "Hi", "response": "Hello."}
+    assert row_messages(pc, detect_format(pc)) == want[1:]
+
+
+@pytest.mark.parametrize("row,fmt,fragment", [
+    ({"body": "x"}, None, "cannot tell the corpus format from a row with fields ['body']"),
+    ({"prompt": "p"}, "prompt-completion", "needs 'prompt' and 'completion' (or 'response')"),
+    ({"conversations": [{"from": "human"}]}, "chat", "conversation turn 0 needs a 'from' and a 'value'"),
+    ({"conversations": [{"from": "bot", "value": "x"}]}, "chat", "conversation turn 0 is from 'bot'"),
+    ({"conversations": "hi"}, "chat", "to be a list of turns"),
+    ({"messages": [{"role": "user", "content": None}]}, "chat", "message 0 (user) has NoneType content"),
+])
+def test_rows_that_cannot_be_read_are_refused_in_one_line(row, fmt, fragment):
+    from softlabels.labeler.chat import detect_format, row_messages
+
+    with pytest.raises(UserError) as e:
+        row_messages(row, fmt, where="data.jsonl:7") if fmt else detect_format(row)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+    if fmt:
+        assert str(e.value).startswith("data.jsonl:7: ")
