@@ -2,6 +2,9 @@
 
 Every shard has ``sample_id`` (string), ``source`` (string) and ``input_ids``
 (list<int32>), then the label columns of its encoding (:mod:`schemas.encodings`).
+Schema v4 adds two optional columns: ``trained`` (list<bool>, which positions hold
+labels; absent: every position) and ``doc_lengths`` (list<int32>, the documents packed
+into a sequence; absent: one). Label columns hold one entry per *trained* position.
 Schema v1 shards (the columns of today's ``fp16`` encoding: ``topk_ids``,
 ``topk_logprobs`` as float16, ``tail_logprob``) keep reading.
 """
@@ -27,9 +30,10 @@ from softlabels.schemas.encodings import (
 )
 from softlabels.schemas.errors import LabelSetError, ShardFormatError, UnsupportedSchemaVersion
 
+# 4: trained-position masks (labels only where trained) and packed-document boundaries;
 # 3: every footer value is UTF-8 text (compact's vocabulary buckets in base64); 2: encodings; 1: fp16 only.
-SCHEMA_VERSION = 3
-SUPPORTED_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
 
 _META_VERSION = b"softlabels.schema_version"
 _META_TOPK = b"softlabels.top_k"
@@ -39,8 +43,10 @@ _META_TOPK = b"softlabels.top_k"
 class Sample:
     """One labeled sequence, decoded to numpy.
 
-    ``topk_logprobs[t]`` and ``tail_logprob[t]`` describe the teacher's
-    distribution over the token that follows ``input_ids[t]``.
+    Labels exist at the *trained* positions only: ``trained`` (``[L]`` bool; None means
+    every position) marks them, and the label arrays have one row per trained position,
+    in order. Row ``j`` of ``topk_logprobs`` and ``tail_logprob`` describes the teacher's
+    distribution over the token that follows ``input_ids[label_positions[j]]``.
     """
 
     sample_id: str
@@ -53,9 +59,22 @@ class Sample:
     # outside the top-k, left-aligned, and how often each was drawn (0 = unused slot).
     tail_sample_ids: np.ndarray | None = None  # [L, S] int32
     tail_sample_counts: np.ndarray | None = None  # [L, S] uint8, rows sum to S (0 where no tail)
+    trained: np.ndarray | None = None  # [L] bool: positions that hold labels (None: all)
+    doc_lengths: np.ndarray | None = None  # [D] int32: lengths of the documents packed here (None: one document)
+
+    @property
+    def label_positions(self) -> np.ndarray:
+        """The positions (indices into ``input_ids``) the label rows belong to, ascending."""
+        return np.arange(len(self.input_ids)) if self.trained is None else np.flatnonzero(self.trained)
 
     def __post_init__(self) -> None:
-        n = len(self.input_ids)
+        length = len(self.input_ids)
+        if self.trained is not None and self.trained.shape != (length,):
+            raise ValueError(f"sample {self.sample_id}: trained mask {self.trained.shape} for {length} input ids")
+        if self.doc_lengths is not None and (int(np.sum(self.doc_lengths)) != length or np.any(self.doc_lengths < 1)):
+            raise ValueError(f"sample {self.sample_id}: document lengths {list(self.doc_lengths)[:8]} do not add up "
+                             f"to its {length} tokens")
+        n = length if self.trained is None else int(np.count_nonzero(self.trained))
         if (self.tail_sample_ids is None) != (self.tail_sample_counts is None) or (
             self.tail_sample_ids is not None
             and (self.tail_sample_ids.shape != self.tail_sample_counts.shape or self.tail_sample_ids.shape[:1] != (n,))
@@ -68,7 +87,7 @@ class Sample:
             )
         if self.topk_ids.shape[0] != n or self.tail_logprob.shape != (n,):
             raise ValueError(
-                f"sample {self.sample_id}: {n} input ids but labels for "
+                f"sample {self.sample_id}: {n} trained positions but labels for "
                 f"{self.topk_ids.shape[0]} / {self.tail_logprob.shape} positions"
             )
 
@@ -113,6 +132,7 @@ def encode_samples(
             raise ValueError(f"encoding {enc.name!r} needs the vocabulary size")
         vocab_size = 1 << 31
     lengths = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
+    label_lengths = np.array([len(s.tail_logprob) for s in samples], dtype=np.int64)
 
     def cat(name: str, dtype: str, width: int = 0) -> np.ndarray:
         parts = [np.asarray(getattr(s, name), dtype=dtype) for s in samples]
@@ -120,20 +140,27 @@ def encode_samples(
 
     label_cols, meta = encode_labels(
         enc, cat("topk_ids", "int64", top_k), cat("topk_logprobs", "float32", top_k), cat("tail_logprob", "float32"),
-        lengths, vocab_size,
+        label_lengths, vocab_size,
     )
     columns = [
         ("sample_id", pa.array([s.sample_id for s in samples], pa.string())),
         ("source", pa.array([s.source for s in samples], pa.string())),
         ("input_ids", rows_list(cat("input_ids", "int32"), lengths, pa.int32())),
-        *label_cols,
     ]
+    if any(s.trained is not None and not s.trained.all() for s in samples):  # absent: every position trained
+        mask = [np.ones(len(s.input_ids), bool) if s.trained is None else s.trained.astype(bool) for s in samples]
+        columns.append(("trained", rows_list(np.concatenate(mask), lengths, pa.bool_())))
+    if any(s.doc_lengths is not None and len(s.doc_lengths) > 1 for s in samples):  # absent: one document per row
+        docs = [np.array([len(s.input_ids)]) if s.doc_lengths is None else s.doc_lengths for s in samples]
+        columns.append(("doc_lengths", rows_list(np.concatenate(docs).astype(np.int32), np.array([len(d) for d in docs]),
+                                                 pa.int32())))
+    columns += label_cols
     with_tail = {s.tail_sample_ids is not None for s in samples}
     if with_tail == {True}:
         draws = samples[0].tail_sample_ids.shape[1]
         columns += [
-            ("tail_sample_ids", rows_list(cat("tail_sample_ids", "int32", draws), lengths, pa.int32())),
-            ("tail_sample_counts", rows_list(cat("tail_sample_counts", "uint8", draws), lengths, pa.uint8())),
+            ("tail_sample_ids", rows_list(cat("tail_sample_ids", "int32", draws), label_lengths, pa.int32())),
+            ("tail_sample_counts", rows_list(cat("tail_sample_counts", "uint8", draws), label_lengths, pa.uint8())),
         ]
     elif len(with_tail) > 1:
         raise ValueError("either every sample of a shard has tail samples or none has")
@@ -177,28 +204,56 @@ def shard_version(table: pa.Table) -> int:
     return version
 
 
-def _decode_flat(table: pa.Table) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """``(row lengths, flat arrays)``: every position of every row back to back, whatever the encoding."""
+def _row_lengths(col: pa.ChunkedArray) -> np.ndarray:
+    return pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _row_sums(values: np.ndarray, per_row: np.ndarray) -> np.ndarray:
+    """The sum of each row's values (``per_row`` of them each, back to back)."""
+    c = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
+    b = np.concatenate([[0], np.cumsum(per_row)])
+    return c[b[1:]] - c[b[:-1]]
+
+
+def _decode_flat(table: pa.Table) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(flat arrays, per-row lengths)``: each column's values, all rows back to back, whatever the
+    encoding, and how many of them each row holds (label columns: the row's trained positions)."""
     version = shard_version(table)
     if version == 1:
         topk_ids, topk_lp, tail = fp16_columns(table, table.schema.field("topk_ids").type.value_type.list_size)
     else:
         topk_ids, topk_lp, tail = decode_labels(table, version)
     input_ids = flat_list(table.column("input_ids")).astype(np.int32, copy=False)
-    if not len(input_ids) == len(topk_ids) == len(topk_lp) == len(tail):
+    positions = _row_lengths(table.column("input_ids"))
+    # Every encoding keeps tail_logprob as a list per row: its lengths are the label rows' lengths.
+    labels = _row_lengths(table.column("tail_logprob"))
+    if not len(topk_ids) == len(topk_lp) == len(tail) == int(labels.sum()):
         raise ShardFormatError(f"label columns hold {len(topk_ids)}/{len(topk_lp)}/{len(tail)} positions "
-                               f"(ids/log-probs/tail), input_ids {len(input_ids)}")
-    flat = {
-        "input_ids": input_ids,
-        "topk_ids": topk_ids,
-        "topk_logprobs": topk_lp,
-        "tail_logprob": tail,
-    }
+                               f"(ids/log-probs/tail), the rows {int(labels.sum())}")
+    flat = {"input_ids": input_ids, "topk_ids": topk_ids, "topk_logprobs": topk_lp, "tail_logprob": tail}
+    lengths = {"input_ids": positions, "topk_ids": labels, "topk_logprobs": labels, "tail_logprob": labels}
     if "tail_sample_ids" in table.column_names:
         counts = flat_list(table.column("tail_sample_counts"), 2).astype(np.uint8, copy=False).reshape(len(tail), -1)
         flat["tail_sample_ids"] = flat_list(table.column("tail_sample_ids"), 2).astype(np.int32, copy=False).reshape(counts.shape)
         flat["tail_sample_counts"] = counts
-    return pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False), flat
+        lengths["tail_sample_ids"] = lengths["tail_sample_counts"] = labels
+    if "trained" in table.column_names:  # v4
+        trained = flat_list(table.column("trained")).astype(bool, copy=False)
+        per_row = _row_lengths(table.column("trained"))
+        if len(trained) != len(input_ids) or not np.array_equal(per_row, positions):
+            raise ShardFormatError("the trained mask does not cover every position of its rows")
+        if not np.array_equal(_row_sums(trained, positions), labels):
+            raise ShardFormatError("a row's label count differs from its trained positions")
+        flat["trained"], lengths["trained"] = trained, positions
+    elif not np.array_equal(labels, positions):
+        raise ShardFormatError("label rows differ from the positions and no trained mask says why")
+    if "doc_lengths" in table.column_names:  # v4, packed sequences
+        docs = flat_list(table.column("doc_lengths")).astype(np.int32, copy=False)
+        per_row = _row_lengths(table.column("doc_lengths"))
+        if np.any(per_row < 1) or np.any(docs < 1) or not np.array_equal(_row_sums(docs, per_row), positions):
+            raise ShardFormatError("a row's document lengths do not add up to its positions")
+        flat["doc_lengths"], lengths["doc_lengths"] = docs, per_row
+    return flat, lengths
 
 
 def decode_table(table: pa.Table) -> Iterator[Sample]:
@@ -206,14 +261,16 @@ def decode_table(table: pa.Table) -> Iterator[Sample]:
     return _samples(table, *_decode_flat(table))
 
 
-def _samples(table: pa.Table, lengths: np.ndarray, flat: dict[str, np.ndarray]) -> Iterator[Sample]:
-    bounds = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=bounds[1:])
+def _samples(table: pa.Table, flat: dict[str, np.ndarray], lengths: dict[str, np.ndarray]) -> Iterator[Sample]:
+    bounds = {}
+    for name, per_row in lengths.items():
+        b = np.zeros(len(per_row) + 1, dtype=np.int64)
+        np.cumsum(per_row, out=b[1:])
+        bounds[name] = b
     sids = table.column("sample_id").to_pylist()
     sources = table.column("source").to_pylist()
-    for i in range(len(lengths)):
-        a, b = bounds[i], bounds[i + 1]
-        rows = {name: values[a:b] for name, values in flat.items()}
+    for i in range(table.num_rows):
+        rows = {name: values[bounds[name][i] : bounds[name][i + 1]] for name, values in flat.items()}
         yield Sample(sample_id=sids[i], source=sources[i], **rows)
 
 
@@ -225,6 +282,8 @@ DECODED_TYPES = {
     "tail_logprob": pa.float32(),
     "tail_sample_ids": pa.int32(),
     "tail_sample_counts": pa.uint8(),
+    "trained": pa.bool_(),
+    "doc_lengths": pa.int32(),
 }
 
 
@@ -233,12 +292,13 @@ def decoded_table(table: pa.Table) -> pa.Table:
 
     ``sample_id``, ``source``, ``input_ids`` (list<int32>), ``topk_ids`` (list<fixed_size_list<int32, k>>),
     ``topk_logprobs`` (list<fixed_size_list<float32, k>>), ``tail_logprob`` (list<float32>), and the
-    tail-sample columns when the set has them: what :class:`Sample` holds, in columns any Arrow
-    tool (pandas, polars, duckdb, HF datasets) understands.
+    tail-sample columns when the set has them, ``trained`` and ``doc_lengths`` when its shards
+    have them (label columns then hold one entry per trained position): what :class:`Sample`
+    holds, in columns any Arrow tool (pandas, polars, duckdb, HF datasets) understands.
     """
-    lengths, flat = _decode_flat(table)
+    flat, lengths = _decode_flat(table)
     columns = [table.column("sample_id").combine_chunks(), table.column("source").combine_chunks()]
-    columns += [rows_list(values, lengths, DECODED_TYPES[name]) for name, values in flat.items()]
+    columns += [rows_list(values, lengths[name], DECODED_TYPES[name]) for name, values in flat.items()]
     return pa.Table.from_arrays(columns, names=["sample_id", "source", *flat])
 
 
@@ -252,11 +312,11 @@ _MALFORMED = (pa.ArrowException, ValueError, KeyError, IndexError, TypeError, Ov
 
 
 def decode_shard(data: bytes, top_k: int, where: str, rows: int | None = None, tokens: int | None = None,
-                 tail_samples: int | None = None) -> list[Sample]:
+                 tail_samples: int | None = None, trained: int | None = None) -> list[Sample]:
     """Parse and decode the bytes of a shard of an untrusted label set, checked against its manifest.
 
     Args:
-        top_k, rows, tokens, tail_samples: what the manifest says the shard holds.
+        top_k, rows, tokens, tail_samples, trained: what the manifest says the shard holds.
         where: the shard's URL, for messages.
 
     Raises:
@@ -271,10 +331,12 @@ def decode_shard(data: bytes, top_k: int, where: str, rows: int | None = None, t
             raise ShardFormatError(f"holds top_k={int(k)}, the manifest says {top_k}")
         if rows is not None and table.num_rows != rows:
             raise ShardFormatError(f"holds {table.num_rows} rows, the manifest says {rows}")
-        lengths, flat = _decode_flat(table)
+        flat, lengths = _decode_flat(table)
         n = len(flat["input_ids"])
         if tokens is not None and n != tokens:
             raise ShardFormatError(f"holds {n} tokens, the manifest says {tokens}")
+        if trained is not None and len(flat["tail_logprob"]) != trained:
+            raise ShardFormatError(f"holds labels at {len(flat['tail_logprob'])} positions, the manifest says {trained}")
         if flat["topk_ids"].shape[1] != top_k:
             raise ShardFormatError(f"has k={flat['topk_ids'].shape[1]}, the manifest says {top_k}")
         draws = flat["tail_sample_ids"].shape[1] if "tail_sample_ids" in flat else 0
@@ -287,7 +349,7 @@ def decode_shard(data: bytes, top_k: int, where: str, rows: int | None = None, t
         ids = table.column("sample_id")
         if ids.null_count or not pc.all(pc.match_substring_regex(ids, "^[0-9a-f]{16,64}$")).as_py():
             raise ShardFormatError("a sample_id is not a hex content address")
-        return list(_samples(table, lengths, flat))
+        return list(_samples(table, flat, lengths))
     except LabelSetError as e:
         raise type(e)(f"shard {where}: {e}") from e
     except _MALFORMED as e:

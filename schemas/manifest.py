@@ -80,6 +80,7 @@ class ShardInfo:
     tokens: int
     bytes: int
     sha256: str
+    trained: int | None = None  # positions holding labels (v4; None before: every token)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class Totals:
     sequences: int
     tokens: int
     bytes: int
+    trained: int | None = None  # positions holding labels (v4; None before: every token)
 
 
 def _check_inside(path: str, what: str = "shard path") -> None:
@@ -119,6 +121,9 @@ class Manifest:
     tail_samples: int = 0  # S: tail draws stored per position (0: none)
     # `softlabels convert`: the set this one was re-encoded from (url, manifest_sha256, encoding, labeler_version)
     converted_from: dict[str, Any] | None = None
+    # v4: how the corpus became token sequences and which positions are trained (see schemas/README.md):
+    # format, train_on, chat_template_sha256, special_tokens, long_conversations
+    rendering: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -152,6 +157,7 @@ class Manifest:
         if self.tokenizer.checksums is not None and not self.tokenizer.files:
             raise ManifestError("tokenizer.checksums given without a tokenizer folder (tokenizer.files)")
         _check_flat("converted_from", self.converted_from)
+        _check_flat("rendering", self.rendering, depth=1)
         _check_flat("encoding", self.encoding)
         seen = set()
         for s in self.shards:
@@ -162,11 +168,16 @@ class Manifest:
             if s.rows < 1 or s.tokens < s.rows or s.bytes < 1:
                 raise ManifestError(f"shard {s.path!r}: rows {s.rows}, tokens {s.tokens}, bytes {s.bytes} "
                                     "(a shard holds at least one row of at least one token)")
+            if s.trained is not None and s.trained > s.tokens:
+                raise ManifestError(f"shard {s.path!r}: {s.trained} trained positions of {s.tokens} tokens")
         for name, value in (("sequences", sum(s.rows for s in self.shards)),
                             ("tokens", sum(s.tokens for s in self.shards)),
                             ("bytes", sum(s.bytes for s in self.shards))):
             if getattr(self.totals, name) != value:
                 raise ManifestError(f"totals.{name} is {getattr(self.totals, name)}, the shards add up to {value}")
+        trained = sum(s.tokens if s.trained is None else s.trained for s in self.shards)
+        if self.totals.trained is not None and self.totals.trained != trained:
+            raise ManifestError(f"totals.trained is {self.totals.trained}, the shards add up to {trained}")
 
     @property
     def label_encoding(self) -> Encoding:
@@ -176,8 +187,9 @@ class Manifest:
     def to_json(self) -> str:
         """Serialize (stable key order, human-readable)."""
         d = asdict(self)
-        if d["converted_from"] is None:
-            del d["converted_from"]  # written by the labeler: nothing to say
+        for name in ("converted_from", "rendering"):
+            if d[name] is None:
+                del d[name]  # nothing to say
         ordered = {"schema_version": d.pop("schema_version"), **d}
         return json.dumps(ordered, indent=2, sort_keys=False) + "\n"
 
@@ -220,6 +232,7 @@ class Manifest:
                 encoding=dict(d.get("encoding") or {}),
                 tail_samples=d.get("tail_samples", 0),
                 converted_from=d.get("converted_from"),
+                rendering=d.get("rendering"),
             )
         except KeyError as e:
             raise ManifestError(f"{where}: missing field {e.args[0]!r}") from e

@@ -13,10 +13,11 @@ import pytest
 from softlabels.schemas import Encoding, Sample, UnsupportedSchemaVersion, decode_table, encode_samples, open_label_set, sample_id
 from softlabels.schemas.bitpack import from_planes, pack_bits, to_planes, unpack_bits
 from softlabels.schemas.encodings import META_ENCODING, kl_buckets
-from softlabels.schemas.format import read_parquet_bytes, table_to_parquet_bytes
+from softlabels.schemas.format import SCHEMA_VERSION, read_parquet_bytes, table_to_parquet_bytes
 
 FIXTURE_V1 = Path(__file__).parent / "fixtures" / "v1-set"
 FIXTURE_V2 = Path(__file__).parent / "fixtures" / "v2-sets"
+FIXTURE_V3 = Path(__file__).parent / "fixtures" / "v3-sets"
 
 
 def peaked_samples(n_rows: int, k: int, vocab: int, seed: int = 0, sharp: float = 4.0) -> list[Sample]:
@@ -228,6 +229,24 @@ def test_stored_v2_label_sets_still_read(name):
             assert kl_buckets(lp, tail, _align(s, top), s.tail_logprob).mean() <= budget * 1.01
 
 
+@pytest.mark.parametrize("name", ["fp16", "compact"])
+def test_stored_v3_label_sets_still_read(name):
+    """tests/fixtures/v3-sets/NAME was written by the v3 writer (0.4.0): no trained-position mask, labels at every position."""
+    ls = open_label_set(str(FIXTURE_V3 / name))
+    assert ls.manifest.schema_version == 3 and ls.manifest.label_encoding.name == name
+    got = list(ls.iter_samples())
+    expected = fixture_arrays(2025)
+    assert len(got) == len(expected) == 3
+    for s, (ids, top, lp, tail) in zip(got, expected):
+        np.testing.assert_array_equal(s.input_ids, ids)
+        assert s.trained is None and len(s.topk_ids) == len(ids)  # every position holds labels
+        if name == "fp16":
+            np.testing.assert_array_equal(s.topk_ids, top)
+            np.testing.assert_array_equal(s.topk_logprobs, lp.astype(np.float16).astype(np.float32))
+        else:
+            assert kl_buckets(lp, tail, _align(s, top), s.tail_logprob).mean() <= ls.manifest.label_encoding.max_kl * 1.01
+
+
 def _align(s: Sample, top: np.ndarray) -> np.ndarray:
     """The decoded log-probs in the order of ``top``'s ids (lossy encodings may reorder near-ties)."""
     pos = np.array([[list(row).index(i) for i in want] for row, want in zip(s.topk_ids, top)])
@@ -240,7 +259,7 @@ def test_every_footer_value_is_utf8_text(name):
     data = table_to_parquet_bytes(encode_samples(peaked_samples(3, 4, 500), 4, Encoding(name), 500))
     meta = pq.ParquetFile(pa.BufferReader(data)).metadata.metadata
     assert meta and all(isinstance(v.decode("utf-8"), str) for v in meta.values())
-    assert json.loads(meta[b"softlabels.schema_version"]) == 3
+    assert json.loads(meta[b"softlabels.schema_version"]) == SCHEMA_VERSION == 4
 
 
 @pytest.mark.parametrize("name", ["fp16", "packed", "packed-q8", "compact"])
@@ -272,3 +291,52 @@ def test_every_encoding_opens_in_pyarrow_pandas_polars_duckdb_and_datasets(name,
                 np.testing.assert_array_equal(ids, s.topk_ids, err_msg=tool)
                 np.testing.assert_array_equal(lp, s.topk_logprobs, err_msg=tool)
                 np.testing.assert_array_equal(np.asarray(list(r["tail_logprob"]), np.float32), s.tail_logprob, err_msg=tool)
+
+
+def masked(samples: list[Sample], seed: int = 3) -> list[Sample]:
+    """The same rows with a random trained mask (labels kept only there) and, for some, packed documents."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, s in enumerate(samples):
+        trained = rng.random(len(s.input_ids)) < 0.4
+        if i == 0:
+            trained[:] = False  # a row with nothing trained holds no labels at all
+        cut = int(rng.integers(1, len(s.input_ids))) if len(s.input_ids) > 1 and i % 2 else None
+        docs = None if cut is None else np.array([cut, len(s.input_ids) - cut], np.int32)
+        out.append(Sample(s.sample_id, s.source, s.input_ids, s.topk_ids[trained], s.topk_logprobs[trained],
+                          s.tail_logprob[trained], trained=trained, doc_lengths=docs))
+    return out
+
+
+@pytest.mark.parametrize("name", ["fp16", "packed", "packed-q8", "compact"])
+def test_v4_masks_store_labels_only_at_trained_positions(name):
+    """Schema v4: the trained mask and document lengths round-trip; label lists hold only trained positions."""
+    samples = masked(peaked_samples(6, 4, 500))
+    got, data = round_trip(samples, 4, Encoding(name), 500)
+    table = read_parquet_bytes(data)
+    assert table.column("trained").to_pylist() == [s.trained.tolist() for s in samples]
+    assert [len(r) for r in table.column("tail_logprob").to_pylist()] == [int(s.trained.sum()) for s in samples]
+    for s, g in zip(samples, got):
+        np.testing.assert_array_equal(g.trained, s.trained)
+        np.testing.assert_array_equal(g.label_positions, np.flatnonzero(s.trained))
+        want = [len(s.input_ids)] if s.doc_lengths is None else s.doc_lengths  # one document: its length
+        np.testing.assert_array_equal(g.doc_lengths, want)
+        assert len(g.topk_ids) == len(g.tail_logprob) == int(s.trained.sum())
+        if len(g.tail_logprob) and name in ("fp16", "packed"):
+            np.testing.assert_array_equal(g.topk_ids, s.topk_ids)
+            np.testing.assert_array_equal(g.tail_logprob, s.tail_logprob)
+    # Every position trained (plain text): no mask column at all, the v3 layout plus the version.
+    plain = read_parquet_bytes(table_to_parquet_bytes(encode_samples(peaked_samples(3, 4, 500), 4, Encoding(name), 500)))
+    assert "trained" not in plain.column_names and "doc_lengths" not in plain.column_names
+
+
+def test_v4_inconsistent_mask_is_refused():
+    """A shard whose label lists disagree with its trained mask is malformed, named as such."""
+    from softlabels.schemas.format import decode_shard
+
+    samples = masked(peaked_samples(3, 4, 500))
+    table = encode_samples(samples, 4, Encoding("fp16"), 500)
+    flipped = [[not v for v in row] for row in table.column("trained").to_pylist()]
+    bad = table.set_column(table.column_names.index("trained"), "trained", pa.array(flipped, pa.list_(pa.bool_())))
+    with pytest.raises(ValueError, match="shard s3://x/part.parquet.*trained positions"):
+        decode_shard(table_to_parquet_bytes(bad), 4, "s3://x/part.parquet")
