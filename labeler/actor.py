@@ -64,7 +64,7 @@ class TeacherActor:
         """The unit's labels, log-probs in fp32 (not what the shard stores: lossy encodings measure
         their error against them)."""
         self.load()
-        labels = self.runner.label(unit.input_ids)
+        labels = self.runner.label(unit.input_ids, unit.trained, unit.doc_lengths)
         crash_point("labeler.labeled")  # the unit is labeled, nothing of it written yet
         return labels
 
@@ -84,7 +84,8 @@ def encode_shard(
 ) -> bytes:
     """One unit's Parquet shard bytes (deterministic: same unit and labels, same bytes)."""
     samples = [
-        Sample(sample_id(tokenizer_fp, ids), src, np.asarray(ids, dtype=np.int32), **labels.sequence(i))
+        Sample(sample_id(tokenizer_fp, ids), src, np.asarray(ids, dtype=np.int32), **labels.sequence(i),
+               trained=unit.mask(i), doc_lengths=None if unit.docs(i) is None else np.asarray(unit.docs(i), np.int32))
         for i, (src, ids) in enumerate(zip(unit.sources, unit.input_ids))
     ]
     return table_to_parquet_bytes(encode_samples(samples, top_k, encoding, vocab_size))
@@ -105,7 +106,8 @@ class ShardWriterActor:
     def write(self, name: str, unit: UnitInput, labels: UnitLabels, inputs: str) -> dict[str, Any]:
         """Encode and commit one unit (shard, then marker); returns its ShardInfo as a dict."""
         data = encode_shard(unit, labels, self.top_k, self.tokenizer_fp, self.encoding, self.vocab_size)
-        return asdict(self.writer.commit_unit(name, data, rows=len(unit.input_ids), tokens=unit.tokens, inputs=inputs))
+        return asdict(self.writer.commit_unit(name, data, rows=len(unit.input_ids), tokens=unit.tokens, inputs=inputs,
+                                              trained=sum(labels.lengths)))
 
     def ready(self) -> bool:
         return True

@@ -29,8 +29,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML file of settings (keys as below, e.g. top_k: 64); flags override it")
     r.add_argument("--teacher", default=S, help=f"built-in alias, local HF model dir, or HF id (default: {d.teacher})")
     r.add_argument("--revision", default=S, help="hub revision of the teacher (HF ids only)")
-    r.add_argument("--corpus", default=S, help=f"'pydoc' (built-in) or a .txt/.jsonl/.parquet path, URL, folder or glob (default: {d.corpus})")
+    r.add_argument("--corpus", default=S, help=f"'pydoc' or 'pydoc-chat' (built-in), hf:NAME (an HF hub dataset in the local cache), or a .txt/.jsonl[.gz|.zst]/.json/.parquet/.arrow path, URL, folder (save_to_disk too) or glob (default: {d.corpus})")
     r.add_argument("--text-field", default=S, help=f"field/column holding the text in .jsonl/.parquet (default: {d.text_field})")
+    r.add_argument("--format", choices=["auto", "text", "chat", "prompt-completion"], default=S,
+                   help="what corpus rows are; auto decides from the first row and says so (default: auto)")
+    r.add_argument("--messages-field", default=S, help="chat rows: field of the turns (default: messages, else ShareGPT conversations)")
+    r.add_argument("--prompt-field", default=S, help="prompt-completion rows: field of the prompt (default: prompt)")
+    r.add_argument("--completion-field", default=S, help="prompt-completion rows: field of the completion (default: completion, else response)")
+    r.add_argument("--train-on", choices=["all", "assistant", "completion"], default=S,
+                   help="positions trained: assistant tokens (chat default), the completion (prompt-completion default) or all (text default)")
+    r.add_argument("--chat-template", default=S, metavar="FILE", help="Jinja chat template replacing the tokenizer's own (its sha256 goes in the manifest)")
+    r.add_argument("--split", default=S, help="split of an hf:NAME corpus or of a save_to_disk folder of splits (default: train)")
     r.add_argument("--on-error", choices=["fail", "skip"], default=S, help=f"undecodable corpus rows: stop, or skip and count them (default: {d.on_error})")
     r.add_argument("--output", default=S, help="label set location: local path, s3://bucket/prefix or any fsspec URL (required)")
     r.add_argument("--top-k", type=int, default=S, help=f"teacher entries kept per position (default: {d.top_k})")

@@ -31,6 +31,13 @@ class LabelConfig:
     limit: int | None = None  # at most this many sequences
     shard_tokens: int = 32768
     text_field: str = "text"
+    format: str = "auto"  # corpus rows: auto, text, chat, prompt-completion
+    messages_field: str | None = None  # chat rows (default: messages, else conversations)
+    prompt_field: str = "prompt"
+    completion_field: str | None = None  # prompt-completion rows (default: completion, else response)
+    train_on: str | None = None  # all, assistant, completion (default: assistant for chat, completion, all for text)
+    chat_template: str | None = None  # a Jinja file overriding the tokenizer's chat template
+    split: str = "train"  # of an hf:NAME corpus or a save_to_disk folder of splits
     storage_options: dict[str, Any] = field(default_factory=dict)
     batch_tokens: int = 4096
     head_chunk: int = 1024
@@ -66,6 +73,10 @@ class LabelConfig:
             host, sep, port = address.rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise UserError(f"--ray-address {address!r}: expected host:port, 'auto' or ray://host:port")
+        if self.train_on not in (None, "auto", "all", "assistant", "completion"):
+            raise UserError(f"train_on must be all, assistant or completion, got {self.train_on!r}")
+        if self.format not in ("auto", "text", "chat", "prompt-completion"):
+            raise UserError(f"format must be auto, text, chat or prompt-completion, got {self.format!r}")
         if self.on_error not in ("fail", "skip"):
             raise UserError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
         if not isinstance(self.tail_samples, int) or isinstance(self.tail_samples, bool) or not 0 <= self.tail_samples <= 255:

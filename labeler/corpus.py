@@ -1,50 +1,85 @@
-"""Corpus readers: the built-in ``pydoc`` corpus and local/remote files.
+"""Corpus readers: the built-in corpora and local/remote files.
 
-Files: ``.txt`` (one document per file), ``.jsonl`` (one document per line,
-text in ``--text-field``) and ``.parquet`` (one document per row), given as a
-path, a URL, a glob or a folder, through the same fsspec helper as everything
-else.
+Files in any of the formats of :mod:`labeler.records` (``.txt``, ``.jsonl`` and its
+``.gz``/``.zst`` forms, ``.json``, ``.parquet``, ``.arrow``), given as a path, a URL, a
+glob or a folder (an HF ``save_to_disk`` folder too), through the same fsspec helper as
+everything else; or an HF hub dataset, ``hf:NAME`` with ``--split``, resolved by ``datasets``
+from its local cache. Rows are plain text (``--text-field``), chat conversations (``messages``
+of ``{role, content}``, or ShareGPT ``conversations`` of ``{from, value}``) or prompt +
+completion pairs: ``--format`` says which, or ``auto`` decides from the first row and says so.
 
-The corpus is cut into *blocks* (one file each; the built-in corpus in fixed
+The corpus is cut into *blocks* (one file each; the built-in corpora in fixed
 groups of topics), listed in a fixed order. Blocks are read and tokenized in
 parallel Ray tasks; the driver consumes them in block order, so the work plan
 never depends on how many workers read. Everything that can be checked
-without reading all of the text (format, glob matches, readability, the text
-field of the first file) is checked when the corpus is opened, before the
+without reading all of the text (format, glob matches, readability, the fields
+of the first file) is checked when the corpus is opened, before the
 teacher loads.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
+import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from softlabels.labeler import chat
+from softlabels.labeler.records import FORMATS, RowError, file_format, first_row, records, schema_fields
 from softlabels.schemas import resolve_url, retry_io
 from softlabels.schemas.errors import UserError
 from softlabels.schemas.storage import is_local
 
 log = logging.getLogger(__name__)
 
-FORMATS = (".txt", ".jsonl", ".parquet")  # matched case-insensitively (.TXT, .JSONL too)
-
-
-def file_format(path: str) -> str | None:
-    """The corpus format of a file name (``.txt``, ``.jsonl``, ``.parquet``), whatever its case; None if none."""
-    low = path.lower()
-    return next((f for f in FORMATS if low.endswith(f)), None)
 ON_ERROR = ("fail", "skip")
 PYDOC_BLOCK = 32  # topics per block of the built-in corpus
+BUILTIN = ("pydoc", "pydoc-chat")  # pydoc-chat: conversations about the same topics (labeler.builtin_chat)
+ROW_FORMATS = ("auto", *chat.FORMATS)
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """What a corpus row is (``--format``) and which fields hold it (the field-name flags)."""
+
+    format: str = "auto"  # auto, text, chat, prompt-completion
+    text_field: str = "text"
+    messages_field: str | None = None  # chat: default 'messages', else 'conversations' (ShareGPT)
+    prompt_field: str = "prompt"
+    completion_field: str | None = None  # default 'completion', else 'response'
+    train_on: str | None = None  # all, assistant (chat), completion (prompt-completion); None: the format's default
+
+    def __post_init__(self) -> None:
+        if self.format not in ROW_FORMATS:
+            raise UserError(f"--format {self.format!r}: choose one of {', '.join(ROW_FORMATS)}")
+
+    def messages(self, obj: Any, where: str) -> list[dict[str, str]]:
+        """A chat or prompt-completion row as checked messages (UserError naming ``where`` if not usable)."""
+        if not isinstance(obj, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        if self.format == "prompt-completion":
+            key = self.completion_field or next((f for f in chat.COMPLETION_FIELDS if f in obj), "completion")
+            view = {k: obj[f] for k, f in (("prompt", self.prompt_field), ("completion", key)) if f in obj}
+            return chat.row_messages(view, "prompt-completion", where)
+        key = self.messages_field or next((f for f in ("messages", "conversations") if f in obj), None)
+        if key is None or key not in obj:
+            raise UserError(f"{where}: no field {key or 'messages'!r} (found {sorted(obj)}); use --messages-field")
+        turns = obj[key]
+        sharegpt = isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "from" in turns[0]
+        msgs = chat.row_messages({"conversations" if sharegpt else "messages": turns}, "chat", where)
+        if self.train_on == "assistant" and not any(m["role"] == "assistant" for m in msgs):
+            raise UserError(f"{where}: no assistant turn to train on (--train-on assistant)")
+        return msgs
 
 
 @dataclass(frozen=True)
 class Document:
     doc_id: str  # "pydoc:<topic>", "<path>" or "<path>:<row>"
-    text: str
+    text: str  # plain text ("" for a conversation)
+    messages: list[dict[str, str]] | None = None  # chat and prompt-completion rows: checked turns
 
 
 @dataclass(frozen=True)
@@ -87,6 +122,19 @@ class CorpusTotals:
         return "sha256:" + self.sha.hexdigest()
 
 
+_DATASET_META = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes beside the data
+
+
+def _train_on(fmt: str, train_on: str | None) -> str:
+    """``--train-on`` for a format: its default when not given; one line when it does not fit."""
+    default = {"text": "all", "chat": "assistant", "prompt-completion": "completion"}[fmt]
+    if train_on in (None, "auto"):
+        return default
+    if train_on != "all" and train_on != default:
+        raise UserError(f"--train-on {train_on} does not fit {fmt} rows (choose all or {default})")
+    return train_on
+
+
 class BadRow(UserError):
     """One row cannot be decoded; ``--on-error skip`` skips it, ``fail`` stops the job."""
 
@@ -94,10 +142,11 @@ class BadRow(UserError):
 class BlockReader:
     """Reads blocks; picklable, so Ray tasks on any node can use it."""
 
-    def __init__(self, spec: str, text_field: str, storage_options: Mapping[str, Any] | None, on_error: str) -> None:
+    def __init__(self, spec: str, rows: RowFormat, storage_options: Mapping[str, Any] | None, on_error: str) -> None:
         if on_error not in ON_ERROR:
             raise UserError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        self.spec, self.text_field, self.on_error = spec, text_field, on_error
+        self.spec, self.rows, self.on_error = spec, rows, on_error
+        self.text_field = rows.text_field
         self.storage_options = dict(storage_options or {})
         self._fs: Any = None
 
@@ -107,7 +156,7 @@ class BlockReader:
     @property
     def fs(self) -> Any:
         if self._fs is None:
-            self._fs = resolve_url(self.spec, self.storage_options)[0]
+            self._fs = resolve_url(self.spec, self.storage_options)[0] if self.spec not in BUILTIN else None
         return self._fs
 
     def read(self, block: Block) -> tuple[list[Document], BlockStats]:
@@ -117,109 +166,105 @@ class BlockReader:
         docs: list[Document] = []
         for doc in self._rows(block, stats):
             stats.documents += 1
-            sha.update(doc.doc_id.encode("utf-8") + b"\x00" + doc.text.encode("utf-8") + b"\x00")
-            if not doc.text.strip():
+            body = doc.text if doc.messages is None else json.dumps(doc.messages, ensure_ascii=False, sort_keys=True)
+            sha.update(doc.doc_id.encode("utf-8") + b"\x00" + body.encode("utf-8") + b"\x00")
+            if doc.messages is None and not doc.text.strip():
                 stats.empty += 1
                 continue
             docs.append(doc)
         stats.sha256 = sha.hexdigest()
         return docs, stats
 
-    def _bad(self, stats: BlockStats, where: str, reason: str) -> None:
+    def _bad(self, stats: BlockStats, message: str) -> None:
         if self.on_error == "fail":
-            raise BadRow(f"{where}: {reason} (--on-error skip skips such rows)")
+            raise BadRow(f"{message} (--on-error skip skips such rows)")
         stats.documents += 1
-        stats.skipped.append(f"{where}: {reason}")
+        stats.skipped.append(message)
 
     def _rows(self, block: Block, stats: BlockStats) -> Iterator[Document]:
-        if block.path == "pydoc":
-            from pydoc_data.topics import topics
+        if block.path in BUILTIN:
+            from softlabels.labeler.builtin_chat import builtin_documents
 
-            for name in sorted(topics)[block.start : block.stop]:
-                yield Document(f"pydoc:{name}", topics[name])
+            yield from builtin_documents(block.path, block.start, block.stop)
             return
         path = block.path
         data = retry_io(lambda: self.fs.cat_file(path), f"read {path}")
-        kind = file_format(path)
-        if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (editors on Windows write one)
-            data = data[3:]
-        if kind == ".txt":
+        for rec in records(path, data):
+            if isinstance(rec, RowError):
+                self._bad(stats, str(rec))
+                continue
+            where, value = rec
             try:
-                yield Document(path, data.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                self._bad(stats, path, f"not UTF-8 text (byte {e.start}: {e.reason})")
-        elif kind == ".jsonl":
-            for row, line in enumerate(data.split(b"\n"), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield Document(f"{path}:{row}", self._field(json.loads(line.decode("utf-8"))))
-                except UnicodeDecodeError as e:
-                    self._bad(stats, f"{path}:{row}", f"not UTF-8 (byte {e.start}: {e.reason})")
-                except json.JSONDecodeError as e:
-                    self._bad(stats, f"{path}:{row}", f"not valid JSON ({e.msg})")
-                except BadRow as e:
-                    self._bad(stats, f"{path}:{row}", str(e))
-        else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+                yield self._document(where, value)
+            except UserError as e:
+                self._bad(stats, str(e))
 
-            try:
-                table = pq.read_table(io.BytesIO(data))
-            except pa.ArrowException as e:
-                self._bad(stats, path, f"not a readable Parquet file ({e})")
-                return
-            column = self._column(table.schema, path)
-            for row, text in enumerate(table.column(column).to_pylist()):
-                yield Document(f"{path}:{row}", text if isinstance(text, str) else "")
+    def _document(self, where: str, value: Any) -> Document:
+        if self.rows.format == "text":
+            return Document(where, value if isinstance(value, str) else text_field(value, self.text_field, where))
+        if isinstance(value, str):
+            raise UserError(f"{where}: a .txt file holds plain text, not {self.rows.format} rows")
+        return Document(where, "", self.rows.messages(value, where))
 
-    def _field(self, obj: Any) -> str:
-        if not isinstance(obj, dict) or self.text_field not in obj:
-            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise BadRow(f"no field {self.text_field!r} (found {keys}); use --text-field")
-        text = obj[self.text_field]
-        if text is not None and not isinstance(text, str):
-            raise BadRow(f"field {self.text_field!r} is {type(text).__name__}, not text")
-        return text or ""
 
-    def _column(self, schema: Any, path: str) -> str:
-        import pyarrow as pa
-
-        if self.text_field not in schema.names:
-            raise UserError(f"{path}: no column {self.text_field!r} (columns: {schema.names}); use --text-field")
-        kind = schema.field(self.text_field).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise UserError(f"{path}: column {self.text_field!r} is {kind}, not text")
-        return self.text_field
+def text_field(obj: Any, name: str, where: str) -> str:
+    """The text in field ``name`` of a row (``BadRow`` naming ``where`` if the row has none)."""
+    if not isinstance(obj, dict) or name not in obj:
+        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise BadRow(f"{where}: no field {name!r} (found {keys}); use --text-field")
+    text = obj[name]
+    if text is not None and not isinstance(text, str):
+        raise BadRow(f"{where}: field {name!r} is {type(text).__name__}, not text")
+    return text or ""
 
 
 class Corpus:
-    """An opened corpus: its files (checked), its blocks, and a reader for them."""
+    """An opened corpus: its files (checked), its blocks, its row format, and a reader for them."""
 
     def __init__(
         self,
         spec: str,
-        text_field: str = "text",
+        rows: RowFormat | None = None,
         storage_options: Mapping[str, Any] | None = None,
         on_error: str = "fail",
         exclude: str | None = None,
+        split: str = "train",
     ) -> None:
-        """``exclude``: a location (the run's output) whose files are never corpus, even inside a corpus folder."""
+        """``exclude``: a location (the run's output) whose files are never corpus, even inside a corpus folder.
+        ``split``: of an HF hub dataset or a ``save_to_disk`` folder of several splits."""
         self.source = spec
-        self.reader = BlockReader(spec, text_field, storage_options, on_error)
+        rows = rows or RowFormat()
         self.files: list[str] = []
         self.sizes: dict[str, int] = {}
-        if spec == "pydoc":
+        if spec in BUILTIN:
+            fmt = "chat" if spec == "pydoc-chat" else "text"
+            if rows.format not in ("auto", fmt):
+                raise UserError(f"--format {rows.format}: the built-in corpus {spec!r} holds {fmt} rows")
+            self.rows = replace(rows, format=fmt, train_on=_train_on(fmt, rows.train_on))
+            self.reader = BlockReader(spec, self.rows, storage_options, on_error)
             return
-        fs, path = resolve_url(spec, storage_options)
+        hub = spec.startswith("hf:")
+        if hub:
+            from softlabels.labeler.builtin_chat import hub_dataset_files
+
+            hub_files, storage_options = hub_dataset_files(spec[3:], split), None
+        fs, path = resolve_url(hub_files[0] if hub else spec, storage_options)
         try:
+            if hub:  # the dataset's Arrow files in the local cache
+                found = {f: fs.info(f) for f in hub_files}
             # A path that exists is taken as it is (`data[1].txt` is a file, not a glob).
-            if retry_io(lambda: fs.isdir(path), f"stat {spec}"):
+            elif retry_io(lambda: fs.isdir(path), f"stat {spec}"):
+                if retry_io(lambda: fs.exists(f"{path}/dataset_dict.json"), f"stat {spec}"):  # save_to_disk, splits
+                    if not retry_io(lambda: fs.isdir(f"{path}/{split}"), f"stat {spec}"):
+                        raise UserError(f"corpus {spec!r} (a saved dataset of several splits) has no split {split!r}")
+                    path = f"{path}/{split}"
                 found = {
                     f: info
                     for f, info in retry_io(lambda: fs.find(path, detail=True), f"list {spec}").items()
                     if file_format(f)
                 }
+                if any(f.endswith(".arrow") for f in found):  # a save_to_disk folder: its JSON files describe it
+                    found = {f: i for f, i in found.items() if not os.path.basename(f) in _DATASET_META}
                 if not found:
                     raise UserError(f"corpus folder {spec!r} holds no {'/'.join(FORMATS)} files")
             elif retry_io(lambda: fs.exists(path), f"stat {spec}"):
@@ -241,9 +286,10 @@ class Corpus:
         bad = [f for f in self.files if not file_format(f)]
         if bad:
             raise UserError(f"corpus file {bad[0]!r} has an unknown format; expected one of {', '.join(FORMATS)}")
-        self._check_files(fs)
         if not any(self.sizes.values()):
             raise UserError(f"corpus {spec!r} is empty ({len(self.files)} file(s), 0 bytes)")
+        self.rows = self._check_files(fs, rows)
+        self.reader = BlockReader(self.files[0] if hub else spec, self.rows, storage_options, on_error)
 
     @staticmethod
     def _without(found: dict[str, Any], fs: Any, exclude: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -257,49 +303,62 @@ class Corpus:
             log.info("corpus: left out %d file(s) under the output %s", len(found) - len(kept), exclude)
         return kept
 
-    def _check_files(self, fs: Any) -> None:
-        """Local files readable; the first .jsonl / .parquet file has the text field.
+    def _check_files(self, fs: Any, rows: RowFormat) -> RowFormat:
+        """Local files readable; the first file's first row decides ``--format auto`` and must have the
+        fields its format reads. Returns the row format with ``auto`` resolved.
 
         Remote files are not opened one by one (that would be a request per
         file before any work): listing them already proved the credentials.
         """
-        local = is_local(fs)
-        jsonl = [f for f in self.files if file_format(f) == ".jsonl"]
-        for f in self.files if local else jsonl[:1]:
+        if is_local(fs):
+            for f in self.files:
+                if not os.access(fs._strip_protocol(f), os.R_OK):
+                    raise UserError(f"corpus file {f!r} cannot be read (permission denied)")
+        first = self.files[0]
+        kind = file_format(first)
+        try:
+            names = schema_fields(first, fs)
+            row = dict.fromkeys(names) if names is not None else (None if kind == ".txt" else first_row(first, fs))
+        except OSError as e:
+            raise UserError(f"corpus file {first!r} cannot be read ({e})") from e
+        if row is None:  # .txt, or a first row that is reported (and counted) when its block is read
+            fmt = "text" if rows.format == "auto" else rows.format
+            if fmt != "text" and any(file_format(f) == ".txt" for f in self.files):
+                raise UserError(f"--format {fmt}: .txt files hold plain text; {fmt} rows come in .jsonl, .json, "
+                                ".parquet or .arrow files")
+            return replace(rows, format=fmt, train_on=_train_on(fmt, rows.train_on))
+        where, value = row if names is None else (first, row)
+        if rows.format == "auto":
             try:
-                with fs.open(f, "rb") as fh:
-                    head = fh.read(1 << 16)
-            except OSError as e:
-                raise UserError(f"corpus file {f!r} cannot be read ({e})") from e
-            if jsonl and f == jsonl[0]:
-                lines = head.removeprefix(b"\xef\xbb\xbf").split(b"\n")
-                complete = lines if len(head) < 1 << 16 else lines[:-1]
-                row, first = next(((i, ln) for i, ln in enumerate(complete, 1) if ln.strip()), (0, b""))
-                try:
-                    if first:
-                        self.reader._field(json.loads(first))
-                except BadRow as e:
-                    raise UserError(f"{f}:{row}: {e}") from e
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    pass  # reported with its row (and --on-error) when the block is read
-        parquet = [f for f in self.files if file_format(f) == ".parquet"]
-        if parquet:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            try:
-                with fs.open(parquet[0], "rb") as fh:
-                    schema = pq.read_schema(fh)
-            except (OSError, pa.ArrowException) as e:
-                raise UserError(f"corpus file {parquet[0]!r} is not a readable Parquet file ({e})") from e
-            self.reader._column(schema, parquet[0])
+                fmt = chat.detect_format(value, rows.text_field)
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
+            log.info("corpus format: %s (detected from %s; --format says otherwise)", fmt, where)
+        else:
+            fmt = rows.format
+        out = replace(rows, format=fmt, train_on=_train_on(fmt, rows.train_on))
+        if names is not None:  # a table: its columns
+            need = [out.text_field] if fmt == "text" else []
+            if fmt == "prompt-completion":
+                need = [out.prompt_field, out.completion_field or next((f for f in chat.COMPLETION_FIELDS if f in row),
+                                                                       "completion")]
+            if fmt == "chat":
+                need = [out.messages_field or next((f for f in ("messages", "conversations") if f in row), "messages")]
+            missing = [n for n in need if n not in row]
+            if missing:
+                raise UserError(f"{first}: no column {missing[0]!r} (columns: {names}); use the field-name flags")
+        elif fmt == "text":
+            text_field(value, out.text_field, where)
+        else:
+            out.messages(value, where)
+        return out
 
     def blocks(self) -> list[Block]:
-        if self.source == "pydoc":
+        if self.source in BUILTIN:
             from pydoc_data.topics import topics
 
             n = len(topics)
-            return [Block(i, "pydoc", s, min(n, s + PYDOC_BLOCK)) for i, s in enumerate(range(0, n, PYDOC_BLOCK))]
+            return [Block(i, self.source, s, min(n, s + PYDOC_BLOCK)) for i, s in enumerate(range(0, n, PYDOC_BLOCK))]
         return [Block(i, f) for i, f in enumerate(self.files)]
 
     @property
@@ -314,7 +373,7 @@ class Corpus:
         removed and resized files before any work starts.
         """
         h = hashlib.sha256()
-        if self.source == "pydoc":
+        if self.source in BUILTIN:
             from pydoc_data.topics import topics
 
             for name in sorted(topics):

@@ -21,7 +21,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from softlabels.labeler.config import LabelConfig
-from softlabels.labeler.corpus import Corpus
+from softlabels.labeler.corpus import Corpus, RowFormat
+from softlabels.labeler.plan import Rendering, tokenizer_bos
 from softlabels.labeler.pipeline import NothingToLabel, Pipeline
 from softlabels.labeler.raysession import cluster_gpus, ray_session
 from softlabels.labeler.teacher import TeacherSource, load_tokenizer, pick_device_dtype, resolve_teacher, teacher_info
@@ -64,6 +65,12 @@ class Summary:
     units_per_node: dict[str, int] = field(default_factory=dict)
     # From the command's start (or run()'s, in a program) to the teacher's first batch labeled; None if none was.
     startup_s: float | None = None
+    trained_tokens: int = 0  # positions holding labels (all of them for plain text)
+    format: str = "text"
+    train_on: str = "all"
+    truncated: int = 0  # conversations cut after their last assistant turn that fits --max-length
+    too_long: int = 0  # conversations skipped: not even their first trained turn fits
+    untrained: int = 0  # documents skipped: no token to train on
 
     @property
     def bytes_per_token(self) -> float:
@@ -113,12 +120,14 @@ def run(cfg: LabelConfig, started: float | None = None) -> Summary:
     log.info("labeling config: %s", cfg.redacted())
     writer = LabelSetWriter(cfg.output, cfg.storage_options)
     writer.check_reachable(cfg.overwrite)
-    corpus = Corpus(cfg.corpus, cfg.text_field, cfg.storage_options, cfg.on_error, exclude=cfg.output)
+    rows = RowFormat(cfg.format, cfg.text_field, cfg.messages_field, cfg.prompt_field, cfg.completion_field, cfg.train_on)
+    corpus = Corpus(cfg.corpus, rows, cfg.storage_options, cfg.on_error, exclude=cfg.output, split=cfg.split)
+    template = _chat_template(cfg.chat_template)
     source = resolve_teacher(cfg.teacher, cfg.revision)
     # The teacher's config and tokenizer (seconds: they import transformers and torch) are checked
     # while Ray starts; a refusal there shuts Ray down again before it is reported.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-checks")
-    checks = pool.submit(_check_teacher, cfg, source)
+    checks = pool.submit(_check_teacher, cfg, source, corpus.rows.format, template)
     pool.shutdown(wait=False)
     try:
         writer.acquire(cfg.overwrite, cfg.take_over)  # before Ray starts: a second run on the output is refused at once
@@ -132,13 +141,33 @@ def run(cfg: LabelConfig, started: float | None = None) -> Summary:
             except BaseException:
                 writer.finish(forget=True)  # refused: the output is left as it was
                 raise
-            return _run(cfg, ray, writer, corpus, source, tokenizer, id_space, t0, started)
+            if corpus.rows.format == "chat" and template is None:
+                template = tokenizer.chat_template  # recorded by its sha256 like a given one
+            rendering = Rendering(corpus.rows.format, corpus.rows.train_on or "all", template,
+                                  tokenizer_bos(tokenizer) if corpus.rows.format != "chat" else None,
+                                  tokenizer.eos_token_id if corpus.rows.format == "prompt-completion" else None)
+            return _run(cfg, ray, writer, corpus, source, tokenizer, id_space, t0, started, rendering)
     finally:
         checks.cancel()
         writer.finish()
 
 
-def _check_teacher(cfg: LabelConfig, source: TeacherSource) -> tuple[Any, int]:
+def _chat_template(path: str | None) -> str | None:
+    """The text of ``--chat-template FILE`` (one line if it cannot be read)."""
+    if path is None:
+        return None
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--chat-template {path}: cannot be read ({e})") from e
+    if not text.strip():
+        raise UserError(f"--chat-template {path}: the file is empty")
+    return text
+
+
+def _check_teacher(cfg: LabelConfig, source: TeacherSource, fmt: str = "text",
+                   template: str | None = None) -> tuple[Any, int]:
     """The teacher's tokenizer, and the id space its labels live in; one line on what does not fit."""
     with remote_code_guard(f"teacher {cfg.teacher}"):
         context, head_vocab = _teacher_shape(source, cfg.trust_remote_code)
@@ -149,6 +178,12 @@ def _check_teacher(cfg: LabelConfig, source: TeacherSource) -> tuple[Any, int]:
     vocab = len(tokenizer)
     if cfg.top_k > vocab:
         raise UserError(f"--top-k {cfg.top_k} exceeds the tokenizer's vocabulary of {vocab}")
+    if fmt == "chat" and not (template or getattr(tokenizer, "chat_template", None)):
+        raise UserError(f"the corpus holds conversations but the tokenizer of teacher {cfg.teacher} has no chat "
+                        "template: give one with --chat-template FILE")
+    if fmt == "chat" and not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"chat corpora need a fast tokenizer (offsets mark the assistant tokens); "
+                        f"teacher {cfg.teacher} has a slow one")
     if (cfg.packing or cfg.add_eos) and tokenizer.eos_token_id is None:
         raise UserError("--packing/--add-eos need a tokenizer with an EOS token; this one has none")
     # Heads padded past the tokenizer (e.g. 32064 rows for 32000 tokens) can emit those ids too.
@@ -156,7 +191,7 @@ def _check_teacher(cfg: LabelConfig, source: TeacherSource) -> tuple[Any, int]:
 
 
 def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, source: TeacherSource, tokenizer: Any,
-         id_space: int, t0: float, started: float) -> Summary:
+         id_space: int, t0: float, started: float, rendering: Rendering) -> Summary:
     """The job once Ray is up, the output claimed and every input checked: label, publish."""
     seq_cfg = SequenceConfig(cfg.max_length, cfg.packing, cfg.add_eos, cfg.limit, cfg.shard_tokens)
     tok_info = TokenizerInfo(name=source.display_name, vocab_size=len(tokenizer), fingerprint=tokenizer_fingerprint(tokenizer))
@@ -175,7 +210,9 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
             "top_k": cfg.top_k,
             "temperature": cfg.temperature,
             # Not --on-error: each committed unit's input digest already says what it was made from.
-            "corpus": {"source": cfg.corpus, "listing": corpus.listing_fingerprint(), "text_field": cfg.text_field},
+            "corpus": {"source": cfg.corpus, "listing": corpus.listing_fingerprint(), "rows": asdict(corpus.rows),
+                       "split": cfg.split},
+            "rendering": _rendering_record(rendering, cfg.chat_template is not None),
             "sequence": asdict(seq_cfg),
             "encoding": cfg.label_encoding.to_dict(),
             "tail_samples": cfg.tail_samples,
@@ -189,7 +226,7 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
         tok_info = dataclasses.replace(tok_info, checksums=writer.write_tokenizer(tokenizer))
         try:
             out = Pipeline(ray, cfg, source, device, dtype, tokenizer, tok_info.fingerprint, corpus, seq_cfg, done,
-                           id_space, writer.owner(), writer.record).run()
+                           id_space, writer.owner(), writer.record, rendering).run()
         except NothingToLabel:
             if status == "new":
                 writer.abandon()  # leave the output as it was: a fixed corpus can then use it
@@ -208,8 +245,11 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
                 sequences=sum(s.rows for s in shards),
                 tokens=sum(s.tokens for s in shards),
                 bytes=sum(s.bytes for s in shards),
+                trained=sum(s.tokens if s.trained is None else s.trained for s in shards),
             ),
             labeler_version=LABELER_VERSION,
+            rendering={**_rendering_record(rendering, cfg.chat_template is not None), "truncated_conversations": out.plan.truncated,
+                       "skipped_too_long": out.plan.too_long, "skipped_untrained": out.plan.untrained},
             encoding=cfg.label_encoding.to_dict(),
             tail_samples=cfg.tail_samples,
             created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
@@ -233,7 +273,33 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
         replicas=out.replicas,
         units_per_node=out.units_per_node,
         startup_s=None if out.first_batch is None else out.first_batch - started,
+        trained_tokens=manifest.totals.trained or manifest.totals.tokens,
+        format=rendering.format,
+        train_on=rendering.train_on,
+        truncated=out.plan.truncated,
+        too_long=out.plan.too_long,
+        untrained=out.plan.untrained,
     )
+
+
+def _rendering_record(r: Rendering, template_given: bool) -> dict[str, Any]:
+    """The manifest's record of how documents became sequences and which positions are trained."""
+    import hashlib
+
+    if r.format == "chat":
+        special = "as the chat template writes them (none added)"
+    else:
+        special = "none added" if r.bos is None else f"BOS {r.bos} before each document (as the tokenizer adds it)"
+        if r.format == "prompt-completion" and r.eos is not None:
+            special += f"; EOS {r.eos} after each completion (trained)"
+    return {
+        "format": r.format,
+        "train_on": r.train_on,
+        "chat_template_sha256": None if r.chat_template is None else hashlib.sha256(r.chat_template.encode()).hexdigest(),
+        "chat_template": None if r.format != "chat" else ("--chat-template" if template_given else "the tokenizer's"),
+        "special_tokens": special,
+        "long_conversations": "cut after the last trained turn that fits --max-length; skipped if none fits",
+    }
 
 
 def _already_complete(writer: LabelSetWriter, cfg: LabelConfig, t0: float) -> Summary:
@@ -265,6 +331,10 @@ def print_summary(s: Summary, file: Any = sys.stdout) -> None:
         ("documents", f"{s.empty_documents} empty, {s.skipped_documents} skipped (bad rows)"),
         ("replicas", f"{s.replicas} teacher replica(s); units per node: "
                      + (", ".join(f"{n[:8]}={c}" for n, c in sorted(s.units_per_node.items())) or "-")),
+        ("format", f"{s.format}, trained on {s.train_on}: {s.trained_tokens:,} of {s.tokens:,} positions labeled"
+                   f" ({s.trained_tokens / max(1, s.tokens):.0%})"),
+        ("long", f"{s.truncated} conversation(s) cut after their last turn that fits, {s.too_long} skipped "
+                 f"(too long), {s.untrained} skipped (nothing to train)"),
         ("bytes", f"{s.bytes:,} ({s.bytes_per_token:.1f} bytes/token)"),
         ("wall time", f"{s.wall_s:.1f} s"),
         ("start-up", "-" if s.startup_s is None else f"{s.startup_s:.1f} s (command start to the first batch labeled)"),

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 from softlabels.labeler.config import LabelConfig
 from softlabels.labeler.corpus import Corpus, CorpusTotals
-from softlabels.labeler.plan import Unit, build_sequences, iter_units, read_and_tokenize, reading_tokenizer, unit_digest
+from softlabels.labeler.plan import (PlanCounts, Rendering, Unit, build_sequences, iter_units, read_and_tokenize,
+                                    reading_tokenizer, unit_digest)
 from softlabels.labeler.progress import Progress
 from softlabels.labeler.raysession import cluster_gpus, max_gpus_per_node
 from softlabels.labeler.seams import UnitInput
@@ -70,6 +71,8 @@ class Outcome:
     replicas: int
     units_per_node: dict[str, int] = field(default_factory=dict)
     first_batch: float | None = None  # when a teacher first finished a batch (epoch seconds)
+    plan: PlanCounts = field(default_factory=PlanCounts)
+    trained_tokens: int = 0  # positions labeled (trained) by this run
 
 
 class _Failed:
@@ -98,6 +101,7 @@ class Pipeline:
         vocab_size: int,
         owner: tuple[int, str] | None = None,
         record: Callable[..., None] | None = None,
+        rendering: Rendering | None = None,
     ) -> None:
         self.ray, self.cfg, self.source, self.device, self.dtype = ray, cfg, source, device, dtype
         self.vocab_size = vocab_size  # every id the teacher can emit is below it
@@ -109,6 +113,8 @@ class Pipeline:
         self.tokenizer, self.tokenizer_fp = tokenizer, tokenizer_fp
         self.corpus, self.seq_cfg, self.done = corpus, seq_cfg, done
         self.totals = CorpusTotals()
+        self.rendering = rendering or Rendering()
+        self.counts = PlanCounts()
         self.read_fraction = 0.0
         self.stop = threading.Event()
         self.units: queue.Queue[Any] = queue.Queue(maxsize=UNITS_AHEAD)
@@ -126,7 +132,9 @@ class Pipeline:
         """Tokenized documents in corpus order, read by parallel tasks a bounded number ahead."""
         ray = self.ray
         read = ray.remote(num_cpus=TASK_CPUS, max_retries=3)(read_and_tokenize)
-        reader, tok = ray.put(self.corpus.reader), ray.put(reading_tokenizer(self.tokenizer))
+        # Conversations need the HF tokenizer (its chat template, offsets); text and completions the fast backend.
+        tok = self.tokenizer if self.rendering.format == "chat" else reading_tokenizer(self.tokenizer)
+        reader, tok, rendering = ray.put(self.corpus.reader), ray.put(tok), ray.put(self.rendering)
         blocks = self.corpus.blocks()
         weights = [max(1, self.corpus.sizes.get(b.path, 1)) for b in blocks]
         total, seen = sum(weights), 0
@@ -136,7 +144,7 @@ class Pipeline:
         skipped = 0
         while inflight or nxt < len(blocks):
             while nxt < len(blocks) and len(inflight) < lookahead:
-                inflight.append((read.remote(reader, blocks[nxt], tok, self.max_doc_tokens), blocks[nxt]))
+                inflight.append((read.remote(reader, blocks[nxt], tok, self.max_doc_tokens, rendering), blocks[nxt]))
                 nxt += 1
             ref, block = inflight.popleft()
             try:
@@ -158,7 +166,7 @@ class Pipeline:
 
     def _plan(self) -> None:
         try:
-            sequences = build_sequences(self._documents(), self.tokenizer.eos_token_id, self.seq_cfg)
+            sequences = build_sequences(self._documents(), self.tokenizer.eos_token_id, self.seq_cfg, self.counts)
             for unit in iter_units(sequences, self.cfg.shard_tokens):
                 if self.stop.is_set():
                     return
@@ -243,7 +251,7 @@ class Pipeline:
             writing: dict[Any, tuple[Unit, int, str]] = {}  # commit ref -> (unit, replica, input digest)
             load = [0] * len(actors)
             per_node: dict[str, int] = {}
-            planning, resumed, labeled = True, 0, 0
+            planning, resumed, labeled, trained = True, 0, 0, 0
             try:
                 while planning or labeling or writing:
                     while planning and min(load) < IN_FLIGHT:
@@ -290,6 +298,7 @@ class Pipeline:
                         shards[unit.index] = ShardInfo(**_get(ray, ref, unit.name))
                         self.record(unit.index, unit.name, shards[unit.index], digest)
                         labeled += unit.tokens
+                        trained += shards[unit.index].trained or 0
                         per_node[node_ids[r]] = per_node.get(node_ids[r], 0) + 1
                         progress.done(unit.tokens)
             finally:
@@ -309,6 +318,8 @@ class Pipeline:
                 replicas=len(actors),
                 units_per_node=per_node,
                 first_batch=_first_batch(ray, actors),
+                plan=self.counts,
+                trained_tokens=trained,
             )
         finally:
             self.stop.set()

@@ -21,6 +21,37 @@ from softlabels.schemas import SequenceConfig
 class Sequence:
     source: str  # "<doc_id>#<chunk>" or "packed:<n>"
     input_ids: np.ndarray  # int32
+    trained: np.ndarray | None = None  # [L] bool: label positions trained (the token after is); None: all
+    doc_lengths: tuple[int, ...] | None = None  # documents packed into it, when more than one
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How documents become token ids and trained-token masks (what read tasks need to know)."""
+
+    format: str = "text"  # text, chat, prompt-completion
+    train_on: str = "all"  # all, assistant, completion
+    chat_template: str | None = None  # --chat-template (None: the tokenizer's own)
+    bos: int | None = None  # plain text and completions: prepended once per document (the tokenizer adds one)
+    eos: int | None = None  # prompt-completion: ends the completion (trained: the student learns to stop)
+
+
+def tokenizer_bos(tokenizer: Any) -> int | None:
+    """The BOS id the tokenizer itself puts before a text (None if it adds none): plain text gets the same."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return bos if with_special and with_special[0] == bos and tokenizer("x", add_special_tokens=False)["input_ids"][:1] != [bos] else None
+
+
+@dataclass
+class PlanCounts:
+    """What cutting documents into sequences did, for the summary."""
+
+    truncated: int = 0  # conversations cut after their last assistant turn that fits --max-length
+    too_long: int = 0  # conversations whose first trained turn does not fit: skipped
+    untrained: int = 0  # documents with no trained token (e.g. an empty completion): skipped
 
 
 @dataclass(frozen=True)
@@ -43,6 +74,42 @@ class Unit:
 # text changes only the tokens next to the cut, far past the ones kept.
 MARGIN_TOKENS = 1024
 CHARS_PER_TOKEN = 32
+
+
+Tokenized = tuple  # (doc_id, int32 ids, bool trained-token mask or None)
+
+
+def render(docs: list[Document], tokenizer: Any, rendering: Rendering, max_tokens: int | None = None) -> list[Tokenized]:
+    """``(doc_id, ids, token mask)`` per document: plain text as :func:`tokenize` (BOS as the tokenizer
+    intends, every token trained), conversations through the chat template (:func:`labeler.chat.render_chat`),
+    prompt + completion as the prompt's tokens (not trained) then the completion's and EOS (trained)."""
+    if rendering.format == "text":
+        out = []
+        for doc_id, ids in tokenize(docs, tokenizer, max_tokens):
+            if rendering.bos is not None and (not len(ids) or ids[0] != rendering.bos):
+                ids = np.concatenate([[rendering.bos], ids]).astype(np.int32)
+            out.append((doc_id, ids, None))
+        return out
+    from softlabels.labeler.chat import render_chat
+
+    out = []
+    for d in docs:
+        msgs = d.messages or []
+        if rendering.format == "chat":
+            r = render_chat(tokenizer, msgs, rendering.chat_template, rendering.train_on, where=d.doc_id)
+            out.append((d.doc_id, np.asarray(r.input_ids, np.int32), np.asarray(r.trained, bool)))
+            continue
+        prompt = tokenizer(msgs[0]["content"], add_special_tokens=False)["input_ids"]
+        completion = tokenizer(msgs[1]["content"], add_special_tokens=False)["input_ids"]
+        head = [rendering.bos] if rendering.bos is not None else []
+        tail = [rendering.eos] if rendering.eos is not None else []
+        ids = np.asarray(head + prompt + completion + tail, np.int32)
+        mask = np.zeros(len(ids), bool)
+        mask[len(head) + len(prompt):] = True
+        if rendering.train_on == "all":
+            mask[:] = True
+        out.append((d.doc_id, ids, mask))
+    return out
 
 
 def tokenize(docs: list[Document], tokenizer: Any, max_tokens: int | None = None) -> list[tuple[str, np.ndarray]]:
@@ -109,51 +176,117 @@ def reading_tokenizer(tokenizer: Any) -> Any:
 
 
 def read_and_tokenize(
-    reader: BlockReader, block: Block, tokenizer: Any, max_tokens: int | None = None
-) -> tuple[list[tuple[str, np.ndarray]], BlockStats]:
+    reader: BlockReader, block: Block, tokenizer: Any, max_tokens: int | None = None, rendering: Rendering | None = None
+) -> tuple[list[Tokenized], BlockStats]:
     """One block, read and tokenized: the body of the parallel reading tasks."""
     docs, stats = reader.read(block)
-    return tokenize(docs, tokenizer, max_tokens), stats
+    return render(docs, tokenizer, rendering or Rendering(), max_tokens), stats
 
 
-def build_sequences(docs: Iterable[tuple[str, np.ndarray]], eos: int | None, cfg: SequenceConfig) -> Iterator[Sequence]:
+def _label_mask(token_mask: np.ndarray) -> np.ndarray:
+    """Label positions trained from trained tokens: position t predicts token t + 1; the last predicts nothing."""
+    out = np.zeros(len(token_mask), bool)
+    out[:-1] = token_mask[1:]
+    return out
+
+
+def fit_conversation(ids: np.ndarray, mask: np.ndarray, max_length: int, counts: PlanCounts) -> tuple[np.ndarray, np.ndarray] | None:
+    """A masked document cut to ``max_length``: whole trailing turns dropped, i.e. cut right after the last
+    run of trained tokens that ends within it (counted); None when no trained run fits (skipped, counted)."""
+    if len(ids) <= max_length:
+        return ids, mask
+    m = mask[:max_length]
+    ends = np.flatnonzero(m & ~np.append(mask[1:max_length + 1], False)[:max_length])
+    if not len(ends):
+        counts.too_long += 1
+        return None
+    e = int(ends[-1]) + 1
+    counts.truncated += 1
+    return ids[:e], mask[:e]
+
+
+def build_sequences(docs: Iterable[Tokenized], eos: int | None, cfg: SequenceConfig,
+                    counts: PlanCounts | None = None) -> Iterator[Sequence]:
     """Cut tokenized documents into sequences of at most ``max_length`` tokens.
 
-    Per-document (default): each document is chunked on its own; a short final
-    chunk is kept. Packing: documents are joined with EOS between them and the
-    stream is cut every ``max_length`` tokens; the short remainder is kept.
+    Plain text, per document (default): each document is chunked on its own; a short final
+    chunk is kept. Conversations (a token mask): one sequence each, longer ones cut after their
+    last assistant turn that fits (:func:`fit_conversation`). Packing: documents share sequences,
+    each a segment of its own (``doc_lengths``: the teacher and the student attend within a
+    segment only, positions restart); text is joined with EOS and cut every ``max_length`` tokens,
+    conversations are placed whole. The label at a document's end (what follows it) is not trained.
     """
     if (cfg.packing or cfg.add_eos) and eos is None:
         raise ValueError("packing/add_eos needs a tokenizer with an EOS token")
+    counts = counts or PlanCounts()
     count = 0
-    buf: list[np.ndarray] = []
-    buffered = 0
+    segments: list[tuple[np.ndarray, np.ndarray]] = []  # packing: (ids, label mask) of the open sequence
+    filled = 0
     packed = 0
-    for doc_id, ids in docs:
-        if cfg.add_eos or cfg.packing:
-            ids = np.append(ids, np.int32(eos)).astype(np.int32)
-        if cfg.packing:
-            buf.append(ids)
-            buffered += len(ids)
-            if buffered < cfg.max_length:
+
+    def emit_packed() -> Sequence:
+        nonlocal segments, filled, packed
+        ids = np.concatenate([a for a, _ in segments]).astype(np.int32)
+        lab = np.concatenate([m for _, m in segments])
+        lengths = tuple(len(a) for a, _ in segments)
+        seq = Sequence(f"packed:{packed}", ids, None if lab.all() else lab, lengths if len(lengths) > 1 else None)
+        segments, filled, packed = [], 0, packed + 1
+        return seq
+
+    for doc_id, ids, mask in docs:
+        if mask is not None:
+            if not mask.any():
+                counts.untrained += 1
                 continue
-            stream = np.concatenate(buf)
-            cut = len(stream) - len(stream) % cfg.max_length
-            for start in range(0, cut, cfg.max_length):
-                yield Sequence(f"packed:{packed}", stream[start : start + cfg.max_length])
-                packed += 1
+            fitted = fit_conversation(ids, mask, cfg.max_length, counts)
+            if fitted is None:
+                continue
+            ids, mask = fitted
+            if mask.all():  # --train-on all: a conversation is trained like text
+                mask = None
+        if mask is not None:
+            lab = _label_mask(mask)
+            if cfg.packing:
+                if filled + len(ids) > cfg.max_length and segments:
+                    yield emit_packed()
+                    count += 1
+                    if cfg.limit is not None and count >= cfg.limit:
+                        return
+                segments.append((ids, lab))
+                filled += len(ids)
+                continue
+            yield Sequence(f"{doc_id}#0", ids, lab)
+        elif cfg.packing:
+            ids = np.append(ids, np.int32(eos)).astype(np.int32)
+            start = 0
+            while start < len(ids):
+                take = min(cfg.max_length - filled, len(ids) - start)
+                lab = np.ones(take, bool)
+                if start + take == len(ids):
+                    lab[-1] = False  # the document's EOS: what follows is another document
+                segments.append((ids[start:start + take], lab))
+                filled += take
+                start += take
+                if filled == cfg.max_length:
+                    yield emit_packed()
+                    count += 1
+                    if cfg.limit is not None and count >= cfg.limit:
+                        return
+            continue
+        else:
+            if cfg.add_eos:
+                ids = np.append(ids, np.int32(eos)).astype(np.int32)
+            for c, start in enumerate(range(0, len(ids), cfg.max_length)):
+                yield Sequence(f"{doc_id}#{c}", ids[start : start + cfg.max_length])
                 count += 1
                 if cfg.limit is not None and count >= cfg.limit:
                     return
-            buf, buffered = [stream[cut:]], len(stream) - cut
             continue
-        for c, start in enumerate(range(0, len(ids), cfg.max_length)):
-            yield Sequence(f"{doc_id}#{c}", ids[start : start + cfg.max_length])
-            count += 1
-            if cfg.limit is not None and count >= cfg.limit:
-                return
-    if cfg.packing and buffered:
-        yield Sequence(f"packed:{packed}", np.concatenate(buf))
+        count += 1
+        if cfg.limit is not None and count >= cfg.limit:
+            return
+    if cfg.packing and segments:
+        yield emit_packed()
 
 
 def iter_units(sequences: Iterable[Sequence], shard_tokens: int) -> Iterator[Unit]:
@@ -179,4 +312,8 @@ def unit_digest(unit: Unit) -> str:
         h.update(s.source.encode("utf-8") + b"\x00")
         h.update(np.ascontiguousarray(s.input_ids, dtype="<i4").tobytes())
         h.update(len(s.input_ids).to_bytes(8, "little"))
+        if s.trained is not None:
+            h.update(b"trained" + np.packbits(s.trained).tobytes())
+        if s.doc_lengths is not None:
+            h.update(b"docs" + np.asarray(s.doc_lengths, "<i8").tobytes())
     return h.hexdigest()

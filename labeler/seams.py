@@ -23,15 +23,34 @@ class UnitInput:
 
     sources: tuple[str, ...]  # each sequence's "<doc_id>#<chunk>" (or "packed:<n>")
     input_ids: tuple[np.ndarray, ...]  # [L_i] int32 token ids per sequence
+    # [L_i] bool: the positions to label (the teacher's head runs only there); None: every position
+    trained: tuple[np.ndarray | None, ...] | None = None
+    # the lengths of the documents packed into each sequence (attention stays inside each); None: one
+    doc_lengths: tuple[tuple[int, ...] | None, ...] | None = None
 
     def __post_init__(self) -> None:
-        if len(self.sources) != len(self.input_ids):
-            raise ValueError(f"{len(self.sources)} sources for {len(self.input_ids)} sequences")
+        n = len(self.input_ids)
+        if len(self.sources) != n:
+            raise ValueError(f"{len(self.sources)} sources for {n} sequences")
+        for name in ("trained", "doc_lengths"):
+            v = getattr(self, name)
+            if v is not None and len(v) != n:
+                raise ValueError(f"{len(v)} {name} entries for {n} sequences")
 
     @classmethod
     def of(cls, sequences: Sequence[object]) -> UnitInput:
-        """From the plan's sequences (objects with ``source`` and ``input_ids``)."""
-        return cls(tuple(s.source for s in sequences), tuple(s.input_ids for s in sequences))  # type: ignore[attr-defined]
+        """From the plan's sequences (objects with ``source``, ``input_ids``, ``trained``, ``doc_lengths``)."""
+        trained = tuple(getattr(s, "trained", None) for s in sequences)
+        docs = tuple(getattr(s, "doc_lengths", None) for s in sequences)
+        return cls(tuple(s.source for s in sequences), tuple(s.input_ids for s in sequences),  # type: ignore[attr-defined]
+                   trained if any(t is not None for t in trained) else None,
+                   docs if any(d is not None for d in docs) else None)
+
+    def mask(self, i: int) -> np.ndarray | None:
+        return None if self.trained is None else self.trained[i]
+
+    def docs(self, i: int) -> tuple[int, ...] | None:
+        return None if self.doc_lengths is None else self.doc_lengths[i]
 
     @property
     def lengths(self) -> tuple[int, ...]:

@@ -196,8 +196,13 @@ class TeacherRunner:
             out.append(cur)
         return out
 
-    def label(self, sequences: Sequence[np.ndarray]) -> UnitLabels:
+    def label(self, sequences: Sequence[np.ndarray], trained: Sequence[np.ndarray | None] | None = None,
+              doc_lengths: Sequence[tuple[int, ...] | None] | None = None) -> UnitLabels:
         """The labels of ``sequences``: top-k ids and log-probs ``[N, k]`` and the tail ``[N]``, flat in input order.
+
+        ``trained``: per sequence, the positions to label (None: all); the LM head runs only there,
+        so ``N`` counts trained positions. ``doc_lengths``: per sequence, the documents packed into it
+        (None: one); each attends only within itself and its positions restart at 0.
 
         With ``tail_samples``, two extras ``[N, S]``: sampled tail ids and counts. The draws
         are seeded by the batch's tokens, so a unit labeled again (a resumed run) gets the
@@ -211,16 +216,22 @@ class TeacherRunner:
             maxlen = len(sequences[batch[0]])
             ids = torch.zeros((len(batch), maxlen), dtype=torch.long)
             mask = torch.zeros((len(batch), maxlen), dtype=torch.long)
+            select = torch.zeros((len(batch), maxlen), dtype=torch.bool)
             for row, i in enumerate(batch):
                 n = len(sequences[i])
                 ids[row, :n] = torch.from_numpy(np.asarray(sequences[i], dtype=np.int64))
                 mask[row, :n] = 1
+                m = None if trained is None else trained[i]
+                select[row, :n] = True if m is None else torch.from_numpy(np.asarray(m, dtype=bool))
+            docs = [None if doc_lengths is None else doc_lengths[i] for i in batch]
+            extra = packed_inputs(docs, maxlen, mask) if any(d is not None for d in docs) else {}
             with torch.inference_mode():
                 hidden = self.body(
-                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
+                    input_ids=ids.to(self.device), attention_mask=extra.pop("attention_mask", mask).to(self.device),
+                    use_cache=False, **{k: v.to(self.device) for k, v in extra.items()},
                 ).last_hidden_state
-                # Only real (unpadded) positions go through the head (on its own device when spread).
-                flat = hidden[mask.to(hidden.device).bool()].to(self.head_device)
+                # Only trained (real) positions go through the head (on its own device when spread).
+                flat = hidden[select.to(hidden.device)].to(self.head_device)
                 gen = None
                 if self.tail_samples:
                     seed = hashlib.sha256(b"".join(np.asarray(sequences[i], np.int64).tobytes() for i in batch)).digest()
@@ -230,10 +241,32 @@ class TeacherRunner:
                 )
             start = 0
             names = ("topk_ids", "topk_logprobs", "tail_logprob", *EXTRAS)
-            for i in batch:
-                n = len(sequences[i])
+            for row, i in enumerate(batch):
+                n = int(select[row].sum())
                 results[i] = {name: a[start : start + n].numpy() for name, a in zip(names, out)}
                 start += n
             if self.first_batch_at is None:
                 self.first_batch_at = time.time()  # the run's start-up ends here (its summary reports it)
         return UnitLabels.concat(results)
+
+
+def packed_inputs(docs: Sequence[tuple[int, ...] | None], maxlen: int, mask: Any) -> dict[str, Any]:
+    """``position_ids`` restarting at each packed document and a block-diagonal causal ``attention_mask``
+    ``[B, 1, T, T]`` (bool, True = attend): a token sees the earlier tokens of its own document only.
+    Padding attends to itself (a row with no key would give NaN in SDPA)."""
+    import torch
+
+    b = len(docs)
+    segment = torch.full((b, maxlen), -1, dtype=torch.long)
+    positions = torch.zeros((b, maxlen), dtype=torch.long)
+    for row, lengths in enumerate(docs):
+        n = int(mask[row].sum())
+        start = 0
+        for d, length in enumerate(lengths or (n,)):
+            segment[row, start:start + length] = d
+            positions[row, start:start + length] = torch.arange(length)
+            start += length
+    causal = torch.ones((maxlen, maxlen), dtype=torch.bool).tril()
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)
+    allowed = (same & causal) | torch.eye(maxlen, dtype=torch.bool)
+    return {"attention_mask": allowed[:, None], "position_ids": positions}

@@ -438,7 +438,8 @@ class LabelSetWriter:
             self._markers.difference_update(stale)
 
     # -- workers --------------------------------------------------------------
-    def commit_unit(self, name: str, shard_bytes: bytes, rows: int, tokens: int, inputs: str | None = None) -> ShardInfo:
+    def commit_unit(self, name: str, shard_bytes: bytes, rows: int, tokens: int, inputs: str | None = None,
+                    trained: int | None = None) -> ShardInfo:
         """Write one unit's shard, then its marker. Idempotent: a redo overwrites both.
 
         ``inputs`` (the unit's input digest) goes into the marker only: a
@@ -450,6 +451,7 @@ class LabelSetWriter:
             tokens=tokens,
             bytes=len(shard_bytes),
             sha256=sha256_bytes(shard_bytes),
+            trained=trained,
         )
         if self.claim is not None:
             self.claim.check()  # a run that lost its output stops before writing into it

@@ -1,0 +1,176 @@
+"""Corpus files as records: the file formats the labeler reads, one place.
+
+A record is ``(where, value)``: ``where`` names the file and row (``data.jsonl:12``) for
+messages and document ids; ``value`` is the text of a ``.txt`` file, or a row (a dict of
+fields) of every other format. Which fields a row must have is decided by the corpus
+format (:mod:`labeler.chat`), not here.
+
+=================  ====================================================================
+``.txt``           the whole file is one document
+``.jsonl``         one JSON object per line; ``.jsonl.gz`` / ``.jsonl.zst`` compressed
+``.json``          a JSON array of objects (or ``{"data": [...]}``, or one object per line)
+``.parquet``       one row per document, read a row group at a time
+``.arrow``         Arrow IPC (stream or file), as HF ``datasets`` caches and ``save_to_disk`` write
+=================  ====================================================================
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from softlabels.schemas.errors import UserError
+
+# Matched case-insensitively; compressed JSON Lines first (".jsonl.gz" before ".jsonl").
+FORMATS = (".txt", ".jsonl.gz", ".jsonl.zst", ".jsonl", ".json", ".parquet", ".arrow")
+_CODECS = {".jsonl.gz": "gzip", ".jsonl.zst": "zstd"}
+
+
+def file_format(path: str) -> str | None:
+    """The corpus format of a file name, whatever its case; None if none."""
+    low = path.lower()
+    return next((f for f in FORMATS if low.endswith(f)), None)
+
+
+class RowError(UserError):
+    """One row cannot be decoded: ``where`` and ``reason`` (``--on-error skip`` skips and counts it)."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where, self.reason = where, reason
+
+
+def records(path: str, data: bytes) -> Iterator[tuple[str, Any] | RowError]:
+    """The records of one file's bytes, in order; a bad row is yielded as a :class:`RowError`
+    (the caller skips or raises it), a file that cannot be read at all is raised as one."""
+    kind = file_format(path)
+    if kind in _CODECS:
+        import pyarrow as pa
+
+        try:
+            data = pa.CompressedInputStream(pa.BufferReader(data), _CODECS[kind]).read()
+        except (OSError, pa.ArrowException) as e:
+            raise RowError(path, f"not a readable {_CODECS[kind]} file ({str(e).splitlines()[0][:120]})") from e
+        kind = ".jsonl"
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (editors on Windows write one)
+        data = data[3:]
+    if kind == ".txt":
+        try:
+            yield path, data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield RowError(path, f"not UTF-8 text (byte {e.start}: {e.reason})")
+    elif kind == ".jsonl":
+        yield from _json_lines(path, data)
+    elif kind == ".json":
+        stripped = data.lstrip()
+        if not stripped.startswith((b"[", b"{")):
+            raise RowError(path, "not a JSON array of rows")
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            yield from _json_lines(path, data)  # many ".json" files are JSON Lines
+            return
+        rows = doc.get("data") if isinstance(doc, dict) and isinstance(doc.get("data"), list) else doc
+        if not isinstance(rows, list):
+            rows = [rows]
+        for row, obj in enumerate(rows, start=1):
+            yield f"{path}:{row}", obj
+    else:
+        yield from _table_rows(path, data, kind)
+
+
+def _json_lines(path: str, data: bytes) -> Iterator[tuple[str, Any] | RowError]:
+    for row, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{row}", json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield RowError(f"{path}:{row}", f"not UTF-8 (byte {e.start}: {e.reason})")
+        except json.JSONDecodeError as e:
+            yield RowError(f"{path}:{row}", f"not valid JSON ({e.msg})")
+
+
+def _table_rows(path: str, data: bytes, kind: str | None) -> Iterator[tuple[str, Any]]:
+    """Parquet (a row group at a time) and Arrow IPC rows, as dicts."""
+    import pyarrow as pa
+
+    try:
+        batches = _batches(data, kind)
+        row = 0
+        for batch in batches:
+            for obj in batch.to_pylist():
+                yield f"{path}:{row}", obj
+                row += 1
+    except pa.ArrowException as e:
+        name = "Parquet" if kind == ".parquet" else "Arrow"
+        raise RowError(path, f"not a readable {name} file ({str(e).splitlines()[0][:120]})") from e
+
+
+def _batches(data: bytes, kind: str | None) -> Iterator[Any]:
+    import pyarrow as pa
+
+    if kind == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(io.BytesIO(data))
+        for g in range(pf.num_row_groups):
+            yield pf.read_row_group(g)
+        return
+    try:
+        reader: Any = pa.ipc.open_stream(pa.BufferReader(data))  # what HF datasets writes
+    except pa.ArrowInvalid:
+        reader = pa.ipc.open_file(pa.BufferReader(data))
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
+        return
+    yield from reader
+
+
+def schema_fields(path: str, fs: Any) -> list[str] | None:
+    """The field names of a table file (Parquet footer, Arrow schema), without reading its rows; None for others."""
+    import pyarrow as pa
+
+    kind = file_format(path)
+    try:
+        if kind == ".parquet":
+            import pyarrow.parquet as pq
+
+            with fs.open(path, "rb") as fh:
+                return list(pq.read_schema(fh).names)
+        if kind == ".arrow":
+            with fs.open(path, "rb") as fh:
+                data = fh.read()
+            try:
+                return list(pa.ipc.open_stream(pa.BufferReader(data)).schema.names)
+            except pa.ArrowInvalid:
+                return list(pa.ipc.open_file(pa.BufferReader(data)).schema.names)
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(f"corpus file {path!r} is not a readable {kind[1:].title()} file ({e})") from e
+    return None
+
+
+def first_row(path: str, fs: Any) -> tuple[str, Any] | None:
+    """The first record of a JSON file (for format detection and field checks), or None."""
+    with fs.open(path, "rb") as fh:
+        head = fh.read(1 << 20 if file_format(path) == ".json" else 1 << 16)
+        if file_format(path) == ".json" and len(head) == 1 << 20:
+            head += fh.read()  # a JSON array parses only whole
+    kind = file_format(path)
+    if kind in _CODECS:
+        import pyarrow as pa
+
+        try:
+            head = pa.CompressedInputStream(pa.BufferReader(head), _CODECS[kind]).read(1 << 16)
+        except (OSError, pa.ArrowException):
+            return None  # a truncated or odd stream: reported when the block is read
+        kind = ".jsonl"
+    if kind == ".jsonl":
+        lines = head.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+        complete = lines if len(head) < 1 << 16 else lines[:-1]
+        head = b"\n".join(complete)
+    for rec in (_json_lines(path, head) if kind == ".jsonl" else records(path, head)):
+        return None if isinstance(rec, RowError) else rec
+    return None
