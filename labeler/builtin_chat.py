@@ -3,7 +3,8 @@
 ``pydoc-chat`` is a chat corpus made without any download: for each of Python's pydoc
 topics (the ones ``help()`` shows, shipped with every Python), a user asks about the
 topic and the assistant answers from the topic's own text; a second user turn asks for
-more and the assistant goes on with the next paragraphs. Questions are short and vary
+more and the assistant goes on with the next paragraphs. A long topic gives several
+conversations, one per two answers, so the whole of its prose is used. Questions are short and vary
 by topic; answers are the documentation's sentences, so a student can learn them from a
 teacher. Deterministic: the same Python gives the same conversations.
 """
@@ -52,20 +53,27 @@ def _answer(paras: list[str], start: int) -> tuple[str, int]:
     return "\n\n".join(parts), i
 
 
-def conversation(topic: str, text: str) -> list[dict[str, str]] | None:
-    """The built-in conversation about one pydoc topic (None if its text has no prose to answer from)."""
+def conversations(topic: str, text: str) -> list[list[dict[str, str]]]:
+    """The built-in conversations about one pydoc topic: its prose in answers of about ANSWER_CHARS
+    characters, two answers per conversation (none if the topic has no prose)."""
     paras = _paragraphs(text)
-    if not paras:
-        return None
+    answers, i = [], 0
+    while i < len(paras):
+        answer, i = _answer(paras, i)
+        answers.append(answer)
     pick = int(hashlib.sha256(topic.encode()).hexdigest()[:8], 16)
     name = topic.lower().replace("-", " ") if not topic.islower() else topic
-    first, nxt = _answer(paras, 0)
-    messages = [{"role": "user", "content": _ASK[pick % len(_ASK)].format(t=name)},
-                {"role": "assistant", "content": first}]
-    if nxt < len(paras):
-        more, _ = _answer(paras, nxt)
-        messages += [{"role": "user", "content": _MORE[pick % len(_MORE)]}, {"role": "assistant", "content": more}]
-    return messages
+    out = []
+    for j in range(0, len(answers), 2):
+        ask = _ASK[(pick + j) % len(_ASK)].format(t=name)
+        if j:
+            ask = f"What else does the Python documentation say about {name}?"
+        messages = [{"role": "user", "content": ask}, {"role": "assistant", "content": answers[j]}]
+        if j + 1 < len(answers):
+            messages += [{"role": "user", "content": _MORE[(pick + j) % len(_MORE)]},
+                         {"role": "assistant", "content": answers[j + 1]}]
+        out.append(messages)
+    return out
 
 
 def builtin_documents(name: str, start: int, stop: int) -> Iterator[Any]:
@@ -78,9 +86,8 @@ def builtin_documents(name: str, start: int, stop: int) -> Iterator[Any]:
         if name == "pydoc":
             yield Document(f"pydoc:{topic}", topics[topic])
             continue
-        messages = conversation(topic, topics[topic])
-        if messages is not None:
-            yield Document(f"pydoc-chat:{topic}", "", messages)
+        for j, messages in enumerate(conversations(topic, topics[topic])):
+            yield Document(f"pydoc-chat:{topic}:{j}", "", messages)
 
 
 def hub_dataset_files(name: str, split: str) -> list[str]:

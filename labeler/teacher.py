@@ -209,6 +209,7 @@ class TeacherRunner:
         same samples.
         """
         import torch
+        from softlabels.common.packing import packed_inputs
         from softlabels.labeler.topk import topk_with_tail
 
         results: list[Any] = [None] * len(sequences)
@@ -249,24 +250,3 @@ class TeacherRunner:
                 self.first_batch_at = time.time()  # the run's start-up ends here (its summary reports it)
         return UnitLabels.concat(results)
 
-
-def packed_inputs(docs: Sequence[tuple[int, ...] | None], maxlen: int, mask: Any) -> dict[str, Any]:
-    """``position_ids`` restarting at each packed document and a block-diagonal causal ``attention_mask``
-    ``[B, 1, T, T]`` (bool, True = attend): a token sees the earlier tokens of its own document only.
-    Padding attends to itself (a row with no key would give NaN in SDPA)."""
-    import torch
-
-    b = len(docs)
-    segment = torch.full((b, maxlen), -1, dtype=torch.long)
-    positions = torch.zeros((b, maxlen), dtype=torch.long)
-    for row, lengths in enumerate(docs):
-        n = int(mask[row].sum())
-        start = 0
-        for d, length in enumerate(lengths or (n,)):
-            segment[row, start:start + length] = d
-            positions[row, start:start + length] = torch.arange(length)
-            start += length
-    causal = torch.ones((maxlen, maxlen), dtype=torch.bool).tril()
-    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)
-    allowed = (same & causal) | torch.eye(maxlen, dtype=torch.bool)
-    return {"attention_mask": allowed[:, None], "position_ids": positions}

@@ -161,7 +161,8 @@ def convert(
 
         def one(name: str, shard: ShardInfo) -> ShardInfo:
             data = convert_shard(ls, shard, enc)
-            return writer.commit_unit(name, data, rows=shard.rows, tokens=shard.tokens, inputs=shard.sha256)
+            return writer.commit_unit(name, data, rows=shard.rows, tokens=shard.tokens, inputs=shard.sha256,
+                                      trained=shard.trained)
 
         last_log = time.time()
         pool = ThreadPoolExecutor(max_workers=workers)  # numpy and zstd release the GIL; reads and writes overlap
@@ -182,7 +183,8 @@ def convert(
             ls.manifest,
             tokenizer=tokenizer,
             shards=shards,
-            totals=Totals(sum(s.rows for s in shards), sum(s.tokens for s in shards), sum(s.bytes for s in shards)),
+            totals=Totals(sum(s.rows for s in shards), sum(s.tokens for s in shards), sum(s.bytes for s in shards),
+                          ls.manifest.totals.trained),
             encoding=enc.to_dict(),
             labeler_version=__version__,
             created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),

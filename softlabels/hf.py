@@ -10,6 +10,9 @@ One row per sequence, whatever the set's encoding: ``sample_id``, ``source``,
 ``input_ids [L]`` int32, ``topk_ids [L][k]`` int32 (descending by log-prob),
 ``topk_logprobs [L][k]`` float32, ``tail_logprob [L]`` float32, and for sets labeled
 with ``--tail-samples S`` also ``tail_sample_ids [L][S]`` and ``tail_sample_counts [L][S]``.
+Sets of schema v4 and later also have ``trained [L]`` bool (the positions with labels: the label
+columns then hold one row per trained position, ``T = sum(trained)`` rows, not ``L``), and packed
+sets ``doc_lengths`` (the documents packed into the sequence).
 Every shard is checked against the manifest's sha256 as it is read.
 
 ``Dataset`` writes the decoded rows to the ``datasets`` cache once (keyed by the
@@ -46,17 +49,26 @@ def features(manifest: Manifest) -> Any:
     if s:
         cols["tail_sample_ids"] = seq(seq(datasets.Value("int32"), length=s))
         cols["tail_sample_counts"] = seq(seq(datasets.Value("uint8"), length=s))
+    if manifest.schema_version >= 4:
+        cols["trained"] = seq(datasets.Value("bool"))
+    if manifest.sequence.packing:
+        cols["doc_lengths"] = seq(datasets.Value("int32"))
     return datasets.Features(cols)
 
 
 def _rows(url: str, storage_options: dict[str, Any], shards: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     ls = open_label_set(url, storage_options)
+    m = ls.manifest
     for shard in shards:
         for s in ls.read_shard(ShardInfo(**shard)):
             row = {"sample_id": s.sample_id, "source": s.source, "input_ids": s.input_ids, "topk_ids": s.topk_ids,
                    "topk_logprobs": s.topk_logprobs, "tail_logprob": s.tail_logprob}
             if s.tail_sample_ids is not None:
                 row.update(tail_sample_ids=s.tail_sample_ids, tail_sample_counts=s.tail_sample_counts)
+            if m.schema_version >= 4:
+                row["trained"] = [True] * len(s.input_ids) if s.trained is None else s.trained
+            if m.sequence.packing:
+                row["doc_lengths"] = [len(s.input_ids)] if s.doc_lengths is None else s.doc_lengths
             yield row
 
 

@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="YAML file of settings (keys as below, e.g. batch_size: 16); flags override it")
     _common(r, suppress=True)
     r.add_argument("--student", default=S, help=f"'tiny' (built-in), a config .json, a local HF model dir, or an HF id (default: {d.student})")
+    r.add_argument("--init-from", default=S, metavar="DIR",
+                   help="start from a trained student's weights (the --output of an earlier softlabels train), with a "
+                   "fresh optimizer and schedule: task distillation or fine-tuning after general distillation")
     r.add_argument("--output", default=S, help="directory for the trained student (save_pretrained) and metrics.jsonl (required)")
     r.add_argument("--steps", type=int, default=S, help=f"optimizer steps (default: {d.steps})")
     r.add_argument("--grad-accum", type=int, default=S, help=f"micro-batches per step (default: {d.grad_accum})")

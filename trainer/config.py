@@ -15,7 +15,7 @@ from softlabels.schemas.errors import UserError
 
 LOSSES = ("tail-kl", "topk-kl", "reverse-kl", "tail-sampled", "ce")
 # A resumed run continues one run: these must be what its checkpoint recorded ...
-KEEP_ON_RESUME = ("student", "loss", "alpha", "temperature", "top_k", "seed", "batch_size", "grad_accum",
+KEEP_ON_RESUME = ("student", "init_from", "loss", "alpha", "temperature", "top_k", "seed", "batch_size", "grad_accum",
                   "eval_fraction", "shuffle_window")
 # ... and these too, unless named in --allow-changed (deliberate changes to the optimizer's course).
 CHANGEABLE = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "clip")
@@ -26,6 +26,7 @@ class TrainConfig:
     labels: str
     output: str
     student: str = "tiny"
+    init_from: str | None = None  # a trained student's directory: its weights, a fresh optimizer and schedule
     steps: int = 200
     batch_size: int = 8
     grad_accum: int = 1
@@ -61,6 +62,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allow_changed", tuple(self.allow_changed or ()))  # a list from YAML or flags
+        if self.init_from is not None and self.student != "tiny":
+            raise UserError(f"give --student or --init-from, not both (--student {self.student}, "
+                            f"--init-from {self.init_from})")
         for name in ("steps", "batch_size", "grad_accum", "head_chunk", "shuffle_window"):
             _check_int(self, name, 1)
         for name in ("warmup_steps", "eval_every", "num_workers", "checkpoint_every", "prefetch", "seed"):

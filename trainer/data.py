@@ -252,33 +252,64 @@ class LabelDataset(IterableDataset):
                 yield item
 
 
+def _at_positions(rows: np.ndarray, trained: np.ndarray | None, dtype: torch.dtype) -> torch.Tensor:
+    """Label rows (one per trained position) laid out over every position of the sequence (0 elsewhere)."""
+    if trained is None:
+        return torch.tensor(rows, dtype=dtype)  # decoded arrays may be read-only views: torch.tensor copies
+    full = torch.zeros((len(trained), *rows.shape[1:]), dtype=dtype)
+    full[torch.from_numpy(np.flatnonzero(trained))] = torch.as_tensor(np.asarray(rows), dtype=dtype)
+    return full
+
+
 def sample_to_tensors(s: Sample, top_k: int | None = None) -> dict[str, torch.Tensor]:
+    """A sample as tensors over its positions; ``label_mask`` marks the trained ones (where labels are)."""
     lp, tail = s.topk_logprobs, s.tail_logprob
     ids = s.topk_ids
     if top_k is not None:
         lp, tail = truncate_topk(lp, tail, top_k)
         ids = ids[:, :top_k]
-    # Decoded arrays may be read-only views of Arrow buffers: torch.tensor copies.
     out = {
         "input_ids": torch.tensor(s.input_ids, dtype=torch.long),
-        "topk_ids": torch.tensor(ids, dtype=torch.long),
-        "topk_logprobs": torch.tensor(lp, dtype=torch.float32),
-        "tail_logprob": torch.tensor(tail, dtype=torch.float32),
+        "topk_ids": _at_positions(ids, s.trained, torch.long),
+        "topk_logprobs": _at_positions(lp, s.trained, torch.float32),
+        "tail_logprob": _at_positions(tail, s.trained, torch.float32),
     }
+    if s.trained is not None:
+        out["label_mask"] = torch.tensor(s.trained, dtype=torch.bool)
+    if s.doc_lengths is not None and len(s.doc_lengths) > 1:
+        out["doc_lengths"] = torch.tensor(s.doc_lengths, dtype=torch.long)
     # Tail draws describe the tail of the stored k; a truncated k' has a larger tail they never saw.
     if s.tail_sample_ids is not None and (top_k is None or top_k >= s.topk_ids.shape[1]):
-        out["tail_sample_ids"] = torch.tensor(s.tail_sample_ids, dtype=torch.long)
-        out["tail_sample_counts"] = torch.tensor(s.tail_sample_counts, dtype=torch.float32)
+        out["tail_sample_ids"] = _at_positions(s.tail_sample_ids, s.trained, torch.long)
+        out["tail_sample_counts"] = _at_positions(s.tail_sample_counts, s.trained, torch.float32)
     return out
+
+
+def model_inputs(batch: dict[str, torch.Tensor], model: Any = None) -> dict[str, torch.Tensor]:
+    """What the student's forward takes from a batch: with packed documents, the block-diagonal mask
+    (additive for eager attention) and restarting positions, so no document attends to another."""
+    if "doc_lengths" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    from softlabels.common.packing import packed_inputs
+
+    cfg = getattr(model, "config", None)
+    eager = getattr(cfg, "_attn_implementation", "sdpa") == "eager"
+    docs = [[int(n) for n in row if n > 0] or None for row in batch["doc_lengths"].tolist()]
+    extra = packed_inputs(docs, batch["input_ids"].shape[1], batch["attention_mask"].cpu(),
+                          additive=next(model.parameters()).dtype if eager else None)
+    device = batch["input_ids"].device
+    return {"input_ids": batch["input_ids"], **{k: v.to(device) for k, v in extra.items()}}
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Right-pad a list of samples into a batch.
 
     Adds ``attention_mask`` (real tokens), ``label_mask`` (positions with a
-    teacher label: every real position) and ``targets`` (the true next token,
-    -100 at the last real position and on padding). ``position`` (where each
-    sample sits in the data order) is stacked when present.
+    teacher label: the trained ones, every real position of a set without a mask) and
+    ``targets`` (the true next token at trained positions, -100 elsewhere, at the last
+    real position and on padding). ``doc_lengths`` (packed documents, zero-padded) when a
+    sample has several. ``position`` (where each sample sits in the data order) is stacked
+    when present.
     """
     b = len(samples)
     t = max(len(s["input_ids"]) for s in samples)
@@ -308,6 +339,16 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
             out["tail_sample_ids"][i, :n] = s["tail_sample_ids"]
             out["tail_sample_counts"][i, :n] = s["tail_sample_counts"]
     out["label_mask"] = out["attention_mask"].bool()
+    for i, s in enumerate(samples):
+        if "label_mask" in s:
+            out["label_mask"][i, : len(s["label_mask"])] = s["label_mask"]
+    out["targets"] = out["targets"].masked_fill(~out["label_mask"], -100)
+    docs = [s.get("doc_lengths") for s in samples]
+    if any(d is not None for d in docs):
+        width = max(1 if d is None else len(d) for d in docs)
+        out["doc_lengths"] = torch.zeros((b, width), dtype=torch.long)
+        for i, (d, s) in enumerate(zip(docs, samples)):
+            out["doc_lengths"][i, : 1 if d is None else len(d)] = torch.tensor([len(s["input_ids"])]) if d is None else d
     for key in ("position", "sample_key"):
         if key in samples[0]:
             out[key] = torch.stack([s[key] for s in samples])

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from softlabels.schemas.errors import UserError
-from softlabels.trainer.data import LabelDataset, collate
+from softlabels.trainer.data import LabelDataset, collate, model_inputs
 from softlabels.trainer.losses import label_positions, position_loss
 from torch.utils.data import DataLoader
 
@@ -49,7 +49,7 @@ def evaluate(
         body, head = model.get_decoder(), model.get_output_embeddings()
 
         def states(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            return body(**model_inputs(batch, model)).last_hidden_state
 
     ce_sum = kl_sum = 0.0
     agree = n_pos = n_tgt = seqs = 0

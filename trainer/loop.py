@@ -19,7 +19,7 @@ import torch.distributed as dist
 from softlabels.schemas.errors import UserError
 from softlabels.trainer.checkpoint import CheckpointStore, rng_state, set_rng_state
 from softlabels.trainer.config import CHANGEABLE, TrainConfig
-from softlabels.trainer.data import LabelDataset, StatefulLoader
+from softlabels.trainer.data import LabelDataset, StatefulLoader, model_inputs
 from softlabels.trainer.evaluate import _move, evaluate
 from softlabels.trainer.losses import chunked_loss
 from softlabels.trainer.student import build_student, embedding_rows
@@ -59,8 +59,25 @@ class KDModule(torch.nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         body, head = self.model.get_decoder(), self.model.get_output_embeddings()
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = body(**model_inputs(batch, self.model)).last_hidden_state
         return chunked_loss(hidden, head, cfg.loss, batch, cfg.temperature, cfg.alpha, cfg.head_chunk)
+
+
+def _init_from(path: str) -> str:
+    """``--init-from DIR``: a student saved by ``softlabels train`` (or any HF model directory); one line if not."""
+    d = Path(path).expanduser()
+    if not (d / "config.json").is_file():
+        raise UserError(f"--init-from {path}: not a trained student (no config.json; give the --output "
+                        "directory of a finished softlabels train)")
+    record = d / "softlabels_train.json"
+    if record.is_file():
+        try:
+            prev = json.loads(record.read_text())
+            log.info("starting from %s (trained %s steps on %s); optimizer and schedule start fresh", path,
+                     prev["config"].get("steps"), prev["label_set"].get("url"))
+        except (ValueError, KeyError, TypeError):
+            pass
+    return str(d)
 
 
 def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
@@ -99,7 +116,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     if cfg.loss == "tail-sampled" and not train_ds.manifest.tail_samples:
         raise UserError(f"--loss tail-sampled: the label set {cfg.labels} has no tail samples (label it with --tail-samples S)")
-    model, tokenizer = build_student(cfg.student, train_ds.labels, cfg.seed, allow_vocab_mismatch=cfg.allow_vocab_mismatch,
+    spec = cfg.student if cfg.init_from is None else _init_from(cfg.init_from)
+    model, tokenizer = build_student(spec, train_ds.labels, cfg.seed, allow_vocab_mismatch=cfg.allow_vocab_mismatch,
                                      trust_remote_code=cfg.trust_remote_code)
     model.to(device)
     train_ds.max_id = eval_ds.max_id = embedding_rows(model)  # a stored id the student has no row for: one line

@@ -1,0 +1,288 @@
+"""Chat and instruction data end to end: corpora as users keep them, trained-position masks,
+labels only where trained, packing without cross-document attention, and the trainer's masks.
+
+Masks are compared with a direct computation (render the prefix, count tokens); labels with a
+direct full softmax of the teacher; packed labels with the same documents labeled one by one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from softlabels.labeler.corpus import Corpus, RowFormat
+from softlabels.labeler.plan import PlanCounts, Rendering, build_sequences, render
+from softlabels.schemas import SequenceConfig, open_label_set
+from softlabels.schemas.errors import UserError
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def conv(i: int) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"What is item {i} of the list?"},
+            {"role": "assistant", "content": f"Item {i} is the number {i * 7}, which is {'odd' if i % 2 else 'even'}."},
+            {"role": "user", "content": "And the next?"},
+            {"role": "assistant", "content": f"The next one is {i * 7 + 7}."}]
+
+
+def write_corpora(d: Path, n: int = 6) -> dict[str, Path]:
+    """The same conversations in every file format the labeler reads."""
+    rows = [{"messages": conv(i)} for i in range(n)]
+    lines = "\n".join(json.dumps(r) for r in rows).encode() + b"\n"
+    paths = {name: d / name for name in ("c.jsonl", "c.jsonl.gz", "c.jsonl.zst", "c.json", "c.parquet", "c.arrow")}
+    paths["c.jsonl"].write_bytes(lines)
+    paths["c.jsonl.gz"].write_bytes(gzip.compress(lines))
+    with pa.CompressedOutputStream(str(paths["c.jsonl.zst"]), "zstd") as out:
+        out.write(lines)
+    paths["c.json"].write_text(json.dumps(rows))
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, paths["c.parquet"], row_group_size=2)
+    with pa.ipc.new_stream(str(paths["c.arrow"]), table.schema) as w:
+        w.write_table(table)
+    return paths
+
+
+def test_every_file_format_reads_the_same_conversations(tmp_path, caplog):
+    paths = write_corpora(tmp_path)
+    import datasets
+
+    datasets.Dataset.from_list([{"messages": conv(i)} for i in range(6)]).save_to_disk(str(tmp_path / "saved"))
+    want = [conv(i) for i in range(6)]
+    for spec in [*map(str, paths.values()), str(tmp_path / "saved")]:
+        with caplog.at_level("INFO", logger="softlabels.labeler.corpus"):
+            corpus = Corpus(spec)
+        assert corpus.rows.format == "chat" and corpus.rows.train_on == "assistant", spec
+        docs = [d for b in corpus.blocks() for d in corpus.reader.read(b)[0]]
+        assert [d.messages for d in docs] == want, spec
+    assert "corpus format: chat (detected from" in caplog.text
+
+
+def test_share_gpt_and_prompt_completion_rows(tmp_path):
+    (tmp_path / "s.jsonl").write_text(json.dumps({"conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}) + "\n")
+    docs = Corpus(str(tmp_path / "s.jsonl")).reader.read(Corpus(str(tmp_path / "s.jsonl")).blocks()[0])[0]
+    assert docs[0].messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"question": "2+2?", "answer": " 4"}) + "\n")
+    corpus = Corpus(str(tmp_path / "p.jsonl"), RowFormat("prompt-completion", prompt_field="question",
+                                                         completion_field="answer"))
+    assert corpus.rows.train_on == "completion"
+    (doc,) = corpus.reader.read(corpus.blocks()[0])[0]
+    assert doc.messages == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": " 4"}]
+
+
+@pytest.mark.parametrize("row,fragment", [
+    ({"messages": [{"role": "user"}]}, "message 0 needs a 'role' and a 'content'"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "message 0 has role 'wizard'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image"}]}]}, "has list content; only text is supported"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn to train on"),
+    ({"prompt": "only a prompt", "completion": None}, "has NoneType content"),
+])
+def test_bad_rows_are_one_line_naming_file_and_row_or_skipped_and_counted(tmp_path, row, fragment):
+    good = {"messages": conv(0)} if "messages" in row else {"prompt": "p", "completion": "c"}
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    corpus = Corpus(str(path))  # the first row is good: the bad one is found when its block is read
+    with pytest.raises(UserError, match=f"bad.jsonl:2: .*{fragment}"):
+        corpus.reader.read(corpus.blocks()[0])
+    skipping = Corpus(str(path), on_error="skip")
+    docs, stats = skipping.reader.read(skipping.blocks()[0])
+    assert len(docs) == 1 and len(stats.skipped) == 1 and fragment.split(" ")[0] in stats.skipped[0]
+    # The same row first in its file is refused when the corpus is opened (before any teacher loads).
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(UserError, match="bad.jsonl:1: "):
+        Corpus(str(path))
+
+
+def test_hub_dataset_not_in_the_cache_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match="hub dataset 'nobody/not-cached' .*not in the local cache"):
+        Corpus("hf:nobody/not-cached")
+
+
+def direct_mask(tok, messages, template):
+    """Trained tokens by counting: the conversation up to each assistant turn (with the generation
+    prompt) and through it (the end-of-turn token included, the newline after it not)."""
+    def count(text):
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    def rendered(upto, gen=False):
+        return tok.apply_chat_template(messages[:upto], chat_template=template, tokenize=False, add_generation_prompt=gen)
+
+    mask = np.zeros(count(rendered(len(messages))), bool)
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            mask[count(rendered(i, True)):count(rendered(i + 1).rstrip())] = True
+    return mask
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer(tiny_teacher):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tok
+
+
+def test_sequences_carry_label_masks_and_long_conversations_are_cut_at_turns(chatml_tokenizer):
+    from softlabels.labeler.corpus import Document
+
+    tok = chatml_tokenizer
+    docs = [Document(f"d{i}", "", conv(i)) for i in range(3)]
+    tokenized = render(docs, tok, Rendering("chat", "assistant", CHATML))
+    for (_, ids, mask), d in zip(tokenized, docs):
+        np.testing.assert_array_equal(mask, direct_mask(tok, d.messages, CHATML))
+    seqs = list(build_sequences(tokenized, tok.eos_token_id, SequenceConfig(max_length=512)))
+    for s, (_, ids, mask) in zip(seqs, tokenized):
+        np.testing.assert_array_equal(s.trained[:-1], mask[1:])  # position t is trained when token t + 1 is
+        assert not s.trained[-1]
+    # Too long for both turns: cut right after the first assistant turn; too long for that: skipped.
+    first_end = int(np.flatnonzero(tokenized[0][2])[0])
+    while tokenized[0][2][first_end]:
+        first_end += 1
+    counts = PlanCounts()
+    last_trained = int(np.flatnonzero(tokenized[0][2])[-1])  # the second turn's end-of-turn token
+    (cut,) = build_sequences(tokenized[:1], None, SequenceConfig(max_length=last_trained), counts)
+    assert len(cut.input_ids) == first_end and counts.truncated == 1
+    assert tok.decode(cut.input_ids).endswith("even.<|im_end|>")
+    assert not list(build_sequences(tokenized[:1], None, SequenceConfig(max_length=first_end - 1), counts))
+    assert counts.too_long == 1
+    # Packing: whole conversations share a sequence, each a document of its own.
+    packed = list(build_sequences(tokenized, tok.eos_token_id, SequenceConfig(max_length=512, packing=True)))
+    assert len(packed) == 1 and packed[0].doc_lengths == tuple(len(t[1]) for t in tokenized)
+    np.testing.assert_array_equal(packed[0].trained, np.concatenate([s.trained for s in seqs]))
+
+
+def test_prompt_completion_trains_the_completion_and_eos(chatml_tokenizer):
+    from softlabels.labeler.corpus import Document
+
+    tok = chatml_tokenizer
+    doc = Document("p", "", [{"role": "user", "content": "2 + 2 ="}, {"role": "assistant", "content": " 4"}])
+    ((_, ids, mask),) = render([doc], tok, Rendering("prompt-completion", "completion", None, None, tok.eos_token_id))
+    n_prompt = len(tok("2 + 2 =", add_special_tokens=False)["input_ids"])
+    assert list(ids[n_prompt:]) == tok(" 4", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert not mask[:n_prompt].any() and mask[n_prompt:].all()
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_teacher):
+    from softlabels.labeler.teacher import TeacherRunner, resolve_teacher
+
+    return TeacherRunner(resolve_teacher(tiny_teacher), "float32", "cpu", top_k=8, batch_tokens=512)
+
+
+def test_labels_exist_only_at_trained_positions_and_equal_a_full_softmax(runner):
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(3, 300, size=n).astype(np.int32) for n in (40, 25)]
+    trained = [rng.random(len(s)) < 0.4 for s in seqs]
+    labels = runner.label(seqs, trained)
+    assert labels.lengths == tuple(int(t.sum()) for t in trained)
+    for i, s in enumerate(seqs):
+        with torch.no_grad():
+            logits = runner.model(input_ids=torch.from_numpy(s.astype(np.int64))[None]).logits[0]
+        full = torch.log_softmax(logits.double(), -1)[torch.from_numpy(np.flatnonzero(trained[i]))]
+        got = labels.sequence(i)
+        want_lp, want_ids = full.topk(8, -1)
+        np.testing.assert_array_equal(got["topk_ids"], want_ids.numpy())
+        np.testing.assert_allclose(got["topk_logprobs"], want_lp.numpy(), atol=1e-4)
+        tail = torch.log1p(-want_lp.exp().sum(-1).clamp(max=1 - 1e-12))
+        np.testing.assert_allclose(got["tail_logprob"], tail.numpy(), atol=1e-3)
+
+
+def test_packed_documents_get_the_labels_they_get_alone(runner):
+    """Block-diagonal attention and restarting positions: no document sees another."""
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(3, 300, size=n).astype(np.int32) for n in (17, 30, 9)]
+    alone = runner.label(docs)
+    packed = runner.label([np.concatenate(docs), docs[0]], doc_lengths=[tuple(len(d) for d in docs), None])
+    joined = packed.sequence(0)
+    start = 0
+    for i, d in enumerate(docs):
+        one = alone.sequence(i)
+        np.testing.assert_array_equal(joined["topk_ids"][start:start + len(d)], one["topk_ids"])
+        np.testing.assert_allclose(joined["topk_logprobs"][start:start + len(d)], one["topk_logprobs"], atol=2e-5)
+        start += len(d)
+    np.testing.assert_allclose(packed.sequence(1)["topk_logprobs"], alone.sequence(0)["topk_logprobs"], atol=2e-5)
+    # Without the block mask the later documents would see the earlier ones (the test can fail).
+    leaky = runner.label([np.concatenate(docs)])
+    assert not np.allclose(leaky.sequence(0)["topk_logprobs"][17:47], alone.sequence(1)["topk_logprobs"], atol=1e-3)
+
+
+def test_chat_label_set_end_to_end(ray_local, tiny_teacher, tmp_path, chatml_tokenizer):
+    """The labeler on a chat corpus: stored masks equal the direct count, labels only where trained,
+    packed documents recorded; the trainer learns only there."""
+    from softlabels.labeler.config import LabelConfig
+    from softlabels.labeler.job import run
+
+    paths = write_corpora(tmp_path, n=10)
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    out = str(tmp_path / "set")
+    summary = run(LabelConfig(teacher=tiny_teacher, corpus=str(paths["c.jsonl"]), output=out, top_k=8, max_length=256,
+                              shard_tokens=400, batch_tokens=1024, chat_template=str(template), encoding="fp16"))
+    assert summary.format == "chat" and summary.train_on == "assistant" and 0 < summary.trained_tokens < summary.tokens
+    ls = open_label_set(out)
+    m = ls.manifest
+    assert m.schema_version == 4 and m.rendering["format"] == "chat"
+    assert m.rendering["chat_template_sha256"] == __import__("hashlib").sha256(CHATML.encode()).hexdigest()
+    assert m.totals.trained == sum(s.trained for s in m.shards) == summary.trained_tokens
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)  # the teacher's own: the template's markers are plain text
+    samples = list(ls.iter_samples())
+    assert len(samples) == 10
+    for s in samples:
+        i = int(s.source.split(":")[-1].split("#")[0]) - 1
+        mask = direct_mask(tok, conv(i), CHATML)
+        np.testing.assert_array_equal(s.trained[:-1], mask[1:])
+        assert len(s.topk_ids) == int(s.trained.sum()) < len(s.input_ids)  # nothing stored where untrained
+
+    # The trainer: loss and gradient ignore untrained positions (labels there may be anything).
+    from softlabels.trainer.data import collate, sample_to_tensors
+    from softlabels.trainer.losses import chunked_loss
+
+    batch = collate([sample_to_tensors(s) for s in samples[:3]])
+    assert torch.equal(batch["label_mask"][0, : len(samples[0].input_ids)], torch.from_numpy(samples[0].trained))
+    assert ((batch["targets"] != -100) <= batch["label_mask"]).all()
+    head = torch.nn.Linear(16, len(tok), bias=False)
+    hidden = torch.randn(*batch["input_ids"].shape, 16, requires_grad=True)
+    loss, _ = chunked_loss(hidden, head, "tail-kl", batch, 1.0, 0.5, 64)
+    loss.backward()
+    untrained = ~batch["label_mask"]
+    assert hidden.grad[untrained].abs().max() == 0 and hidden.grad[batch["label_mask"]].abs().max() > 0
+    noisy = dict(batch, topk_logprobs=batch["topk_logprobs"].masked_fill(untrained[..., None], -0.1))
+    again, _ = chunked_loss(hidden.detach(), head, "tail-kl", noisy, 1.0, 0.5, 64)
+    assert torch.allclose(again, loss.detach())
+
+
+def test_chat_corpus_without_a_chat_template_is_refused(tiny_teacher, tmp_path):
+    from softlabels.labeler.config import LabelConfig
+    from softlabels.labeler.job import _check_teacher
+
+    with pytest.raises(UserError, match="has no chat template: give one with --chat-template FILE"):
+        _check_teacher(LabelConfig(teacher=tiny_teacher, output=str(tmp_path / "o"), top_k=8, max_length=64),
+                       __import__("softlabels.labeler.teacher", fromlist=["x"]).resolve_teacher(tiny_teacher), "chat")
+
+
+def test_builtin_chat_corpus_is_offline_and_deterministic():
+    corpus = Corpus("pydoc-chat")
+    assert corpus.rows.format == "chat" and corpus.rows.train_on == "assistant"
+    first = corpus.reader.read(corpus.blocks()[0])
+    again = Corpus("pydoc-chat").reader.read(corpus.blocks()[0])
+    assert first[1].sha256 == again[1].sha256 and len(first[0]) > 20
+    for d in first[0]:
+        roles = [m["role"] for m in d.messages]
+        assert roles[:2] == ["user", "assistant"] and all(m["content"].strip() for m in d.messages)
