@@ -88,8 +88,9 @@ class Block:
 
     index: int
     path: str  # filesystem path of the file, or "pydoc"
-    start: int = 0  # pydoc only: topic range [start, stop)
-    stop: int = 0
+    start: int = 0  # built-in corpora: topic range [start, stop); a file's piece (labeler.records.pieces)
+    stop: int = 0  # 0: the whole file
+    weight: int = 1  # bytes, for the progress estimate
 
 
 @dataclass
@@ -188,8 +189,13 @@ class BlockReader:
             yield from builtin_documents(block.path, block.start, block.stop)
             return
         path = block.path
-        data = retry_io(lambda: self.fs.cat_file(path), f"read {path}")
-        for rec in records(path, data):
+        if block.stop:
+            from softlabels.labeler.records import piece_records
+
+            recs = piece_records(path, block.start, block.stop, self.fs)
+        else:
+            recs = records(path, retry_io(lambda: self.fs.cat_file(path), f"read {path}"))
+        for rec in recs:
             if isinstance(rec, RowError):
                 self._bad(stats, str(rec))
                 continue
@@ -359,7 +365,14 @@ class Corpus:
 
             n = len(topics)
             return [Block(i, self.source, s, min(n, s + PYDOC_BLOCK)) for i, s in enumerate(range(0, n, PYDOC_BLOCK))]
-        return [Block(i, f) for i, f in enumerate(self.files)]
+        from softlabels.labeler.records import pieces
+
+        fs = self.reader.fs
+        out = []
+        for f in self.files:
+            for start, stop, weight in pieces(f, self.sizes[f], fs):
+                out.append(Block(len(out), f, start, stop, max(1, weight)))
+        return out
 
     @property
     def bytes(self) -> int:

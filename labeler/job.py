@@ -318,6 +318,12 @@ def _already_complete(writer: LabelSetWriter, cfg: LabelConfig, t0: float) -> Su
         status="already complete",
         skipped_documents=m.corpus.skipped_documents,
         empty_documents=m.corpus.empty_documents,
+        trained_tokens=m.totals.tokens if m.totals.trained is None else m.totals.trained,
+        format=(m.rendering or {}).get("format", "text"),
+        train_on=(m.rendering or {}).get("train_on", "all"),
+        truncated=(m.rendering or {}).get("truncated_conversations", 0),
+        too_long=(m.rendering or {}).get("skipped_too_long", 0),
+        untrained=(m.rendering or {}).get("skipped_untrained", 0),
     )
 
 

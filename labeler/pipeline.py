@@ -136,7 +136,7 @@ class Pipeline:
         tok = self.tokenizer if self.rendering.format == "chat" else reading_tokenizer(self.tokenizer)
         reader, tok, rendering = ray.put(self.corpus.reader), ray.put(tok), ray.put(self.rendering)
         blocks = self.corpus.blocks()
-        weights = [max(1, self.corpus.sizes.get(b.path, 1)) for b in blocks]
+        weights = [b.weight for b in blocks]
         total, seen = sum(weights), 0
         lookahead = max(2, int(ray.cluster_resources().get("CPU", 2)))
         inflight: deque[Any] = deque()

@@ -23,6 +23,18 @@ from typing import Any
 
 from softlabels.schemas.errors import UserError
 
+# Files larger than this are read in pieces, each by its own task: JSON Lines by byte range (a
+# line belongs to the piece its first byte lies in), Parquet by row groups, local Arrow files by
+# record batches. Compressed JSON Lines and .json arrays cannot be cut and are read whole.
+PIECE_BYTES = 64 * 2**20
+
+
+def piece_bytes() -> int:
+    import os
+
+    return int(os.environ.get("SOFTLABELS_PIECE_BYTES") or PIECE_BYTES)
+
+
 # Matched case-insensitively; compressed JSON Lines first (".jsonl.gz" before ".jsonl").
 FORMATS = (".txt", ".jsonl.gz", ".jsonl.zst", ".jsonl", ".json", ".parquet", ".arrow")
 _CODECS = {".jsonl.gz": "gzip", ".jsonl.zst": "zstd"}
@@ -109,7 +121,8 @@ def _table_rows(path: str, data: bytes, kind: str | None) -> Iterator[tuple[str,
         raise RowError(path, f"not a readable {name} file ({str(e).splitlines()[0][:120]})") from e
 
 
-def _batches(data: bytes, kind: str | None) -> Iterator[Any]:
+def _batches(data: Any, kind: str | None) -> Iterator[Any]:
+    """Record batches (Parquet: row groups) of a file's bytes, or of a memory-mapped file."""
     import pyarrow as pa
 
     if kind == ".parquet":
@@ -119,10 +132,12 @@ def _batches(data: bytes, kind: str | None) -> Iterator[Any]:
         for g in range(pf.num_row_groups):
             yield pf.read_row_group(g)
         return
+    source = data if isinstance(data, pa.NativeFile) else pa.BufferReader(data)
     try:
-        reader: Any = pa.ipc.open_stream(pa.BufferReader(data))  # what HF datasets writes
+        reader: Any = pa.ipc.open_stream(source)  # what HF datasets writes
     except pa.ArrowInvalid:
-        reader = pa.ipc.open_file(pa.BufferReader(data))
+        source.seek(0)
+        reader = pa.ipc.open_file(source)
         for i in range(reader.num_record_batches):
             yield reader.get_batch(i)
         return
@@ -174,3 +189,91 @@ def first_row(path: str, fs: Any) -> tuple[str, Any] | None:
     for rec in (_json_lines(path, head) if kind == ".jsonl" else records(path, head)):
         return None if isinstance(rec, RowError) else rec
     return None
+
+
+def pieces(path: str, size: int, fs: Any) -> list[tuple[int, int, int]]:
+    """``(start, stop, weight)`` pieces of a file larger than :func:`piece_bytes` (``[(0, 0, size)]``: whole).
+
+    JSON Lines: byte ranges. Parquet: row-group ranges. A local Arrow file: record-batch ranges.
+    """
+    step = piece_bytes()
+    kind = file_format(path)
+    if size <= step or kind not in (".jsonl", ".parquet", ".arrow"):
+        return [(0, 0, size)]
+    if kind == ".jsonl":
+        return [(a, min(size, a + step), min(size, a + step) - a) for a in range(0, size, step)]
+    if kind == ".parquet":
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as fh:
+            meta = pq.read_metadata(fh)
+        sizes = [meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)]
+    else:
+        import pyarrow as pa
+
+        from softlabels.schemas.storage import is_local
+
+        if not is_local(fs):
+            return [(0, 0, size)]
+        sizes = [b.nbytes for b in _batches(pa.memory_map(fs._strip_protocol(path)), ".arrow")]
+    out, start, acc = [], 0, 0
+    for g, n in enumerate(sizes):
+        acc += n
+        if acc >= step or g == len(sizes) - 1:
+            out.append((start, g + 1, acc))
+            start, acc = g + 1, 0
+    return out or [(0, 0, size)]
+
+
+def piece_records(path: str, start: int, stop: int, fs: Any) -> Iterator[tuple[str, Any] | RowError]:
+    """The records of one piece (see :func:`pieces`). Rows of a JSON Lines piece are named by the byte
+    offset of their line (``data.jsonl@1048576``); Parquet and Arrow rows by their row number."""
+    kind = file_format(path)
+    if kind == ".jsonl":
+        base = max(0, start - 1)
+        data = fs.cat_file(path, start=base, end=stop)
+        head = 0
+        if start > 0:  # the line crossing `start` belongs to the piece before
+            head = data.find(b"\n") + 1
+            if head == 0:
+                return
+        while data and not data.endswith(b"\n"):  # finish the last line, which may run past `stop`
+            more = fs.cat_file(path, start=base + len(data), end=base + len(data) + (1 << 20))
+            if not more:
+                break
+            cut = more.find(b"\n")
+            data += more if cut < 0 else more[: cut + 1]
+        offset = base + head
+        for line in data[head:].split(b"\n"):
+            where = f"{path}@{offset}"
+            offset += len(line) + 1
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield RowError(where, f"not UTF-8 (byte {e.start}: {e.reason})")
+            except json.JSONDecodeError as e:
+                yield RowError(where, f"not valid JSON ({e.msg})")
+        return
+    import pyarrow as pa
+
+    if kind == ".parquet":
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            row = sum(pf.metadata.row_group(g).num_rows for g in range(start))
+            for g in range(start, stop):
+                for obj in pf.read_row_group(g).to_pylist():
+                    yield f"{path}:{row}", obj
+                    row += 1
+        return
+    row = 0
+    for b, batch in enumerate(_batches(pa.memory_map(fs._strip_protocol(path)), ".arrow")):
+        if start <= b < stop:
+            for obj in batch.to_pylist():
+                yield f"{path}:{row}", obj
+                row += 1
+        else:
+            row += batch.num_rows

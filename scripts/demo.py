@@ -1,10 +1,14 @@
-"""`make demo`: label the built-in corpus with the built-in teacher, distill the tiny student, quantize it.
+"""`make demo`: label the built-in corpus with the built-in teacher, distill the tiny student, quantize it,
+then distill it further on the built-in chat corpus (assistant tokens only).
 
 Runs the CLIs exactly as a user would: the labeler (local Ray), then the
 trainer, which never loads the teacher, twice at the same budget (the default
 KD loss, and plain CE on the true tokens for reference), then `softlabels export`
 (int8) and `softlabels compare`, whose table of teacher -> student -> quantized
-student ends the demo. Re-running reuses a complete label set.
+student ends the demo. The chat step labels the built-in conversations (``pydoc-chat``, the
+assistant's tokens only) and trains two students at the same budget: the distilled student
+going on with ``--init-from`` (two-stage), and a fresh one on the chat labels alone.
+Re-running reuses complete label sets.
 
 Two sizes: the default fits in about 3 minutes on a 2-core CPU (96 sequences, 50 steps,
 a short speed timing in one round); ``--full`` (`make demo-full`, 15-25 minutes) labels 400
@@ -25,18 +29,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-SIZES = {  # sequences of 128 tokens; training steps, peak lr, warm-up; compare's timing (--seconds, --prompt-rows, --rounds)
-    "quick": dict(sequences=96, steps=50, lr="3e-3", warmup="5", seconds="1", prompt_rows="2", rounds="1"),
-    "full": dict(sequences=400, steps=100, lr="2e-3", warmup="10", seconds="5", prompt_rows="8", rounds="2"),
+SIZES = {  # sequences of 128 tokens; training steps, peak lr, warm-up; compare's timing (--seconds, --prompt-rows, --rounds);
+    # the chat step: conversations labeled (assistant tokens only), steps of each chat student
+    "quick": dict(sequences=96, steps=50, lr="3e-3", warmup="5", seconds="1", prompt_rows="2", rounds="1",
+                  conversations=40, chat_steps=25),
+    "full": dict(sequences=400, steps=100, lr="2e-3", warmup="10", seconds="5", prompt_rows="8", rounds="2",
+                 conversations=200, chat_steps=60),
 }
 TIMES: list[tuple[str, float]] = []  # (step, seconds): printed at the end
 
 
-def cli(*args: str) -> dict:
+def cli(*args: str, step: str | None = None) -> dict:
     print("$ softlabels " + " ".join(args), flush=True)
     t = time.time()
     proc = subprocess.run([sys.executable, "-m", "softlabels", *args, "--json"], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    TIMES.append((args[0] + (" (ce)" if "ce" in args else ""), time.time() - t))
+    TIMES.append((step or args[0] + (" (ce)" if "ce" in args else ""), time.time() - t))
     if proc.returncode != 0:
         sys.exit(f"demo: step failed: softlabels {' '.join(args)} (exit {proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])  # Ray may print its workers' lines before the summary
@@ -82,6 +89,18 @@ def main() -> int:
         "--loss", "ce", *budget)
     shutil.rmtree(f"{args.out}/student-int8", ignore_errors=True)  # the demo's own output, remade from this student
     cli("export", "--model", f"{args.out}/student", "--output", f"{args.out}/student-int8", "--quantize", "int8")
+    # Chat: the teacher labels only the assistant's tokens of the built-in conversations; a student
+    # distilled on general text goes on to them (two-stage), against one that sees only them.
+    chat_labels = f"{args.out}/chat-labels"
+    chat = cli("label", "--teacher", "smollm2-135m", "--corpus", "pydoc-chat", "--output", chat_labels,
+               "--top-k", "64", "--max-length", "512", "--limit", str(size["conversations"]), "--shard-tokens", "4096",
+               step="label chat")
+    chat_budget = ("--steps", str(size["chat_steps"]), "--batch-size", "8", "--lr", size["lr"], "--warmup-steps", "3",
+                   "--eval-fraction", "0.2", "--seed", "0")
+    two_stage = cli("train", "--labels", chat_labels, "--init-from", f"{args.out}/student",
+                    "--output", f"{args.out}/student-chat", *chat_budget, step="train chat (two-stage)")
+    task_only = cli("train", "--labels", chat_labels, "--student", "tiny", "--output", f"{args.out}/student-chat-only",
+                    *chat_budget, step="train chat (task only)")
     from softlabels.labeler.builtin import builtin_teacher_dir
 
     models = {"teacher": str(builtin_teacher_dir("smollm2-135m")), "student": f"{args.out}/student",
@@ -121,8 +140,16 @@ def main() -> int:
           f"{args.out}/compare.png)\n")
     print("  " + table(list(rows.values())).replace("\n", "\n  "))
     t, s, c, q = (rows[k] for k in models)
+    two, only = two_stage["after"], task_only["after"]
+    print(f"\n  chat: {chat['sequences']} built-in conversations, {chat['trained_tokens']:,} of {chat['tokens']:,} "
+          f"positions labeled (the assistant's), {chat['bytes'] / chat['tokens']:.1f} bytes per corpus token")
+    print(f"  {'held-out assistant tokens':<27}{'KL':>8}{'top-1':>8}{'CE':>8}")
+    for name, r in (("general KD, then chat KD", two), ("chat KD only", only)):
+        print(f"  {name:<27}{r['kl']:>8.3f}{r['top1']:>8.3f}{r['ce']:>8.3f}")
     print()
-    for ok, text in targets(t, s, c, q):
+    chat_ok = two["kl"] < only["kl"] and two["top1"] > only["top1"]
+    for ok, text in [*targets(t, s, c, q), (chat_ok, f"two-stage chat student vs chat-only, same chat budget: KL "
+                                                      f"{two['kl']:.3f} vs {only['kl']:.3f}, top-1 {two['top1']:.3f} vs {only['top1']:.3f}")]:
         print(f"  [{'met' if ok else 'MISSED'}] {text}")
     steps = ", ".join(f"{name} {sec:.0f} s" for name, sec in TIMES)
     print(f"\n  total wall time {time.time() - t0:.0f} s ({steps}); students in {args.out}/student*")

@@ -286,3 +286,49 @@ def test_builtin_chat_corpus_is_offline_and_deterministic():
     for d in first[0]:
         roles = [m["role"] for m in d.messages]
         assert roles[:2] == ["user", "assistant"] and all(m["content"].strip() for m in d.messages)
+
+
+def test_large_files_are_read_in_pieces_that_add_up_to_the_whole(tmp_path, monkeypatch):
+    """JSON Lines by byte ranges (a line belongs to the piece its first byte is in), Parquet by row
+    groups, Arrow by record batches: the pieces' rows are the file's rows, once each, in order."""
+    rows = [{"text": f"row {i} " + "x" * (i * 37 % 200)} for i in range(120)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, tmp_path / "b.parquet", row_group_size=10)
+    with pa.ipc.new_stream(str(tmp_path / "c.arrow"), table.schema) as w:
+        for i in range(0, 120, 15):
+            w.write_table(table.slice(i, 15))
+    monkeypatch.setenv("SOFTLABELS_PIECE_BYTES", "700")
+    for name in ("a.jsonl", "b.parquet", "c.arrow"):
+        corpus = Corpus(str(tmp_path / name))
+        blocks = corpus.blocks()
+        assert len(blocks) > 3 and all(b.stop for b in blocks), name
+        assert [d.text for b in blocks for d in corpus.reader.read(b)[0]] == [r["text"] for r in rows], name
+
+
+def test_trainer_packing_gives_the_losses_of_unpacked_rows(runner):
+    """--packing joins a batch's sequences into rows, each in its own attention block with its own
+    positions: the student's loss (and its CE targets) equal those of the rows fed one per row."""
+    from softlabels.schemas import Sample
+    from softlabels.trainer.data import collate, model_inputs, sample_to_tensors
+    from softlabels.trainer.losses import chunked_loss
+
+    rng = np.random.default_rng(2)
+    samples = []
+    for n in (12, 20, 7, 15):
+        ids = rng.integers(3, 300, size=n).astype(np.int32)
+        trained = rng.random(n) < 0.7
+        t = int(trained.sum())
+        top = np.stack([rng.choice(300, size=4, replace=False) for _ in range(t)]).astype(np.int32)
+        lp = np.log(np.full((t, 4), 0.2, np.float32))
+        samples.append(Sample(f"{n:016x}", "s", ids, top, lp, np.log(np.full(t, 0.2, np.float32)), trained=trained))
+    model = runner.model
+    body, head = model.get_decoder(), model.get_output_embeddings()
+    tensors = [sample_to_tensors(s) for s in samples]
+    plain, packed = collate(tensors), collate(tensors, pack_to=35)
+    assert packed["input_ids"].shape[0] == 2 and packed["doc_lengths"].tolist() == [[12, 20], [7, 15]]
+    assert int((packed["targets"] != -100).sum()) == int((plain["targets"] != -100).sum())
+    with torch.no_grad():
+        losses = [chunked_loss(body(**model_inputs(b, model)).last_hidden_state, head, "tail-kl", b, 1.0, 0.5, 64)[0]
+                  for b in (plain, packed)]
+    assert torch.allclose(losses[0], losses[1], atol=1e-5), losses

@@ -62,14 +62,14 @@ def test_compact_to_fp16_to_compact_keeps_the_labels_within_each_encodings_error
         assert Path(back, "tokenizer", f.name).read_bytes() == f.read_bytes()
 
 
-@pytest.mark.parametrize("fixture", ["v1-set", "v2-sets/compact", "v2-sets/packed-q8"])
+@pytest.mark.parametrize("fixture", ["v1-set", "v2-sets/compact", "v2-sets/packed-q8", "v3-sets/compact"])
 def test_sets_of_earlier_versions_convert(fixture, tmp_path):
-    """A v1 or v2 set (written by the old writers) becomes a v3 set holding the same labels."""
+    """A v1, v2 or v3 set (written by the old writers) becomes a v4 set holding the same labels."""
     src = str(Path(__file__).parent / "fixtures" / fixture)
-    out = str(tmp_path / "v3")
+    out = str(tmp_path / "v4")
     convert(src, out, "fp16")
     new = open_label_set(out)
-    assert new.manifest.schema_version == 3 and new.manifest.converted_from["url"] == src
+    assert new.manifest.schema_version == 4 and new.manifest.converted_from["url"] == src
     assert new.manifest.tokenizer.files is None  # the fixtures carry no tokenizer folder
     for x, y in zip(samples(src), samples(out)):
         np.testing.assert_array_equal(x.topk_ids, y.topk_ids)

@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="YAML file of settings (keys as below, e.g. batch_size: 16); flags override it")
     _common(r, suppress=True)
     r.add_argument("--student", default=S, help=f"'tiny' (built-in), a config .json, a local HF model dir, or an HF id (default: {d.student})")
+    r.add_argument("--packing", action=BOOL, default=S,
+                   help="join each batch's sequences into rows of up to the label set's max length, each attending "
+                   "only to itself (less padding; same losses)")
     r.add_argument("--init-from", default=S, metavar="DIR",
                    help="start from a trained student's weights (the --output of an earlier softlabels train), with a "
                    "fresh optimizer and schedule: task distillation or fine-tuning after general distillation")

@@ -50,6 +50,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: no checkpoints
     checkpoint_dir: str | None = None  # local path or URL (default: OUTPUT/checkpoints)
     resume: bool = False  # continue from the latest checkpoint, if there is one
+    packing: bool = False  # join a batch's sequences into rows of up to the set's max_length (block-diagonal)
     shuffle_window: int = 2  # shards shuffled together (the shuffle buffer)
     prefetch: int = 2  # shards read ahead in the background
     top_k: int | None = None  # read-time truncation to k' < the set's k

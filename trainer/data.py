@@ -31,6 +31,7 @@ Held-out split by ``sample_id`` hash, so eval never sees a training sample.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -301,7 +302,38 @@ def model_inputs(batch: dict[str, torch.Tensor], model: Any = None) -> dict[str,
     return {"input_ids": batch["input_ids"], **{k: v.to(device) for k, v in extra.items()}}
 
 
-def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+_ROW_KEYS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob", "tail_sample_ids", "tail_sample_counts")
+
+
+def pack(samples: list[dict[str, torch.Tensor]], length: int) -> list[dict[str, torch.Tensor]]:
+    """Samples joined, in order, into rows of at most ``length`` tokens (a longer one keeps a row of its
+    own); each keeps its own attention block and positions (``doc_lengths``), labels and mask."""
+    rows: list[list[dict[str, torch.Tensor]]] = []
+    filled = length
+    for s in samples:
+        n = len(s["input_ids"])
+        if filled + n > length:
+            rows.append([])
+            filled = 0
+        rows[-1].append(s)
+        filled += n
+    out = []
+    for parts in rows:
+        if len(parts) == 1:
+            out.append(parts[0])
+            continue
+        row = {k: torch.cat([p[k] for p in parts]) for k in _ROW_KEYS if k in parts[0]}
+        row["label_mask"] = torch.cat([p.get("label_mask", torch.ones(len(p["input_ids"]), dtype=torch.bool))
+                                       for p in parts])
+        row["doc_lengths"] = torch.cat([p.get("doc_lengths", torch.tensor([len(p["input_ids"])])) for p in parts])
+        for key in ("position", "sample_key"):
+            if key in parts[0]:
+                row[key] = torch.stack([p[key] for p in parts])
+        out.append(row)
+    return out
+
+
+def collate(samples: list[dict[str, torch.Tensor]], pack_to: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad a list of samples into a batch.
 
     Adds ``attention_mask`` (real tokens), ``label_mask`` (positions with a
@@ -309,8 +341,16 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     ``targets`` (the true next token at trained positions, -100 elsewhere, at the last
     real position and on padding). ``doc_lengths`` (packed documents, zero-padded) when a
     sample has several. ``position`` (where each sample sits in the data order) is stacked
-    when present.
+    when present. ``pack_to``: first join the samples into rows of at most that many tokens
+    (:func:`pack`, the trainer's ``--packing``); ``position`` and ``sample_key`` then stay one
+    per sample, not per row.
     """
+    keys = {k: [] for k in ("position", "sample_key") if k in samples[0]}
+    if pack_to is not None:
+        for s in samples:
+            for k in keys:
+                keys[k].append(s[k])
+        samples = pack(samples, pack_to)
     b = len(samples)
     t = max(len(s["input_ids"]) for s in samples)
     k = samples[0]["topk_ids"].shape[-1]
@@ -348,9 +388,15 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         width = max(1 if d is None else len(d) for d in docs)
         out["doc_lengths"] = torch.zeros((b, width), dtype=torch.long)
         for i, (d, s) in enumerate(zip(docs, samples)):
-            out["doc_lengths"][i, : 1 if d is None else len(d)] = torch.tensor([len(s["input_ids"])]) if d is None else d
+            if d is None:
+                continue
+            out["doc_lengths"][i, : len(d)] = d
+            out["targets"][i, torch.cumsum(d, 0) - 1] = -100  # a document's last token: the next is another's
+        out["doc_lengths"][out["doc_lengths"].sum(1) == 0, 0] = out["attention_mask"].sum(1)[out["doc_lengths"].sum(1) == 0]
     for key in ("position", "sample_key"):
-        if key in samples[0]:
+        if key in keys and pack_to is not None:
+            out[key] = torch.stack(keys[key])
+        elif key in samples[0]:
             out[key] = torch.stack([s[key] for s in samples])
     return out
 
@@ -363,8 +409,10 @@ class StatefulLoader:
     that would have followed.
     """
 
-    def __init__(self, dataset: LabelDataset, batch_size: int, num_workers: int = 0, **kw: Any) -> None:
+    def __init__(self, dataset: LabelDataset, batch_size: int, num_workers: int = 0, pack_to: int | None = None,
+                 **kw: Any) -> None:
         self.dataset, self.batch_size, self.num_workers, self.kw = dataset, batch_size, num_workers, kw
+        self.pack_to = pack_to
         self.positions: dict[int, tuple[int, int, int]] = {}
         self.slots: int | None = None
         self.next_worker = dataset.rotation
@@ -377,7 +425,8 @@ class StatefulLoader:
         if self._it is None:
             self.positions = dict(self.dataset.resume)
             loader = DataLoader(
-                self.dataset, batch_size=self.batch_size, collate_fn=collate, num_workers=self.num_workers,
+                self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                collate_fn=collate if self.pack_to is None else functools.partial(collate, pack_to=self.pack_to),
                 persistent_workers=False, **self.kw,
             )
             self._it = iter(loader)

@@ -143,7 +143,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         betas=(0.9, 0.95),
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    loader = StatefulLoader(train_ds, cfg.batch_size, cfg.num_workers)
+    # --packing: a batch's sequences share rows of up to the set's max_length tokens, each in its own block.
+    loader = StatefulLoader(train_ds, cfg.batch_size, cfg.num_workers,
+                            pack_to=train_ds.manifest.sequence.max_length if cfg.packing else None)
     start, tokens, before, rng = 0, 0, None, None
     run_record = {"labels": train_ds.labels.manifest_sha256, **cfg.resume_record()}
     if latest and cfg.resume:
