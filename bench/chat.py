@@ -74,7 +74,7 @@ def main() -> int:
     budget = ["--steps", str(args.steps), "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "5",
               "--eval-fraction", "0.15", "--seed", "0"]
     general = str(out / "labels-general")
-    cli("label", "--teacher", "smollm2-135m", "--corpus", "pydoc", "--max-length", "256", "--limit",
+    cli("label", "--teacher", "smollm2-135m", "--corpus", "pydoc", "--max-length", "128", "--limit",
         str(args.conversations * 2), "--shard-tokens", "8192", "--output", general)
     t = time.time()
     cli("train", "--labels", general, "--student", "tiny", "--output", str(out / "general"), *budget)

@@ -292,6 +292,7 @@ class Corpus:
         bad = [f for f in self.files if not file_format(f)]
         if bad:
             raise UserError(f"corpus file {bad[0]!r} has an unknown format; expected one of {', '.join(FORMATS)}")
+        self._check_readable(fs)
         if not any(self.sizes.values()):
             raise UserError(f"corpus {spec!r} is empty ({len(self.files)} file(s), 0 bytes)")
         self.rows = self._check_files(fs, rows)
@@ -309,6 +310,17 @@ class Corpus:
             log.info("corpus: left out %d file(s) under the output %s", len(found) - len(kept), exclude)
         return kept
 
+    def _check_readable(self, fs: Any) -> None:
+        """Local files can be opened (a dangling link, no permission: one line naming the file)."""
+        if not is_local(fs):
+            return
+        for f in self.files:
+            try:
+                with fs.open(f, "rb") as fh:
+                    fh.read(1)
+            except OSError as e:
+                raise UserError(f"corpus file {f!r} cannot be read ({e})") from e
+
     def _check_files(self, fs: Any, rows: RowFormat) -> RowFormat:
         """Local files readable; the first file's first row decides ``--format auto`` and must have the
         fields its format reads. Returns the row format with ``auto`` resolved.
@@ -316,10 +328,6 @@ class Corpus:
         Remote files are not opened one by one (that would be a request per
         file before any work): listing them already proved the credentials.
         """
-        if is_local(fs):
-            for f in self.files:
-                if not os.access(fs._strip_protocol(f), os.R_OK):
-                    raise UserError(f"corpus file {f!r} cannot be read (permission denied)")
         first = self.files[0]
         kind = file_format(first)
         try:
@@ -337,8 +345,12 @@ class Corpus:
         if rows.format == "auto":
             try:
                 fmt = chat.detect_format(value, rows.text_field)
-            except UserError as e:
-                raise UserError(f"{where}: {e}") from None
+            except UserError:
+                kind = "column" if names is not None else "field"
+                found = names if names is not None else (sorted(value) if isinstance(value, dict) else type(value).__name__)
+                raise UserError(f"{where}: no {kind} {rows.text_field!r} (found {found}); use --text-field, or give "
+                                "chat rows 'messages' (or 'conversations') and prompt-completion rows 'prompt' and "
+                                "'completion' (or use --format with the field flags)") from None
             log.info("corpus format: %s (detected from %s; --format says otherwise)", fmt, where)
         else:
             fmt = rows.format

@@ -246,7 +246,8 @@ def _decode_flat(table: pa.Table) -> tuple[dict[str, np.ndarray], dict[str, np.n
             raise ShardFormatError("a row's label count differs from its trained positions")
         flat["trained"], lengths["trained"] = trained, positions
     elif not np.array_equal(labels, positions):
-        raise ShardFormatError("label rows differ from the positions and no trained mask says why")
+        raise ShardFormatError(f"label columns hold {len(topk_ids)}/{len(topk_lp)}/{len(tail)} positions "
+                               f"(ids/log-probs/tail), input_ids {len(input_ids)}, and no trained mask says why")
     if "doc_lengths" in table.column_names:  # v4, packed sequences
         docs = flat_list(table.column("doc_lengths")).astype(np.int32, copy=False)
         per_row = _row_lengths(table.column("doc_lengths"))

@@ -10,7 +10,7 @@ One row per sequence, whatever the set's encoding: ``sample_id``, ``source``,
 ``input_ids [L]`` int32, ``topk_ids [L][k]`` int32 (descending by log-prob),
 ``topk_logprobs [L][k]`` float32, ``tail_logprob [L]`` float32, and for sets labeled
 with ``--tail-samples S`` also ``tail_sample_ids [L][S]`` and ``tail_sample_counts [L][S]``.
-Sets of schema v4 and later also have ``trained [L]`` bool (the positions with labels: the label
+Sets with untrained positions (chat, prompt-completion, packing) also have ``trained [L]`` bool (the positions with labels: the label
 columns then hold one row per trained position, ``T = sum(trained)`` rows, not ``L``), and packed
 sets ``doc_lengths`` (the documents packed into the sequence).
 Every shard is checked against the manifest's sha256 as it is read.
@@ -32,6 +32,12 @@ from softlabels.schemas import open_label_set
 from softlabels.schemas.manifest import Manifest, ShardInfo
 
 
+def has_masks(m: Manifest) -> bool:
+    """Whether the set leaves some positions untrained (chat, prompt-completion, packing): its rows then
+    carry the ``trained`` column."""
+    return (m.totals.trained is not None and m.totals.trained < m.totals.tokens) or m.sequence.packing
+
+
 def features(manifest: Manifest) -> Any:
     """The ``datasets.Features`` of a label set's decoded rows."""
     import datasets
@@ -49,7 +55,7 @@ def features(manifest: Manifest) -> Any:
     if s:
         cols["tail_sample_ids"] = seq(seq(datasets.Value("int32"), length=s))
         cols["tail_sample_counts"] = seq(seq(datasets.Value("uint8"), length=s))
-    if manifest.schema_version >= 4:
+    if has_masks(manifest):
         cols["trained"] = seq(datasets.Value("bool"))
     if manifest.sequence.packing:
         cols["doc_lengths"] = seq(datasets.Value("int32"))
@@ -65,7 +71,7 @@ def _rows(url: str, storage_options: dict[str, Any], shards: list[dict[str, Any]
                    "topk_logprobs": s.topk_logprobs, "tail_logprob": s.tail_logprob}
             if s.tail_sample_ids is not None:
                 row.update(tail_sample_ids=s.tail_sample_ids, tail_sample_counts=s.tail_sample_counts)
-            if m.schema_version >= 4:
+            if has_masks(m):
                 row["trained"] = [True] * len(s.input_ids) if s.trained is None else s.trained
             if m.sequence.packing:
                 row["doc_lengths"] = [len(s.input_ids)] if s.doc_lengths is None else s.doc_lengths
