@@ -45,9 +45,17 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=60, help="training steps of every student stage (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=1, help="labeling runs per mode, alternating (default: %(default)s)")
     p.add_argument("--out", default=str(common.REPO / "runs" / "bench-chat"))
+    p.add_argument("--students-only", action="store_true", help="part 2 only, on the label sets of an earlier run")
     args = p.parse_args()
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
+    if not args.students_only:
+        shutil.rmtree(out, ignore_errors=True)
+        labels(args, out)
+    students(args, out)
+    return 0
+
+
+def labels(args: argparse.Namespace, out: Path) -> None:
     label = ["--teacher", "smollm2-135m", "--corpus", "pydoc-chat", "--max-length", "512", "--limit",
              str(args.conversations), "--shard-tokens", "8192"]
     runs: dict[str, list[dict]] = {"assistant": [], "all": []}
@@ -68,8 +76,10 @@ def main() -> int:
     speed = common.median([x["tokens"] / x["label_s"] for x in runs["assistant"]]) / common.median(
         [x["tokens"] / x["label_s"] for x in runs["all"]])
     print(f"\nprompt share {share:.1%}: bytes {b['bytes'] / a['bytes']:.2f}x fewer, labeling {speed:.2f}x faster "
-          f"(expected about {1 / (1 - share):.2f}x)")
+          f"(the prompt share alone would give {1 / (1 - share):.2f}x)")
 
+
+def students(args: argparse.Namespace, out: Path) -> None:
     chat = str(out / "labels-assistant-0")
     budget = ["--steps", str(args.steps), "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "5",
               "--eval-fraction", "0.15", "--seed", "0"]
@@ -79,13 +89,13 @@ def main() -> int:
     t = time.time()
     cli("train", "--labels", general, "--student", "tiny", "--output", str(out / "general"), *budget)
     students = {
-        "KD (tail-kl), task only": ["--student", "tiny"],
-        "SFT (ce), task only": ["--student", "tiny", "--loss", "ce"],
-        "KD, general then task": ["--init-from", str(out / "general")],
+        "KD (tail-kl), task only": ("kd", ["--student", "tiny"]),
+        "SFT (ce), task only": ("sft", ["--student", "tiny", "--loss", "ce"]),
+        "KD, general then task": ("kd-two-stage", ["--init-from", str(out / "general")]),
     }
     scores = {}
-    for name, how in students.items():
-        d = str(out / name.split(",")[0].split(" ")[0].lower() + ("-two-stage" if "general" in name else ""))
+    for name, (folder, how) in students.items():
+        d = str(out / folder)
         cli("train", "--labels", chat, "--output", d, *how, *budget)
         scores[name] = cli("eval", "--labels", chat, "--model", d, "--eval-fraction", "0.15")
     print(f"\nstudents on held-out assistant tokens, {args.steps} steps per stage, batch 8 "
@@ -98,7 +108,6 @@ def main() -> int:
           f"[{'met' if kd['kl'] < sft['kl'] and kd['top1'] > sft['top1'] else 'MISSED'}]")
     print(f"two-stage vs task-only: KL {two['kl']:.3f} vs {kd['kl']:.3f}, top-1 {two['top1']:.3f} vs {kd['top1']:.3f} "
           f"[{'met' if two['kl'] < kd['kl'] and two['top1'] > kd['top1'] else 'MISSED'}]")
-    return 0
 
 
 if __name__ == "__main__":

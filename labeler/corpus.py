@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from softlabels.labeler import chat
+from softlabels.labeler.rowformat import ROW_FORMATS, BadRow, RowFormat, default_train_on, text_field  # noqa: F401
 from softlabels.labeler.records import FORMATS, RowError, file_format, first_row, records, schema_fields
 from softlabels.schemas import resolve_url, retry_io
 from softlabels.schemas.errors import UserError
@@ -38,41 +39,6 @@ log = logging.getLogger(__name__)
 ON_ERROR = ("fail", "skip")
 PYDOC_BLOCK = 32  # topics per block of the built-in corpus
 BUILTIN = ("pydoc", "pydoc-chat")  # pydoc-chat: conversations about the same topics (labeler.builtin_chat)
-ROW_FORMATS = ("auto", *chat.FORMATS)
-
-
-@dataclass(frozen=True)
-class RowFormat:
-    """What a corpus row is (``--format``) and which fields hold it (the field-name flags)."""
-
-    format: str = "auto"  # auto, text, chat, prompt-completion
-    text_field: str = "text"
-    messages_field: str | None = None  # chat: default 'messages', else 'conversations' (ShareGPT)
-    prompt_field: str = "prompt"
-    completion_field: str | None = None  # default 'completion', else 'response'
-    train_on: str | None = None  # all, assistant (chat), completion (prompt-completion); None: the format's default
-
-    def __post_init__(self) -> None:
-        if self.format not in ROW_FORMATS:
-            raise UserError(f"--format {self.format!r}: choose one of {', '.join(ROW_FORMATS)}")
-
-    def messages(self, obj: Any, where: str) -> list[dict[str, str]]:
-        """A chat or prompt-completion row as checked messages (UserError naming ``where`` if not usable)."""
-        if not isinstance(obj, dict):
-            raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        if self.format == "prompt-completion":
-            key = self.completion_field or next((f for f in chat.COMPLETION_FIELDS if f in obj), "completion")
-            view = {k: obj[f] for k, f in (("prompt", self.prompt_field), ("completion", key)) if f in obj}
-            return chat.row_messages(view, "prompt-completion", where)
-        key = self.messages_field or next((f for f in ("messages", "conversations") if f in obj), None)
-        if key is None or key not in obj:
-            raise UserError(f"{where}: no field {key or 'messages'!r} (found {sorted(obj)}); use --messages-field")
-        turns = obj[key]
-        sharegpt = isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "from" in turns[0]
-        msgs = chat.row_messages({"conversations" if sharegpt else "messages": turns}, "chat", where)
-        if self.train_on == "assistant" and not any(m["role"] == "assistant" for m in msgs):
-            raise UserError(f"{where}: no assistant turn to train on (--train-on assistant)")
-        return msgs
 
 
 @dataclass(frozen=True)
@@ -125,19 +91,6 @@ class CorpusTotals:
 
 _DATASET_META = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes beside the data
 
-
-def _train_on(fmt: str, train_on: str | None) -> str:
-    """``--train-on`` for a format: its default when not given; one line when it does not fit."""
-    default = {"text": "all", "chat": "assistant", "prompt-completion": "completion"}[fmt]
-    if train_on in (None, "auto"):
-        return default
-    if train_on != "all" and train_on != default:
-        raise UserError(f"--train-on {train_on} does not fit {fmt} rows (choose all or {default})")
-    return train_on
-
-
-class BadRow(UserError):
-    """One row cannot be decoded; ``--on-error skip`` skips it, ``fail`` stops the job."""
 
 
 class BlockReader:
@@ -213,17 +166,6 @@ class BlockReader:
         return Document(where, "", self.rows.messages(value, where))
 
 
-def text_field(obj: Any, name: str, where: str) -> str:
-    """The text in field ``name`` of a row (``BadRow`` naming ``where`` if the row has none)."""
-    if not isinstance(obj, dict) or name not in obj:
-        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise BadRow(f"{where}: no field {name!r} (found {keys}); use --text-field")
-    text = obj[name]
-    if text is not None and not isinstance(text, str):
-        raise BadRow(f"{where}: field {name!r} is {type(text).__name__}, not text")
-    return text or ""
-
-
 class Corpus:
     """An opened corpus: its files (checked), its blocks, its row format, and a reader for them."""
 
@@ -246,7 +188,7 @@ class Corpus:
             fmt = "chat" if spec == "pydoc-chat" else "text"
             if rows.format not in ("auto", fmt):
                 raise UserError(f"--format {rows.format}: the built-in corpus {spec!r} holds {fmt} rows")
-            self.rows = replace(rows, format=fmt, train_on=_train_on(fmt, rows.train_on))
+            self.rows = replace(rows, format=fmt, train_on=default_train_on(fmt, rows.train_on))
             self.reader = BlockReader(spec, self.rows, storage_options, on_error)
             return
         hub = spec.startswith("hf:")
@@ -340,7 +282,7 @@ class Corpus:
             if fmt != "text" and any(file_format(f) == ".txt" for f in self.files):
                 raise UserError(f"--format {fmt}: .txt files hold plain text; {fmt} rows come in .jsonl, .json, "
                                 ".parquet or .arrow files")
-            return replace(rows, format=fmt, train_on=_train_on(fmt, rows.train_on))
+            return replace(rows, format=fmt, train_on=default_train_on(fmt, rows.train_on))
         where, value = row if names is None else (first, row)
         if rows.format == "auto":
             try:
@@ -354,7 +296,7 @@ class Corpus:
             log.info("corpus format: %s (detected from %s; --format says otherwise)", fmt, where)
         else:
             fmt = rows.format
-        out = replace(rows, format=fmt, train_on=_train_on(fmt, rows.train_on))
+        out = replace(rows, format=fmt, train_on=default_train_on(fmt, rows.train_on))
         if names is not None:  # a table: its columns
             need = [out.text_field] if fmt == "text" else []
             if fmt == "prompt-completion":

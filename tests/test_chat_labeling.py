@@ -332,3 +332,14 @@ def test_trainer_packing_gives_the_losses_of_unpacked_rows(runner):
         losses = [chunked_loss(body(**model_inputs(b, model)).last_hidden_state, head, "tail-kl", b, 1.0, 0.5, 64)[0]
                   for b in (plain, packed)]
     assert torch.allclose(losses[0], losses[1], atol=1e-5), losses
+
+
+def test_chat_template_file_missing_or_empty_is_one_line(tmp_path):
+    from softlabels.labeler.job import _chat_template
+
+    with pytest.raises(UserError, match="--chat-template .*nope.jinja: cannot be read"):
+        _chat_template(str(tmp_path / "nope.jinja"))
+    (tmp_path / "empty.jinja").write_text("  \n")
+    with pytest.raises(UserError, match="the file is empty"):
+        _chat_template(str(tmp_path / "empty.jinja"))
+    assert _chat_template(None) is None

@@ -11,6 +11,7 @@ from typing import Any
 
 from softlabels.schemas.errors import UserError
 from softlabels.trainer.losses import LOSSES, chunked_loss
+from softlabels.trainer.data import model_inputs
 from transformers import Trainer
 
 
@@ -29,9 +30,7 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         inner = model.module if hasattr(model, "module") else model  # unwrap DDP/DataParallel
-        hidden = inner.get_decoder()(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-        ).last_hidden_state
+        hidden = inner.get_decoder()(**model_inputs(inputs, inner)).last_hidden_state  # packed rows: block masks
         loss, _ = chunked_loss(hidden, inner.get_output_embeddings(), self.kd["kind"], inputs,
                                self.kd["temperature"], self.kd["alpha"], self.kd["chunk"])
         return (loss, {"loss": loss}) if return_outputs else loss
