@@ -10,8 +10,9 @@ Part 2, students, at the same budget (steps, batch, lr, seed), scored on held-ou
 tokens of the assistant-only set (``softlabels eval``: KL to the teacher, top-1 agreement, CE):
 
 - KD (``tail-kl``) vs SFT (``ce``), both from scratch on the chat labels;
-- two-stage: a student distilled on general text first (``pydoc``), then ``--init-from`` it on the
-  chat labels, vs task-only (the KD student above). The general stage gets the same budget.
+- two-stage: a student distilled on general text first (``pydoc``, ``--general-steps``: the general
+  stage is the larger one, done once and reused), then ``--init-from`` it on the chat labels at the
+  same budget as the others, vs task-only (the KD student above).
 
 Targets: KD beats SFT on KL and top-1; the two-stage student beats task-only.
 
@@ -29,10 +30,12 @@ import time
 from pathlib import Path
 
 import common
+from softlabels.schemas import open_label_set
 
 
 def cli(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "softlabels", *args, "--json"], cwd=common.REPO,
+    flag = [] if args[0] == "eval" else ["--json"]  # eval prints JSON anyway
+    proc = subprocess.run([sys.executable, "-m", "softlabels", *args, *flag], cwd=common.REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         sys.exit(f"bench: softlabels {' '.join(args[:3])} failed:\n{proc.stderr[-3000:]}")
@@ -42,16 +45,20 @@ def cli(*args: str) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--conversations", type=int, default=120, help="conversations labeled (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=60, help="training steps of every student stage (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=60, help="training steps of each student on the chat labels (default: %(default)s)")
+    p.add_argument("--general-steps", type=int, default=180,
+                   help="steps of the general-text stage of the two-stage student (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=1, help="labeling runs per mode, alternating (default: %(default)s)")
     p.add_argument("--out", default=str(common.REPO / "runs" / "bench-chat"))
     p.add_argument("--students-only", action="store_true", help="part 2 only, on the label sets of an earlier run")
+    p.add_argument("--labels-only", action="store_true", help="part 1 only")
     args = p.parse_args()
     out = Path(args.out)
     if not args.students_only:
         shutil.rmtree(out, ignore_errors=True)
         labels(args, out)
-    students(args, out)
+    if not args.labels_only:
+        students(args, out)
     return 0
 
 
@@ -77,6 +84,17 @@ def labels(args: argparse.Namespace, out: Path) -> None:
         [x["tokens"] / x["label_s"] for x in runs["all"]])
     print(f"\nprompt share {share:.1%}: bytes {b['bytes'] / a['bytes']:.2f}x fewer, labeling {speed:.2f}x faster "
           f"(the prompt share alone would give {1 / (1 - share):.2f}x)")
+    # The same two sets in fp16 (a fixed 6 x k + 4 bytes per labeled position before zstd): what the
+    # prompt share saves when prompt positions cost as much to store as assistant ones.
+    fp16 = {}
+    for mode in ("assistant", "all"):
+        cli("convert", str(out / f"labels-{mode}-0"), "--output", str(out / f"fp16-{mode}"), "--encoding", "fp16")
+        fp16[mode] = open_label_set(str(out / f"fp16-{mode}")).manifest.totals.bytes
+    per_position = {mode: runs[mode][-1]["bytes"] / runs[mode][-1]["trained_tokens"] for mode in runs}
+    print(f"compact bytes per labeled position: assistant-only {per_position['assistant']:.1f}, all "
+          f"{per_position['all']:.1f} (template and prompt positions are cheap: peaked, repeated)")
+    print(f"in fp16: {fp16['assistant'] / a['tokens']:.1f} vs {fp16['all'] / a['tokens']:.1f} bytes per corpus token, "
+          f"{fp16['all'] / fp16['assistant']:.2f}x fewer")
 
 
 def students(args: argparse.Namespace, out: Path) -> None:
@@ -84,10 +102,13 @@ def students(args: argparse.Namespace, out: Path) -> None:
     budget = ["--steps", str(args.steps), "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "5",
               "--eval-fraction", "0.15", "--seed", "0"]
     general = str(out / "labels-general")
-    cli("label", "--teacher", "smollm2-135m", "--corpus", "pydoc", "--max-length", "128", "--limit",
-        str(args.conversations * 2), "--shard-tokens", "8192", "--output", general)
+    if not Path(general, "manifest.json").exists():
+        cli("label", "--teacher", "smollm2-135m", "--corpus", "pydoc", "--max-length", "128", "--limit",
+            str(args.conversations * 2), "--shard-tokens", "8192", "--output", general)
     t = time.time()
-    cli("train", "--labels", general, "--student", "tiny", "--output", str(out / "general"), *budget)
+    general_budget = [*budget]
+    general_budget[1] = str(args.general_steps)
+    cli("train", "--labels", general, "--student", "tiny", "--output", str(out / "general"), *general_budget)
     students = {
         "KD (tail-kl), task only": ("kd", ["--student", "tiny"]),
         "SFT (ce), task only": ("sft", ["--student", "tiny", "--loss", "ce"]),
@@ -98,7 +119,8 @@ def students(args: argparse.Namespace, out: Path) -> None:
         d = str(out / folder)
         cli("train", "--labels", chat, "--output", d, *how, *budget)
         scores[name] = cli("eval", "--labels", chat, "--model", d, "--eval-fraction", "0.15")
-    print(f"\nstudents on held-out assistant tokens, {args.steps} steps per stage, batch 8 "
+    print(f"\nstudents on held-out assistant tokens, {args.steps} steps on the chat labels (the two-stage student "
+          f"after {args.general_steps} on general text), batch 8 "
           f"(training took {time.time() - t:.0f} s)\n")
     print(common.markdown_table(["student", "KL (nats)", "top-1", "CE (nats)", "positions"],
                                 [[n, f"{s['kl']:.3f}", f"{s['top1']:.3f}", f"{s['ce']:.3f}", s["positions"]]

@@ -56,7 +56,8 @@ def teacher_dir(path: Path, preset: str) -> Path:
 
 def cli(*args: str) -> dict:
     t = time.time()
-    proc = subprocess.run([sys.executable, "-m", "softlabels", *args, "--json"], cwd=common.REPO,
+    flag = [] if args[0] == "eval" else ["--json"]  # eval prints JSON anyway
+    proc = subprocess.run([sys.executable, "-m", "softlabels", *args, *flag], cwd=common.REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         sys.exit(f"gpu_pipeline: softlabels {' '.join(args[:2])} failed:\n{proc.stderr[-4000:]}")

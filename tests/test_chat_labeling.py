@@ -249,6 +249,26 @@ def test_chat_label_set_end_to_end(ray_local, tiny_teacher, tmp_path, chatml_tok
         mask = direct_mask(tok, conv(i), CHATML)
         np.testing.assert_array_equal(s.trained[:-1], mask[1:])
         assert len(s.topk_ids) == int(s.trained.sum()) < len(s.input_ids)  # nothing stored where untrained
+    # What is stored at the trained positions is the teacher's full softmax there (fp16 encoding).
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    s = samples[0]
+    with torch.no_grad():
+        full = torch.log_softmax(teacher(input_ids=torch.from_numpy(s.input_ids.astype(np.int64))[None]).logits[0], -1)
+    want_lp, want_ids = full[torch.from_numpy(s.label_positions)].topk(8, -1)
+    np.testing.assert_array_equal(s.topk_ids, want_ids.numpy())
+    np.testing.assert_allclose(s.topk_logprobs, want_lp.numpy(), atol=2e-2, rtol=1e-3)
+
+    # convert keeps the masks (and the counts of trained positions).
+    from softlabels.convert import convert
+
+    convert(out, str(tmp_path / "compact"), "compact")
+    converted = open_label_set(str(tmp_path / "compact"))
+    assert converted.manifest.totals.trained == m.totals.trained and converted.manifest.rendering == m.rendering
+    for a, b in zip(samples, converted.iter_samples()):
+        np.testing.assert_array_equal(a.trained, b.trained)
+        np.testing.assert_array_equal(a.topk_ids[:, 0], b.topk_ids[:, 0])
 
     # The trainer: loss and gradient ignore untrained positions (labels there may be anything).
     from softlabels.trainer.data import collate, sample_to_tensors

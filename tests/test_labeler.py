@@ -243,6 +243,17 @@ def test_packing_joins_documents_with_eos_and_keeps_the_remainder(ray_local, tin
     assert [s.source for s in samples] == [f"packed:{i}" for i in range(len(samples))]
     assert all(len(s.input_ids) == 100 for s in samples[:-1]) and 0 < len(samples[-1].input_ids) <= 100
     np.testing.assert_array_equal(np.concatenate([s.input_ids for s in samples]), stream)
+    # Each row records the documents in it (pieces of the stream between EOS tokens); a document's EOS
+    # position, whose label would predict another document, is not trained; everything else is.
+    ends = np.flatnonzero(stream == tok.eos_token_id)
+    for i, s in enumerate(samples):
+        start = 100 * i
+        cuts = [e + 1 - start for e in ends if start <= e < start + len(s.input_ids)]
+        bounds = sorted(set([0, *cuts, len(s.input_ids)]))
+        np.testing.assert_array_equal(s.doc_lengths if s.doc_lengths is not None else [len(s.input_ids)], np.diff(bounds))
+        want = np.ones(len(s.input_ids), bool)
+        want[[c - 1 for c in cuts]] = False
+        np.testing.assert_array_equal(s.trained if s.trained is not None else np.ones(len(s.input_ids), bool), want)
 
 
 def test_resume_with_different_teacher_or_corpus_is_refused(ray_local, tiny_teacher, tmp_path):
