@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 SIZES = {  # sequences of 128 tokens; training steps, peak lr, warm-up; compare's timing (--seconds, --prompt-rows, --rounds);
     # the chat step: conversations labeled (assistant tokens only), steps of each chat student
     "quick": dict(sequences=96, steps=50, lr="3e-3", warmup="5", seconds="1", prompt_rows="2", rounds="1",
-                  conversations=40, chat_steps=25),
+                  conversations=40, chat_steps=20),
     "full": dict(sequences=400, steps=100, lr="2e-3", warmup="10", seconds="5", prompt_rows="8", rounds="2",
                  conversations=200, chat_steps=60),
 }
