@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` (about 3 minutes; `make demo-full` is the bigger run) and
+# Two commands on a fresh machine: `make demo` (about 4.5 minutes; `make demo-full` is the bigger run) and
 # `make test`. Both set up .venv themselves.
 PYTHON ?= python3
 VENV   := .venv

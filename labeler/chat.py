@@ -51,6 +51,15 @@ def check_messages(messages: Any, where: str = "conversation") -> list[dict[str,
     return out
 
 
+def tokenizer_template(tokenizer: Any) -> str | None:
+    """The tokenizer's default chat template (of several named ones, the default), or None."""
+    try:
+        template = tokenizer.get_chat_template()
+    except (ValueError, AttributeError):
+        template = getattr(tokenizer, "chat_template", None)
+    return template if isinstance(template, str) and template else None
+
+
 def render_chat(
     tokenizer: Any, messages: Any, chat_template: str | None = None, train_on: str = "assistant",
     where: str = "conversation",
@@ -63,7 +72,7 @@ def render_chat(
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {TRAIN_ON}, not {train_on!r}")
-    template = chat_template or getattr(tokenizer, "chat_template", None)
+    template = chat_template or tokenizer_template(tokenizer)
     if not template:
         raise UserError("the tokenizer has no chat template: give one with --chat-template FILE")
     msgs = check_messages(messages, where)
@@ -81,6 +90,10 @@ def render_chat(
             if m["role"] != "assistant":
                 continue
             through = render(i + 1)
+            eos = getattr(tokenizer, "eos_token", None)
+            if not text.startswith(through) and eos and through.rstrip().endswith(eos):
+                # Templates that end a conversation with EOS (Phi-3's) write it after the last turn only.
+                through = through.rstrip()[: -len(eos)]
             if not text.startswith(through):
                 raise UserError(f"{where}: the chat template renders turn {i} differently once later turns follow; "
                                 "its assistant tokens cannot be masked (give another with --chat-template FILE)")

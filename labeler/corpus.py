@@ -166,6 +166,17 @@ class BlockReader:
         return Document(where, "", self.rows.messages(value, where))
 
 
+def _detect(row: Any, rows: RowFormat) -> str:
+    """``--format auto``: the format of a row, the field-name flags counting as the fields they name."""
+    if isinstance(row, dict):
+        if rows.messages_field and rows.messages_field in row:
+            return "chat"
+        if rows.prompt_field in row and (rows.completion_field in row if rows.completion_field else
+                                         any(f in row for f in chat.COMPLETION_FIELDS)):
+            return "prompt-completion"
+    return chat.detect_format(row, rows.text_field)
+
+
 class Corpus:
     """An opened corpus: its files (checked), its blocks, its row format, and a reader for them."""
 
@@ -277,6 +288,9 @@ class Corpus:
             row = dict.fromkeys(names) if names is not None else (None if kind == ".txt" else first_row(first, fs))
         except OSError as e:
             raise UserError(f"corpus file {first!r} cannot be read ({e})") from e
+        if row is None and kind != ".txt" and rows.format == "auto":
+            raise UserError(f"corpus file {first!r}: no readable row to tell its format from; give --format "
+                            "(text, chat or prompt-completion)")
         if row is None:  # .txt, or a first row that is reported (and counted) when its block is read
             fmt = "text" if rows.format == "auto" else rows.format
             if fmt != "text" and any(file_format(f) == ".txt" for f in self.files):
@@ -286,7 +300,7 @@ class Corpus:
         where, value = row if names is None else (first, row)
         if rows.format == "auto":
             try:
-                fmt = chat.detect_format(value, rows.text_field)
+                fmt = _detect(value, rows)
             except UserError:
                 kind = "column" if names is not None else "field"
                 found = names if names is not None else (sorted(value) if isinstance(value, dict) else type(value).__name__)

@@ -142,7 +142,9 @@ def run(cfg: LabelConfig, started: float | None = None) -> Summary:
                 writer.finish(forget=True)  # refused: the output is left as it was
                 raise
             if corpus.rows.format == "chat" and template is None:
-                template = tokenizer.chat_template  # recorded by its sha256 like a given one
+                from softlabels.labeler.chat import tokenizer_template
+
+                template = tokenizer_template(tokenizer)  # recorded by its sha256 like a given one
             rendering = Rendering(corpus.rows.format, corpus.rows.train_on or "all", template,
                                   tokenizer_bos(tokenizer) if corpus.rows.format != "chat" else None,
                                   tokenizer.eos_token_id if corpus.rows.format == "prompt-completion" else None)
@@ -178,7 +180,9 @@ def _check_teacher(cfg: LabelConfig, source: TeacherSource, fmt: str = "text",
     vocab = len(tokenizer)
     if cfg.top_k > vocab:
         raise UserError(f"--top-k {cfg.top_k} exceeds the tokenizer's vocabulary of {vocab}")
-    if fmt == "chat" and not (template or getattr(tokenizer, "chat_template", None)):
+    from softlabels.labeler.chat import tokenizer_template
+
+    if fmt == "chat" and not (template or tokenizer_template(tokenizer)):
         raise UserError(f"the corpus holds conversations but the tokenizer of teacher {cfg.teacher} has no chat "
                         "template: give one with --chat-template FILE")
     if fmt == "chat" and not getattr(tokenizer, "is_fast", False):

@@ -8,13 +8,14 @@ same units and the same shard names.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from softlabels.labeler.corpus import Block, BlockReader, BlockStats, Document
 from softlabels.schemas import SequenceConfig
+from softlabels.schemas.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,28 @@ CHARS_PER_TOKEN = 32
 Tokenized = tuple  # (doc_id, int32 ids, bool trained-token mask or None)
 
 
-def render(docs: list[Document], tokenizer: Any, rendering: Rendering, max_tokens: int | None = None) -> list[Tokenized]:
+def _template_error(e: BaseException) -> bool:
+    """A conversation the template cannot render (its own ``raise_exception``, or a refusal of ours)."""
+    if isinstance(e, UserError):
+        return True
+    try:
+        from jinja2 import TemplateError
+    except ImportError:
+        return False
+    return isinstance(e, TemplateError)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def render(docs: list[Document], tokenizer: Any, rendering: Rendering, max_tokens: int | None = None,
+           on_bad: Callable[[Any], None] | None = None) -> list[Tokenized]:
     """``(doc_id, ids, token mask)`` per document: plain text as :func:`tokenize` (BOS as the tokenizer
     intends, every token trained), conversations through the chat template (:func:`labeler.chat.render_chat`),
-    prompt + completion as the prompt's tokens (not trained) then the completion's and EOS (trained)."""
+    prompt + completion as the prompt's tokens (not trained) then the completion's and EOS (trained).
+    ``on_bad``: told of each conversation the chat template refuses (else it is raised)."""
     if rendering.format == "text":
         out = []
         for doc_id, ids in tokenize(docs, tokenizer, max_tokens):
@@ -96,7 +115,14 @@ def render(docs: list[Document], tokenizer: Any, rendering: Rendering, max_token
     for d in docs:
         msgs = d.messages or []
         if rendering.format == "chat":
-            r = render_chat(tokenizer, msgs, rendering.chat_template, rendering.train_on, where=d.doc_id)
+            try:
+                r = render_chat(tokenizer, msgs, rendering.chat_template, rendering.train_on, where=d.doc_id)
+            except Exception as e:  # the template refused the conversation (its own raise_exception, or ours)
+                if on_bad is None or not _template_error(e):
+                    raise
+                on_bad(e if isinstance(e, UserError) else f"{d.doc_id}: the chat template refused it "
+                       f"({_first_line(e)})")
+                continue
             out.append((d.doc_id, np.asarray(r.input_ids, np.int32), np.asarray(r.trained, bool)))
             continue
         prompt = tokenizer(msgs[0]["content"], add_special_tokens=False)["input_ids"]
@@ -180,7 +206,12 @@ def read_and_tokenize(
 ) -> tuple[list[Tokenized], BlockStats]:
     """One block, read and tokenized: the body of the parallel reading tasks."""
     docs, stats = reader.read(block)
-    return render(docs, tokenizer, rendering or Rendering(), max_tokens), stats
+
+    def bad(e: Any) -> None:  # as a bad row: one line naming it, or skipped and counted (--on-error)
+        reader._bad(stats, str(e))
+        stats.documents -= 1  # it was counted when read
+
+    return render(docs, tokenizer, rendering or Rendering(), max_tokens, bad), stats
 
 
 def _label_mask(token_mask: np.ndarray) -> np.ndarray:
@@ -192,9 +223,13 @@ def _label_mask(token_mask: np.ndarray) -> np.ndarray:
 
 def fit_conversation(ids: np.ndarray, mask: np.ndarray, max_length: int, counts: PlanCounts) -> tuple[np.ndarray, np.ndarray] | None:
     """A masked document cut to ``max_length``: whole trailing turns dropped, i.e. cut right after the last
-    run of trained tokens that ends within it (counted); None when no trained run fits (skipped, counted)."""
+    run of trained tokens that ends within it (counted); None when no trained run fits (skipped, counted).
+    With every token trained (``--train-on all``) there is no turn to go by: cut at ``max_length``."""
     if len(ids) <= max_length:
         return ids, mask
+    if mask.all():  # --train-on all: no turn to go by; cut at the length (counted as truncated)
+        counts.truncated += 1
+        return ids[:max_length], mask[:max_length]
     m = mask[:max_length]
     ends = np.flatnonzero(m & ~np.append(mask[1:max_length + 1], False)[:max_length])
     if not len(ends):
@@ -242,8 +277,6 @@ def build_sequences(docs: Iterable[Tokenized], eos: int | None, cfg: SequenceCon
             if fitted is None:
                 continue
             ids, mask = fitted
-            if mask.all():  # --train-on all: a conversation is trained like text
-                mask = None
         if mask is not None:
             lab = _label_mask(mask)
             if cfg.packing:

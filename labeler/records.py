@@ -167,28 +167,54 @@ def schema_fields(path: str, fs: Any) -> list[str] | None:
     return None
 
 
-def first_row(path: str, fs: Any) -> tuple[str, Any] | None:
-    """The first record of a JSON file (for format detection and field checks), or None."""
-    with fs.open(path, "rb") as fh:
-        head = fh.read(1 << 20 if file_format(path) == ".json" else 1 << 16)
-        if file_format(path) == ".json" and len(head) == 1 << 20:
-            head += fh.read()  # a JSON array parses only whole
-    kind = file_format(path)
-    if kind in _CODECS:
-        import pyarrow as pa
+def first_row(path: str, fs: Any, cap: int = 64 * 2**20) -> tuple[str, Any] | None:
+    """The first readable record of a JSON file (for format detection and field checks), or None.
 
+    JSON Lines: read until the first complete line (however long: a long conversation), skipping
+    lines that are not valid JSON (reported with their row when the block is read); at most ``cap``
+    bytes. ``.json``: the file parses only whole."""
+    kind = file_format(path)
+    with fs.open(path, "rb") as fh:
+        raw: Any = fh
+        if kind in _CODECS:
+            import pyarrow as pa
+
+            try:
+                raw = pa.CompressedInputStream(pa.PythonFile(fh, mode="r"), _CODECS[kind])
+            except (OSError, pa.ArrowException):
+                return None
+        head = b""
         try:
-            head = pa.CompressedInputStream(pa.BufferReader(head), _CODECS[kind]).read(1 << 16)
-        except (OSError, pa.ArrowException):
-            return None  # a truncated or odd stream: reported when the block is read
-        kind = ".jsonl"
-    if kind == ".jsonl":
-        lines = head.removeprefix(b"\xef\xbb\xbf").split(b"\n")
-        complete = lines if len(head) < 1 << 16 else lines[:-1]
-        head = b"\n".join(complete)
-    for rec in (_json_lines(path, head) if kind == ".jsonl" else records(path, head)):
-        return None if isinstance(rec, RowError) else rec
+            while len(head) < cap:
+                more = raw.read(1 << 16)
+                if not more:
+                    break
+                head += more
+                if kind == ".json":
+                    continue
+                lines = head.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+                if any(_parses(ln) for ln in lines[:-1]):
+                    break
+        except OSError:
+            return None  # a damaged stream: reported when the block is read
+    if kind == ".json":
+        for rec in records(path, head):
+            return None if isinstance(rec, RowError) else rec
+        return None
+    for rec in _json_lines(path, head.removeprefix(b"\xef\xbb\xbf")):
+        if not isinstance(rec, RowError):
+            return rec
     return None
+
+
+def _parses(line: bytes) -> bool:
+    if not line.strip():
+        return False
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
 
 
 def pieces(path: str, size: int, fs: Any) -> list[tuple[int, int, int]]:
@@ -243,6 +269,8 @@ def piece_records(path: str, start: int, stop: int, fs: Any) -> Iterator[tuple[s
                 break
             cut = more.find(b"\n")
             data += more if cut < 0 else more[: cut + 1]
+        if start == 0 and data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+            head = 3
         offset = base + head
         for line in data[head:].split(b"\n"):
             where = f"{path}@{offset}"

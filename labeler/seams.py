@@ -65,8 +65,9 @@ class UnitInput:
 class UnitLabels:
     """A teacher's labels for one unit: flat per-position arrays over its sequences, in order.
 
-    Row ``t`` describes the teacher's distribution over the token after position ``t``;
-    ``lengths`` says which rows belong to which sequence.
+    One row per *labeled* position (the trained ones: all, without a mask), in position order;
+    row ``j`` of a sequence describes the teacher's distribution over the token after its ``j``-th
+    labeled position. ``lengths`` says how many rows belong to each sequence.
     """
 
     lengths: tuple[int, ...]

@@ -363,3 +363,61 @@ def test_chat_template_file_missing_or_empty_is_one_line(tmp_path):
     with pytest.raises(UserError, match="the file is empty"):
         _chat_template(str(tmp_path / "empty.jinja"))
     assert _chat_template(None) is None
+
+
+def test_a_conversation_the_template_refuses_is_a_bad_row(tmp_path, chatml_tokenizer):
+    """A template's own raise_exception (e.g. no system turns) is one line naming the row, or skipped and counted."""
+    from softlabels.labeler.corpus import BadRow
+    from softlabels.labeler.plan import read_and_tokenize
+
+    strict = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System turns are not supported') }}{% endif %}" + CHATML
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"messages": conv(1)[1:]}) + "\n" + json.dumps({"messages": conv(2)}) + "\n")
+    rendering = Rendering("chat", "assistant", strict)
+    corpus = Corpus(str(path))
+    with pytest.raises(BadRow, match="c.jsonl:2: the chat template refused it .*System turns are not supported"):
+        read_and_tokenize(corpus.reader, corpus.blocks()[0], chatml_tokenizer, None, rendering)
+    skipping = Corpus(str(path), on_error="skip")
+    docs, stats = read_and_tokenize(skipping.reader, skipping.blocks()[0], chatml_tokenizer, None, rendering)
+    assert len(docs) == 1 and len(stats.skipped) == 1 and stats.documents == 2
+
+
+def test_format_detection_reads_a_long_first_row_and_odd_inputs(tmp_path, monkeypatch):
+    long_chat = {"messages": [{"role": "user", "content": "x" * 100_000}, {"role": "assistant", "content": "ok"}]}
+    (tmp_path / "long.jsonl").write_text(json.dumps(long_chat) + "\n")
+    assert Corpus(str(tmp_path / "long.jsonl")).rows.format == "chat"
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\n".join(json.dumps({"text": f"t{i}"}).encode()
+                                                                      for i in range(50)) + b"\n")
+    monkeypatch.setenv("SOFTLABELS_PIECE_BYTES", "100")
+    corpus = Corpus(str(tmp_path / "bom.jsonl"))
+    assert [d.text for b in corpus.blocks() for d in corpus.reader.read(b)[0]] == [f"t{i}" for i in range(50)]
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    fmt = Corpus(str(tmp_path / "q.jsonl"), RowFormat(prompt_field="question", completion_field="answer")).rows
+    assert fmt.format == "prompt-completion"
+
+
+def test_train_on_all_keeps_conversations_whole_and_cuts_long_ones(chatml_tokenizer):
+    from softlabels.labeler.corpus import Document
+
+    tok = chatml_tokenizer
+    tokenized = render([Document(f"d{i}", "", conv(i)) for i in range(2)], tok, Rendering("chat", "all", CHATML))
+    assert all(m.all() for _, _, m in tokenized)
+    counts = PlanCounts()
+    (cut, _) = build_sequences(tokenized, tok.eos_token_id, SequenceConfig(max_length=30), counts)
+    assert len(cut.input_ids) == 30 and counts.truncated == 2 and counts.too_long == 0
+    packed = list(build_sequences(tokenized, tok.eos_token_id, SequenceConfig(max_length=512, packing=True)))
+    assert len(packed) == 1 and tok.eos_token_id not in packed[0].input_ids  # no EOS added after a conversation
+    assert packed[0].doc_lengths == tuple(len(t[1]) for t in tokenized)
+
+
+def test_templates_that_end_a_conversation_with_eos_mask_every_turn(chatml_tokenizer):
+    """Phi-3's shape: an end-of-turn token per turn, and EOS after the last turn only."""
+    from softlabels.labeler.chat import render_chat
+
+    phi3 = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% else %}{{ eos_token }}{% endif %}")
+    r = render_chat(chatml_tokenizer, conv(3), phi3)
+    runs = np.split(np.asarray(r.input_ids), np.flatnonzero(np.diff(np.asarray(r.trained, int))) + 1)
+    trained = [chatml_tokenizer.decode(x) for x, on in zip(runs, np.split(np.asarray(r.trained), len(runs) and
+               np.flatnonzero(np.diff(np.asarray(r.trained, int))) + 1)) if on[0]]
+    assert trained == [conv(3)[2]["content"] + "<|im_end|>", conv(3)[4]["content"] + "<|im_end|>\n</s>"]

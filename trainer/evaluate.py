@@ -39,6 +39,9 @@ def evaluate(
         was_training, device = False, torch.device("cpu")
 
         def states(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            if "doc_lengths" in batch:  # its graph takes a 2-D mask: documents would see each other
+                raise UserError(f"{dataset.labels.url} packs several documents per sequence; an exported model "
+                                "cannot keep them apart: evaluate the PyTorch student instead")
             return model.logits(batch["input_ids"], batch["attention_mask"])
 
         head: Any = torch.nn.Identity()
