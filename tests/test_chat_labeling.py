@@ -255,10 +255,14 @@ def test_chat_label_set_end_to_end(ray_local, tiny_teacher, tmp_path, chatml_tok
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
     s = samples[0]
     with torch.no_grad():
-        full = torch.log_softmax(teacher(input_ids=torch.from_numpy(s.input_ids.astype(np.int64))[None]).logits[0], -1)
-    want_lp, want_ids = full[torch.from_numpy(s.label_positions)].topk(8, -1)
-    np.testing.assert_array_equal(s.topk_ids, want_ids.numpy())
+        full = torch.log_softmax(teacher(input_ids=torch.tensor(s.input_ids, dtype=torch.long)[None]).logits[0], -1)
+    at = full[torch.from_numpy(s.label_positions)]
+    want_lp, _ = at.topk(8, -1)
+    # Near-ties may swap places between a batched and a single forward: compare values, and the
+    # direct log-probs of the stored ids.
     np.testing.assert_allclose(s.topk_logprobs, want_lp.numpy(), atol=2e-2, rtol=1e-3)
+    np.testing.assert_allclose(s.topk_logprobs, at.gather(-1, torch.tensor(s.topk_ids, dtype=torch.long)).numpy(),
+                               atol=2e-2, rtol=1e-3)
 
     # convert keeps the masks (and the counts of trained positions).
     from softlabels.convert import convert
@@ -268,7 +272,7 @@ def test_chat_label_set_end_to_end(ray_local, tiny_teacher, tmp_path, chatml_tok
     assert converted.manifest.totals.trained == m.totals.trained and converted.manifest.rendering == m.rendering
     for a, b in zip(samples, converted.iter_samples()):
         np.testing.assert_array_equal(a.trained, b.trained)
-        np.testing.assert_array_equal(a.topk_ids[:, 0], b.topk_ids[:, 0])
+        assert [set(r) for r in a.topk_ids] == [set(r) for r in b.topk_ids]  # compact may reorder near-ties
 
     # The trainer: loss and gradient ignore untrained positions (labels there may be anything).
     from softlabels.trainer.data import collate, sample_to_tensors

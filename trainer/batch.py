@@ -28,7 +28,7 @@ def _at_positions(rows: np.ndarray, trained: np.ndarray | None, dtype: torch.dty
     if trained is None:
         return torch.tensor(rows, dtype=dtype)  # decoded arrays may be read-only views: torch.tensor copies
     full = torch.zeros((len(trained), *rows.shape[1:]), dtype=dtype)
-    full[torch.from_numpy(np.flatnonzero(trained))] = torch.as_tensor(np.asarray(rows), dtype=dtype)
+    full[torch.from_numpy(np.flatnonzero(trained))] = torch.tensor(np.asarray(rows), dtype=dtype)  # a copy: rows may be read-only
     return full
 
 
