@@ -85,7 +85,7 @@ else
   DEV=(--device cpu)
   OVERHEAD_RUNS=("tiny --teacher random:tiny --sequences 8 --length 64 --batch-tokens 256 --repeats 2")
   MEMORY_ARGS=(--vocabs 1000,4000 --shapes 1x64,2x128 --head-chunk 64)
-  PIPELINE_ARGS=(--preset tiny --sequences 8 --steps 3)
+  PIPELINE_ARGS=(--preset tiny --sequences 32 --steps 3)
   STEP_TIMEOUT=${STEP_TIMEOUT:-300}
 fi
 

@@ -48,8 +48,8 @@ def teacher_dir(path: Path, preset: str) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="</s>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     fast.chat_template = CHATML
-    common.random_llama_dir(path, preset, dtype="bfloat16", vocab_size=len(fast),
-                            bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    assert (fast.bos_token_id, fast.eos_token_id) == (1, 2)  # what common.llama_config sets
+    common.random_llama_dir(path, preset, dtype="bfloat16", vocab_size=len(fast))
     fast.save_pretrained(path)
     return path
 
@@ -85,13 +85,13 @@ def main() -> int:
                *common_label)
     chat = cli("label", "--corpus", "pydoc-chat", "--output", str(out / "chat"), "--max-length", "1024",
                "--chat-template", str(out / "chatml.jinja"), *common_label)
-    budget = ["--steps", str(args.steps), "--batch-size", "16", "--device", args.device, "--eval-fraction", "0.1",
+    budget = ["--steps", str(args.steps), "--batch-size", "16", "--device", args.device, "--eval-fraction", "0.2",
               "--packing"]
     general = cli("train", "--labels", str(out / "text"), "--student", "tiny", "--output", str(out / "general"), *budget)
     task = cli("train", "--labels", str(out / "chat"), "--init-from", str(out / "general"), "--output",
                str(out / "task"), *budget)
     score = cli("eval", "--labels", str(out / "chat"), "--model", str(out / "task"), "--device", args.device,
-                "--eval-fraction", "0.1")
+                "--eval-fraction", "0.2")
     print(f"\n{common.device_name(args.device)}, teacher {args.preset} (random weights), {common.versions()}\n")
     print(common.markdown_table(["step", "tokens", "labeled", "tokens/s", "wall s"], [
         ["label text (packed)", f"{text['tokens']:,}", f"{text['trained_tokens']:,}", f"{text['tokens_per_s']:,.0f}",
