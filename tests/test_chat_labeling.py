@@ -104,12 +104,19 @@ def test_bad_rows_are_one_line_naming_file_and_row_or_skipped_and_counted(tmp_pa
         Corpus(str(path))
 
 
-def test_hub_dataset_not_in_the_cache_is_one_line(monkeypatch, tmp_path):
+def test_hub_datasets_come_from_the_local_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     with pytest.raises(UserError, match="hub dataset 'nobody/not-cached' .*not in the local cache"):
         Corpus("hf:nobody/not-cached")
+    # What datasets resolves offline (here a local folder of JSON Lines) is read from its Arrow cache files.
+    src = tmp_path / "repo"
+    src.mkdir()
+    (src / "train.jsonl").write_text("\n".join(json.dumps({"messages": conv(i)}) for i in range(4)) + "\n")
+    corpus = Corpus(f"hf:{src}")
+    assert corpus.rows.format == "chat" and all(f.endswith(".arrow") for f in corpus.files)
+    assert [d.messages for b in corpus.blocks() for d in corpus.reader.read(b)[0]] == [conv(i) for i in range(4)]
 
 
 def direct_mask(tok, messages, template):
