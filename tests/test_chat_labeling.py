@@ -432,3 +432,24 @@ def test_templates_that_end_a_conversation_with_eos_mask_every_turn(chatml_token
     trained = [chatml_tokenizer.decode(x) for x, on in zip(runs, np.split(np.asarray(r.trained), len(runs) and
                np.flatnonzero(np.diff(np.asarray(r.trained, int))) + 1)) if on[0]]
     assert trained == [conv(3)[2]["content"] + "<|im_end|>", conv(3)[4]["content"] + "<|im_end|>\n</s>"]
+
+
+def test_plain_text_gets_bos_exactly_when_the_tokenizer_adds_one(tiny_teacher, tmp_path):
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from softlabels.labeler.corpus import Document
+    from softlabels.labeler.plan import tokenizer_bos
+
+    plain = AutoTokenizer.from_pretrained(tiny_teacher)
+    assert tokenizer_bos(plain) is None  # adds none: none is added (the built-in teacher's case too)
+    llama_like = AutoTokenizer.from_pretrained(tiny_teacher)
+    bos = llama_like.bos_token_id
+    llama_like.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)])
+    assert tokenizer_bos(llama_like) == bos
+    docs = [Document("a", "def f(x): return x"), Document("b", "<s>already there")]
+    got = render(docs, llama_like, Rendering("text", "all", None, tokenizer_bos(llama_like)))
+    for (_, ids, _), d in zip(got, docs):
+        assert ids[0] == bos and ids[1] != bos  # one BOS: none missing, none doubled
+    assert [int(x) for x in got[0][1][1:]] == plain("def f(x): return x", add_special_tokens=False)["input_ids"]
