@@ -72,7 +72,6 @@ class Outcome:
     units_per_node: dict[str, int] = field(default_factory=dict)
     first_batch: float | None = None  # when a teacher first finished a batch (epoch seconds)
     plan: PlanCounts = field(default_factory=PlanCounts)
-    trained_tokens: int = 0  # positions labeled (trained) by this run
 
 
 class _Failed:
@@ -251,7 +250,7 @@ class Pipeline:
             writing: dict[Any, tuple[Unit, int, str]] = {}  # commit ref -> (unit, replica, input digest)
             load = [0] * len(actors)
             per_node: dict[str, int] = {}
-            planning, resumed, labeled, trained = True, 0, 0, 0
+            planning, resumed, labeled = True, 0, 0
             try:
                 while planning or labeling or writing:
                     while planning and min(load) < IN_FLIGHT:
@@ -298,7 +297,6 @@ class Pipeline:
                         shards[unit.index] = ShardInfo(**_get(ray, ref, unit.name))
                         self.record(unit.index, unit.name, shards[unit.index], digest)
                         labeled += unit.tokens
-                        trained += shards[unit.index].trained or 0
                         per_node[node_ids[r]] = per_node.get(node_ids[r], 0) + 1
                         progress.done(unit.tokens)
             finally:
@@ -319,7 +317,6 @@ class Pipeline:
                 units_per_node=per_node,
                 first_batch=_first_batch(ray, actors),
                 plan=self.counts,
-                trained_tokens=trained,
             )
         finally:
             self.stop.set()
