@@ -249,4 +249,3 @@ class TeacherRunner:
             if self.first_batch_at is None:
                 self.first_batch_at = time.time()  # the run's start-up ends here (its summary reports it)
         return UnitLabels.concat(results)
-
