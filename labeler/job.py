@@ -198,7 +198,8 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
          id_space: int, t0: float, started: float, rendering: Rendering) -> Summary:
     """The job once Ray is up, the output claimed and every input checked: label, publish."""
     seq_cfg = SequenceConfig(cfg.max_length, cfg.packing, cfg.add_eos, cfg.limit, cfg.shard_tokens)
-    tok_info = TokenizerInfo(name=source.display_name, vocab_size=len(tokenizer), fingerprint=tokenizer_fingerprint(tokenizer))
+    tok_info = TokenizerInfo(name=source.display_name, vocab_size=len(tokenizer), fingerprint=tokenizer_fingerprint(tokenizer),
+                             id_space=id_space)
 
     try:
         # The device default follows the cluster (the driver may have no GPU).

@@ -47,6 +47,10 @@ class TokenizerInfo:
     # sha256 of each file in `files` (name -> hex); readers fetch exactly these and verify them
     # (sets written before 0.4.0 have none: their folder is listed and read as it is)
     checksums: dict[str, str] | None = None
+    # Every stored id is below it: the teacher's LM-head rows where they exceed the tokenizer's length
+    # (padded heads: Qwen2.5's 151,936 rows for 151,665 tokens). None (sets before 0.5.0): vocab_size,
+    # though ids up to a padded head's rows may occur.
+    id_space: int | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,10 @@ class Manifest:
         vocab = self.tokenizer.vocab_size
         if not _is_int(vocab) or not 1 <= vocab <= MAX_VOCAB:
             raise ManifestError(f"tokenizer.vocab_size must be an int in 1..{MAX_VOCAB}, got {vocab!r}")
+        space = self.tokenizer.id_space
+        if space is not None and not vocab <= space <= MAX_VOCAB:
+            raise ManifestError(f"tokenizer.id_space must be an int in {vocab}..{MAX_VOCAB} (at least vocab_size), "
+                                f"got {space!r}")
         if not _is_int(self.top_k) or not 1 <= self.top_k <= MAX_TOP_K:
             raise ManifestError(f"top_k must be an int in 1..{MAX_TOP_K}, got {self.top_k!r}")
         if self.top_k > vocab:
@@ -178,6 +186,11 @@ class Manifest:
         trained = sum(s.tokens if s.trained is None else s.trained for s in self.shards)
         if self.totals.trained is not None and self.totals.trained != trained:
             raise ManifestError(f"totals.trained is {self.totals.trained}, the shards add up to {trained}")
+
+    @property
+    def id_space(self) -> int:
+        """Every stored token id is below it (``tokenizer.id_space``; ``vocab_size`` for sets before 0.5.0)."""
+        return self.tokenizer.id_space or self.tokenizer.vocab_size
 
     @property
     def label_encoding(self) -> Encoding:

@@ -86,7 +86,7 @@ def convert_shard(ls: LabelSet, shard: ShardInfo, encoding: Encoding) -> bytes:
     padded LM head stored higher ids.
     """
     samples = ls.read_shard(shard)
-    vocab = max([ls.manifest.tokenizer.vocab_size] + [int(s.topk_ids.max()) + 1 for s in samples if s.topk_ids.size])
+    vocab = max([ls.manifest.id_space] + [int(s.topk_ids.max()) + 1 for s in samples if s.topk_ids.size])
     return table_to_parquet_bytes(encode_samples(samples, ls.manifest.top_k, encoding, vocab))
 
 

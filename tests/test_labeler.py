@@ -411,3 +411,37 @@ def test_on_error_may_change_on_resume(tiny_teacher, tmp_path, ray_local):
         run(LabelConfig(**cfg))
     summary = run(LabelConfig(**cfg, on_error="skip"))
     assert summary.status == "written" and summary.skipped_documents == 1
+
+
+def test_a_teacher_with_a_padded_head_labels_trains_and_evaluates(ray_local, tiny_teacher, tmp_path):
+    """Head rows past the tokenizer (Qwen2.5: 151,936 rows for 151,665 tokens): the manifest records the id
+    space the stored ids live in, and a `tiny` student built from the set has a row for each."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from softlabels.trainer.config import TrainConfig
+    from softlabels.trainer.evaluate import evaluate
+    from softlabels.trainer.loop import train
+    from softlabels.trainer.data import LabelDataset
+
+    padded = tmp_path / "padded-teacher"
+    shutil.copytree(tiny_teacher, padded)
+    model = AutoModelForCausalLM.from_pretrained(padded)
+    rows = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(rows + 20)
+    with torch.no_grad():  # the padded rows score like real ones, so they reach the top-k
+        model.lm_head.weight[rows:] = model.lm_head.weight[:20] * 1.2
+    model.save_pretrained(padded)
+    out = str(tmp_path / "ls")
+    run(cfg(str(padded), out, limit=12, encoding="packed"))
+    ls = open_label_set(out)
+    assert ls.manifest.tokenizer.vocab_size == rows and ls.manifest.id_space == rows + 20
+    assert max(int(s.topk_ids.max()) for s in ls.iter_samples()) >= rows  # ids past the tokenizer are stored
+    summary = train(TrainConfig(labels=out, output=str(tmp_path / "student"), steps=2, batch_size=4,
+                                eval_fraction=0.2, warmup_steps=0))
+    assert np.isfinite(summary["after"]["kl"])
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert student.get_output_embeddings().weight.shape[0] == rows + 20
+    scores = evaluate(student, LabelDataset(out, split="all", shuffle=False), batch_size=4)
+    assert np.isfinite(scores["kl"]) and scores["positions"] > 0

@@ -99,6 +99,7 @@ def build_student(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     vocab = labels.manifest.tokenizer.vocab_size
+    rows_needed = labels.manifest.id_space  # a padded teacher head's ids may lie past the tokenizer
     torch_dtype = getattr(torch, dtype)
     if spec == "tiny" or spec.endswith(".json"):
         tokenizer = load_label_tokenizer(labels)
@@ -107,11 +108,11 @@ def build_student(
             raise UserError(f"label set {labels.url}: the manifest's vocab_size {vocab} is not its tokenizer's "
                             f"{len(tokenizer)}; refused (a student's embeddings would be sized from it)")
         if spec == "tiny":
-            config = LlamaConfig(vocab_size=vocab, **TINY)
+            config = LlamaConfig(vocab_size=rows_needed, **TINY)
         else:
             d = json.loads(Path(spec).read_text())
             config = AutoConfig.for_model(**d) if "model_type" in d else LlamaConfig(**d)
-            config.vocab_size = max(getattr(config, "vocab_size", 0) or 0, vocab)
+            config.vocab_size = max(getattr(config, "vocab_size", 0) or 0, rows_needed)
         config.bos_token_id = tokenizer.bos_token_id
         config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
@@ -129,9 +130,10 @@ def build_student(
             spec, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
         )
     rows = embedding_rows(model)
-    if rows < vocab:
+    if rows < rows_needed:
         raise UserError(
-            f"student {spec} has {rows} embeddings, fewer than the label set's vocabulary of {vocab}: "
+            f"student {spec} has {rows} embeddings, fewer than the label set's id space of {rows_needed}"
+            f"{'' if rows_needed == vocab else f' (the teacher head rows; its tokenizer has {vocab})'}: "
             "its ids do not all fit"
         )
     return model, tokenizer
