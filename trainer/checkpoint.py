@@ -4,7 +4,8 @@ Layout under the checkpoint directory::
 
     step-000100/model.safetensors       student weights (tied weights stored once)
     step-000100/optimizer.pt            optimizer + scheduler state
-    step-000100/state-rank0.pt          step, tokens, data position, RNG states (one per rank)
+    step-000100/progress.json           step, eval before training, the data position of every rank's readers
+    step-000100/state-rank0.pt          tokens, RNG states (one per rank)
     latest                              "step-000100", written last (the commit)
 
 Objects are written whole, then ``latest`` names the finished checkpoint, so
@@ -123,6 +124,10 @@ class CheckpointStore:
                 + "for a new run use another --output"
             )
 
+    def save_progress(self, name: str, progress: dict[str, Any]) -> None:
+        """Where the run is, the same for every rank (the data position of all of them): written by rank 0."""
+        self._write(f"{name}/progress.json", (json.dumps(progress, sort_keys=True) + "\n").encode())
+
     def save_rank(self, name: str, rank: int, state: dict[str, Any]) -> None:
         self._write(f"{name}/state-rank{rank}.pt", _torch_bytes(state))
 
@@ -131,8 +136,19 @@ class CheckpointStore:
         self._write(LATEST, name.encode())
         log.info("checkpoint %s saved to %s", name, self.url)
 
-    def load(self, name: str, model: torch.nn.Module, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Load weights into ``model``; return ``(optimizer_state, rank_state)``."""
+    def load(self, name: str, model: torch.nn.Module, rank: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+        """Load weights into ``model``; return ``(optimizer_state, progress, rank_state)``.
+
+        ``rank_state`` is None for a rank the saved run did not have (resumed on more ranks).
+        """
+        where = join_url(self.url, name)
+        try:
+            progress = json.loads(self._read(f"{name}/progress.json"))
+        except FileNotFoundError as e:
+            raise UserError(f"checkpoint {where} was written by softlabels < 0.6, whose data position this version "
+                            "cannot continue exactly: finish that run with softlabels 0.5, or start a new one") from e
+        except ValueError as e:
+            raise UserError(f"checkpoint {where}/progress.json is not valid JSON ({e})") from e
         from safetensors.torch import load
 
         weights = load(self._read(f"{name}/model.safetensors"))
@@ -149,10 +165,9 @@ class CheckpointStore:
             )
         try:
             state = _torch_load(self._read(f"{name}/state-rank{rank}.pt"), join_url(self.url, f"{name}/state-rank{rank}.pt"))
-        except FileNotFoundError as e:
-            raise UserError(f"checkpoint {join_url(self.url, name)} has no state for rank {rank}: "
-                             "resume with the world size it was saved with") from e
-        return _torch_load(self._read(f"{name}/optimizer.pt"), join_url(self.url, f"{name}/optimizer.pt")), state
+        except FileNotFoundError:
+            state = None
+        return _torch_load(self._read(f"{name}/optimizer.pt"), join_url(self.url, f"{name}/optimizer.pt")), progress, state
 
 
 def _torch_bytes(obj: Any) -> bytes:

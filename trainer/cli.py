@@ -48,6 +48,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--packing", action=BOOL, default=S,
                    help="join each batch's sequences into rows of up to the label set's max length, each attending "
                    "only to itself (less padding; same losses)")
+    r.add_argument("--precision", default=S, choices=["fp32", "bf16", "fp16"],
+                   help="autocast of the student's forward (weights and optimizer stay fp32); fp16 scales the loss "
+                   "and skips steps whose gradients overflow (default: bf16 on CUDA, fp32 elsewhere)")
+    r.add_argument("--gradient-checkpointing", action=BOOL, default=S,
+                   help="recompute each layer's activations in backward: less memory, a slower step, same gradients")
+    r.add_argument("--report-to", action="append", default=S, metavar="NAME",
+                   help="also send the metrics to none, tensorboard (OUTPUT/tensorboard) or wandb (project: "
+                   "$WANDB_PROJECT or softlabels); repeatable or comma-separated (default: none)")
     r.add_argument("--init-from", default=S, metavar="DIR",
                    help="start from a trained student's weights (the --output of an earlier softlabels train), with a "
                    "fresh optimizer and schedule: task distillation or fine-tuning after general distillation")

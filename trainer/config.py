@@ -12,11 +12,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from softlabels.schemas.errors import UserError
+from softlabels.trainer.tracking import parse_report_to
 
 LOSSES = ("tail-kl", "topk-kl", "reverse-kl", "tail-sampled", "ce")
+PRECISIONS = ("fp32", "bf16", "fp16")
 # A resumed run continues one run: these must be what its checkpoint recorded ...
 KEEP_ON_RESUME = ("student", "init_from", "loss", "alpha", "temperature", "top_k", "seed", "batch_size", "grad_accum",
-                  "eval_fraction", "shuffle_window")
+                  "eval_fraction", "shuffle_window", "precision")
 # ... and these too, unless named in --allow-changed (deliberate changes to the optimizer's course).
 CHANGEABLE = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "clip")
 
@@ -60,9 +62,14 @@ class TrainConfig:
     log_samples: bool = False  # write the sample keys each rank trained on (tests, audits)
     trust_remote_code: bool = False  # a hub student's own modeling code runs only if asked
     allow_changed: tuple[str, ...] = ()  # CHANGEABLE settings a --resume may change
+    precision: str | None = None  # autocast of the forward: fp32, bf16, fp16 (loss-scaled); None: bf16 on CUDA, else fp32
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, same gradients
+    report_to: tuple[str, ...] = ()  # also send the metrics to: tensorboard (OUTPUT/tensorboard), wandb
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allow_changed", tuple(self.allow_changed or ()))  # a list from YAML or flags
+        # "tensorboard,wandb", a list, or "none"; a tracker whose package is missing stops here, before any work
+        object.__setattr__(self, "report_to", parse_report_to(self.report_to))
         if self.init_from is not None and self.student != "tiny":
             raise UserError(f"give --student or --init-from, not both (--student {self.student}, "
                             f"--init-from {self.init_from})")
@@ -85,6 +92,10 @@ class TrainConfig:
             raise UserError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.loss == "tail-sampled" and self.top_k is not None:
             raise UserError("--loss tail-sampled cannot use --top-k: the stored tail draws never saw the entries k' drops")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {PRECISIONS} (or unset: bf16 on CUDA, fp32 elsewhere), got {self.precision!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise UserError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
         if self.plot is not None and not self.plot.lower().endswith(".png"):
             raise UserError(f"plot {self.plot}: expected a .png file name")
         unknown = set(self.allow_changed) - set(CHANGEABLE)

@@ -1,24 +1,26 @@
-"""Streaming a label set into training batches, resumably.
+"""Streaming a label set into training batches, resumably and elastically.
 
 :class:`LabelDataset` is a torch ``IterableDataset`` over a label set URL
 (local or any fsspec URL).
 
-Order. Each epoch the shard list is permuted from ``(seed, epoch)``. Shards
-are dealt to *slots* (one per DDP rank x DataLoader worker) with no overlap
-and no gaps. Each slot reads its shards in *windows* of ``shuffle_window``
-shards and yields the window's samples in a permutation seeded by
-``(seed, epoch, slot, window)``: a bounded shuffle buffer (one window of
-rows) whose order can be rebuilt from its position alone.
+Order (:mod:`softlabels.trainer.order`). Each epoch has one global order of
+rows: shards permuted from ``(seed, epoch)``, their rows shuffled within
+windows of ``shuffle_window`` shards (a bounded shuffle buffer). It depends
+only on the label set, the seed and the epoch. The readers (*slots*: DDP
+ranks x DataLoader workers) each take a contiguous share of it, so any number
+of readers works with any number of shards, and each reads only about its
+share of the shards.
 
-Resume. Every sample carries its position ``(slot, epoch, window, offset)``.
-:class:`StatefulLoader` wraps a ``DataLoader``, records the position of the
-last sample consumed per slot, and its ``state_dict()`` restarts every slot
-right after it: the window is re-read, re-permuted, and the consumed prefix
-skipped. Exact for any ``num_workers``, provided the resumed run uses the
-same ``num_workers`` and world size (checked).
+Resume. Every sample carries its position ``(slot, slots, epoch, consumed)``.
+:class:`StatefulLoader` records the position of the last sample handed out per
+slot; its ``state_dict()`` (merged over ranks with :func:`merge_states`) is a
+:class:`~softlabels.trainer.order.DataState`. Resumed with as many slots, every
+slot continues exactly (the same batches in the same order, for any
+``num_workers``); with another world size or worker count, the rows nobody
+consumed are dealt again, so no sample is read twice or skipped.
 
-Reading. A background thread per slot fetches and decodes the next shards
-(``prefetch``) while the current window is consumed. Each shard's sha256 is
+Reading. A background thread per slot fetches and decodes the next windows
+(``prefetch``) while the current one is consumed. Each shard's sha256 is
 checked against the manifest; a mismatch stops with the shard's name, or is
 skipped and counted with ``skip_corrupt``.
 
@@ -49,6 +51,7 @@ from softlabels.trainer.batch import (  # noqa: F401 (the names users import fro
     truncate_topk,
 )
 from softlabels.schemas.errors import ShardChecksumError, ShardFormatError, UserError
+from softlabels.trainer.order import DataState, EpochOrder, drop
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 log = logging.getLogger(__name__)
@@ -77,7 +80,8 @@ class LabelDataset(IterableDataset):
         top_k: read-time truncation to k' <= the set's k (tail absorbs the rest).
         verify: check each shard's size and sha256 against the manifest.
         skip_corrupt: skip (and count) a shard that fails the check instead of stopping.
-        split_by_rank: deal shards over DDP ranks (training); False: every rank reads all (eval).
+        split_by_rank: share the order over DDP ranks (training); False: every rank reads all (eval).
+        rank_world: ``(rank, world size)`` to read as, instead of torch.distributed's (other launchers, tests).
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class LabelDataset(IterableDataset):
         top_k: int | None = None,
         skip_corrupt: bool = False,
         split_by_rank: bool = True,
+        rank_world: tuple[int, int] | None = None,
     ) -> None:
         if split not in ("train", "eval", "all"):
             raise UserError(f"split must be train, eval or all, got {split!r}")
@@ -110,11 +115,12 @@ class LabelDataset(IterableDataset):
         self.split, self.eval_fraction = split, eval_fraction
         self.seed, self.shuffle, self.epochs, self.verify = seed, shuffle, epochs, verify
         self.shuffle_window, self.prefetch, self.skip_corrupt = shuffle_window, prefetch, skip_corrupt
-        self.split_by_rank = split_by_rank
-        self.resume: dict[int, tuple[int, int, int]] = {}  # slot -> (epoch, window, offset) to start at
-        self.rotation = 0  # DataLoader worker 0 serves this rank's slot `rotation` (the one due next)
+        self.split_by_rank, self.rank_world = split_by_rank, rank_world
+        self.state: DataState | None = None  # where to start (from a checkpoint); None: the beginning
         self.corrupt_skipped = 0
         self.max_id: int | None = None  # the student's embedding rows: every stored id must be below it
+        self._rows = np.array([s.rows for s in self.labels.shards], dtype=np.int64)
+        self._orders: dict[int, EpochOrder] = {}
 
     @property
     def manifest(self):
@@ -124,17 +130,42 @@ class LabelDataset(IterableDataset):
     def k(self) -> int:
         return self.top_k or self.manifest.top_k
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Start each slot where ``state`` (from :meth:`StatefulLoader.state_dict`) says."""
-        self.resume = {int(s): tuple(p) for s, p in state.get("positions", {}).items()}  # type: ignore[misc]
-        self.rotation = int(state.get("next_worker", 0))
+    def load_state_dict(self, state: Mapping[str, Any] | DataState) -> None:
+        """Start where ``state`` (from :meth:`StatefulLoader.state_dict` / :func:`merge_states`) says."""
+        self.state = state if isinstance(state, DataState) else DataState.from_dict(state)
+
+    def order(self, epoch: int) -> EpochOrder:
+        if epoch not in self._orders:  # the reader thread moves to the next epoch while rows of this one go out
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = EpochOrder(self._rows, self.seed, epoch, self.shuffle_window, self.shuffle)
+        return self._orders[epoch]
+
+    def slots(self, workers: int) -> tuple[int, int]:
+        """``(first slot of this rank, slots in all)`` for ``workers`` DataLoader workers per rank."""
+        rank, world = (self.rank_world or _rank_world()) if self.split_by_rank else (0, 1)
+        return rank * workers, world * workers
+
+    def start_state(self, workers: int) -> DataState:
+        """The state this run starts from, dealt to its own number of slots (the same in every rank and worker)."""
+        _, slots = self.slots(workers)
+        total = int(self._rows.sum())
+        if self.state is None:
+            return DataState.start(slots, workers)
+        state = self.state.collapse(slots, lambda e: total, workers)
+        if state is self.state:
+            state = DataState.from_dict(state.to_dict())  # a copy: the loader moves its own forward
+        else:
+            log.info("data position saved with %d reader slot(s), dealt again to %d (ranks x workers): every sample "
+                     "nobody consumed is read once", self.state.slots, slots)
+        return state
 
     def _keep(self, s: Sample) -> bool:
         if self.split == "all":
             return True
         return in_eval_split(s.sample_id, self.eval_fraction) == (self.split == "eval")
 
-    def _read(self, index: int) -> list[Sample]:
+    def _read(self, index: int) -> list[Sample | None]:
+        """A shard's rows in file order (``None`` for each row of a corrupt shard skipped)."""
         shard = self.labels.shards[index]
         try:
             samples = self.labels.read_shard(shard, verify=self.verify)
@@ -143,37 +174,52 @@ class LabelDataset(IterableDataset):
                 raise ShardChecksumError(f"{e} (softlabels train --skip-corrupt skips such shards)") from e
             self.corrupt_skipped += 1
             log.warning("skipping corrupt shard (%s)", e)
-            return []
+            return [None] * shard.rows
         if self.max_id is not None and samples:
             top = max(max(int(s.topk_ids.max(initial=0)), int(s.input_ids.max(initial=0))) for s in samples)
             if top >= self.max_id:
                 raise ShardFormatError(f"shard {self.labels.url}/{shard.path}: token id {top} is beyond the "
                                        f"student's {self.max_id} embeddings")
-        return [s for s in samples if self._keep(s)]
+        return samples
 
-    def _shards_of(self, slot: int, slots: int, epoch: int) -> list[int]:
-        n = len(self.labels.shards)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        return [int(i) for i in order[slot::slots]]
+    def _plan(self, slot: int, state: DataState) -> Iterator[tuple[int, int, int, int, int]]:
+        """``(epoch, window, lo, hi, consumed)``: the window rows this slot reads next, and how many
+        rows of its epoch's share precede them."""
+        epoch, consumed = state.progress[slot]
+        while self.epochs is None or epoch < self.epochs:
+            order = self.order(epoch)
+            share = state.share(slot, epoch, order.total)
+            done = consumed
+            for span in drop(share, consumed):
+                for w, lo, hi in order.segments(span):
+                    yield epoch, w, lo, hi, done
+                    done += hi - lo
+            epoch, consumed = epoch + 1, 0
 
-    def _reader(self, plan: list[tuple[int, int, list[int]]]) -> Iterator[tuple[int, int, list[Sample]]]:
-        """Windows of samples ``(epoch, window, rows)`` in plan order; a thread reads ahead."""
+    def _windows(self, plan: Iterator[tuple[int, int, int, int, int]]) -> Iterator[tuple[int, int, list[Sample | None]]]:
+        """``(epoch, consumed, rows)`` per planned segment; a thread reads ahead, a window read once per visit."""
+
+        def rows_of() -> Iterator[tuple[int, int, list[Sample | None]]]:
+            cached: tuple[tuple[int, int], list[Sample | None]] | None = None
+            for epoch, w, lo, hi, done in plan:
+                if cached is None or cached[0] != (epoch, w):
+                    rows = [r for i in self.order(epoch).window_shards[w] for r in self._read(int(i))]
+                    cached = ((epoch, w), rows)
+                perm = self.order(epoch).permutation(w)
+                yield epoch, done, [cached[1][i] for i in perm[lo:hi]]
+
         if self.prefetch == 0:
-            for epoch, w, shards in plan:
-                yield epoch, w, [s for i in shards for s in self._read(i)]
+            yield from rows_of()
             return
         q: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
         def work() -> None:
             try:
-                for epoch, w, shards in plan:
-                    rows: list[Sample] = []
-                    for i in shards:
-                        rows.extend(self._read(i))
-                        if stop.is_set():
-                            return
-                    q.put((epoch, w, rows))
+                for item in rows_of():
+                    if stop.is_set():
+                        return
+                    q.put(item)
                 q.put(None)
             except BaseException as e:  # re-raised in the consuming thread
                 q.put(e)
@@ -196,75 +242,61 @@ class LabelDataset(IterableDataset):
                 except queue.Empty:
                     pass
 
-    def _plan(self, slot: int, slots: int) -> Iterator[tuple[int, int, list[int]]]:
-        start_epoch, start_window, _ = self.resume.get(slot, (0, 0, 0))
-        epoch = start_epoch
-        while self.epochs is None or epoch < self.epochs:
-            mine = self._shards_of(slot, slots, epoch)
-            if not mine and self.epochs is None:  # would loop forever without a sample
-                raise UserError(
-                    f"reader slot {slot} of {slots} (ranks x DataLoader workers) gets none of the label set's "
-                    f"{len(self.labels.shards)} shard(s): use fewer ranks or --num-workers"
-                )
-            windows = [mine[i : i + self.shuffle_window] for i in range(0, len(mine), self.shuffle_window)]
-            for w, shards in enumerate(windows):
-                if epoch == start_epoch and w < start_window:
-                    continue
-                yield epoch, w, shards
-            epoch += 1
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rank, world = _rank_world() if self.split_by_rank else (0, 1)
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        first, slots = self.slots(nworkers)
+        state = self.start_state(nworkers)
+        if self.epochs is None and self.order(0).total < slots:
+            raise UserError(f"{self.labels.url} holds {self.order(0).total} sequence(s), fewer than the {slots} reader "
+                            "slots (ranks x DataLoader workers) reading it: use fewer ranks or --num-workers")
         # The DataLoader takes batches from workers round-robin starting at worker 0;
         # rotating which slot each worker serves makes a resumed run continue the cycle.
-        slot, slots = rank * nworkers + (wid + self.rotation) % nworkers, world * nworkers
-        if self.resume and len(self.resume) != slots:
-            raise UserError(
-                f"the data position was saved with {len(self.resume)} reader slot(s) (ranks x workers); "
-                f"this run has {slots}: resume with the same world size and --num-workers"
-            )
-        start = self.resume.get(slot, (0, 0, 0))
-        plan = list(self._plan(slot, slots)) if self.epochs is not None else self._plan(slot, slots)
-        yielded = {}  # epoch -> samples yielded, to stop an endless pass over a split with no sample
-        for epoch, w, rows in self._reader(plan):  # type: ignore[arg-type]
-            if self.epochs is None and epoch >= start[0] + 2 and not yielded.get(epoch - 1):
+        rotation = state.next_worker[first // nworkers] if state.next_worker else 0
+        slot = first + (wid + rotation) % nworkers
+        last = state.progress[slot][0]  # the epoch of the last sample yielded: stops an endless pass over none
+        for epoch, done, rows in self._windows(self._plan(slot, state)):
+            if self.epochs is None and epoch - last >= 4:
                 raise UserError(
-                    f"the {self.split} split of {self.labels.url} holds no sample for reader slot {slot} of {slots} "
-                    f"({self.manifest.totals.sequences} sequences in all, --eval-fraction {self.eval_fraction}): "
-                    "label more data, lower --eval-fraction, or use fewer ranks or --num-workers"
+                        f"the {self.split} split of {self.labels.url} held no sample for reader slot {slot} of {slots} "
+                        f"in 4 epochs ({self.manifest.totals.sequences} sequences in all, --eval-fraction "
+                        f"{self.eval_fraction}): label more data, lower --eval-fraction, or use fewer ranks or --num-workers"
                 )
-            yielded.setdefault(epoch, 0)
-            order = range(len(rows))
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, epoch, slot, w]).permutation(len(rows))
-            skip = start[2] if (epoch, w) == start[:2] else 0
-            for offset, r in enumerate(order):
-                if offset < skip:
+            for i, r in enumerate(rows):
+                if r is None or not self._keep(r):
                     continue
-                item = sample_to_tensors(rows[r], self.top_k)
-                item["position"] = torch.tensor([slot, slots, epoch, w, offset + 1], dtype=torch.long)
-                item["sample_key"] = torch.tensor(int(rows[r].sample_id[:15], 16), dtype=torch.long)
-                yielded[epoch] += 1
+                last = epoch
+                item = sample_to_tensors(r, self.top_k)
+                item["position"] = torch.tensor([slot, slots, epoch, done + i + 1], dtype=torch.long)
+                item["sample_key"] = torch.tensor(int(r.sample_id[:15], 16), dtype=torch.long)
                 yield item
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One state from every rank's :meth:`StatefulLoader.state_dict` (in rank order): each rank knows its own slots."""
+    merged = DataState.from_dict(states[0])
+    for rank, st in enumerate(states):
+        d = DataState.from_dict(st)
+        merged.merge(d, range(rank * d.workers, (rank + 1) * d.workers))
+        merged.next_worker[rank] = d.next_worker[rank]
+    return merged.to_dict()
 
 
 class StatefulLoader:
     """A ``DataLoader`` over a :class:`LabelDataset` that knows where it is.
 
-    ``state_dict()`` is the position after the last batch handed out;
-    ``load_state_dict()`` (before iterating) makes the next batch the one
-    that would have followed.
+    ``state_dict()`` is the position after the last batch handed out (this rank's
+    slots; :func:`merge_states` joins the ranks'); ``load_state_dict()`` (before
+    iterating) makes the next batch the one that would have followed.
     """
 
     def __init__(self, dataset: LabelDataset, batch_size: int, num_workers: int = 0, pack_to: int | None = None,
                  **kw: Any) -> None:
         self.dataset, self.batch_size, self.num_workers, self.kw = dataset, batch_size, num_workers, kw
         self.pack_to = pack_to
-        self.positions: dict[int, tuple[int, int, int]] = {}
-        self.slots: int | None = None
-        self.next_worker = dataset.rotation
+        self.workers = max(1, num_workers)
+        self.state = dataset.start_state(self.workers)
+        self.rank = dataset.slots(self.workers)[0] // self.workers
         self._it: Iterator[dict[str, torch.Tensor]] | None = None
 
     def __iter__(self) -> StatefulLoader:
@@ -272,7 +304,7 @@ class StatefulLoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._it is None:
-            self.positions = dict(self.dataset.resume)
+            self.state = self.dataset.start_state(self.workers)
             loader = DataLoader(
                 self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                 collate_fn=collate if self.pack_to is None else functools.partial(collate, pack_to=self.pack_to),
@@ -280,24 +312,16 @@ class StatefulLoader:
             )
             self._it = iter(loader)
         batch = next(self._it)
-        last = batch["position"][-1].tolist()  # a batch comes from one slot, in order
-        self.slots = last[1]
-        self.positions[last[0]] = (last[2], last[3], last[4])
-        self.next_worker = (last[0] + 1) % max(1, self.num_workers)
+        slot, _, epoch, consumed = batch["position"][-1].tolist()  # a batch comes from one slot, in order
+        self.state.progress[slot] = (epoch, consumed)
+        self.state.next_worker[self.rank] = (slot - self.rank * self.workers + 1) % self.workers
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        positions = dict(self.positions)
-        if self.slots is not None:
-            for s in range(self.slots):  # slots that have not produced a batch yet start at 0
-                positions.setdefault(s, (0, 0, 0))
-        return {
-            "positions": {str(s): list(p) for s, p in sorted(positions.items())},
-            "next_worker": self.next_worker,
-        }
+        return self.state.to_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if self._it is not None:
             raise RuntimeError("load_state_dict must be called before iterating")
         self.dataset.load_state_dict(state)
-        self.next_worker = self.dataset.rotation
+        self.state = self.dataset.start_state(self.workers)

@@ -19,10 +19,12 @@ import torch.distributed as dist
 from softlabels.schemas.errors import UserError
 from softlabels.trainer.checkpoint import CheckpointStore, rng_state, set_rng_state
 from softlabels.trainer.config import CHANGEABLE, TrainConfig
-from softlabels.trainer.data import LabelDataset, StatefulLoader, model_inputs
+from softlabels.trainer.data import LabelDataset, StatefulLoader, merge_states, model_inputs
 from softlabels.trainer.evaluate import _move, evaluate
 from softlabels.trainer.losses import chunked_loss
-from softlabels.trainer.student import build_student, embedding_rows
+from softlabels.trainer.precision import autocast, grad_scaler, resolve
+from softlabels.trainer.student import build_student, embedding_rows, enable_gradient_checkpointing
+from softlabels.trainer.tracking import Trackers, open_trackers
 from torch.nn.parallel import DistributedDataParallel
 
 from softlabels.common.crash import crash_point
@@ -120,6 +122,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model, tokenizer = build_student(spec, train_ds.labels, cfg.seed, allow_vocab_mismatch=cfg.allow_vocab_mismatch,
                                      trust_remote_code=cfg.trust_remote_code)
     model.to(device)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model, spec)
+    precision = resolve(cfg.precision, device)  # one line now if this torch cannot autocast to it here
+    scaler = grad_scaler(precision, device)  # fp16 only; otherwise it passes everything through
     train_ds.max_id = eval_ds.max_id = embedding_rows(model)  # a stored id the student has no row for: one line
     n_params = sum(p.numel() for p in model.parameters())
     if rank == 0:
@@ -150,13 +156,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run_record = {"labels": train_ds.labels.manifest_sha256, **cfg.resume_record()}
     if latest and cfg.resume:
         store.check_resume(latest, run_record, cfg.allow_changed, CHANGEABLE)
-        opt_state, state = store.load(latest, model, rank)
+        opt_state, progress, state = store.load(latest, model, rank)
         opt.load_state_dict(opt_state["optimizer"])
         sched.load_state_dict(opt_state["scheduler"])
-        loader.load_state_dict(state["data"])
-        start, tokens, before, rng = state["step"], state["tokens"], state["before"], state["rng"]
+        if opt_state.get("scaler"):  # fp16 runs; checkpoints before --precision have none
+            scaler.load_state_dict(opt_state["scaler"])
+        loader.load_state_dict(progress["data"])
+        start, before = progress["step"], progress["before"]
+        tokens, rng = (state["tokens"], state["rng"]) if state is not None else (0, None)
+        if state is None:  # a rank the checkpoint's run did not have: its own RNG streams, from the seed
+            seed_everything(cfg.seed * 1_000_003 + rank * 7_919 + start)
         if rank == 0:
             log.info("resuming from %s at step %d", latest, start)
+            if progress["world"] != world:
+                log.warning("resuming on %d rank(s), saved on %d: the global batch is now %d sequences (was %d); "
+                            "the schedule continues by step", world, progress["world"],
+                            world * cfg.batch_size * cfg.grad_accum, progress["world"] * cfg.batch_size * cfg.grad_accum)
     elif cfg.resume and rank == 0:
         log.info("--resume: no checkpoint in %s yet, starting from step 0", store.url)
 
@@ -164,7 +179,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # before training starts (and the workers start reading meanwhile).
     pending = [next(loader)] if start < cfg.steps else []
     metrics_path = Path(cfg.metrics) if cfg.metrics else out / ("metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl")
-    metrics = _Metrics(metrics_path, keep_until=start)
+    metrics = _Metrics(metrics_path, keep_until=start,
+                       tracker=open_trackers(cfg.report_to, rank, out, cfg.redacted(), resumed_at=start))
     if before is None:
         before = evaluate(model, eval_ds, cfg.batch_size, cfg.eval_batches, cfg.head_chunk)
         metrics.write({"step": 0, "eval": before})
@@ -173,7 +189,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     kd = KDModule(model, cfg)
     step_fn = DistributedDataParallel(kd) if world > 1 else kd
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     samples_log = open(out / f"samples.rank{rank}.txt", "a") if cfg.log_samples else None
     if rng is not None:
         set_rng_state(rng)
@@ -186,25 +201,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for micro in range(cfg.grad_accum):
             batch = _move(pending.pop() if pending else next(loader), device)
             sync = world == 1 or micro == cfg.grad_accum - 1
-            with autocast, (contextlib.nullcontext() if sync else step_fn.no_sync()):
+            with autocast(precision, device), (contextlib.nullcontext() if sync else step_fn.no_sync()):
                 loss, parts = step_fn(batch)
-                (loss / cfg.grad_accum).backward()
+                scaler.scale(loss / cfg.grad_accum).backward()
             tokens += int(batch["attention_mask"].sum())
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
             if samples_log is not None:
-                samples_log.write(" ".join(str(int(x)) for x in batch["sample_key"]) + "\n")
+                samples_log.write(" ".join(f"{int(e)}:{int(k)}" for e, k in zip(batch["position"][:, 2], batch["sample_key"])) + "\n")
+        scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        if not (math.isfinite(float(loss.detach())) and math.isfinite(float(grad_norm))):
+        # fp16: an overflowed gradient is routine (the scaler skips the step and lowers its scale); the loss is not
+        if not (math.isfinite(float(loss.detach())) and (scaler.is_enabled() or math.isfinite(float(grad_norm)))):
             # Before opt.step: the weights stay finite, and nothing of this step is saved.
             raise TrainingDiverged(
                 f"step {step + 1}: the loss is {float(loss.detach())} (gradient norm {float(grad_norm)}) at lr "
                 f"{sched.get_last_lr()[0]:.3g}; stopped, no weights saved from it. Lower --lr or --clip, or check "
                 "the label set" + (f"; the last checkpoint is in {store.url}" if cfg.checkpoint_every else ""))
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         row = {"step": step + 1, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0],
-               "grad_norm": float(grad_norm), **parts_sum, "tokens": tokens, "elapsed_s": time.time() - t0}
+               "grad_norm": float(grad_norm), **parts_sum, "tokens": tokens, "elapsed_s": time.time() - t0,
+               **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {})}
         metrics.write(row)
         bar.update(row)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
@@ -214,10 +233,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 log.info("eval at step %d: %s", step + 1, _fmt(ev))
         if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             name = f"step-{step + 1:06d}"
+            data = loader.state_dict()  # this rank's readers; every rank's joined, so any world size can resume
+            if world > 1:
+                every: list[Any] = [None] * world
+                dist.all_gather_object(every, data)
+                data = merge_states(every)
             if rank == 0:
-                store.save_shared(name, model, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, run_record)
-            store.save_rank(name, rank, {"step": step + 1, "tokens": tokens, "before": before,
-                                         "data": loader.state_dict(), "rng": rng_state()})
+                store.save_shared(name, model, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                              "scaler": scaler.state_dict()}, run_record)
+                store.save_progress(name, {"step": step + 1, "before": before, "data": data, "world": world})
+            store.save_rank(name, rank, {"tokens": tokens, "rng": rng_state()})
             if world > 1:
                 dist.barrier()
             if rank == 0:
@@ -274,9 +299,11 @@ def _params_sha256(model: torch.nn.Module) -> str:
 
 
 class _Metrics:
-    """metrics.jsonl; on resume, rows past the checkpoint (from the interrupted run) are dropped."""
+    """metrics.jsonl, each row also sent to the --report-to trackers; on resume, rows past the checkpoint
+    (from the interrupted run) are dropped."""
 
-    def __init__(self, path: Path, keep_until: int) -> None:
+    def __init__(self, path: Path, keep_until: int, tracker: Trackers | None = None) -> None:
+        self.tracker = tracker or Trackers([])
         rows = []
         if keep_until and path.exists():
             for ln in path.read_text().splitlines():
@@ -294,9 +321,11 @@ class _Metrics:
     def write(self, row: dict[str, Any]) -> None:
         self.fh.write(json.dumps(row) + "\n")
         self.fh.flush()
+        self.tracker.log(row, row["step"])
 
     def close(self) -> None:
         self.fh.close()
+        self.tracker.close()
 
 
 def _fmt(ev: dict[str, float]) -> str:
