@@ -89,13 +89,19 @@ class CheckpointStore:
         except FileNotFoundError:
             return None
 
-    def save_shared(self, name: str, model: torch.nn.Module, optimizer_state: dict[str, Any],
+    def path(self, name: str, rel: str) -> str:
+        """The URL of ``rel`` inside checkpoint ``name`` (``sharded``: the DCP folder of an FSDP run)."""
+        return join_url(self.url, f"{name}/{rel}")
+
+    def save_shared(self, name: str, model: torch.nn.Module | None, optimizer_state: dict[str, Any],
                     run: dict[str, Any]) -> None:
-        """What every rank holds the same copy of: written by rank 0. ``run``: what a resume must keep."""
+        """What every rank holds the same copy of: written by rank 0. ``run``: what a resume must keep.
+        ``model`` None: the weights are sharded (written by every rank, :mod:`softlabels.trainer.sharding`)."""
         from safetensors.torch import save
 
         self._write(f"{name}/run.json", (json.dumps(run, indent=2, sort_keys=True) + "\n").encode())
-        self._write(f"{name}/model.safetensors", save(_unique_tensors(model)))
+        if model is not None:
+            self._write(f"{name}/model.safetensors", save(_unique_tensors(model)))
         self._write(f"{name}/optimizer.pt", _torch_bytes(optimizer_state))
 
     def check_resume(self, name: str, run: dict[str, Any], allow_changed: tuple[str, ...] = (),
@@ -106,6 +112,10 @@ class CheckpointStore:
             UserError: a difference outside ``allow_changed``; the message says which of them
                 ``changeable`` settings ``--allow-changed`` would let through.
         """
+        if not self.fs.exists(join_url(self.root, f"{name}/progress.json")) and self.fs.exists(
+                join_url(self.root, f"{name}/state-rank0.pt")):
+            raise UserError(f"checkpoint {join_url(self.url, name)} was written by softlabels < 0.6, whose data position "
+                            "this version cannot continue exactly: finish that run with softlabels 0.5, or start a new one")
         try:
             stored = json.loads(self._read(f"{name}/run.json"))
         except FileNotFoundError:
@@ -136,10 +146,12 @@ class CheckpointStore:
         self._write(LATEST, name.encode())
         log.info("checkpoint %s saved to %s", name, self.url)
 
-    def load(self, name: str, model: torch.nn.Module, rank: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    def load(self, name: str, model: torch.nn.Module, rank: int,
+             sharded: bool = False) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
         """Load weights into ``model``; return ``(optimizer_state, progress, rank_state)``.
 
         ``rank_state`` is None for a rank the saved run did not have (resumed on more ranks).
+        ``sharded``: the weights and optimizer state are read by :func:`~softlabels.trainer.sharding.load_sharded`.
         """
         where = join_url(self.url, name)
         try:
@@ -149,9 +161,23 @@ class CheckpointStore:
                             "cannot continue exactly: finish that run with softlabels 0.5, or start a new one") from e
         except ValueError as e:
             raise UserError(f"checkpoint {where}/progress.json is not valid JSON ({e})") from e
+        if not sharded:
+            self._load_weights(name, model)
+        try:
+            state = _torch_load(self._read(f"{name}/state-rank{rank}.pt"), join_url(self.url, f"{name}/state-rank{rank}.pt"))
+        except FileNotFoundError:
+            state = None
+        return _torch_load(self._read(f"{name}/optimizer.pt"), join_url(self.url, f"{name}/optimizer.pt")), progress, state
+
+
+    def _load_weights(self, name: str, model: torch.nn.Module) -> None:
         from safetensors.torch import load
 
-        weights = load(self._read(f"{name}/model.safetensors"))
+        try:
+            weights = load(self._read(f"{name}/model.safetensors"))
+        except FileNotFoundError as e:
+            raise UserError(f"checkpoint {join_url(self.url, name)} holds sharded weights (an --fsdp run): "
+                            "resume it with --fsdp") from e
         try:
             missing, unexpected = model.load_state_dict(weights, strict=False)
         except RuntimeError as e:  # tensor shapes differ: another student
@@ -163,11 +189,6 @@ class CheckpointStore:
                 f"checkpoint {join_url(self.url, name)} does not fit this student "
                 f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})"
             )
-        try:
-            state = _torch_load(self._read(f"{name}/state-rank{rank}.pt"), join_url(self.url, f"{name}/state-rank{rank}.pt"))
-        except FileNotFoundError:
-            state = None
-        return _torch_load(self._read(f"{name}/optimizer.pt"), join_url(self.url, f"{name}/optimizer.pt")), progress, state
 
 
 def _torch_bytes(obj: Any) -> bytes:

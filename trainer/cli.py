@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="YAML file of settings (keys as below, e.g. batch_size: 16); flags override it")
     _common(r, suppress=True)
     r.add_argument("--student", default=S, help=f"'tiny' (built-in), a config .json, a local HF model dir, or an HF id (default: {d.student})")
+    r.add_argument("--fsdp", action=BOOL, default=S,
+                   help="shard parameters, gradients and optimizer state over the ranks (FSDP2, under torchrun): "
+                   "students that do not fit one device; sharded checkpoints, a whole model saved at the end")
     r.add_argument("--packing", action=BOOL, default=S,
                    help="join each batch's sequences into rows of up to the label set's max length, each attending "
                    "only to itself (less padding; same losses)")

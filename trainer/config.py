@@ -17,7 +17,7 @@ from softlabels.trainer.tracking import parse_report_to
 LOSSES = ("tail-kl", "topk-kl", "reverse-kl", "tail-sampled", "ce")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # A resumed run continues one run: these must be what its checkpoint recorded ...
-KEEP_ON_RESUME = ("student", "init_from", "loss", "alpha", "temperature", "top_k", "seed", "batch_size", "grad_accum",
+KEEP_ON_RESUME = ("student", "init_from", "fsdp", "loss", "alpha", "temperature", "top_k", "seed", "batch_size", "grad_accum",
                   "eval_fraction", "shuffle_window", "precision")
 # ... and these too, unless named in --allow-changed (deliberate changes to the optimizer's course).
 CHANGEABLE = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "clip")
@@ -52,6 +52,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: no checkpoints
     checkpoint_dir: str | None = None  # local path or URL (default: OUTPUT/checkpoints)
     resume: bool = False  # continue from the latest checkpoint, if there is one
+    fsdp: bool = False  # FSDP2: parameters, gradients and optimizer state sharded over the ranks (torchrun)
     packing: bool = False  # join a batch's sequences into rows of up to the set's max_length (block-diagonal)
     shuffle_window: int = 2  # shards shuffled together (the shuffle buffer)
     prefetch: int = 2  # shards read ahead in the background

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 import torch
 from softlabels.schemas.errors import UserError
@@ -16,6 +19,20 @@ def _move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, tor
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def score_batch(hidden: torch.Tensor, head: Any, batch: dict[str, torch.Tensor], chunk: int) -> np.ndarray:
+    """A batch's sums: CE, KL, top-1 agreements, labeled positions, true-next-token positions."""
+    h, ids, lps, tail, tgt, _ = label_positions(hidden, batch)
+    out = np.zeros(5)
+    for s in range(0, h.shape[0], chunk):
+        e = min(h.shape[0], s + chunk)
+        logits = head(h[s:e]).float()
+        out[1] += float(position_loss(logits, "tail-kl", ids[s:e], lps[s:e], tail[s:e]).sum())
+        out[0] += float(position_loss(logits, "ce", targets=tgt[s:e]).sum())
+        out[2] += int((logits.argmax(-1) == ids[s:e, 0]).sum())
+    out[3], out[4] = h.shape[0], int((tgt != -100).sum())
+    return out
+
+
 @torch.no_grad()
 def evaluate(
     model: Any,
@@ -23,6 +40,7 @@ def evaluate(
     batch_size: int = 8,
     max_batches: int | None = None,
     chunk: int = 1024,
+    score: Callable[[dict[str, torch.Tensor]], np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``dataset`` (one pass).
 
@@ -33,7 +51,8 @@ def evaluate(
     Returns ``ce`` (nats per true next token), ``kl`` (forward KL over the
     stored top-k + tail buckets, nats per labeled position), ``top1`` (share
     of positions where the student's argmax is the teacher's top-1), and the
-    counts they were computed over.
+    counts they were computed over. ``score``: a batch's sums (:func:`score_batch`) computed
+    some other way (a sharded student scores inside its own forward).
     """
     if not isinstance(model, torch.nn.Module) and callable(getattr(model, "logits", None)):  # an exported model: full logits, identity head
         was_training, device = False, torch.device("cpu")
@@ -54,23 +73,17 @@ def evaluate(
         def states(batch: dict[str, torch.Tensor]) -> torch.Tensor:
             return body(**model_inputs(batch, model)).last_hidden_state
 
-    ce_sum = kl_sum = 0.0
-    agree = n_pos = n_tgt = seqs = 0
+    sums = np.zeros(5)  # CE, KL, top-1 agreements, labeled positions, true-next-token positions
+    seqs = 0
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     for b, batch in enumerate(loader):
         if max_batches is not None and b >= max_batches:
             break
         batch = _move(batch, device)
-        h, ids, lps, tail, tgt, _ = label_positions(states(batch), batch)
-        for s in range(0, h.shape[0], chunk):
-            e = min(h.shape[0], s + chunk)
-            logits = head(h[s:e]).float()
-            kl_sum += float(position_loss(logits, "tail-kl", ids[s:e], lps[s:e], tail[s:e]).sum())
-            ce_sum += float(position_loss(logits, "ce", targets=tgt[s:e]).sum())
-            agree += int((logits.argmax(-1) == ids[s:e, 0]).sum())
-        n_pos += h.shape[0]
-        n_tgt += int((tgt != -100).sum())
+        sums += score(batch) if score is not None else score_batch(states(batch), head, batch, chunk)
         seqs += batch["input_ids"].shape[0]
+    ce_sum, kl_sum, agree, n_pos, n_tgt = sums.tolist()
+    n_pos, n_tgt = int(n_pos), int(n_tgt)
     if was_training:
         model.train()
     if n_pos == 0:
@@ -79,7 +92,7 @@ def evaluate(
         "ce": ce_sum / max(1, n_tgt),
         "ppl": math.exp(min(50.0, ce_sum / max(1, n_tgt))),
         "kl": kl_sum / n_pos,
-        "top1": agree / n_pos,
+        "top1": int(agree) / n_pos,
         "positions": n_pos,
         "sequences": seqs,
     }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -19,13 +18,14 @@ import torch.distributed as dist
 from softlabels.schemas.errors import UserError
 from softlabels.trainer.checkpoint import CheckpointStore, rng_state, set_rng_state
 from softlabels.trainer.config import CHANGEABLE, TrainConfig
-from softlabels.trainer.data import LabelDataset, StatefulLoader, merge_states, model_inputs
+from softlabels.trainer.data import LabelDataset, StatefulLoader, merge_states
 from softlabels.trainer.evaluate import _move, evaluate
-from softlabels.trainer.losses import chunked_loss
 from softlabels.trainer.precision import autocast, grad_scaler, resolve
 from softlabels.trainer.student import build_student, embedding_rows, enable_gradient_checkpointing
 from softlabels.trainer.tracking import Trackers, open_trackers
-from torch.nn.parallel import DistributedDataParallel
+from softlabels.trainer.sharding import (  # noqa: F401 (KDModule: the name bench/ and tests import from here)
+    KDModule, accumulating, as_number, full_student, load_sharded, save_sharded, wrap,
+)
 
 from softlabels.common.crash import crash_point
 from softlabels.common.files import make_dir, widen_to_umask
@@ -49,20 +49,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-class KDModule(torch.nn.Module):
-    """Student + loss as one module, so DDP sees (and syncs) the whole forward."""
-
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig) -> None:
-        super().__init__()
-        self.model, self.cfg = model, cfg
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg = self.cfg
-        body, head = self.model.get_decoder(), self.model.get_output_embeddings()
-        hidden = body(**model_inputs(batch, self.model)).last_hidden_state
-        return chunked_loss(hidden, head, cfg.loss, batch, cfg.temperature, cfg.alpha, cfg.head_chunk)
 
 
 def _init_from(path: str) -> str:
@@ -128,6 +114,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     scaler = grad_scaler(precision, device)  # fp16 only; otherwise it passes everything through
     train_ds.max_id = eval_ds.max_id = embedding_rows(model)  # a stored id the student has no row for: one line
     n_params = sum(p.numel() for p in model.parameters())
+    kd = KDModule(model, cfg)
+    step_fn = wrap(kd, world, device, cfg.fsdp)  # FSDP2 shards the parameters in place: before the optimizer sees them
+    score = kd.score if cfg.fsdp else None  # a sharded student is scored inside its own (hooked) forward
     if rank == 0:
         log.info("student %s: %.1fM parameters on %s%s", cfg.student, n_params / 1e6, device,
                  f", {world} ranks" if world > 1 else "")
@@ -156,8 +145,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run_record = {"labels": train_ds.labels.manifest_sha256, **cfg.resume_record()}
     if latest and cfg.resume:
         store.check_resume(latest, run_record, cfg.allow_changed, CHANGEABLE)
-        opt_state, progress, state = store.load(latest, model, rank)
-        opt.load_state_dict(opt_state["optimizer"])
+        opt_state, progress, state = store.load(latest, model, rank, sharded=cfg.fsdp)
+        if cfg.fsdp:
+            load_sharded(store.path(latest, "sharded"), cfg.storage_options, model, opt)
+        else:
+            opt.load_state_dict(opt_state["optimizer"])
         sched.load_state_dict(opt_state["scheduler"])
         if opt_state.get("scaler"):  # fp16 runs; checkpoints before --precision have none
             scaler.load_state_dict(opt_state["scaler"])
@@ -182,13 +174,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics = _Metrics(metrics_path, keep_until=start,
                        tracker=open_trackers(cfg.report_to, rank, out, cfg.redacted(), resumed_at=start))
     if before is None:
-        before = evaluate(model, eval_ds, cfg.batch_size, cfg.eval_batches, cfg.head_chunk)
+        before = evaluate(model, eval_ds, cfg.batch_size, cfg.eval_batches, cfg.head_chunk, score)
         metrics.write({"step": 0, "eval": before})
         if rank == 0:
             log.info("eval before training: %s", _fmt(before))
 
-    kd = KDModule(model, cfg)
-    step_fn = DistributedDataParallel(kd) if world > 1 else kd
     samples_log = open(out / f"samples.rank{rank}.txt", "a") if cfg.log_samples else None
     if rng is not None:
         set_rng_state(rng)
@@ -201,7 +191,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for micro in range(cfg.grad_accum):
             batch = _move(pending.pop() if pending else next(loader), device)
             sync = world == 1 or micro == cfg.grad_accum - 1
-            with autocast(precision, device), (contextlib.nullcontext() if sync else step_fn.no_sync()):
+            with autocast(precision, device), accumulating(step_fn, sync):
                 loss, parts = step_fn(batch)
                 scaler.scale(loss / cfg.grad_accum).backward()
             tokens += int(batch["attention_mask"].sum())
@@ -210,7 +200,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if samples_log is not None:
                 samples_log.write(" ".join(f"{int(e)}:{int(k)}" for e, k in zip(batch["position"][:, 2], batch["sample_key"])) + "\n")
         scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        grad_norm = as_number(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
         # fp16: an overflowed gradient is routine (the scaler skips the step and lowers its scale); the loss is not
         if not (math.isfinite(float(loss.detach())) and (scaler.is_enabled() or math.isfinite(float(grad_norm)))):
             # Before opt.step: the weights stay finite, and nothing of this step is saved.
@@ -227,7 +217,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         metrics.write(row)
         bar.update(row)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            ev = evaluate(model, eval_ds, cfg.batch_size, cfg.eval_batches, cfg.head_chunk)
+            ev = evaluate(model, eval_ds, cfg.batch_size, cfg.eval_batches, cfg.head_chunk, score)
             metrics.write({"step": step + 1, "eval": ev})
             if rank == 0:
                 log.info("eval at step %d: %s", step + 1, _fmt(ev))
@@ -238,9 +228,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 every: list[Any] = [None] * world
                 dist.all_gather_object(every, data)
                 data = merge_states(every)
+            if cfg.fsdp:  # every rank writes its share of weights and optimizer state
+                save_sharded(store.path(name, "sharded"), cfg.storage_options, model, opt)
             if rank == 0:
-                store.save_shared(name, model, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                              "scaler": scaler.state_dict()}, run_record)
+                store.save_shared(name, None if cfg.fsdp else model, {
+                    **({} if cfg.fsdp else {"optimizer": opt.state_dict()}), "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict()}, run_record)
                 store.save_progress(name, {"step": step + 1, "before": before, "data": data, "world": world})
             store.save_rank(name, rank, {"tokens": tokens, "rng": rng_state()})
             if world > 1:
@@ -252,14 +245,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if samples_log is not None:
         samples_log.close()
     train_s = time.time() - t0
-    after = evaluate(model, eval_ds, cfg.batch_size, cfg.eval_batches, cfg.head_chunk)
+    after = evaluate(model, eval_ds, cfg.batch_size, cfg.eval_batches, cfg.head_chunk, score)
     metrics.write({"step": cfg.steps, "eval": after})
     metrics.close()
     if train_ds.corrupt_skipped:
         log.warning("skipped %d corrupt shard(s) (--skip-corrupt)", train_ds.corrupt_skipped)
+    whole = full_student(model) if cfg.fsdp else model  # sharded: gathered on rank 0 only
     if rank == 0:
         log.info("eval after training: %s", _fmt(after))
-        model.save_pretrained(out)
+        whole.save_pretrained(out)
         tokenizer.save_pretrained(out)
         widen_to_umask(out)  # safetensors writes 0600: others sharing the volume could not load the student
         (out / "softlabels_train.json").write_text(json.dumps({"config": cfg.redacted(), "label_set": {
@@ -270,7 +264,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
             plot_metrics(metrics_path, cfg.plot)
     digest = None
-    if world > 1:
+    if world > 1 and not cfg.fsdp:
         digest = _params_sha256(model)
         (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "params_sha256": digest}) + "\n")
         dist.barrier()
