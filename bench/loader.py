@@ -9,9 +9,11 @@ One process, one run:
      builds them, for ``--epochs`` passes, in each loader configuration
      (the trainer's defaults; ``prefetch=0``; ``num_workers=2`` forked, as
      ``softlabels train --num-workers 2`` does; ``num_workers=2`` from a
-     forkserver), configurations interleaved over ``--repeats`` rounds. Each
-     pass fetches every shard from S3 again, checks its sha256, decodes and
-     collates;
+     forkserver; ``ranks4``/``ranks8``: the elastic order's shares of 4 or 8
+     DDP ranks, taken in turn by one process), configurations interleaved over
+     ``--repeats`` rounds. Each pass fetches every shard from S3 again, checks
+     its sha256, decodes and collates; shard fetches per shard per pass are
+     counted (a share's ends share a window with its neighbour's);
   3. time ``tail-kl`` training steps of the built-in ``tiny`` student on
      batches already in memory (forward, backward, clip, AdamW: the
      consumption rate), and ``--live-steps`` steps fed straight from the S3
@@ -45,13 +47,18 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "workers2": {"prefetch": 2, "num_workers": 2, "mp": None},
     "workers2-forkserver": {"prefetch": 2, "num_workers": 2, "mp": "forkserver"},
     "workers2-prefetch0-forkserver": {"prefetch": 0, "num_workers": 2, "mp": "forkserver"},
+    # The elastic order's shares: 4 and 8 ranks' readers, taken in turn by one process (as DDP ranks
+    # would each read theirs), every rank a contiguous share of the epoch's order.
+    "ranks4": {"prefetch": 2, "num_workers": 0, "mp": None, "ranks": 4},
+    "ranks8": {"prefetch": 2, "num_workers": 0, "mp": None, "ranks": 8},
 }
 
 
 def describe(name: str) -> str:
     c = CONFIGS[name]
     mp = f", {c['mp']}" if c["mp"] else (", fork" if c["num_workers"] else "")
-    return f"{name} (prefetch {c['prefetch']}, workers {c['num_workers']}{mp})"
+    ranks = f", {c['ranks']} ranks in turn" if c.get("ranks") else ""
+    return f"{name} (prefetch {c['prefetch']}, workers {c['num_workers']}{mp}{ranks})"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8533,
                    help="S3 port of the benchmark's SeaweedFS; the other ports shift with it "
                         "(default: %(default)s, clear of the tests' and labeler benchmarks' servers)")
-    p.add_argument("--configs", default="default,prefetch0,workers2,workers2-forkserver",
+    p.add_argument("--configs", default="default,prefetch0,workers2,workers2-forkserver,ranks4,ranks8",
                    help="comma-separated loader configurations: " + "; ".join(describe(k) for k in CONFIGS)
                         + " (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: %(default)s)")
@@ -113,20 +120,41 @@ def read_all(url: str, cfg: dict[str, Any], epochs: int, batch_size: int) -> dic
     from softlabels.trainer.data import LabelDataset, StatefulLoader
 
     t0 = time.perf_counter()
-    ds = LabelDataset(url, split="train", epochs=epochs, prefetch=cfg["prefetch"])
+    ranks = cfg.get("ranks", 1)
+    reads = [0]
+
+    def counted(ds: LabelDataset) -> LabelDataset:  # shard fetches, to show what the shares cost in reads
+        read = ds._read
+
+        def _read(index: int) -> Any:
+            reads[0] += 1
+            return read(index)
+
+        ds._read = _read  # type: ignore[method-assign]
+        return ds
+
     kw = {"multiprocessing_context": cfg["mp"]} if cfg["mp"] else {}
-    loader = StatefulLoader(ds, batch_size, cfg["num_workers"], **kw)
+    loaders = [iter(StatefulLoader(counted(LabelDataset(url, split="train", epochs=epochs, prefetch=cfg["prefetch"],
+                                                        rank_world=(r, ranks))), batch_size, cfg["num_workers"], **kw))
+               for r in range(ranks)]
     samples = tokens = 0
     first = None
     try:
-        for batch in loader:
-            if first is None:
-                first = time.perf_counter() - t0
-            samples += batch["input_ids"].shape[0]
-            tokens += int(batch["attention_mask"].sum())
+        while loaders:
+            for it in list(loaders):  # the ranks in turn, as their steps would take batches
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    loaders.remove(it)
+                    continue
+                if first is None:
+                    first = time.perf_counter() - t0
+                samples += batch["input_ids"].shape[0]
+                tokens += int(batch["attention_mask"].sum())
     except RuntimeError as e:
         return {"error": str(e).strip().splitlines()[-1]}
-    return {"seconds": time.perf_counter() - t0, "samples": samples, "tokens": tokens, "first_batch_s": first or 0.0}
+    return {"seconds": time.perf_counter() - t0, "samples": samples, "tokens": tokens, "first_batch_s": first or 0.0,
+            "shard_reads": reads[0] if not cfg["num_workers"] else None}
 
 
 def student_rate(labels: Any, args: argparse.Namespace) -> dict[str, float]:
@@ -220,11 +248,13 @@ def report(args: argparse.Namespace, labels: Any, res: dict[str, Any], nbytes: i
         first = common.median([r["first_batch_s"] for r in runs])
         base = summary.get(args.config_list[0])
         spread = f"{min(r['seconds'] for r in runs):.2f}-{max(r['seconds'] for r in runs):.2f}"
+        reads = runs[0].get("shard_reads")
+        amp = f"{reads / (len(m.shards) * args.epochs):.2f}" if reads is not None else "-"
         rows.append([describe(c), f"{samples / sec:,.0f}", f"{tps:,.0f}", spread, f"{first:.2f}",
-                     f"{tps / base:.2f}x" if base else "-", f"{tps / student:.1f}x"])
+                     f"{tps / base:.2f}x" if base else "-", f"{tps / student:.1f}x", amp])
     print(common.markdown_table(
         ["loader (S3)", "samples/s", "tokens/s", "run s (min-max)", "first batch s", f"vs {args.config_list[0]}",
-         "headroom vs student"], rows))
+         "headroom vs student", "shard reads / shard"], rows))
     for c, err in failed.items():
         print(f"{c}: every run failed: {err}")
     print()

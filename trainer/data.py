@@ -203,7 +203,7 @@ class LabelDataset(IterableDataset):
             cached: tuple[tuple[int, int], list[Sample | None]] | None = None
             for epoch, w, lo, hi, done in plan:
                 if cached is None or cached[0] != (epoch, w):
-                    rows = [r for i in self.order(epoch).window_shards[w] for r in self._read(int(i))]
+                    rows = [r for i in self.order(epoch).window_shards(w) for r in self._read(int(i))]
                     cached = ((epoch, w), rows)
                 perm = self.order(epoch).permutation(w)
                 yield epoch, done, [cached[1][i] for i in perm[lo:hi]]

@@ -37,17 +37,20 @@ class EpochOrder:
     """The rows of one epoch in their global order, as windows of shards."""
 
     def __init__(self, rows: np.ndarray, seed: int, epoch: int, window: int, shuffle: bool) -> None:
-        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self.seed, self.epoch, self.shuffle, self.window = seed, epoch, shuffle, window
         n = len(rows)
         self.shards = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
         starts = np.arange(0, n, window)
-        self.window_shards = np.split(self.shards, starts[1:]) if n else []
         sizes = np.add.reduceat(rows[self.shards], starts) if n else np.zeros(0, np.int64)
         self.bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # window w holds rows [b[w], b[w+1])
 
     @property
     def total(self) -> int:
         return int(self.bounds[-1])
+
+    def window_shards(self, w: int) -> np.ndarray:
+        """The shards (manifest indices) of window ``w``, in order."""
+        return self.shards[w * self.window:(w + 1) * self.window]
 
     def permutation(self, w: int) -> np.ndarray:
         n = int(self.bounds[w + 1] - self.bounds[w])
