@@ -111,7 +111,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, spec)
     precision = resolve(cfg.precision, device)  # one line now if this torch cannot autocast to it here
-    scaler = grad_scaler(precision, device)  # fp16 only; otherwise it passes everything through
+    scaler = grad_scaler(precision, device, sharded=cfg.fsdp)  # fp16 only; otherwise it passes everything through
     train_ds.max_id = eval_ds.max_id = embedding_rows(model)  # a stored id the student has no row for: one line
     n_params = sum(p.numel() for p in model.parameters())
     kd = KDModule(model, cfg)

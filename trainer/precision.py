@@ -50,6 +50,14 @@ def autocast(name: str, device: torch.device) -> Iterator[None]:
         yield
 
 
-def grad_scaler(name: str, device: torch.device) -> torch.amp.GradScaler:
-    """A loss scaler, enabled only for fp16; a disabled one passes ``scale``/``unscale_``/``step`` straight through."""
+def grad_scaler(name: str, device: torch.device, sharded: bool = False) -> torch.amp.GradScaler:
+    """A loss scaler, enabled only for fp16; a disabled one passes ``scale``/``unscale_``/``step`` straight through.
+
+    ``sharded`` (``--fsdp``): each rank sees only its share of the gradients, so whether any overflowed
+    is agreed over all ranks (``ShardedGradScaler``), and every rank skips the same steps.
+    """
+    if sharded and name == "fp16":
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type)
     return torch.amp.GradScaler(device.type, enabled=name == "fp16")
