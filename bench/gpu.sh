@@ -5,7 +5,8 @@
 #   bash bench/gpu.sh --cpu-smoke   # tiny sizes on CPU: checks this script end to end (~2 minutes)
 #
 # Runs bench/gpu_pipeline.py (the CLIs end to end: text and chat labeling in bf16, a
-# two-stage student), bench/labeler_overhead.py (labeler vs bare forward; a random-weight
+# two-stage student), bench/trainer_gpu.py (trainer step time, tiny and 135M students,
+# bf16, tail-kl vs ce), bench/labeler_overhead.py (labeler vs bare forward; a random-weight
 # SmolLM2-135M-shaped teacher and a Llama-3.2-1B-shaped one: a GPU machine
 # usually cannot download the real weights, and throughput does not depend on
 # their values) and bench/labeler_memory.py (chunked head vs full logits),
@@ -80,12 +81,14 @@ if [ "$MODE" = gpu ]; then
   )
   MEMORY_ARGS=(--vocabs 32000,128000,256000 --shapes 1x1024,8x1024,8x4096,32x4096 --max-gib 60)
   PIPELINE_ARGS=(--preset llama-1b --sequences 512 --steps 100)
+  TRAINER_ARGS=(--device cuda --precision bf16)
   STEP_TIMEOUT=${STEP_TIMEOUT:-150}
 else
   DEV=(--device cpu)
   OVERHEAD_RUNS=("tiny --teacher random:tiny --sequences 8 --length 64 --batch-tokens 256 --repeats 2")
   MEMORY_ARGS=(--vocabs 1000,4000 --shapes 1x64,2x128 --head-chunk 64)
   PIPELINE_ARGS=(--preset tiny --sequences 32 --steps 3)
+  TRAINER_ARGS=(--cpu-smoke)
   STEP_TIMEOUT=${STEP_TIMEOUT:-300}
 fi
 
@@ -121,6 +124,8 @@ done
 step memory "$PY" bench/labeler_memory.py "${DEV[@]}" "${MEMORY_ARGS[@]}" --json "$OUTDIR/memory.json"
 # The whole path through the CLIs: text (packed) and chat labeling in bf16, two-stage students (needs Ray).
 step pipeline "$PY" bench/gpu_pipeline.py "${DEV[@]}" "${PIPELINE_ARGS[@]}"
+# Trainer step time: tiny and 135M-parameter students, bf16, tail-kl vs ce (issue 21).
+step trainer "$PY" bench/trainer_gpu.py "${TRAINER_ARGS[@]}"
 
 # Keep the tables of each step that ran (a failed step keeps its whole .log).
 echo
