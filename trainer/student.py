@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from softlabels.common.cli import remote_code_guard
-from softlabels.schemas import LabelSet, join_url, tokenizer_fingerprint
+from softlabels.schemas import LabelSet, Manifest, join_url, tokenizer_fingerprint
 from softlabels.schemas.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def load_label_tokenizer(labels: LabelSet) -> Any:
 
 
 def check_tokenizer(tokenizer: Any, labels: LabelSet, where: str, allow_mismatch: bool = False) -> bool:
-    """Stop before training if the student's tokenizer is not the teacher's.
+    """Stop before training if the student's tokenizer is not the teacher's, saying how the two differ.
 
     With ``allow_mismatch`` a different tokenizer is accepted (and False
     returned); the caller must still check that every id fits the student.
@@ -76,12 +76,89 @@ def check_tokenizer(tokenizer: Any, labels: LabelSet, where: str, allow_mismatch
     want = labels.manifest.tokenizer.fingerprint
     if fp == want:
         return True
-    msg = (f"student tokenizer ({where}, {fp[:19]}) differs from the label set's "
-           f"({labels.manifest.tokenizer.name}, {want[:19]})")
+    # The label set's own tokenizer shows what differs (the `tiny` path compares it with itself: nothing to show).
+    label_tok = load_label_tokenizer(labels) if labels.manifest.tokenizer.files else None
+    precise = tokenizer_difference(tokenizer, label_tok, labels.manifest) if label_tok is not None else None
+    if precise:
+        msg = f"student tokenizer ({where}) differs from the label set's: {precise}"
+        why = "" if "--allow-vocab-mismatch" in precise else " (--allow-vocab-mismatch overrides)"
+    else:
+        vocab = vocab_difference(tokenizer, label_tok) if label_tok is not None else None
+        msg = (f"student tokenizer ({where}, {fp[:19]}) differs from the label set's "
+               f"({labels.manifest.tokenizer.name}, {want[:19]}){f': {vocab}' if vocab else ''}")
+        why = (f"{'; ' if vocab else ': '}the student must share the teacher's tokenizer "
+               "(--allow-vocab-mismatch overrides)")
     if not allow_mismatch:
-        raise UserError(f"{msg}: the student must share the teacher's tokenizer (--allow-vocab-mismatch overrides)")
+        raise UserError(msg + why)
     log.warning("%s; training anyway (--allow-vocab-mismatch): ids mean what the teacher's tokenizer says", msg)
     return False
+
+
+def _added(tokenizer: Any, tokens: list[tuple[str, int]], most: int = 3) -> tuple[str, str]:
+    """``("2 special tokens", "'<a>' (id 5), '<b>' (id 6)")``, naming at most ``most``."""
+    decoder = tokenizer.added_tokens_decoder
+    kind = "special" if all(getattr(decoder.get(i), "special", False) for _, i in tokens) else "added"
+    shown = ", ".join(f"{t!r} (id {i})" for t, i in tokens[:most])
+    more = f" and {len(tokens) - most} more" if len(tokens) > most else ""
+    return f"{len(tokens)} {kind} token{'s' if len(tokens) > 1 else ''}", shown + more
+
+
+def tokenizer_difference(student: Any, label_tok: Any, manifest: Manifest) -> str | None:
+    """How ``student`` differs from the label set's tokenizer ``label_tok`` when their base vocabularies agree.
+
+    The tokens added on either side, or the tokens whose ids differ, are named
+    with their ids, with whether ``--allow-vocab-mismatch`` is safe (one clause).
+    None when the base vocabularies differ (see :func:`vocab_difference`) or nothing differs.
+    """
+    sv, lv = student.get_vocab(), label_tok.get_vocab()
+    s_added, l_added = student.get_added_vocab(), label_tok.get_added_vocab()
+    s_only = sorted(((t, i) for t, i in sv.items() if t not in lv), key=lambda x: x[1])
+    l_only = sorted(((t, i) for t, i in lv.items() if t not in sv), key=lambda x: x[1])
+    if not (all(t in s_added for t, _ in s_only) and all(t in l_added for t, _ in l_only)):
+        return None
+    moved = sorted(((t, sv[t], i) for t, i in lv.items() if t in sv and sv[t] != i), key=lambda x: x[2])
+    if moved:
+        shown = ", ".join(f"{t!r} (id {a} in the student's, {b} in the label set's)" for t, a, b in moved[:3])
+        return (f"{len(moved)} token{'s have' if len(moved) > 1 else ' has'} a different id on each side: {shown}"
+                f"{f' and {len(moved) - 3} more' if len(moved) > 3 else ''}; the student would read those ids as other "
+                "tokens: never safe, --allow-vocab-mismatch or not")
+    parts = []
+    if s_only:
+        space = manifest.id_space
+        inside = [str(i) for _, i in s_only if i < space]
+        count, names = _added(student, s_only)
+        parts.append(f"the student's tokenizer adds {count} the label set's lacks: {names}")
+        if inside:
+            parts.append(f"id(s) {', '.join(inside[:3])} lie inside the set's id space ({space}), where the "
+                         "teacher's ids mean other things: not safe")
+        elif manifest.tokenizer.id_space is None:
+            parts.append("the set records no id space (written before 0.5.0): a padded teacher head may have "
+                         "emitted these ids")
+        else:
+            parts.append(f"past the set's id space ({space}), never emitted by the teacher: "
+                         "safe to train with --allow-vocab-mismatch")
+    if l_only:
+        count, names = _added(label_tok, l_only)
+        parts.append(f"the label set's adds {count} the student's lacks: {names}, ids the set may hold and the "
+                     "student's tokenizer cannot encode")
+    if parts:
+        return "; ".join(parts)
+    sm, lm = dict(student.special_tokens_map), dict(label_tok.special_tokens_map)
+    roles = [f"{k} {sm.get(k)!r} vs {lm.get(k)!r}" for k in sorted(sm.keys() | lm.keys()) if sm.get(k) != lm.get(k)]
+    if roles:
+        return f"same ids, other special-token roles (student vs label set: {'; '.join(roles[:3])})"
+    return None
+
+
+def vocab_difference(student: Any, label_tok: Any) -> str | None:
+    """Vocabulary sizes, tokens in common and the first id that means another token; None if the vocabularies agree."""
+    sv, lv = student.get_vocab(), label_tok.get_vocab()
+    s_ids, l_ids = {i: t for t, i in sv.items()}, {i: t for t, i in lv.items()}
+    first = min((i for i in s_ids.keys() | l_ids.keys() if s_ids.get(i) != l_ids.get(i)), default=None)
+    if first is None:
+        return None
+    return (f"another vocabulary ({len(sv)} tokens vs {len(lv)}, {len(sv.keys() & lv.keys())} in common; "
+            f"first difference at id {first}: {s_ids.get(first)!r} vs {l_ids.get(first)!r})")
 
 
 def build_student(
