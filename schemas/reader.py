@@ -26,6 +26,18 @@ def _check_no_links(fs: Any, root: str, path: str, where: str) -> None:
         raise LabelSetError(f"{where} leads outside the label set (a symbolic link to {real}); refused")
 
 
+def _read_at_most(fs: Any, path: str, limit: int) -> bytes:
+    """The first ``limit`` bytes of ``path`` (all of it if smaller).
+
+    A ranged read from an object store returns only what is there, but a local file read
+    allocates the whole range up front (512 MiB for a manifest, whatever its size): on local
+    disk the range stops at the file's size.
+    """
+    if is_local(fs):
+        limit = min(limit, fs.size(path) + 1)
+    return fs.cat_file(path, start=0, end=limit)
+
+
 class LabelSet:
     """A committed label set: its manifest and its shards.
 
@@ -41,8 +53,8 @@ class LabelSet:
         where = join_url(self.url, MANIFEST_NAME)
         try:
             # At most one byte past the cap: a hostile 200 MB manifest is refused, not read whole.
-            cap = max_manifest_bytes() + 1
-            raw = retry_io(lambda: self.fs.cat_file(join_url(self.root, MANIFEST_NAME), start=0, end=cap), f"read {where}")
+            path = join_url(self.root, MANIFEST_NAME)
+            raw = retry_io(lambda: _read_at_most(self.fs, path, max_manifest_bytes() + 1), f"read {where}")
         except FileNotFoundError as e:
             if "bucket does not exist" in str(e):  # S3's NoSuchBucket: say so, not "no manifest"
                 raise MissingManifestError(f"no label set at {self.url}: the bucket does not exist") from e
@@ -117,8 +129,7 @@ class LabelSet:
             _check_no_links(self.fs, self.root, join_url(folder, name), where)
             left = MAX_TOKENIZER_BYTES - sum(len(d) for d in out.values())
             try:
-                data = retry_io(lambda n=name: self.fs.cat_file(join_url(folder, n), start=0, end=left + 1),
-                                f"read {where}")
+                data = retry_io(lambda n=name: _read_at_most(self.fs, join_url(folder, n), left + 1), f"read {where}")
             except (FileNotFoundError, IsADirectoryError) as e:
                 raise LabelSetError(f"tokenizer file {where} is listed in the manifest but missing") from e
             if len(data) > left:

@@ -177,6 +177,86 @@ def test_manifest_problems_name_the_field():
         dataclasses.replace(make_manifest((ShardInfo("shards/a", 1, 2, 3, "x"),)), totals=Totals(5, 2, 3))
 
 
+def many_shards(n: int) -> tuple[ShardInfo, ...]:
+    return tuple(ShardInfo(f"shards/part-{i:06d}.parquet", 2, 300 + i, 1000 + i, f"{i:064x}", 300 + i - i % 3)
+                 for i in range(n))
+
+
+# An entry broken at position 1,500 of 3,000: the columnar checks (a 10B-token set lists ~300,000
+# shards) must refuse it with the message that names it, as the one-by-one checks do.
+BAD_SHARD_ENTRIES = [
+    ("rows-a-bool", {"rows": True}, "ShardInfo.rows must be int"),
+    ("bytes-negative", {"bytes": -1}, "ShardInfo.bytes must not be negative"),
+    ("sha256-a-number", {"sha256": 7}, "ShardInfo.sha256 must be str"),
+    ("trained-a-string", {"trained": "all"}, "ShardInfo.trained must be int or null"),
+    ("unknown-field", {"colour": "red"}, "unknown field.*colour"),
+    ("path-escapes", {"path": "shards/../../x"}, "shard path 'shards/../../x' is not a plain relative path"),
+    ("path-listed-twice", {"path": "shards/part-000007.parquet"}, "'shards/part-000007.parquet' is listed twice"),
+    ("no-rows", {"rows": 0}, "rows 0, tokens 1800"),
+    ("trained-beyond-tokens", {"trained": 5000}, "5000 trained positions of 1800 tokens"),
+]
+
+
+@pytest.mark.parametrize("change,fragment", [c[1:] for c in BAD_SHARD_ENTRIES], ids=[c[0] for c in BAD_SHARD_ENTRIES])
+def test_a_bad_entry_among_thousands_of_shards_is_named(change, fragment):
+    d = json.loads(make_manifest(many_shards(3000), version=4).to_json())
+    d["shards"][1500].update(change)
+    with pytest.raises(ManifestError, match=fragment):
+        Manifest.from_json(json.dumps(d))
+
+
+def test_a_shard_entry_without_a_path_among_thousands_is_named():
+    d = json.loads(make_manifest(many_shards(3000), version=4).to_json())
+    del d["shards"][1500]["path"]
+    with pytest.raises(ManifestError, match="missing 1 required positional argument: 'path'"):
+        Manifest.from_json(json.dumps(d))
+
+
+def test_thousands_of_shards_read_back_as_written():
+    shards = many_shards(3000)[:-1] + (ShardInfo(".hidden/x-1..parquet", 1, 1, 1, "a"),)  # plain, but not the usual form
+    m = make_manifest(shards, version=4)
+    back = Manifest.from_json(m.to_json())
+    assert back == m and back.shards == shards and isinstance(back.shards, tuple)
+    d = json.loads(m.to_json())
+    for s in d["shards"][::2]:
+        del s["trained"]  # before v4: absent
+    assert [s.trained for s in Manifest.from_json(json.dumps(d)).shards[:4]] == [None, 300, None, 303]
+
+
+def test_reading_a_manifest_leaves_the_garbage_collector_as_it_was():
+    """The collector is paused while the shard entries are built, and only then."""
+    import gc
+
+    good = make_manifest(many_shards(10), version=4).to_json()
+    bad = good.replace('"rows": 2', '"rows": -2', 1)
+    was = gc.isenabled()
+    try:
+        for enabled in (True, False):
+            gc.enable() if enabled else gc.disable()
+            Manifest.from_json(good)
+            with pytest.raises(ManifestError, match="must not be negative"):
+                Manifest.from_json(bad)
+            with pytest.raises(ManifestError, match="not valid JSON"):
+                Manifest.from_json(good[:-20])
+            assert gc.isenabled() == enabled
+    finally:
+        gc.enable() if was else gc.disable()
+
+
+def test_opening_a_local_set_takes_memory_for_its_manifest_only(tmp_path):
+    """A local read of the manifest is sized to the file, not to the 512 MiB cap (one allocation of the cap)."""
+    import tracemalloc
+
+    write_set(str(tmp_path), make_samples(4, 2), 2)
+    tracemalloc.start()
+    try:
+        open_label_set(str(tmp_path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, peak
+
+
 def test_open_label_set_round_trip(storage_root):
     samples = make_samples(6, 4)
     m = write_set(storage_root, samples, 4)
