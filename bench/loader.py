@@ -124,6 +124,8 @@ def read_all(url: str, cfg: dict[str, Any], epochs: int, batch_size: int) -> dic
     reads = [0]
 
     def counted(ds: LabelDataset) -> LabelDataset:  # shard fetches, to show what the shares cost in reads
+        if cfg["num_workers"]:  # (in-process readers only: worker processes keep their own counts)
+            return ds
         read = ds._read
 
         def _read(index: int) -> Any:

@@ -22,14 +22,14 @@ streams shard by shard and splits shards over DataLoader workers.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from softlabels.common.cli import require_extra
 from softlabels.schemas import open_label_set
-from softlabels.schemas.manifest import Manifest, ShardInfo
+from softlabels.schemas.errors import UserError
+from softlabels.schemas.manifest import Manifest
 
 
 def has_masks(m: Manifest) -> bool:
@@ -62,11 +62,27 @@ def features(manifest: Manifest) -> Any:
     return datasets.Features(cols)
 
 
-def _rows(url: str, storage_options: dict[str, Any], shards: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    ls = open_label_set(url, storage_options)
+_OPEN: dict[tuple[str, str], Any] = {}  # (url, manifest sha256) -> LabelSet, opened once per process
+
+
+def _label_set(url: str, storage_options: dict[str, Any], manifest_sha256: str) -> Any:
+    """The label set, opened once per process: ``datasets`` calls the generator once per shard, and a
+    10B-token set's manifest (300,000 shards) takes seconds to parse."""
+    key = (url, manifest_sha256)
+    if key not in _OPEN:
+        ls = open_label_set(url, storage_options)
+        if ls.manifest_sha256 != manifest_sha256:
+            raise UserError(f"the label set at {url} changed while being read (its manifest is another one now)")
+        _OPEN.clear()
+        _OPEN[key] = ls
+    return _OPEN[key]
+
+
+def _rows(url: str, storage_options: dict[str, Any], manifest_sha256: str, shards: list[int]) -> Iterator[dict[str, Any]]:
+    ls = _label_set(url, storage_options, manifest_sha256)
     m = ls.manifest
-    for shard in shards:
-        for s in ls.read_shard(ShardInfo(**shard)):
+    for index in shards:
+        for s in ls.read_shard(ls.shards[index]):
             row = {"sample_id": s.sample_id, "source": s.source, "input_ids": s.input_ids, "topk_ids": s.topk_ids,
                    "topk_logprobs": s.topk_logprobs, "tail_logprob": s.tail_logprob}
             if s.tail_sample_ids is not None:
@@ -94,7 +110,8 @@ def to_hf_dataset(
     gen_kwargs = {
         "url": ls.url,
         "storage_options": dict(ls.storage_options),
-        "shards": [dataclasses.asdict(s) for s in ls.shards],
+        "manifest_sha256": ls.manifest_sha256,
+        "shards": list(range(len(ls.shards))),  # (datasets splits this list over its workers)
     }
     feats = features(ls.manifest)
     if streaming:

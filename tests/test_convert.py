@@ -76,11 +76,16 @@ def test_sets_of_earlier_versions_convert(fixture, tmp_path):
         np.testing.assert_array_equal(y.topk_logprobs, x.topk_logprobs.astype(np.float16).astype(np.float32))
 
 
-def test_to_hf_dataset_gives_the_decoded_columns(label_set, tmp_path):
+def test_to_hf_dataset_gives_the_decoded_columns(label_set, tmp_path, monkeypatch):
+    import softlabels.hf
+
     want = samples(label_set)
     ds = softlabels.to_hf_dataset(label_set, cache_dir=str(tmp_path / "hf"))
     assert len(ds) == len(want)
     assert ds.column_names == ["sample_id", "source", "input_ids", "topk_ids", "topk_logprobs", "tail_logprob"]
+    opened = []  # datasets calls the generator once per shard: the set (its manifest) is opened once, not per shard
+    monkeypatch.setattr(softlabels.hf, "_OPEN", {})
+    monkeypatch.setattr(softlabels.hf, "open_label_set", lambda *a, **k: opened.append(a) or open_label_set(*a, **k))
     streamed = softlabels.to_hf_dataset(label_set, streaming=True)
     for row, srow, s in zip(ds.with_format("numpy"), streamed, want):
         for r in (row, srow):
@@ -89,6 +94,7 @@ def test_to_hf_dataset_gives_the_decoded_columns(label_set, tmp_path):
             np.testing.assert_array_equal(np.stack(r["topk_ids"]), s.topk_ids)
             np.testing.assert_array_equal(np.stack(r["topk_logprobs"]), s.topk_logprobs)
             np.testing.assert_array_equal(np.asarray(r["tail_logprob"]), s.tail_logprob)
+    assert len(open_label_set(label_set).shards) > 2 and len(opened) == 2  # to_hf_dataset's own, and the rows'
 
 
 def run_convert(src: str, out: str, **env: str) -> subprocess.CompletedProcess:
