@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"student tail-kl: {res['student']['tokens_per_s']:,.0f} tokens/s", flush=True)
         res["live"] = {}
         if args.live_steps:
-            for c in [c for c in args.config_list if CONFIGS[c]["num_workers"] == 0]:
+            for c in [c for c in args.config_list if CONFIGS[c]["num_workers"] == 0 and not CONFIGS[c].get("ranks")]:
                 res["live"][c] = lv = live_steps(url, labels_s3, CONFIGS[c], args)
                 print(f"live {c}: waited {lv['wait_s']:.2f} s in {args.live_steps} steps", flush=True)
     report(args, labels_local, res, nbytes)
@@ -252,11 +252,14 @@ def report(args: argparse.Namespace, labels: Any, res: dict[str, Any], nbytes: i
         spread = f"{min(r['seconds'] for r in runs):.2f}-{max(r['seconds'] for r in runs):.2f}"
         reads = runs[0].get("shard_reads")
         amp = f"{reads / (len(m.shards) * args.epochs):.2f}" if reads is not None else "-"
+        ranks = CONFIGS[c].get("ranks", 1)  # N ranks' readers feed N students: the headroom of each
         rows.append([describe(c), f"{samples / sec:,.0f}", f"{tps:,.0f}", spread, f"{first:.2f}",
-                     f"{tps / base:.2f}x" if base else "-", f"{tps / student:.1f}x", amp])
+                     f"{tps / base:.2f}x" if base else "-", f"{tps / (ranks * student):.1f}x", amp])
     print(common.markdown_table(
         ["loader (S3)", "samples/s", "tokens/s", "run s (min-max)", "first batch s", f"vs {args.config_list[0]}",
-         "headroom vs student", "shard reads / shard"], rows))
+         "headroom per student", "shard reads / shard"], rows))
+    print("(ranksN: the N ranks' readers share this one process and its cores; their rate is divided by N students, "
+          "and a share's two ends read a window its neighbour reads too)")
     for c, err in failed.items():
         print(f"{c}: every run failed: {err}")
     print()
