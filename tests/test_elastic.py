@@ -67,15 +67,20 @@ def test_spans_split_and_drop_keep_every_row_once():
     assert got == want and new.progress == [(0, 0)] * 3
 
 
-@pytest.mark.parametrize("then", [(1, 0), (3, 1)])
-def test_resume_on_another_world_size_reads_every_sample_once(label_set, then):
-    """2 ranks x 2 workers for 3 steps, then 1 rank (or 3 ranks x 1 worker) to the end of the epoch: epoch 0
-    holds every training sample exactly once, like a straight run's; nothing of epoch 1 repeats."""
+@pytest.mark.parametrize("chain", [[(1, 0)], [(3, 1)], [(4, 0), (1, 0)]])
+def test_resume_on_another_world_size_reads_every_sample_once(label_set, chain):
+    """2 ranks x 2 workers for 3 steps, then the ranks x workers of ``chain`` in turn (2 steps each, the last to
+    the end of the epoch; 4 x 0 has as many reader slots as 2 x 2, split otherwise): epoch 0 holds every
+    training sample exactly once, like a straight run's; nothing of epoch 1 repeats."""
     first = ranks(label_set, 2, 2)
     seen = steps(first, 3)
     state = merge_states([ld.state_dict() for ld in first])
     assert all(e == 0 for e, _ in DataState.from_dict(state).progress)  # mid-epoch
-    later = ranks(label_set, *then, state=state)
+    for world, workers in chain[:-1]:
+        middle = ranks(label_set, world, workers, state=state)
+        seen += steps(middle, 2)
+        state = merge_states([ld.state_dict() for ld in middle])
+    later = ranks(label_set, *chain[-1], state=state)
     while not epoch_done(later):
         seen += steps(later, 1)
     flat = [x for r in seen for x in r]

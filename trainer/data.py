@@ -15,9 +15,10 @@ Resume. Every sample carries its position ``(slot, slots, epoch, consumed)``.
 :class:`StatefulLoader` records the position of the last sample handed out per
 slot; its ``state_dict()`` (merged over ranks with :func:`merge_states`) is a
 :class:`~softlabels.trainer.order.DataState`. Resumed with as many slots, every
-slot continues exactly (the same batches in the same order, for any
-``num_workers``); with another world size or worker count, the rows nobody
-consumed are dealt again, so no sample is read twice or skipped.
+slot continues its own share exactly (with the same ranks and workers: the
+same batches in the same order, for any ``num_workers``); with another number
+of slots, the rows nobody consumed are dealt again, so no sample is read
+twice or skipped.
 
 Reading. A background thread per slot fetches and decodes the next windows
 (``prefetch``) while the current one is consumed. Each shard's sha256 is
@@ -120,7 +121,6 @@ class LabelDataset(IterableDataset):
         self.corrupt_skipped = 0
         self.max_id: int | None = None  # the student's embedding rows: every stored id must be below it
         self._rows = np.array([s.rows for s in self.labels.shards], dtype=np.int64)
-        self._orders: dict[int, EpochOrder] = {}
 
     @property
     def manifest(self):
@@ -133,12 +133,6 @@ class LabelDataset(IterableDataset):
     def load_state_dict(self, state: Mapping[str, Any] | DataState) -> None:
         """Start where ``state`` (from :meth:`StatefulLoader.state_dict` / :func:`merge_states`) says."""
         self.state = state if isinstance(state, DataState) else DataState.from_dict(state)
-
-    def order(self, epoch: int) -> EpochOrder:
-        if epoch not in self._orders:  # the reader thread moves to the next epoch while rows of this one go out
-            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
-            self._orders[epoch] = EpochOrder(self._rows, self.seed, epoch, self.shuffle_window, self.shuffle)
-        return self._orders[epoch]
 
     def slots(self, workers: int) -> tuple[int, int]:
         """``(first slot of this rank, slots in all)`` for ``workers`` DataLoader workers per rank."""
@@ -182,31 +176,30 @@ class LabelDataset(IterableDataset):
                                        f"student's {self.max_id} embeddings")
         return samples
 
-    def _plan(self, slot: int, state: DataState) -> Iterator[tuple[int, int, int, int, int]]:
-        """``(epoch, window, lo, hi, consumed)``: the window rows this slot reads next, and how many
-        rows of its epoch's share precede them."""
+    def _plan(self, slot: int, state: DataState) -> Iterator[tuple[EpochOrder, int, int, int, int]]:
+        """``(order, window, lo, hi, consumed)``: the window rows this slot reads next (in the epoch's
+        ``order``), and how many rows of its epoch's share precede them."""
         epoch, consumed = state.progress[slot]
         while self.epochs is None or epoch < self.epochs:
-            order = self.order(epoch)
+            order = EpochOrder(self._rows, self.seed, epoch, self.shuffle_window, self.shuffle)
             share = state.share(slot, epoch, order.total)
             done = consumed
             for span in drop(share, consumed):
                 for w, lo, hi in order.segments(span):
-                    yield epoch, w, lo, hi, done
+                    yield order, w, lo, hi, done
                     done += hi - lo
             epoch, consumed = epoch + 1, 0
 
-    def _windows(self, plan: Iterator[tuple[int, int, int, int, int]]) -> Iterator[tuple[int, int, list[Sample | None]]]:
+    def _windows(self, plan: Iterator[tuple[EpochOrder, int, int, int, int]]) -> Iterator[tuple[int, int, list[Sample | None]]]:
         """``(epoch, consumed, rows)`` per planned segment; a thread reads ahead, a window read once per visit."""
 
         def rows_of() -> Iterator[tuple[int, int, list[Sample | None]]]:
             cached: tuple[tuple[int, int], list[Sample | None]] | None = None
-            for epoch, w, lo, hi, done in plan:
-                if cached is None or cached[0] != (epoch, w):
-                    rows = [r for i in self.order(epoch).window_shards(w) for r in self._read(int(i))]
-                    cached = ((epoch, w), rows)
-                perm = self.order(epoch).permutation(w)
-                yield epoch, done, [cached[1][i] for i in perm[lo:hi]]
+            for order, w, lo, hi, done in plan:
+                if cached is None or cached[0] != (order.epoch, w):
+                    rows = [r for i in order.window_shards(w) for r in self._read(int(i))]
+                    cached = ((order.epoch, w), rows)
+                yield order.epoch, done, [cached[1][i] for i in order.permutation(w)[lo:hi]]
 
         if self.prefetch == 0:
             yield from rows_of()
@@ -247,8 +240,9 @@ class LabelDataset(IterableDataset):
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
         first, slots = self.slots(nworkers)
         state = self.start_state(nworkers)
-        if self.epochs is None and self.order(0).total < slots:
-            raise UserError(f"{self.labels.url} holds {self.order(0).total} sequence(s), fewer than the {slots} reader "
+        total = int(self._rows.sum())
+        if self.epochs is None and total < slots:
+            raise UserError(f"{self.labels.url} holds {total} sequence(s), fewer than the {slots} reader "
                             "slots (ranks x DataLoader workers) reading it: use fewer ranks or --num-workers")
         # The DataLoader takes batches from workers round-robin starting at worker 0;
         # rotating which slot each worker serves makes a resumed run continue the cycle.

@@ -155,8 +155,10 @@ class DataState:
 
         ``epoch_total(e)``: the rows in epoch ``e`` (the same for every epoch of a set).
         """
-        if slots == self.slots:
-            return self
+        if slots == self.slots:  # every slot continues its own share; with another ranks x workers split
+            if workers == self.workers:  # the DataLoader's worker rotation restarts
+                return self
+            return DataState(slots, list(self.progress), dict(self.deals), [0] * (slots // max(1, workers)), workers)
         first = min(e for e, _ in self.progress)
         last = max([e for e, _ in self.progress] + list(self.deals))
         deals = {}

@@ -7,7 +7,8 @@ it runs: students that do not fit one device. Each decoder layer is its own grou
 chunked loss on the head's weight) runs inside FSDP's hooks, and a tied head stays tied.
 
 Sharded checkpoints are written with ``torch.distributed.checkpoint`` (DCP): every rank writes
-its own share, in parallel, and a run resumes from them on any number of ranks. The finished
+its own share, in parallel (DCP can reshard them for another number of ranks; only a resume on
+the same number is tested). The finished
 student is gathered once, on rank 0, and saved with ``save_pretrained`` like any other.
 """
 
@@ -129,13 +130,18 @@ def load_sharded(url: str, storage_options: Mapping[str, Any] | None, model: tor
 
 
 def full_student(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The sharded student gathered whole on rank 0 (None elsewhere) as a plain model; a collective."""
+    """The sharded student gathered whole on rank 0 (None elsewhere) as a plain model, to save; a collective.
+
+    Built on the meta device and given the gathered tensors, so rank 0 holds the weights once; buffers
+    that are not saved (rotary frequencies) stay on the meta device: for ``save_pretrained``, not a forward.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from transformers import AutoModelForCausalLM
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
-    plain = AutoModelForCausalLM.from_config(model.config)
-    plain.load_state_dict(full)
+    with torch.device("meta"):  # the student's own class (remote code included), no second random init
+        plain = type(model)(model.config)
+    plain.load_state_dict(full, assign=True)
+    plain.tie_weights()
     return plain
