@@ -95,7 +95,7 @@ def test_fp16_skips_overflowing_steps_without_calling_them_divergence(label_set,
     from softlabels.trainer.student import build_student
 
     # A loss scale far past fp16's range: every step's gradients overflow, as in the first steps of a real run.
-    monkeypatch.setattr(loop, "grad_scaler", lambda name, device: torch.amp.GradScaler(device.type, init_scale=2.0**40))
+    monkeypatch.setattr(loop, "grad_scaler", lambda name, device, sharded=False: torch.amp.GradScaler(device.type, init_scale=2.0**40))
     out = tmp_path / "skipped"
     code, _, err = cli_in_process("train", "--labels", label_set, "--output", str(out), *FAST, "--precision", "fp16")
     assert code == 0, err[-3000:]
