@@ -88,6 +88,16 @@ def test_fp16_keeps_its_loss_scale_across_a_resume(train, label_set, tmp_path):
     assert_one_line_error(code, err, "train", "precision", "'bf16'")  # a resume keeps the precision
 
 
+def test_a_run_left_to_the_default_precision_resumes_with_it_named(label_set, tmp_path):
+    out = tmp_path / "default"
+    code, _, err = cli_in_process("train", "--labels", label_set, "--output", str(out), *FAST, "--checkpoint-every", "2")
+    assert code == 0, err[-3000:]
+    assert json.loads((out / "checkpoints" / "step-000002" / "run.json").read_text())["precision"] == "fp32"  # on CPU
+    code, _, err = cli_in_process("train", "--labels", label_set, "--output", str(out), *FAST[2:], "--steps", "3",
+                                  "--resume", "--precision", "fp32")
+    assert code == 0, err[-3000:]
+
+
 def test_fp16_skips_overflowing_steps_without_calling_them_divergence(label_set, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

@@ -142,7 +142,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     loader = StatefulLoader(train_ds, cfg.batch_size, cfg.num_workers,
                             pack_to=train_ds.manifest.sequence.max_length if cfg.packing else None)
     start, tokens, before, rng = 0, 0, None, None
-    run_record = {"labels": train_ds.labels.manifest_sha256, **cfg.resume_record()}
+    # The precision as resolved: a run left to the default resumes with it named, and vice versa.
+    run_record = {"labels": train_ds.labels.manifest_sha256, **cfg.resume_record(), "precision": precision}
     if latest and cfg.resume:
         store.check_resume(latest, run_record, cfg.allow_changed, CHANGEABLE)
         opt_state, progress, state = store.load(latest, model, rank, sharded=cfg.fsdp)
