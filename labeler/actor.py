@@ -85,7 +85,8 @@ def encode_shard(
     """One unit's Parquet shard bytes (deterministic: same unit and labels, same bytes)."""
     samples = [
         Sample(sample_id(tokenizer_fp, ids), src, np.asarray(ids, dtype=np.int32), **labels.sequence(i),
-               trained=unit.mask(i), doc_lengths=None if unit.docs(i) is None else np.asarray(unit.docs(i), np.int32))
+               trained=unit.mask(i), doc_lengths=None if unit.docs(i) is None else np.asarray(unit.docs(i), np.int32),
+               spans=unit.span(i))
         for i, (src, ids) in enumerate(zip(unit.sources, unit.input_ids))
     ]
     return table_to_parquet_bytes(encode_samples(samples, top_k, encoding, vocab_size))

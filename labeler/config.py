@@ -54,6 +54,9 @@ class LabelConfig:
     on_error: str = "fail"  # undecodable corpus rows: "fail" or "skip"
     encoding: str = DEFAULT_ENCODING  # label columns: fp16, packed, packed-q8, compact[:max_kl=X]
     tail_samples: int = 0  # draws per position from the teacher's tail (0: off)
+    # token byte spans (cross-tokenizer students): None stores them when the teacher's tokenizer reproduces
+    # text exactly (checked on a probe text), True insists (one line if it cannot), False never
+    store_spans: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("output", "teacher", "corpus"):
@@ -81,6 +84,8 @@ class LabelConfig:
             raise UserError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
         if not isinstance(self.tail_samples, int) or isinstance(self.tail_samples, bool) or not 0 <= self.tail_samples <= 255:
             raise UserError(f"tail_samples must be an integer in 0..255 (draws per position), got {self.tail_samples!r}")
+        if self.store_spans not in (None, True, False):
+            raise UserError(f"store_spans must be true or false, got {self.store_spans!r}")
         if not isinstance(self.encoding, str):
             raise UserError(f"encoding must be a string such as 'compact', got {self.encoding!r}")
         Encoding.parse(self.encoding)  # an unknown name or parameter fails here, before any work

@@ -137,7 +137,7 @@ def run(cfg: LabelConfig, started: float | None = None) -> Summary:
     try:
         with ray_session(cfg.ray_address) as ray:
             try:
-                tokenizer, id_space = checks.result()
+                tokenizer, id_space, span_bytes = checks.result()
             except BaseException:
                 writer.finish(forget=True)  # refused: the output is left as it was
                 raise
@@ -147,7 +147,8 @@ def run(cfg: LabelConfig, started: float | None = None) -> Summary:
                 template = tokenizer_template(tokenizer)  # recorded by its sha256 like a given one
             rendering = Rendering(corpus.rows.format, corpus.rows.train_on or "all", template,
                                   tokenizer_bos(tokenizer) if corpus.rows.format != "chat" else None,
-                                  tokenizer.eos_token_id if corpus.rows.format == "prompt-completion" else None)
+                                  tokenizer.eos_token_id if corpus.rows.format == "prompt-completion" else None,
+                                  span_bytes)
             return _run(cfg, ray, writer, corpus, source, tokenizer, id_space, t0, started, rendering)
     finally:
         checks.cancel()
@@ -169,8 +170,9 @@ def _chat_template(path: str | None) -> str | None:
 
 
 def _check_teacher(cfg: LabelConfig, source: TeacherSource, fmt: str = "text",
-                   template: str | None = None) -> tuple[Any, int]:
-    """The teacher's tokenizer, and the id space its labels live in; one line on what does not fit."""
+                   template: str | None = None) -> tuple[Any, int, Any]:
+    """The teacher's tokenizer, the id space its labels live in, and its token bytes when spans are stored;
+    one line on what does not fit."""
     with remote_code_guard(f"teacher {cfg.teacher}"):
         context, head_vocab = _teacher_shape(source, cfg.trust_remote_code)
     if context is not None and cfg.max_length > context:
@@ -191,7 +193,30 @@ def _check_teacher(cfg: LabelConfig, source: TeacherSource, fmt: str = "text",
     if (cfg.packing or cfg.add_eos) and tokenizer.eos_token_id is None:
         raise UserError("--packing/--add-eos need a tokenizer with an EOS token; this one has none")
     # Heads padded past the tokenizer (e.g. 32064 rows for 32000 tokens) can emit those ids too.
-    return tokenizer, max(vocab, head_vocab or 0)
+    return tokenizer, max(vocab, head_vocab or 0), _span_bytes(cfg, tokenizer)
+
+
+def _span_bytes(cfg: LabelConfig, tokenizer: Any) -> Any:
+    """The teacher tokenizer's :class:`TokenBytes` when spans are to be stored: on request, or by default when
+    its tokens reproduce a probe text (spaces, tabs, CRLF, accents, CJK, an emoji, a ligature) byte for byte."""
+    if cfg.store_spans is False:
+        return None
+    from softlabels.common.tokenbytes import spans_for, token_bytes
+    from softlabels.labeler.tokens import PROBE_TEXT
+
+    where = f"the tokenizer of teacher {cfg.teacher}"
+    try:
+        tb = token_bytes(tokenizer, where)
+        ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        problem = spans_for(tb, ids, PROBE_TEXT.encode("utf-8"))
+        if isinstance(problem, str):
+            raise UserError(f"{where} does not reproduce text exactly, {problem}: a normalizer changes it")
+    except UserError as e:
+        if cfg.store_spans:
+            raise UserError(f"--store-spans: {e}") from None
+        log.warning("token spans not stored (%s): students with another tokenizer cannot distill from this set", e)
+        return None
+    return tb
 
 
 def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, source: TeacherSource, tokenizer: Any,
@@ -221,6 +246,7 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
             "sequence": asdict(seq_cfg),
             "encoding": cfg.label_encoding.to_dict(),
             "tail_samples": cfg.tail_samples,
+            "spans": rendering.spans is not None,
         }
         status = writer.begin(identity, cfg.overwrite)
         if status == "complete":
@@ -257,6 +283,7 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
                        "skipped_too_long": out.plan.too_long, "skipped_untrained": out.plan.untrained},
             encoding=cfg.label_encoding.to_dict(),
             tail_samples=cfg.tail_samples,
+            spans=rendering.spans is not None,
             created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         )
         writer.write_manifest(manifest)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from softlabels.labeler.corpus import Block, BlockReader, BlockStats, Document
+from softlabels.labeler.tokens import PROBE_TEXT, BackendTokenizer, reading_tokenizer  # noqa: F401 (re-exported)
 from softlabels.schemas import SequenceConfig
 from softlabels.schemas.errors import UserError
 
@@ -24,6 +25,7 @@ class Sequence:
     input_ids: np.ndarray  # int32
     trained: np.ndarray | None = None  # [L] bool: label positions trained (the token after is); None: all
     doc_lengths: tuple[int, ...] | None = None  # documents packed into it, when more than one
+    spans: np.ndarray | None = None  # [L] bytes of the text each token covers (--store-spans)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Rendering:
     chat_template: str | None = None  # --chat-template (None: the tokenizer's own)
     bos: int | None = None  # plain text and completions: prepended once per document (the tokenizer adds one)
     eos: int | None = None  # prompt-completion: ends the completion (trained: the student learns to stop)
+    spans: Any = None  # the teacher tokenizer's TokenBytes (softlabels.common.tokenbytes): store token spans
 
 
 def tokenizer_bos(tokenizer: Any) -> int | None:
@@ -77,7 +80,7 @@ MARGIN_TOKENS = 1024
 CHARS_PER_TOKEN = 32
 
 
-Tokenized = tuple  # (doc_id, int32 ids, bool trained-token mask or None)
+Tokenized = tuple  # (doc_id, int32 ids, bool trained-token mask or None, byte spans or None)
 
 
 def _template_error(e: BaseException) -> bool:
@@ -96,18 +99,57 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
+def _spans(rendering: Rendering, doc_id: str, parts: list[tuple[list[int] | np.ndarray, str]],
+           cut: bool = False) -> np.ndarray | None:
+    """The byte spans of the tokens of each ``(ids, text)`` part, joined (None without --store-spans).
+
+    Raises:
+        UserError: the tokens do not reproduce the text (a normalizer changed it, an unknown token).
+    """
+    if rendering.spans is None:
+        return None
+    from softlabels.common.tokenbytes import spans_for
+
+    out = []
+    for ids, text in parts:
+        r = spans_for(rendering.spans, ids, text.encode("utf-8"), cut)
+        if isinstance(r, str):
+            raise UserError(f"{doc_id}: the teacher's tokenizer does not reproduce its text ({r}), so its token spans "
+                            "cannot be stored (--no-store-spans labels without them)")
+        out.append(r)
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def _zeros_around(spans: np.ndarray | None, before: int, after: int = 0) -> np.ndarray | None:
+    """Spans with ``before``/``after`` added tokens (BOS, EOS: no bytes of the text) around them."""
+    return None if spans is None else np.concatenate([np.zeros(before, np.int64), spans, np.zeros(after, np.int64)])
+
+
 def render(docs: list[Document], tokenizer: Any, rendering: Rendering, max_tokens: int | None = None,
            on_bad: Callable[[Any], None] | None = None) -> list[Tokenized]:
-    """``(doc_id, ids, token mask)`` per document: plain text as :func:`tokenize` (BOS as the tokenizer
+    """``(doc_id, ids, token mask, spans)`` per document: plain text as :func:`tokenize` (BOS as the tokenizer
     intends, every token trained), conversations through the chat template (:func:`labeler.chat.render_chat`),
     prompt + completion as the prompt's tokens (not trained) then the completion's and EOS (trained).
-    ``on_bad``: told of each conversation the chat template refuses (else it is raised)."""
+    Spans (``rendering.spans``): per token, the bytes of the text it covers (0 for an added BOS/EOS).
+    ``on_bad``: told of each document that cannot be rendered (else it is raised)."""
+
+    def refused(e: BaseException) -> None:
+        if on_bad is None:
+            raise e
+        on_bad(e)
+
     if rendering.format == "text":
         out = []
-        for doc_id, ids in tokenize(docs, tokenizer, max_tokens):
+        for (doc_id, ids), d in zip(tokenize(docs, tokenizer, max_tokens), docs):
+            try:
+                spans = _spans(rendering, doc_id, [(ids, d.text)], cut=max_tokens is not None)
+            except UserError as e:
+                refused(e)
+                continue
             if rendering.bos is not None and (not len(ids) or ids[0] != rendering.bos):
                 ids = np.concatenate([[rendering.bos], ids]).astype(np.int32)
-            out.append((doc_id, ids, None))
+                spans = _zeros_around(spans, 1)
+            out.append((doc_id, ids, None, spans))
         return out
     from softlabels.labeler.chat import render_chat
 
@@ -123,18 +165,29 @@ def render(docs: list[Document], tokenizer: Any, rendering: Rendering, max_token
                 on_bad(e if isinstance(e, UserError) else f"{d.doc_id}: the chat template refused it "
                        f"({_first_line(e)})")
                 continue
-            out.append((d.doc_id, np.asarray(r.input_ids, np.int32), np.asarray(r.trained, bool)))
+            try:
+                spans = _spans(rendering, d.doc_id, [(r.input_ids, r.text)])
+            except UserError as e:
+                refused(e)
+                continue
+            out.append((d.doc_id, np.asarray(r.input_ids, np.int32), np.asarray(r.trained, bool), spans))
             continue
         prompt = tokenizer(msgs[0]["content"], add_special_tokens=False)["input_ids"]
         completion = tokenizer(msgs[1]["content"], add_special_tokens=False)["input_ids"]
         head = [rendering.bos] if rendering.bos is not None else []
         tail = [rendering.eos] if rendering.eos is not None else []
+        try:
+            spans = _spans(rendering, d.doc_id, [(prompt, msgs[0]["content"]), (completion, msgs[1]["content"])])
+        except UserError as e:
+            refused(e)
+            continue
         ids = np.asarray(head + prompt + completion + tail, np.int32)
+        spans = _zeros_around(spans, len(head), len(tail))
         mask = np.zeros(len(ids), bool)
         mask[len(head) + len(prompt):] = True
         if rendering.train_on == "all":
             mask[:] = True
-        out.append((d.doc_id, ids, mask))
+        out.append((d.doc_id, ids, mask, spans))
     return out
 
 
@@ -162,45 +215,6 @@ def tokenize(docs: list[Document], tokenizer: Any, max_tokens: int | None = None
     return out
 
 
-# Text the fast path is checked on before it is used: spaces, tabs, newlines, digits, punctuation,
-# accents, CJK, an emoji and a word the vocabulary surely splits.
-PROBE_TEXT = "Hello, world!\n\n  def f(x):\treturn x**2  # 1234567\nÜnïcödé naïve café 東京 🙂 floccinaucinihilipilification"
-
-
-class BackendTokenizer:
-    """The Rust tokenizer behind a fast Hugging Face tokenizer, called the way the HF one calls it.
-
-    What the parallel read tasks tokenize with: unpickling it imports ``tokenizers`` only,
-    not transformers and torch, which is seconds of CPU per read worker at start-up.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        import copy
-
-        self.backend = copy.deepcopy(tokenizer.backend_tokenizer)
-        self.backend.no_truncation()
-        self.backend.no_padding()
-        self.backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
-
-    def __call__(self, texts: str | list[str], add_special_tokens: bool = False) -> dict[str, Any]:
-        if isinstance(texts, str):
-            return {"input_ids": self.backend.encode(texts, add_special_tokens=add_special_tokens).ids}
-        return {"input_ids": [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]}
-
-
-def reading_tokenizer(tokenizer: Any) -> Any:
-    """What read tasks tokenize with: :class:`BackendTokenizer` when it gives the HF tokenizer's ids on
-    :data:`PROBE_TEXT`, else the HF tokenizer itself (a slow tokenizer, or one that adds Python steps)."""
-    if getattr(tokenizer, "backend_tokenizer", None) is None:
-        return tokenizer
-    try:
-        light = BackendTokenizer(tokenizer)
-        same = light([PROBE_TEXT])["input_ids"] == tokenizer([PROBE_TEXT], add_special_tokens=False)["input_ids"]
-    except Exception:  # an unusual backend: the HF tokenizer is always right
-        return tokenizer
-    return light if same else tokenizer
-
-
 def read_and_tokenize(
     reader: BlockReader, block: Block, tokenizer: Any, max_tokens: int | None = None, rendering: Rendering | None = None
 ) -> tuple[list[Tokenized], BlockStats]:
@@ -221,23 +235,22 @@ def _label_mask(token_mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def fit_conversation(ids: np.ndarray, mask: np.ndarray, max_length: int, counts: PlanCounts) -> tuple[np.ndarray, np.ndarray] | None:
-    """A masked document cut to ``max_length``: whole trailing turns dropped, i.e. cut right after the last
+def fit_conversation(ids: np.ndarray, mask: np.ndarray, max_length: int, counts: PlanCounts) -> int | None:
+    """How many tokens of a masked document to keep within ``max_length``: whole trailing turns dropped, i.e. cut right after the last
     run of trained tokens that ends within it (counted); None when no trained run fits (skipped, counted).
     With every token trained (``--train-on all``) there is no turn to go by: cut at ``max_length``."""
     if len(ids) <= max_length:
-        return ids, mask
+        return len(ids)
     if mask.all():  # --train-on all: no turn to go by; cut at the length (counted as truncated)
         counts.truncated += 1
-        return ids[:max_length], mask[:max_length]
+        return max_length
     m = mask[:max_length]
     ends = np.flatnonzero(m & ~np.append(mask[1:max_length + 1], False)[:max_length])
     if not len(ends):
         counts.too_long += 1
         return None
-    e = int(ends[-1]) + 1
     counts.truncated += 1
-    return ids[:e], mask[:e]
+    return int(ends[-1]) + 1
 
 
 def build_sequences(docs: Iterable[Tokenized], eos: int | None, cfg: SequenceConfig,
@@ -255,28 +268,30 @@ def build_sequences(docs: Iterable[Tokenized], eos: int | None, cfg: SequenceCon
         raise ValueError("packing/add_eos needs a tokenizer with an EOS token")
     counts = counts or PlanCounts()
     count = 0
-    segments: list[tuple[np.ndarray, np.ndarray]] = []  # packing: (ids, label mask) of the open sequence
+    segments: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []  # packing: (ids, label mask, spans)
     filled = 0
     packed = 0
 
     def emit_packed() -> Sequence:
         nonlocal segments, filled, packed
-        ids = np.concatenate([a for a, _ in segments]).astype(np.int32)
-        lab = np.concatenate([m for _, m in segments])
-        lengths = tuple(len(a) for a, _ in segments)
-        seq = Sequence(f"packed:{packed}", ids, None if lab.all() else lab, lengths if len(lengths) > 1 else None)
+        ids = np.concatenate([a for a, _, _ in segments]).astype(np.int32)
+        lab = np.concatenate([m for _, m, _ in segments])
+        lengths = tuple(len(a) for a, _, _ in segments)
+        spans = None if segments[0][2] is None else np.concatenate([sp for _, _, sp in segments])
+        seq = Sequence(f"packed:{packed}", ids, None if lab.all() else lab, lengths if len(lengths) > 1 else None, spans)
         segments, filled, packed = [], 0, packed + 1
         return seq
 
-    for doc_id, ids, mask in docs:
+    for doc_id, ids, mask, *more in docs:
+        spans = more[0] if more else None
         if mask is not None:
             if not mask.any():
                 counts.untrained += 1
                 continue
-            fitted = fit_conversation(ids, mask, cfg.max_length, counts)
-            if fitted is None:
+            keep = fit_conversation(ids, mask, cfg.max_length, counts)
+            if keep is None:
                 continue
-            ids, mask = fitted
+            ids, mask, spans = ids[:keep], mask[:keep], None if spans is None else spans[:keep]
         if mask is not None:
             lab = _label_mask(mask)
             if cfg.packing:
@@ -285,19 +300,20 @@ def build_sequences(docs: Iterable[Tokenized], eos: int | None, cfg: SequenceCon
                     count += 1
                     if cfg.limit is not None and count >= cfg.limit:
                         return
-                segments.append((ids, lab))
+                segments.append((ids, lab, spans))
                 filled += len(ids)
                 continue
-            yield Sequence(f"{doc_id}#0", ids, lab)
+            yield Sequence(f"{doc_id}#0", ids, lab, spans=spans)
         elif cfg.packing:
             ids = np.append(ids, np.int32(eos)).astype(np.int32)
+            spans = None if spans is None else np.append(spans, 0)
             start = 0
             while start < len(ids):
                 take = min(cfg.max_length - filled, len(ids) - start)
                 lab = np.ones(take, bool)
                 if start + take == len(ids):
                     lab[-1] = False  # the document's EOS: what follows is another document
-                segments.append((ids[start:start + take], lab))
+                segments.append((ids[start:start + take], lab, None if spans is None else spans[start:start + take]))
                 filled += take
                 start += take
                 if filled == cfg.max_length:
@@ -309,8 +325,10 @@ def build_sequences(docs: Iterable[Tokenized], eos: int | None, cfg: SequenceCon
         else:
             if cfg.add_eos:
                 ids = np.append(ids, np.int32(eos)).astype(np.int32)
+                spans = None if spans is None else np.append(spans, 0)
             for c, start in enumerate(range(0, len(ids), cfg.max_length)):
-                yield Sequence(f"{doc_id}#{c}", ids[start : start + cfg.max_length])
+                end = start + cfg.max_length
+                yield Sequence(f"{doc_id}#{c}", ids[start:end], spans=None if spans is None else spans[start:end])
                 count += 1
                 if cfg.limit is not None and count >= cfg.limit:
                     return
@@ -349,4 +367,6 @@ def unit_digest(unit: Unit) -> str:
             h.update(b"trained" + np.packbits(s.trained).tobytes())
         if s.doc_lengths is not None:
             h.update(b"docs" + np.asarray(s.doc_lengths, "<i8").tobytes())
+        if s.spans is not None:
+            h.update(b"spans" + np.asarray(s.spans, "<i8").tobytes())
     return h.hexdigest()

@@ -27,30 +27,37 @@ class UnitInput:
     trained: tuple[np.ndarray | None, ...] | None = None
     # the lengths of the documents packed into each sequence (attention stays inside each); None: one
     doc_lengths: tuple[tuple[int, ...] | None, ...] | None = None
+    # [L_i] bytes of the text each token covers (--store-spans); None: not stored
+    spans: tuple[np.ndarray, ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.input_ids)
         if len(self.sources) != n:
             raise ValueError(f"{len(self.sources)} sources for {n} sequences")
-        for name in ("trained", "doc_lengths"):
+        for name in ("trained", "doc_lengths", "spans"):
             v = getattr(self, name)
             if v is not None and len(v) != n:
                 raise ValueError(f"{len(v)} {name} entries for {n} sequences")
 
     @classmethod
     def of(cls, sequences: Sequence[object]) -> UnitInput:
-        """From the plan's sequences (objects with ``source``, ``input_ids``, ``trained``, ``doc_lengths``)."""
+        """From the plan's sequences (objects with ``source``, ``input_ids``, ``trained``, ``doc_lengths``, ``spans``)."""
         trained = tuple(getattr(s, "trained", None) for s in sequences)
         docs = tuple(getattr(s, "doc_lengths", None) for s in sequences)
+        spans = tuple(getattr(s, "spans", None) for s in sequences)
         return cls(tuple(s.source for s in sequences), tuple(s.input_ids for s in sequences),  # type: ignore[attr-defined]
                    trained if any(t is not None for t in trained) else None,
-                   docs if any(d is not None for d in docs) else None)
+                   docs if any(d is not None for d in docs) else None,
+                   spans if all(sp is not None for sp in spans) else None)
 
     def mask(self, i: int) -> np.ndarray | None:
         return None if self.trained is None else self.trained[i]
 
     def docs(self, i: int) -> tuple[int, ...] | None:
         return None if self.doc_lengths is None else self.doc_lengths[i]
+
+    def span(self, i: int) -> np.ndarray | None:
+        return None if self.spans is None else self.spans[i]
 
     @property
     def lengths(self) -> tuple[int, ...]:

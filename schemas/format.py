@@ -5,6 +5,8 @@ Every shard has ``sample_id`` (string), ``source`` (string) and ``input_ids``
 Schema v4 adds two optional columns: ``trained`` (list<bool>, which positions hold
 labels; absent: every position) and ``doc_lengths`` (list<int32>, the documents packed
 into a sequence; absent: one). Label columns hold one entry per *trained* position.
+Schema v5 adds ``spans`` (list<uint16>, optional): how many bytes of the sequence's text
+each position's token covers (the deltas of the tokens' end offsets).
 Schema v1 shards (the columns of today's ``fp16`` encoding: ``topk_ids``,
 ``topk_logprobs`` as float16, ``tail_logprob``) keep reading.
 """
@@ -30,10 +32,10 @@ from softlabels.schemas.encodings import (
 )
 from softlabels.schemas.errors import LabelSetError, ShardFormatError, UnsupportedSchemaVersion
 
-# 4: trained-position masks (labels only where trained) and packed-document boundaries;
+# 5: token spans (optional); 4: trained-position masks (labels only where trained) and packed-document boundaries;
 # 3: every footer value is UTF-8 text (compact's vocabulary buckets in base64); 2: encodings; 1: fp16 only.
-SCHEMA_VERSION = 4
-SUPPORTED_VERSIONS = (1, 2, 3, 4)
+SCHEMA_VERSION = 5
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)
 
 _META_VERSION = b"softlabels.schema_version"
 _META_TOPK = b"softlabels.top_k"
@@ -61,6 +63,9 @@ class Sample:
     tail_sample_counts: np.ndarray | None = None  # [L, S] uint8, rows sum to S (0 where no tail)
     trained: np.ndarray | None = None  # [L] bool: positions that hold labels (None: all)
     doc_lengths: np.ndarray | None = None  # [D] int32: lengths of the documents packed here (None: one document)
+    # v5 (labeler --store-spans): bytes of the sequence's text each position's token covers ([L]; 0 for a
+    # BOS/EOS the labeler added). The text is the tokens' bytes, span by span (softlabels.common.tokenbytes).
+    spans: np.ndarray | None = None  # [L] uint16
 
     @property
     def label_positions(self) -> np.ndarray:
@@ -74,6 +79,8 @@ class Sample:
         if self.doc_lengths is not None and (int(np.sum(self.doc_lengths)) != length or np.any(self.doc_lengths < 1)):
             raise ValueError(f"sample {self.sample_id}: document lengths {list(self.doc_lengths)[:8]} do not add up "
                              f"to its {length} tokens")
+        if self.spans is not None and self.spans.shape != (length,):
+            raise ValueError(f"sample {self.sample_id}: spans {self.spans.shape} for {length} input ids")
         n = length if self.trained is None else int(np.count_nonzero(self.trained))
         if (self.tail_sample_ids is None) != (self.tail_sample_counts is None) or (
             self.tail_sample_ids is not None
@@ -154,6 +161,14 @@ def encode_samples(
         docs = [np.array([len(s.input_ids)]) if s.doc_lengths is None else s.doc_lengths for s in samples]
         columns.append(("doc_lengths", rows_list(np.concatenate(docs).astype(np.int32), np.array([len(d) for d in docs]),
                                                  pa.int32())))
+    with_spans = {s.spans is not None for s in samples}
+    if with_spans == {True}:
+        spans = cat("spans", "int64")
+        if spans.size and (spans.min() < 0 or spans.max() > 0xFFFF):
+            raise ValueError(f"a token span of {int(spans.max())} bytes: spans are 0..65535")
+        columns.append(("spans", rows_list(spans.astype(np.uint16), lengths, pa.uint16())))
+    elif len(with_spans) > 1:
+        raise ValueError("either every sample of a shard has spans or none has")
     columns += label_cols
     with_tail = {s.tail_sample_ids is not None for s in samples}
     if with_tail == {True}:
@@ -254,6 +269,11 @@ def _decode_flat(table: pa.Table) -> tuple[dict[str, np.ndarray], dict[str, np.n
         if np.any(per_row < 1) or np.any(docs < 1) or not np.array_equal(_row_sums(docs, per_row), positions):
             raise ShardFormatError("a row's document lengths do not add up to its positions")
         flat["doc_lengths"], lengths["doc_lengths"] = docs, per_row
+    if "spans" in table.column_names:  # v5
+        spans = flat_list(table.column("spans")).astype(np.uint16, copy=False)
+        if len(spans) != len(input_ids) or not np.array_equal(_row_lengths(table.column("spans")), positions):
+            raise ShardFormatError("the spans column does not cover every position of its rows")
+        flat["spans"], lengths["spans"] = spans, positions
     return flat, lengths
 
 
@@ -285,6 +305,7 @@ DECODED_TYPES = {
     "tail_sample_counts": pa.uint8(),
     "trained": pa.bool_(),
     "doc_lengths": pa.int32(),
+    "spans": pa.uint16(),
 }
 
 
@@ -313,11 +334,11 @@ _MALFORMED = (pa.ArrowException, ValueError, KeyError, IndexError, TypeError, Ov
 
 
 def decode_shard(data: bytes, top_k: int, where: str, rows: int | None = None, tokens: int | None = None,
-                 tail_samples: int | None = None, trained: int | None = None) -> list[Sample]:
+                 tail_samples: int | None = None, trained: int | None = None, spans: bool | None = None) -> list[Sample]:
     """Parse and decode the bytes of a shard of an untrusted label set, checked against its manifest.
 
     Args:
-        top_k, rows, tokens, tail_samples, trained: what the manifest says the shard holds.
+        top_k, rows, tokens, tail_samples, trained, spans: what the manifest says the shard holds.
         where: the shard's URL, for messages.
 
     Raises:
@@ -340,6 +361,9 @@ def decode_shard(data: bytes, top_k: int, where: str, rows: int | None = None, t
             raise ShardFormatError(f"holds labels at {len(flat['tail_logprob'])} positions, the manifest says {trained}")
         if flat["topk_ids"].shape[1] != top_k:
             raise ShardFormatError(f"has k={flat['topk_ids'].shape[1]}, the manifest says {top_k}")
+        if spans is not None and spans != ("spans" in flat):
+            raise ShardFormatError(f"{'lacks' if spans else 'has'} a spans column; the manifest says it "
+                                   f"{'has' if spans else 'has none'}")
         draws = flat["tail_sample_ids"].shape[1] if "tail_sample_ids" in flat else 0
         if tail_samples is not None and draws != tail_samples:
             raise ShardFormatError(f"holds {draws} tail samples per position, the manifest says {tail_samples}")

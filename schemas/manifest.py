@@ -168,6 +168,7 @@ class Manifest:
     # v4: how the corpus became token sequences and which positions are trained (see schemas/README.md):
     # format, train_on, chat_template_sha256, special_tokens, long_conversations
     rendering: dict[str, Any] | None = None
+    spans: bool = False  # v5: every shard has a `spans` column (each position's token's bytes of the text)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -191,6 +192,8 @@ class Manifest:
             raise ManifestError(f"temperature must be a finite number > 0, got {self.temperature!r}")
         if not _is_int(self.tail_samples) or not 0 <= self.tail_samples <= 255:
             raise ManifestError(f"tail_samples must be an int in 0..255, got {self.tail_samples!r}")
+        if not isinstance(self.spans, bool):
+            raise ManifestError(f"spans must be true or false, got {self.spans!r:.80}")
         try:
             Encoding.from_dict(self.encoding)
         except (ValueError, TypeError) as e:
@@ -225,6 +228,8 @@ class Manifest:
         for name in ("converted_from", "rendering"):
             if d[name] is None:
                 del d[name]  # nothing to say
+        if not d["spans"]:
+            del d["spans"]
         ordered = {"schema_version": d.pop("schema_version"), **d}
         return json.dumps(ordered, indent=2, sort_keys=False) + "\n"
 
@@ -269,6 +274,7 @@ class Manifest:
                 tail_samples=d.get("tail_samples", 0),
                 converted_from=d.get("converted_from"),
                 rendering=d.get("rendering"),
+                spans=d.get("spans", False),
             )
         except KeyError as e:
             raise ManifestError(f"{where}: missing field {e.args[0]!r}") from e

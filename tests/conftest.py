@@ -86,7 +86,8 @@ def ray_local():
 
 
 def _tiny_tokenizer(path: Path):
-    """A small real tokenizer (byte-level BPE trained on pydoc text): fast and offline."""
+    """A small real tokenizer (byte-level BPE trained on pydoc text, every byte in its alphabet, so it
+    reproduces any text as real tokenizers do): fast and offline."""
     from pydoc_data.topics import topics
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -94,7 +95,8 @@ def _tiny_tokenizer(path: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([topics[k] for k in sorted(topics)][:20], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
     fast.save_pretrained(path)

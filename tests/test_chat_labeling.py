@@ -19,7 +19,7 @@ import torch
 
 from softlabels.labeler.corpus import Corpus, RowFormat
 from softlabels.labeler.plan import PlanCounts, Rendering, build_sequences, render
-from softlabels.schemas import SequenceConfig, open_label_set
+from softlabels.schemas import SCHEMA_VERSION, SequenceConfig, open_label_set
 from softlabels.schemas.errors import UserError
 
 CHATML = (
@@ -150,10 +150,10 @@ def test_sequences_carry_label_masks_and_long_conversations_are_cut_at_turns(cha
     tok = chatml_tokenizer
     docs = [Document(f"d{i}", "", conv(i)) for i in range(3)]
     tokenized = render(docs, tok, Rendering("chat", "assistant", CHATML))
-    for (_, ids, mask), d in zip(tokenized, docs):
+    for (_, ids, mask, _), d in zip(tokenized, docs):
         np.testing.assert_array_equal(mask, direct_mask(tok, d.messages, CHATML))
     seqs = list(build_sequences(tokenized, tok.eos_token_id, SequenceConfig(max_length=512)))
-    for s, (_, ids, mask) in zip(seqs, tokenized):
+    for s, (_, ids, mask, _) in zip(seqs, tokenized):
         np.testing.assert_array_equal(s.trained[:-1], mask[1:])  # position t is trained when token t + 1 is
         assert not s.trained[-1]
     # Too long for both turns: cut right after the first assistant turn; too long for that: skipped.
@@ -178,7 +178,7 @@ def test_prompt_completion_trains_the_completion_and_eos(chatml_tokenizer):
 
     tok = chatml_tokenizer
     doc = Document("p", "", [{"role": "user", "content": "2 + 2 ="}, {"role": "assistant", "content": " 4"}])
-    ((_, ids, mask),) = render([doc], tok, Rendering("prompt-completion", "completion", None, None, tok.eos_token_id))
+    ((_, ids, mask, _),) = render([doc], tok, Rendering("prompt-completion", "completion", None, None, tok.eos_token_id))
     n_prompt = len(tok("2 + 2 =", add_special_tokens=False)["input_ids"])
     assert list(ids[n_prompt:]) == tok(" 4", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert not mask[:n_prompt].any() and mask[n_prompt:].all()
@@ -243,7 +243,7 @@ def test_chat_label_set_end_to_end(ray_local, tiny_teacher, tmp_path, chatml_tok
     assert summary.format == "chat" and summary.train_on == "assistant" and 0 < summary.trained_tokens < summary.tokens
     ls = open_label_set(out)
     m = ls.manifest
-    assert m.schema_version == 4 and m.rendering["format"] == "chat"
+    assert m.schema_version == SCHEMA_VERSION and m.rendering["format"] == "chat"
     assert m.rendering["chat_template_sha256"] == __import__("hashlib").sha256(CHATML.encode()).hexdigest()
     assert m.totals.trained == sum(s.trained for s in m.shards) == summary.trained_tokens
     from transformers import AutoTokenizer
@@ -412,7 +412,7 @@ def test_train_on_all_keeps_conversations_whole_and_cuts_long_ones(chatml_tokeni
 
     tok = chatml_tokenizer
     tokenized = render([Document(f"d{i}", "", conv(i)) for i in range(2)], tok, Rendering("chat", "all", CHATML))
-    assert all(m.all() for _, _, m in tokenized)
+    assert all(m.all() for _, _, m, _ in tokenized)
     counts = PlanCounts()
     (cut, _) = build_sequences(tokenized, tok.eos_token_id, SequenceConfig(max_length=30), counts)
     assert len(cut.input_ids) == 30 and counts.truncated == 2 and counts.too_long == 0
@@ -450,6 +450,6 @@ def test_plain_text_gets_bos_exactly_when_the_tokenizer_adds_one(tiny_teacher, t
     assert tokenizer_bos(llama_like) == bos
     docs = [Document("a", "def f(x): return x"), Document("b", "<s>already there")]
     got = render(docs, llama_like, Rendering("text", "all", None, tokenizer_bos(llama_like)))
-    for (_, ids, _), d in zip(got, docs):
+    for (_, ids, _, _), d in zip(got, docs):
         assert ids[0] == bos and ids[1] != bos  # one BOS: none missing, none doubled
     assert [int(x) for x in got[0][1][1:]] == plain("def f(x): return x", add_special_tokens=False)["input_ids"]

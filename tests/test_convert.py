@@ -17,7 +17,7 @@ import pytest
 import softlabels
 from conftest import REPO, assert_one_line_error, cli_in_process
 from softlabels.convert import convert
-from softlabels.schemas import open_label_set, resolve_url
+from softlabels.schemas import SCHEMA_VERSION, open_label_set, resolve_url
 from softlabels.schemas.encodings import kl_buckets
 
 
@@ -69,7 +69,7 @@ def test_sets_of_earlier_versions_convert(fixture, tmp_path):
     out = str(tmp_path / "v4")
     convert(src, out, "fp16")
     new = open_label_set(out)
-    assert new.manifest.schema_version == 4 and new.manifest.converted_from["url"] == src
+    assert new.manifest.schema_version == SCHEMA_VERSION and new.manifest.converted_from["url"] == src
     assert new.manifest.tokenizer.files is None  # the fixtures carry no tokenizer folder
     for x, y in zip(samples(src), samples(out)):
         np.testing.assert_array_equal(x.topk_ids, y.topk_ids)
