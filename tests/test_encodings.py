@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from softlabels.schemas.format import SCHEMA_VERSION, read_parquet_bytes, table_
 FIXTURE_V1 = Path(__file__).parent / "fixtures" / "v1-set"
 FIXTURE_V2 = Path(__file__).parent / "fixtures" / "v2-sets"
 FIXTURE_V3 = Path(__file__).parent / "fixtures" / "v3-sets"
+FIXTURE_V4 = Path(__file__).parent / "fixtures" / "v4-sets"
 
 
 def peaked_samples(n_rows: int, k: int, vocab: int, seed: int = 0, sharp: float = 4.0) -> list[Sample]:
@@ -247,6 +249,56 @@ def test_stored_v3_label_sets_still_read(name):
             assert kl_buckets(lp, tail, _align(s, top), s.tail_logprob).mean() <= ls.manifest.label_encoding.max_kl * 1.01
 
 
+def fixture_v4_rows() -> list[dict]:
+    """The seeded recipe tests/fixtures/make_v4.py wrote v4-sets from (its ``fixture_rows``: numpy only)."""
+    spec = importlib.util.spec_from_file_location("make_v4", FIXTURE_V4.parent / "make_v4.py")
+    make_v4 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_v4)  # defines the recipe; writes nothing (that is its __main__)
+    return make_v4.fixture_rows()
+
+
+@pytest.mark.parametrize("name", ["fp16", "compact"])
+def test_stored_v4_label_sets_still_read(name):
+    """tests/fixtures/v4-sets/NAME was written by the v4 writer (0.6.0, commit 1ad4051): trained masks (labels
+    only at trained positions), packed documents, shards[].trained, totals.trained and rendering."""
+    ls = open_label_set(str(FIXTURE_V4 / name))
+    m = ls.manifest
+    assert m.schema_version == 4 and m.label_encoding.name == name
+    expected = fixture_v4_rows()
+    masks = [np.ones(len(r["input_ids"]), bool) if r["trained"] is None else r["trained"] for r in expected]
+    assert any(not mask.all() for mask in masks) and any(r["doc_lengths"] is not None for r in expected)
+    assert [s.trained for s in m.shards] == [11, 15] and m.totals.trained == sum(int(x.sum()) for x in masks) == 26
+    assert m.totals.tokens == 33 and m.rendering["format"] == "prompt-completion" and m.rendering["train_on"] == "completion"
+    per_shard = [list(ls.read_shard(shard)) for shard in m.shards]
+    assert [len(rows) for rows in per_shard] == [2, 2]
+    got = [s for rows in per_shard for s in rows]
+    shard_of = [i for i, rows in enumerate(per_shard) for _ in rows]
+    kl: list[list[np.ndarray]] = [[] for _ in per_shard]  # compact: its budget bounds each shard's mean
+    assert len(got) == len(expected) == 4
+    for s, want, mask, shard in zip(got, expected, masks, shard_of):
+        ids = want["input_ids"]
+        np.testing.assert_array_equal(s.input_ids, ids)
+        # A shard with a masked row stores a mask for each of its rows (all true where every position is trained).
+        np.testing.assert_array_equal(np.ones(len(ids), bool) if s.trained is None else s.trained, mask)
+        np.testing.assert_array_equal(s.label_positions, np.flatnonzero(mask))
+        docs = [len(ids)] if want["doc_lengths"] is None else want["doc_lengths"]  # absent: one document
+        np.testing.assert_array_equal([len(ids)] if s.doc_lengths is None else s.doc_lengths, docs)
+        top, lp, tail = want["topk_ids"], want["topk_logprobs"], want["tail_logprob"]
+        assert s.topk_ids.shape == s.topk_logprobs.shape == top.shape == (int(mask.sum()), 4)
+        assert s.tail_logprob.shape == tail.shape
+        if name == "fp16":
+            np.testing.assert_array_equal(s.topk_ids, top)
+            np.testing.assert_array_equal(s.topk_logprobs, lp.astype(np.float16).astype(np.float32))
+            np.testing.assert_array_equal(s.tail_logprob, tail.astype(np.float32))
+        else:  # lossy: the same ids (order may swap among near-ties), within the error budget
+            assert [set(r) for r in s.topk_ids] == [set(r) for r in top]
+            np.testing.assert_allclose(s.tail_logprob, tail, rtol=2e-3, atol=1e-6)
+            kl[shard].append(kl_buckets(lp, tail, _align(s, top), s.tail_logprob))
+    if name == "compact":
+        means = [np.concatenate(k).mean() for k in kl]
+        assert all(0 < mean <= m.label_encoding.max_kl * 1.01 for mean in means), means
+
+
 def _align(s: Sample, top: np.ndarray) -> np.ndarray:
     """The decoded log-probs in the order of ``top``'s ids (lossy encodings may reorder near-ties)."""
     pos = np.array([[list(row).index(i) for i in want] for row, want in zip(s.topk_ids, top)])
@@ -259,7 +311,7 @@ def test_every_footer_value_is_utf8_text(name):
     data = table_to_parquet_bytes(encode_samples(peaked_samples(3, 4, 500), 4, Encoding(name), 500))
     meta = pq.ParquetFile(pa.BufferReader(data)).metadata.metadata
     assert meta and all(isinstance(v.decode("utf-8"), str) for v in meta.values())
-    assert json.loads(meta[b"softlabels.schema_version"]) == SCHEMA_VERSION == 4
+    assert json.loads(meta[b"softlabels.schema_version"]) == SCHEMA_VERSION == 5
 
 
 @pytest.mark.parametrize("name", ["fp16", "packed", "packed-q8", "compact"])
