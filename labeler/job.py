@@ -201,16 +201,12 @@ def _span_bytes(cfg: LabelConfig, tokenizer: Any) -> Any:
     its tokens reproduce a probe text (spaces, tabs, CRLF, accents, CJK, an emoji, a ligature) byte for byte."""
     if cfg.store_spans is False:
         return None
-    from softlabels.common.tokenbytes import spans_for, token_bytes
-    from softlabels.labeler.tokens import PROBE_TEXT
+    from softlabels.common.tokenbytes import check_lossless, token_bytes
 
     where = f"the tokenizer of teacher {cfg.teacher}"
     try:
         tb = token_bytes(tokenizer, where)
-        ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
-        problem = spans_for(tb, ids, PROBE_TEXT.encode("utf-8"))
-        if isinstance(problem, str):
-            raise UserError(f"{where} does not reproduce text exactly, {problem}: a normalizer changes it")
+        check_lossless(tokenizer, tb, where)
     except UserError as e:
         if cfg.store_spans:
             raise UserError(f"--store-spans: {e}") from None

@@ -26,6 +26,22 @@ def _probe_ray_address(address: str, timeout: float = 5.0) -> None:
         raise UserError(f"cannot join the Ray cluster at {address!r}: nothing answers there ({e})") from e
 
 
+def _crash_env() -> dict[str, str]:
+    """The crash-point variables (:mod:`softlabels.common.crash`) to hand to a joined cluster's workers.
+
+    A local Ray's workers inherit the driver's environment; the workers of a cluster we join get
+    their node's, so fault-injection tests that point the labeler at a running cluster (one Ray
+    shared by many runs) pass the variables on as the job's ``env_vars``. Empty unless crash
+    points are on: a user's job is never changed.
+    """
+    from softlabels.common import crash
+
+    if not crash.enabled():
+        return {}
+    names = (crash.ENV, crash.DRIVER_ENV, crash.SCOPE_ENV, crash.ONCE_ENV)
+    return {k: os.environ[k] for k in names if k in os.environ}
+
+
 @contextmanager
 def ray_session(address: str | None) -> Iterator[Any]:
     """Join ``address`` (or ``$RAY_ADDRESS``) or start a fresh local Ray; shut down what we started.
@@ -47,7 +63,9 @@ def ray_session(address: str | None) -> Iterator[Any]:
         try:
             if address:
                 _probe_ray_address(address)
-                ray.init(address=address, log_to_driver=True, configure_logging=False)
+                crash_env = _crash_env()
+                ray.init(address=address, log_to_driver=True, configure_logging=False,
+                         **({"runtime_env": {"env_vars": crash_env}} if crash_env else {}))
             else:
                 ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
         except ConnectionError as e:

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-# Text the fast path is checked on before it is used: spaces, tabs, newlines, digits, punctuation,
-# accents, CJK, an emoji and a word the vocabulary surely splits.
-PROBE_TEXT = ("Hello, world!\n\n  def f(x):\treturn x**2  # 1234567\r\nÜnïcödé naïve café 東京 🙂 floccinaucinihilipilification"
-              " ﬁ\u00a0A\u030a")
+from softlabels.common.tokenbytes import PROBE_TEXT
 
 
 class BackendTokenizer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from torch.utils.data import DataLoader
@@ -65,10 +66,18 @@ def test_training_improves_the_student_and_saves_a_loadable_model(label_set, tmp
     assert ev["kl"] == pytest.approx(after["kl"], rel=1e-4) and ev["ce"] == pytest.approx(after["ce"], rel=1e-4)
 
 
-def test_student_with_another_tokenizer_is_refused(label_set, builtin_teacher, tmp_path):
-    code, _, err = cli_in_process("eval", "--labels", label_set, "--model", builtin_teacher)
+def test_student_with_another_tokenizer(label_set, builtin_teacher, tmp_path):
+    """Refused in one line by a set without token spans; scored across tokenizers on one with them."""
+    no_spans = str(Path(__file__).parent / "fixtures" / "v4-sets" / "fp16")
+    code, _, err = cli_in_process("eval", "--labels", no_spans, "--model", builtin_teacher)
     assert_one_line_error(code, err, "eval", "student tokenizer", "differs from the label set's", "sha256:",
-                          "--allow-vocab-mismatch")
+                          "no token spans", "--allow-vocab-mismatch")
+    # The tiny teacher's set has spans: SmolLM2 (49,152 tokens vs 300) is scored on its own tokens of the same text.
+    code, out, err = cli_in_process("eval", "--labels", label_set, "--model", builtin_teacher, "--max-batches", "1",
+                                    "--batch-size", "2")
+    assert code == 0, err
+    ev = json.loads(out.strip().splitlines()[-1])
+    assert 0 < ev["aligned"] < 1 and 0 < ev["mapped_mass"] <= 1 and ev["bpb"] > 0 and ev["positions"] > 0
     # With the flag, a student whose embeddings hold every id of the set trains.
     out = tmp_path / "mismatch"
     proc = run_cli("train", "--labels", label_set, "--student", builtin_teacher, "--output", str(out),

@@ -32,8 +32,11 @@ def _at_positions(rows: np.ndarray, trained: np.ndarray | None, dtype: torch.dty
     return full
 
 
-def sample_to_tensors(s: Sample, top_k: int | None = None) -> dict[str, torch.Tensor]:
-    """A sample as tensors over its positions; ``label_mask`` marks the trained ones (where labels are)."""
+def sample_to_tensors(s: Sample, top_k: int | None = None, byte_lengths: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """A sample as tensors over its positions; ``label_mask`` marks the trained ones (where labels are).
+
+    ``target_bytes`` (bytes of the text each position's next token covers, for bits per byte) comes from the
+    sample's spans, or else from ``byte_lengths`` (per id; 0 for special tokens) when given."""
     lp, tail = s.topk_logprobs, s.tail_logprob
     ids = s.topk_ids
     if top_k is not None:
@@ -47,6 +50,11 @@ def sample_to_tensors(s: Sample, top_k: int | None = None) -> dict[str, torch.Te
     }
     if s.trained is not None:
         out["label_mask"] = torch.tensor(s.trained, dtype=torch.bool)
+    per_token = s.spans if s.spans is not None else None if byte_lengths is None else byte_lengths[s.input_ids]
+    if per_token is not None:
+        nxt = np.zeros(len(s.input_ids), np.int64)
+        nxt[:-1] = per_token[1:]
+        out["target_bytes"] = torch.from_numpy(nxt)
     if s.doc_lengths is not None and len(s.doc_lengths) > 1:
         out["doc_lengths"] = torch.tensor(s.doc_lengths, dtype=torch.long)
     # Tail draws describe the tail of the stored k; a truncated k' has a larger tail they never saw.
@@ -72,7 +80,10 @@ def model_inputs(batch: dict[str, torch.Tensor], model: Any = None) -> dict[str,
     return {"input_ids": batch["input_ids"], **{k: v.to(device) for k, v in extra.items()}}
 
 
-_ROW_KEYS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob", "tail_sample_ids", "tail_sample_counts")
+_ROW_KEYS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob", "tail_sample_ids", "tail_sample_counts",
+             "topk_mapped", "kd_mask", "ce_mask", "target_bytes")  # the last four: per-position extras
+# Per-position extras, right-padded like the labels: a student with another tokenizer (trainer.crosstok), bytes.
+_EXTRA_KEYS = {"topk_mapped": torch.bool, "kd_mask": torch.bool, "ce_mask": torch.bool, "target_bytes": torch.long}
 
 
 def pack(samples: list[dict[str, torch.Tensor]], length: int) -> list[dict[str, torch.Tensor]]:
@@ -99,6 +110,8 @@ def pack(samples: list[dict[str, torch.Tensor]], length: int) -> list[dict[str, 
         for key in ("position", "sample_key"):
             if key in parts[0]:
                 row[key] = torch.stack([p[key] for p in parts])
+        if "xtok_stats" in parts[0]:
+            row["xtok_stats"] = torch.stack([p["xtok_stats"] for p in parts]).sum(0)
         out.append(row)
     return out
 
@@ -148,11 +161,18 @@ def collate(samples: list[dict[str, torch.Tensor]], pack_to: int | None = None) 
             n = len(s["input_ids"])
             out["tail_sample_ids"][i, :n] = s["tail_sample_ids"]
             out["tail_sample_counts"][i, :n] = s["tail_sample_counts"]
+    for key, dtype in _EXTRA_KEYS.items():
+        if key in samples[0]:
+            out[key] = torch.zeros((b, t, k) if key == "topk_mapped" else (b, t), dtype=dtype)
+            for i, s in enumerate(samples):
+                out[key][i, : len(s[key])] = s[key]
     out["label_mask"] = out["attention_mask"].bool()
     for i, s in enumerate(samples):
         if "label_mask" in s:
             out["label_mask"][i, : len(s["label_mask"])] = s["label_mask"]
-    out["targets"] = out["targets"].masked_fill(~out["label_mask"], -100)
+    out["targets"] = out["targets"].masked_fill(~out.get("ce_mask", out["label_mask"]), -100)
+    if "xtok_stats" in samples[0]:
+        out["xtok_stats"] = torch.stack([s["xtok_stats"] for s in samples]).sum(0)
     docs = [s.get("doc_lengths") for s in samples]
     if any(d is not None for d in docs):
         width = max(1 if d is None else len(d) for d in docs)

@@ -33,7 +33,7 @@ def _common(p: argparse.ArgumentParser, suppress: bool = False) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``train``, ``eval``, ``export``, ``compare`` and ``plot`` to the ``softlabels`` command."""
-    from softlabels.trainer.config import CHANGEABLE, TrainConfig
+    from softlabels.trainer.config import CHANGEABLE, DEFAULT_CROSS_LOSS, DEFAULT_LOSS, LOSSES, TrainConfig
 
     d = argparse.Namespace(**{f.name: f.default for f in fields(TrainConfig)})  # defaults for the help text
     r = sub.add_parser(
@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="YAML file of settings (keys as below, e.g. batch_size: 16); flags override it")
     _common(r, suppress=True)
     r.add_argument("--student", default=S, help=f"'tiny' (built-in), a config .json, a local HF model dir, or an HF id (default: {d.student})")
+    r.add_argument("--student-tokenizer", default=S, metavar="DIR",
+                   help="build the tiny / .json student for this tokenizer (a directory or hub id) instead of the label "
+                   "set's; another tokenizer than the set's distills across tokenizers (the set needs token spans)")
     r.add_argument("--fsdp", action=BOOL, default=S,
                    help="shard parameters, gradients and optimizer state over the ranks (FSDP2, under torchrun): "
                    "students that do not fit one device; sharded checkpoints, a whole model saved at the end")
@@ -70,8 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--weight-decay", type=float, default=S, help=f"AdamW weight decay (default: {d.weight_decay})")
     r.add_argument("--warmup-steps", type=int, default=S, help=f"linear warmup steps before cosine decay (default: {d.warmup_steps})")
     r.add_argument("--clip", type=float, default=S, help=f"gradient-norm clip (default: {d.clip})")
-    r.add_argument("--loss", default=S, choices=["tail-kl", "topk-kl", "reverse-kl", "tail-sampled", "ce"],
-                   help=f"training loss; tail-sampled needs a set labeled with --tail-samples (default: {d.loss})")
+    r.add_argument("--loss", default=S, choices=list(LOSSES),
+                   help=f"training loss; tail-sampled needs a set labeled with --tail-samples; xtok-kl and xtok-uld are for "
+                   f"students with another tokenizer (default: {DEFAULT_LOSS}, or {DEFAULT_CROSS_LOSS} with another tokenizer)")
     r.add_argument("--alpha", type=float, default=S, help=f"KD weight; 1 - alpha goes to CE on true tokens (default: {d.alpha})")
     r.add_argument("--temperature", type=float, default=S, help=f"student-side temperature for KD (default: {d.temperature})")
     r.add_argument("--seed", type=int, default=S, help=f"seed for init, data order and dropout (default: {d.seed})")
@@ -95,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
     r.set_defaults(handler=_train)
 
-    e = sub.add_parser("eval", help="held-out CE, KL to teacher and top-1 agreement of a model, as JSON")
+    e = sub.add_parser("eval", help="held-out CE, bits per byte, KL to teacher and top-1 agreement of a model, as JSON")
     _common(e)
     e.add_argument("--model", required=True, help="trained student directory, HF id, or 'tiny' (a fresh, untrained init)")
     e.add_argument("--split", default="eval", choices=["eval", "train", "all"], help="which samples to score (default: %(default)s)")
@@ -152,9 +156,13 @@ def _train(args: argparse.Namespace) -> int:
         b, a = summary["before"], summary["after"]
         print(f"student   {summary['student']} ({summary['parameters'] / 1e6:.1f}M parameters) -> {summary['output']}")
         print(f"trained   {summary['steps']} steps, {summary['train_tokens']:,} tokens in {summary['train_s']:.1f} s")
-        print(f"{'':10}{'CE':>8}{'KL':>8}{'top-1':>8}")
+        print(f"{'':10}{'CE':>8}{'bits/B':>8}{'KL':>8}{'top-1':>8}")
         for name, ev in (("before", b), ("after", a)):
-            print(f"{name:10}{ev['ce']:8.3f}{ev['kl']:8.3f}{ev['top1']:8.3f}")
+            bpb = "-" if ev.get("bpb") is None else f"{ev['bpb']:.3f}"
+            print(f"{name:10}{ev['ce']:8.3f}{bpb:>8}{ev['kl']:8.3f}{ev['top1']:8.3f}")
+        if "aligned" in a:
+            print(f"across tokenizers: {100 * a['aligned']:.1f}% of the teacher's labeled positions aligned, "
+                  f"{100 * a['mapped_mass']:.1f}% of its mass there on ids the student has (KL and top-1 over those)")
     return 0
 
 
@@ -169,11 +177,13 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
     from softlabels.trainer.data import LabelDataset
     from softlabels.trainer.evaluate import evaluate
+    from softlabels.trainer.crosstok import attach
     from softlabels.trainer.student import build_student, embedding_rows
 
     ds = LabelDataset(args.labels, parse_storage_options(args.storage_option), args.split, args.eval_fraction, shuffle=False)
-    model, _ = build_student(args.model, ds.labels, args.seed, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = build_student(args.model, ds.labels, args.seed, trust_remote_code=args.trust_remote_code)
     ds.max_id = embedding_rows(model)
+    attach([ds], ds.labels, tokenizer, args.model)  # bits per byte; another tokenizer: aligned by the set's spans
     model.to(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     result = evaluate(model, ds, args.batch_size, args.max_batches, args.head_chunk)
     print(json.dumps({"model": args.model, "labels": args.labels, "split": args.split, **result}))

@@ -2,8 +2,9 @@
 
 For each model: parameters, weights on disk, peak memory, tokens/s on a fixed
 prompt set (CPU; and GPU when there is one, for PyTorch models), and on the
-label set's held-out split the CE on true tokens, the KL to the teacher's
-stored labels and top-1 agreement. Every model is measured in a fresh child
+label set's held-out split the CE on true tokens, bits per byte (comparable across
+tokenizers), the KL to the teacher's stored labels and top-1 agreement (for a model with
+another tokenizer: at the aligned positions, over the ids that map). Every model is measured in a fresh child
 process, one after the other, so peak memory is its own and no two models
 compete for the cores. Prints a table and ratios, and draws a PNG bar chart.
 """
@@ -91,12 +92,11 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
     from softlabels.trainer.data import LabelDataset
     from softlabels.trainer.evaluate import evaluate
     from softlabels.trainer.export import OnnxCausalLM, is_export_dir, weights_bytes
-    from softlabels.trainer.student import build_student, check_tokenizer, embedding_rows, load_label_tokenizer
+    from softlabels.trainer.crosstok import attach
+    from softlabels.trainer.student import build_student, check_tokenizer, embedding_rows
 
     torch.set_num_threads(opts["threads"])
     labels = open_label_set(opts["labels"], opts["storage_options"])
-    prompts = prompt_batch(load_label_tokenizer(labels), opts["rows"], opts["length"])
-    mask = torch.ones_like(prompts)
     base = _rss_bytes()
     row: dict[str, Any] = {"model": spec, "disk_bytes": weights_bytes(spec), "gpu_tokens_per_s": None,
                            "threads": opts["threads"]}
@@ -109,13 +109,17 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
             tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=opts["trust_remote_code"])
         check_tokenizer(tokenizer, labels, spec)
         model: Any = OnnxCausalLM(spec, threads=opts["threads"])
+        prompts = prompt_batch(tokenizer, opts["rows"], opts["length"])  # its own tokens (another tokenizer: other ids)
+        mask = torch.ones_like(prompts)
         row.update(format=f"onnx {model.meta['scheme']}", parameters=model.parameters_count)
 
         def run() -> Any:
             return model.logits(prompts, mask)
     else:
-        model, _ = build_student(spec, labels, trust_remote_code=opts["trust_remote_code"])
+        model, tokenizer = build_student(spec, labels, trust_remote_code=opts["trust_remote_code"])
         model.eval()
+        prompts = prompt_batch(tokenizer, opts["rows"], opts["length"])
+        mask = torch.ones_like(prompts)
         row.update(format=f"torch {str(next(model.parameters()).dtype).removeprefix('torch.')}",
                    parameters=sum(p.numel() for p in model.parameters()))
 
@@ -134,6 +138,7 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
     ds = LabelDataset(labels, split="eval", eval_fraction=opts["eval_fraction"], shuffle=False)
     if not isinstance(model, OnnxCausalLM):
         ds.max_id = embedding_rows(model)
+    attach([ds], labels, tokenizer, spec)  # bits per byte; another tokenizer: aligned by the set's spans
     with torch.inference_mode():
         row.update(evaluate(model, ds, opts["batch_size"], opts["eval_batches"]))
     if isinstance(model, OnnxCausalLM):
@@ -249,14 +254,14 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
 def table(rows: list[dict[str, Any]]) -> str:
     gpu = any(r.get("gpu_tokens_per_s") for r in rows)
     head = ["model", "format", "params", "on disk", "peak mem", "CPU tok/s"] + (["GPU tok/s"] if gpu else []) + [
-        "held-out CE", "KL to teacher", "top-1"]
+        "held-out CE", "bits/byte", "KL to teacher", "top-1"]
     body = []
     for r in rows:
         cells = [r["name"], r["format"], f"{r['parameters'] / 1e6:.1f}M", _mb(r["disk_bytes"]),
                  f"{r['peak_memory_bytes'] / 2**20:.0f} MiB", f"{r['cpu_tokens_per_s']:,.0f}"]
         if gpu:
             cells.append(f"{r['gpu_tokens_per_s']:,.0f}" if r.get("gpu_tokens_per_s") else "-")
-        cells += [f"{r['ce']:.3f}", f"{r['kl']:.4f}" if r["kl"] < 0.01 else f"{r['kl']:.3f}", f"{r['top1']:.3f}"]
+        cells += [f"{r['ce']:.3f}", "-" if r.get("bpb") is None else f"{r['bpb']:.3f}", f"{r['kl']:.4f}" if r["kl"] < 0.01 else f"{r['kl']:.3f}", f"{r['top1']:.3f}"]
         body.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     fmt = lambda cells: "  ".join(  # noqa: E731
@@ -278,9 +283,12 @@ def plot(rows: list[dict[str, Any]], png: str) -> None:
         ("KL to teacher labels (nats)", [r["kl"] for r in rows]),
         ("top-1 agreement", [r["top1"] for r in rows]),
     ]
+    if all(r.get("bpb") is not None for r in rows):
+        panels.append(("held-out bits per byte", [r["bpb"] for r in rows]))
     fig, grid = plt.subplots(2, 4, figsize=(13, 7))
     axes = list(grid.flat)
-    axes[-1].axis("off")
+    for ax in axes[len(panels):]:
+        ax.axis("off")
     names = [r["name"] for r in rows]
     colors = [f"C{i}" for i in range(len(rows))]
     for ax, (title, values) in zip(axes, panels):

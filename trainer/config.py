@@ -14,10 +14,14 @@ from typing import Any
 from softlabels.schemas.errors import UserError
 from softlabels.trainer.tracking import parse_report_to
 
-LOSSES = ("tail-kl", "topk-kl", "reverse-kl", "tail-sampled", "ce")
+LOSSES = ("tail-kl", "topk-kl", "reverse-kl", "tail-sampled", "xtok-kl", "xtok-uld", "ce")
+# What a student with the set's tokenizer, and one with another (trainer.crosstok), trains with by default.
+DEFAULT_LOSS, DEFAULT_CROSS_LOSS = "tail-kl", "xtok-uld"
+# The losses that need no tokenizer mapping to mean something with another tokenizer.
+CROSS_LOSSES = ("xtok-kl", "xtok-uld", "ce")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # A resumed run continues one run: these must be what its checkpoint recorded ...
-KEEP_ON_RESUME = ("student", "init_from", "fsdp", "loss", "alpha", "temperature", "top_k", "seed", "batch_size", "grad_accum",
+KEEP_ON_RESUME = ("student", "student_tokenizer", "init_from", "fsdp", "loss", "alpha", "temperature", "top_k", "seed", "batch_size", "grad_accum",
                   "eval_fraction", "shuffle_window", "precision")
 # ... and these too, unless named in --allow-changed (deliberate changes to the optimizer's course).
 CHANGEABLE = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "clip")
@@ -28,6 +32,8 @@ class TrainConfig:
     labels: str
     output: str
     student: str = "tiny"
+    # tiny / *.json students: build the model for this tokenizer (a directory or hub id) instead of the set's
+    student_tokenizer: str | None = None
     init_from: str | None = None  # a trained student's directory: its weights, a fresh optimizer and schedule
     steps: int = 200
     batch_size: int = 8
@@ -37,7 +43,7 @@ class TrainConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     clip: float = 1.0
-    loss: str = "tail-kl"
+    loss: str | None = None  # None: DEFAULT_LOSS, or DEFAULT_CROSS_LOSS for a student with another tokenizer
     alpha: float = 1.0  # weight of the KD term; (1 - alpha) goes to CE on true tokens
     temperature: float = 1.0
     seed: int = 0
@@ -89,7 +95,7 @@ class TrainConfig:
         _check_float(self, "eval_fraction", 0, 1, high_open=True)
         if not (isinstance(self.clip, (int, float)) and not isinstance(self.clip, bool) and self.clip > 0):
             raise UserError(f"clip must be > 0 (a gradient-norm bound; inf turns clipping off), got {self.clip!r}")
-        if self.loss not in LOSSES:
+        if self.loss is not None and self.loss not in LOSSES:
             raise UserError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.loss == "tail-sampled" and self.top_k is not None:
             raise UserError("--loss tail-sampled cannot use --top-k: the stored tail draws never saw the entries k' drops")
@@ -129,3 +135,13 @@ def _check_float(cfg: TrainConfig, name: str, low: float, high: float | None, lo
     if not ok:
         lo, hi = "(" if low_open else "[", ")" if high_open or high is None else "]"
         raise UserError(f"{name} must be a finite number in {lo}{low}, {'inf' if high is None else high}{hi}, got {v!r}")
+
+
+def resolve_loss(loss: str | None, cross: bool) -> str:
+    """``--loss`` as it applies: unset means the default for a student with the set's tokenizer or another one."""
+    if loss is None:
+        return DEFAULT_CROSS_LOSS if cross else DEFAULT_LOSS
+    if cross and loss not in CROSS_LOSSES:
+        raise UserError(f"--loss {loss} compares the teacher's token ids with the student's as they are; a student with "
+                        f"another tokenizer trains with {', '.join(CROSS_LOSSES)}")
+    return loss

@@ -38,7 +38,7 @@ import functools
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -120,6 +120,9 @@ class LabelDataset(IterableDataset):
         self.state: DataState | None = None  # where to start (from a checkpoint); None: the beginning
         self.corrupt_skipped = 0
         self.max_id: int | None = None  # the student's embedding rows: every stored id must be below it
+        # A sample -> item function instead of sample_to_tensors (a student with another tokenizer: trainer.crosstok)
+        self.transform: Callable[[Sample], dict[str, torch.Tensor]] | None = None
+        self.byte_lengths: np.ndarray | None = None  # per id, its bytes of text (bits per byte for sets without spans)
         self._rows = np.array([s.rows for s in self.labels.shards], dtype=np.int64)
 
     @property
@@ -260,7 +263,7 @@ class LabelDataset(IterableDataset):
                 if r is None or not self._keep(r):
                     continue
                 last = epoch
-                item = sample_to_tensors(r, self.top_k)
+                item = self.transform(r) if self.transform is not None else sample_to_tensors(r, self.top_k, self.byte_lengths)
                 item["position"] = torch.tensor([slot, slots, epoch, done + i + 1], dtype=torch.long)
                 item["sample_key"] = torch.tensor(int(r.sample_id[:15], 16), dtype=torch.long)
                 yield item

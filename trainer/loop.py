@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -17,7 +18,8 @@ import torch
 import torch.distributed as dist
 from softlabels.schemas.errors import UserError
 from softlabels.trainer.checkpoint import CheckpointStore, rng_state, set_rng_state
-from softlabels.trainer.config import CHANGEABLE, TrainConfig
+from softlabels.trainer.config import CHANGEABLE, TrainConfig, resolve_loss
+from softlabels.trainer.crosstok import attach
 from softlabels.trainer.data import LabelDataset, StatefulLoader, merge_states
 from softlabels.trainer.evaluate import _move, evaluate
 from softlabels.trainer.precision import autocast, grad_scaler, resolve
@@ -106,13 +108,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise UserError(f"--loss tail-sampled: the label set {cfg.labels} has no tail samples (label it with --tail-samples S)")
     spec = cfg.student if cfg.init_from is None else _init_from(cfg.init_from)
     model, tokenizer = build_student(spec, train_ds.labels, cfg.seed, allow_vocab_mismatch=cfg.allow_vocab_mismatch,
-                                     trust_remote_code=cfg.trust_remote_code)
+                                     trust_remote_code=cfg.trust_remote_code,
+                                     student_tokenizer=None if cfg.init_from else cfg.student_tokenizer)
+    train_ds.max_id = eval_ds.max_id = embedding_rows(model)  # a stored id the student has no row for: one line
+    cross = attach([train_ds, eval_ds], train_ds.labels, tokenizer, cfg.student_tokenizer or spec,
+                   cfg.allow_vocab_mismatch, cfg.top_k)
+    cfg = dataclasses.replace(cfg, loss=resolve_loss(cfg.loss, cross is not None))
     model.to(device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, spec)
     precision = resolve(cfg.precision, device)  # one line now if this torch cannot autocast to it here
     scaler = grad_scaler(precision, device, sharded=cfg.fsdp)  # fp16 only; otherwise it passes everything through
-    train_ds.max_id = eval_ds.max_id = embedding_rows(model)  # a stored id the student has no row for: one line
     n_params = sum(p.numel() for p in model.parameters())
     kd = KDModule(model, cfg)
     step_fn = wrap(kd, world, device, cfg.fsdp)  # FSDP2 shards the parameters in place: before the optimizer sees them
@@ -324,7 +330,9 @@ class _Metrics:
 
 
 def _fmt(ev: dict[str, float]) -> str:
-    return f"ce {ev['ce']:.3f}  kl {ev['kl']:.3f}  top1 {ev['top1']:.3f}  ({ev['positions']} positions)"
+    bpb = f"  bpb {ev['bpb']:.3f}" if ev.get("bpb") is not None else ""
+    aligned = f", {100 * ev['aligned']:.1f}% aligned" if "aligned" in ev else ""
+    return f"ce {ev['ce']:.3f}{bpb}  kl {ev['kl']:.3f}  top1 {ev['top1']:.3f}  ({ev['positions']} positions{aligned})"
 
 
 class _bar:

@@ -19,6 +19,13 @@ Per position, with teacher buckets ``t = [log p_1..log p_k, log p_tail]``:
   cross-entropy between teacher and student *within* the tail. Its expectation
   adds ``p_tail * (KL_within + H_within(teacher))`` to ``tail-kl``: the gradient is
   that of the full-vocabulary KL (unbiased); the value is offset by a constant.
+- ``xtok-kl`` (students with another tokenizer, :mod:`softlabels.trainer.crosstok`): ``tail-kl`` over
+  the teacher ids that map to student ids (the same byte string), with the teacher's mass on ids that
+  do not map joined to its tail bucket, against the student's mass outside the mapped ids.
+- ``xtok-uld`` (the default with another tokenizer): ``xtok-kl`` plus a ULD term (Boizard et al. 2024)
+  for the mass that does not map: the L1 distance between the teacher's unmapped top-k probabilities,
+  sorted, and the student's largest probabilities outside the mapped ids, sorted, entry by entry.
+  With every id mapped (the same tokenizer) it is 0: both reduce to ``tail-kl`` exactly.
 - ``ce``: cross-entropy on the true next tokens (no teacher).
 """
 
@@ -82,12 +89,14 @@ def position_loss(
     targets: torch.Tensor | None = None,
     temperature: float = 1.0,
     tail_samples: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mapped: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-position loss ``[N]`` for student logits ``[N, V]``.
 
     KD kinds need the teacher columns; ``ce`` needs ``targets`` (positions with
     target -100 get 0); ``tail-sampled`` needs ``tail_samples`` = (ids, counts)
-    ``[N, S]``. KD losses are scaled by ``temperature ** 2`` (Hinton).
+    ``[N, S]``; ``xtok-*`` take ``mapped`` ``[N, k]`` (which teacher entries map to a student
+    id; None: all). KD losses are scaled by ``temperature ** 2`` (Hinton).
     """
     if kind == "ce":
         return F.cross_entropy(student_logits.float(), targets, ignore_index=-100, reduction="none")
@@ -95,6 +104,8 @@ def position_loss(
         raise ValueError(f"unknown loss {kind!r}; choose from {LOSSES}")
     if kind == "tail-sampled" and tail_samples is None:
         raise ValueError("loss 'tail-sampled' needs tail samples (label with --tail-samples S)")
+    if kind.startswith("xtok-"):
+        return _cross_tokenizer(student_logits, kind, topk_ids, topk_logprobs, tail_logprob, temperature, mapped)
     top, rest, drawn = _buckets(student_logits, topk_ids, temperature, tail_samples[0] if kind == "tail-sampled" else None)
     if kind == "topk-kl":
         t = topk_logprobs.float()
@@ -113,11 +124,40 @@ def position_loss(
     return loss * temperature**2
 
 
+def _cross_tokenizer(logits: torch.Tensor, kind: str, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                     tail_logprob: torch.Tensor, temperature: float, mapped: torch.Tensor | None) -> torch.Tensor:
+    """``xtok-kl`` / ``xtok-uld`` per position (see the module doc)."""
+    x = logits.float()
+    if temperature != 1.0:
+        x = x / temperature
+    ls = torch.log_softmax(x, dim=-1)
+    if mapped is None:
+        mapped = torch.ones_like(topk_ids, dtype=torch.bool)
+    t = _teacher_buckets(topk_logprobs, tail_logprob)
+    k = topk_ids.shape[-1]
+    t_top, t_tail = t[..., :k], t[..., k:]
+    neg = torch.full_like(t_top, _NEG)
+    t_rest = torch.logsumexp(torch.cat([t_tail, torch.where(mapped, neg, t_top)], -1), -1, keepdim=True)
+    s_top = torch.where(mapped, ls.gather(-1, topk_ids), neg)
+    s_rest = log1mexp(torch.logsumexp(s_top, dim=-1, keepdim=True))
+    loss = _kl(torch.cat([torch.where(mapped, t_top, neg), t_rest], -1), torch.cat([s_top, s_rest], -1).clamp_min(_NEG))
+    if kind == "xtok-uld" and bool((~mapped).any()):
+        unmapped = torch.where(mapped, torch.zeros_like(t_top), t_top.exp()).sort(-1, descending=True).values
+        taken = torch.zeros_like(ls, dtype=torch.uint8).scatter_reduce(-1, topk_ids, mapped.to(torch.uint8), "amax")
+        q = ls.exp().masked_fill(taken.bool(), 0.0).topk(k, dim=-1).values
+        n_unmapped = (~mapped).sum(-1, keepdim=True)
+        within = torch.arange(k, device=q.device).expand_as(q) < n_unmapped
+        loss = loss + torch.where(within, (unmapped - q).abs(), torch.zeros_like(q)).sum(-1)
+    return loss * temperature**2
+
+
 def label_positions(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[Any, ...]:
     """Flatten a batch to its labeled positions.
 
-    Returns ``(hidden [N, H], topk_ids, topk_logprobs, tail, targets, tail_samples)``;
-    ``tail_samples`` is ``(ids, counts) [N, S]`` when the batch carries them, else None.
+    Returns ``(hidden [N, H], topk_ids, topk_logprobs, tail, targets, tail_samples, extra)``;
+    ``tail_samples`` is ``(ids, counts) [N, S]`` when the batch carries them, else None; ``extra``
+    holds what the batch has of ``mapped`` ``[N, k]``, ``kd`` ``[N]`` (positions with KD: a student
+    with another tokenizer) and ``bytes`` ``[N]`` (of each next token).
     """
     idx = batch["label_mask"].reshape(-1).nonzero().squeeze(-1)
     k = batch["topk_ids"].shape[-1]
@@ -125,6 +165,11 @@ def label_positions(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> tup
     if "tail_sample_ids" in batch:
         draws = batch["tail_sample_ids"].shape[-1]
         samples = (batch["tail_sample_ids"].reshape(-1, draws)[idx], batch["tail_sample_counts"].reshape(-1, draws)[idx])
+    extra = {}
+    for key, name in (("topk_mapped", "mapped"), ("kd_mask", "kd"), ("target_bytes", "bytes")):
+        if key in batch:
+            v = batch[key]
+            extra[name] = (v.reshape(-1, k) if key == "topk_mapped" else v.reshape(-1))[idx]
     return (
         hidden.reshape(-1, hidden.shape[-1])[idx],
         batch["topk_ids"].reshape(-1, k)[idx],
@@ -132,6 +177,7 @@ def label_positions(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> tup
         batch["tail_logprob"].reshape(-1)[idx],
         batch["targets"].reshape(-1)[idx],
         samples,
+        extra,
     )
 
 
@@ -151,7 +197,8 @@ def chunked_loss(
     Returns the scalar loss and its parts (KD over label positions, CE over
     positions with a true next token), for logging.
     """
-    h, ids, lps, tail, targets, drawn = label_positions(hidden, batch)
+    h, ids, lps, tail, targets, drawn, extra = label_positions(hidden, batch)
+    mapped, kd_at = extra.get("mapped"), extra.get("kd")
     if kind == "tail-sampled" and drawn is None:
         raise ValueError("loss 'tail-sampled' needs a label set with tail samples (labeler --tail-samples S)")
     use_kd = kind != "ce" and alpha > 0
@@ -160,24 +207,29 @@ def chunked_loss(
     ce_sum = h.new_zeros((), dtype=torch.float32)
 
     def piece(hc: torch.Tensor, ic: torch.Tensor, lc: torch.Tensor, tc: torch.Tensor, tg: torch.Tensor,
-              di: torch.Tensor | None, dc: torch.Tensor | None):
+              di: torch.Tensor | None, dc: torch.Tensor | None, mc: torch.Tensor | None, kc: torch.Tensor | None):
         logits = head(hc)
         ts = (di, dc) if di is not None else None
-        kd = position_loss(logits, kind, ic, lc, tc, temperature=temperature, tail_samples=ts).sum() if use_kd else hc.new_zeros(())
+        if use_kd:
+            per = position_loss(logits, kind, ic, lc, tc, temperature=temperature, tail_samples=ts, mapped=mc)
+            kd = (per * kc if kc is not None else per).sum()
+        else:
+            kd = hc.new_zeros(())
         ce = position_loss(logits, "ce", targets=tg).sum() if use_ce else hc.new_zeros(())
         return kd.float(), ce.float()
 
     for s in range(0, h.shape[0], chunk):
         e = min(h.shape[0], s + chunk)
         args = (h[s:e], ids[s:e], lps[s:e], tail[s:e], targets[s:e],
-                *((drawn[0][s:e], drawn[1][s:e]) if drawn is not None else (None, None)))
+                *((drawn[0][s:e], drawn[1][s:e]) if drawn is not None else (None, None)),
+                None if mapped is None else mapped[s:e], None if kd_at is None else kd_at[s:e])
         if torch.is_grad_enabled() and h.requires_grad:
             kd, ce = checkpoint(piece, *args, use_reentrant=False)
         else:
             kd, ce = piece(*args)
         kd_sum = kd_sum + kd
         ce_sum = ce_sum + ce
-    n_kd = max(1, h.shape[0])
+    n_kd = max(1, h.shape[0] if kd_at is None else int(kd_at.sum()))
     n_ce = max(1, int((targets != -100).sum()))
     kd_mean, ce_mean = kd_sum / n_kd, ce_sum / n_ce
     if kind == "ce":

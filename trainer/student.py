@@ -76,6 +76,10 @@ def check_tokenizer(tokenizer: Any, labels: LabelSet, where: str, allow_mismatch
     want = labels.manifest.tokenizer.fingerprint
     if fp == want:
         return True
+    if labels.manifest.spans and not allow_mismatch:  # distilled across tokenizers (trainer.crosstok)
+        log.info("student tokenizer (%s) differs from the label set's (%s): distilling across tokenizers, aligned by "
+                 "the set's token spans", where, labels.manifest.tokenizer.name)
+        return False
     # The label set's own tokenizer shows what differs (the `tiny` path compares it with itself: nothing to show).
     label_tok = load_label_tokenizer(labels) if labels.manifest.tokenizer.files else None
     precise = tokenizer_difference(tokenizer, label_tok, labels.manifest) if label_tok is not None else None
@@ -86,7 +90,8 @@ def check_tokenizer(tokenizer: Any, labels: LabelSet, where: str, allow_mismatch
         vocab = vocab_difference(tokenizer, label_tok) if label_tok is not None else None
         msg = (f"student tokenizer ({where}, {fp[:19]}) differs from the label set's "
                f"({labels.manifest.tokenizer.name}, {want[:19]}){f': {vocab}' if vocab else ''}")
-        why = (f"{'; ' if vocab else ': '}the student must share the teacher's tokenizer "
+        why = (f"{'; ' if vocab else ': '}the student must share the teacher's tokenizer, as this label set has no "
+               "token spans (labeled without --store-spans, or before softlabels 0.7) to align another tokenizer with "
                "(--allow-vocab-mismatch overrides)")
     if not allow_mismatch:
         raise UserError(msg + why)
@@ -163,12 +168,13 @@ def vocab_difference(student: Any, label_tok: Any) -> str | None:
 
 def build_student(
     spec: str, labels: LabelSet, seed: int = 0, dtype: str = "float32", allow_vocab_mismatch: bool = False,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, student_tokenizer: str | None = None,
 ) -> tuple[Any, Any]:
     """Return ``(model, tokenizer)`` for ``--student``.
 
     ``tiny`` and ``*.json`` config files build a freshly initialized Llama-style
-    model (seeded) with the label set's tokenizer; anything else goes to
+    model (seeded) with the label set's tokenizer, or with ``student_tokenizer``
+    (a directory or hub id) sized to it; anything else goes to
     ``from_pretrained`` (local directory or hub id) with its own tokenizer;
     a model's own Python code runs only with ``trust_remote_code``.
     """
@@ -178,10 +184,18 @@ def build_student(
     vocab = labels.manifest.tokenizer.vocab_size
     rows_needed = labels.manifest.id_space  # a padded teacher head's ids may lie past the tokenizer
     torch_dtype = getattr(torch, dtype)
+    if student_tokenizer is not None and not (spec == "tiny" or spec.endswith(".json")):
+        raise UserError(f"--student-tokenizer is for students built here (tiny, a config .json); {spec} has its own")
     if spec == "tiny" or spec.endswith(".json"):
-        tokenizer = load_label_tokenizer(labels)
-        check_tokenizer(tokenizer, labels, f"{labels.url}/{labels.manifest.tokenizer.files}")
-        if len(tokenizer) != vocab:  # the fingerprint vouches for the tokenizer, not for the number beside it
+        if student_tokenizer is not None:
+            tokenizer = _own_tokenizer(student_tokenizer)
+            if not check_tokenizer(tokenizer, labels, student_tokenizer, allow_vocab_mismatch):
+                rows_needed = len(tokenizer)  # its own ids (across tokenizers), or all ids fit (--allow-vocab-mismatch)
+                rows_needed = max(rows_needed, labels.manifest.id_space if allow_vocab_mismatch else 0)
+        else:
+            tokenizer = load_label_tokenizer(labels)
+            check_tokenizer(tokenizer, labels, f"{labels.url}/{labels.manifest.tokenizer.files}")
+        if student_tokenizer is None and len(tokenizer) != vocab:  # the fingerprint vouches for the tokenizer, not for the number beside it
             raise UserError(f"label set {labels.url}: the manifest's vocab_size {vocab} is not its tokenizer's "
                             f"{len(tokenizer)}; refused (a student's embeddings would be sized from it)")
         if spec == "tiny":
@@ -207,6 +221,8 @@ def build_student(
             spec, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
         )
     rows = embedding_rows(model)
+    if tokenizer_fingerprint(tokenizer) != labels.manifest.tokenizer.fingerprint and not allow_vocab_mismatch:
+        rows_needed = len(tokenizer)  # across tokenizers: the student's own ids
     if rows < rows_needed:
         raise UserError(
             f"student {spec} has {rows} embeddings, fewer than the label set's id space of {rows_needed}"
@@ -214,6 +230,19 @@ def build_student(
             "its ids do not all fit"
         )
     return model, tokenizer
+
+
+def _own_tokenizer(spec: str) -> Any:
+    """``--student-tokenizer``: a tokenizer directory or hub id (never its code)."""
+    from transformers import AutoTokenizer
+
+    if not Path(spec).exists() and spec.startswith((".", "/", "~")):
+        raise UserError(f"--student-tokenizer {spec} does not exist")
+    with remote_code_guard(f"tokenizer {spec}"):
+        try:
+            return AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--student-tokenizer {spec}: not a tokenizer ({str(e).splitlines()[0][:160]})") from None
 
 
 def embedding_rows(model: Any) -> int:

@@ -30,6 +30,13 @@ import numpy as np
 from softlabels.schemas.errors import UserError
 
 
+# Text tokenizers are checked on before they are used: spaces, tabs, newlines (CRLF too), digits, punctuation,
+# accents, CJK, an emoji, a word the vocabulary surely splits, a ligature and a combining accent (which NFKC
+# and NFC normalizers change), a no-break space.
+PROBE_TEXT = ("Hello, world!\n\n  def f(x):\treturn x**2  # 1234567\r\nÜnïcödé naïve café 東京 🙂 floccinaucinihilipilification"
+              " ﬁ\u00a0A\u030a")
+
+
 @functools.lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's printable stand-in character for each byte, inverted."""
@@ -118,6 +125,13 @@ def token_bytes(tokenizer: Any, where: str = "tokenizer") -> TokenBytes:
     prefix = b"".join(table[i] for i in probe) == b" a"
     lengths = np.fromiter((len(b) for b in table), dtype=np.int64, count=size)
     return TokenBytes(kind, tuple(table), lengths, special, prefix)
+
+
+def check_lossless(tokenizer: Any, tb: TokenBytes, where: str) -> None:
+    """One line when ``tokenizer``'s tokens do not reproduce :data:`PROBE_TEXT` byte for byte."""
+    problem = spans_for(tb, tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"], PROBE_TEXT.encode("utf-8"))
+    if isinstance(problem, str):
+        raise UserError(f"{where} does not reproduce text exactly, {problem}: a normalizer or an unknown token changes it")
 
 
 def spans_for(tb: TokenBytes, ids: Any, text: bytes, cut: bool = False) -> np.ndarray | str:

@@ -1,0 +1,221 @@
+"""Students with another tokenizer: teacher samples turned into the student's tokens, aligned by bytes.
+
+A label set with token spans (labeler ``--store-spans``, schema v5) says, per position, how many bytes
+of the sequence's text its token covers. From that and the set's own tokenizer files the trainer
+recovers each sequence's exact text (:func:`softlabels.common.tokenbytes.text_of`), re-tokenizes it with
+the student's tokenizer, and lines up the two tokenizations by byte offsets:
+
+* a student position and a teacher position are **aligned** where both contexts end at the same byte
+  (both tokenizations have a boundary there): they predict what follows the same text;
+* each teacher top-k id is **mapped** to the student id whose token is the same byte string
+  (:func:`id_map`, built once per pair of tokenizers); the teacher's mass on ids that do not map
+  stays in the distribution as a bucket of its own (``xtok-kl``) and is matched by sorted
+  probabilities (``xtok-uld``), see :mod:`softlabels.trainer.losses`;
+* cross-entropy is on the student's own next tokens, where the teacher's token at that byte is a
+  trained one (assistant turns of a chat set, every token of plain text).
+
+With the same tokenizer on both sides every position aligns and every id maps to itself, and the
+losses reduce to ``tail-kl`` exactly (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from softlabels.common.tokenbytes import TokenBytes, check_lossless, spans_for, text_of, token_bytes
+from softlabels.schemas import LabelSet, Sample, tokenizer_fingerprint
+from softlabels.schemas.errors import UserError
+from softlabels.trainer.batch import truncate_topk
+
+log = logging.getLogger(__name__)
+
+
+_MAPS: dict[tuple[str, str], np.ndarray] = {}  # id maps built in this process, per pair of fingerprints
+
+
+def _build_map(teacher: TokenBytes, student: TokenBytes) -> np.ndarray:
+    index: dict[bytes, int] = {}
+    for i, b in enumerate(student.table):  # ordinary tokens by their bytes, lowest id first
+        if b and not student.special[i]:
+            index.setdefault(b, i)
+    specials = {b: i for i, b in enumerate(student.table) if b and student.special[i]}
+    out = np.full(len(teacher.table), -1, np.int64)
+    for i, b in enumerate(teacher.table):
+        j = (specials if teacher.special[i] else index).get(b)
+        if j is not None:
+            out[i] = j
+    return out
+
+
+def id_map(teacher: TokenBytes, student: TokenBytes, teacher_fp: str = "", student_fp: str = "") -> np.ndarray:
+    """Per teacher id, the student id of the same byte string (special tokens only to special tokens of the
+    same text), or -1. Cached per pair of tokenizer fingerprints (the table is built once per process)."""
+    if not teacher_fp or not student_fp:
+        return _build_map(teacher, student)
+    key = (teacher_fp, student_fp)
+    if key not in _MAPS:
+        _MAPS[key] = _build_map(teacher, student)
+    return _MAPS[key]
+
+
+def _utf8_edges(text: bytes) -> tuple[int, int]:
+    """Bytes to drop at the start and end so that the rest is whole UTF-8 characters (a sequence cut from a
+    longer document may begin or end inside a character: its token held part of one)."""
+    lead = 0
+    while lead < min(3, len(text)) and 0x80 <= text[lead] < 0xC0:
+        lead += 1
+    end = len(text)
+    for back in range(1, min(4, end - lead) + 1):
+        b = text[end - back]
+        if b < 0x80:
+            break
+        if b >= 0xC0:  # a start byte: is its character whole?
+            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            if back < need:
+                end -= back
+            break
+    return lead, len(text) - end
+
+
+class CrossTokenizer:
+    """Turns a teacher :class:`Sample` into a student batch item (the trainer's dataset ``transform``).
+
+    Items carry the student's ``input_ids``; ``topk_ids`` mapped to student ids with ``topk_mapped``
+    saying which entries map; ``kd_mask`` (aligned positions with teacher labels), ``ce_mask`` (student
+    positions whose next token is trained), ``label_mask`` (either); ``target_bytes`` (bytes of each
+    position's next token, for bits per byte) and ``xtok_stats`` (teacher positions with labels,
+    of them aligned, teacher mass mapped at the aligned ones).
+    """
+
+    def __init__(self, labels: LabelSet, label_tokenizer: Any, student_tokenizer: Any, student_where: str,
+                 top_k: int | None = None) -> None:
+        if not labels.manifest.spans:
+            raise UserError(f"label set {labels.url} has no token spans (labeled without --store-spans, or before "
+                            f"softlabels 0.7): a student with another tokenizer ({student_where}) cannot be aligned "
+                            "with it; relabel with --store-spans, or train a student with the set's tokenizer")
+        if labels.manifest.sequence.packing:
+            raise UserError(f"label set {labels.url} packs several documents per sequence: students with another "
+                            "tokenizer need sets labeled without --packing")
+        self.teacher = token_bytes(label_tokenizer, f"label set {labels.url}'s tokenizer")
+        self.student = token_bytes(student_tokenizer, f"student tokenizer {student_where}")
+        # Students learn the text's exact bytes: a tokenizer that changes them is refused before any training.
+        check_lossless(student_tokenizer, self.student, f"student tokenizer {student_where}")
+        self.tokenizer = student_tokenizer
+        self.where = student_where
+        self.top_k = top_k
+        bos = getattr(student_tokenizer, "bos_token_id", None)
+        with_special = student_tokenizer("x", add_special_tokens=True)["input_ids"]
+        self.bos = bos if bos is not None and with_special[:1] == [bos] else None
+        self.map = id_map(self.teacher, self.student, labels.manifest.tokenizer.fingerprint,
+                          tokenizer_fingerprint(student_tokenizer))
+
+    def coverage(self) -> float:
+        """Share of the teacher's ordinary tokens that map to a student token."""
+        ordinary = ~self.teacher.special & (self.teacher.lengths > 0)
+        return float((self.map[ordinary] >= 0).mean()) if ordinary.any() else 0.0
+
+    def __call__(self, s: Sample) -> dict[str, torch.Tensor]:
+        if s.spans is None:
+            raise UserError(f"sample {s.sample_id} ({s.source}) has no token spans")
+        text = text_of(self.teacher, s.input_ids, s.spans)
+        if isinstance(text, str):
+            raise UserError(f"sample {s.sample_id} ({s.source}): its spans do not match its tokens: {text}")
+        lead, trail = _utf8_edges(text)
+        body = text[lead:len(text) - trail]
+        try:
+            decoded = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"sample {s.sample_id} ({s.source}): its text is not UTF-8 at byte {lead + e.start}") from None
+        ids = list(self.tokenizer(decoded, add_special_tokens=False)["input_ids"])
+        spans = spans_for(self.student, ids, body)
+        if isinstance(spans, str):
+            raise UserError(f"student tokenizer {self.where} cannot encode sample {s.sample_id} ({s.source}) "
+                            f"losslessly: {spans}")
+        if self.bos is not None and lead == 0 and len(s.spans) and s.spans[0] == 0:  # the teacher had a BOS here
+            ids, spans = [self.bos] + ids, np.concatenate([[0], spans])
+        ends_t = np.cumsum(s.spans.astype(np.int64)) - lead
+        ends_s = np.cumsum(spans)
+        n = len(ids)
+        # Teacher label rows per position (-1: none there).
+        trained_t = np.ones(len(s.input_ids), bool) if s.trained is None else s.trained
+        row_of = np.where(trained_t, np.cumsum(trained_t) - 1, -1)
+        p = np.searchsorted(ends_t, ends_s, "left").clip(max=len(ends_t) - 1)
+        aligned = (ends_t[p] == ends_s) & (ends_t[p] >= 0)
+        kd = aligned & (row_of[p] >= 0)
+        # CE: the student's next token starts at byte ends_s[q]; trained if the teacher token there is.
+        nxt = np.searchsorted(ends_t, ends_s[:-1], "right")
+        if s.trained is None:
+            ce_head = nxt < len(ends_t)
+        else:
+            ce_head = (nxt >= 1) & (nxt < len(ends_t)) & trained_t[(nxt - 1).clip(0)]
+        ce = np.zeros(n, bool)
+        ce[:-1] = ce_head
+        lp, tail, top = s.topk_logprobs, s.tail_logprob, s.topk_ids
+        if self.top_k is not None:
+            lp, tail = truncate_topk(lp, tail, self.top_k)
+            top = top[:, :self.top_k]
+        k = top.shape[1]
+        rows = row_of[p[kd]]
+        mapped_ids = self.map[top[rows]]
+        mapped = mapped_ids >= 0
+        if k > 1:  # two teacher ids of one byte string: the likelier keeps the student id
+            order = np.argsort(np.where(mapped, mapped_ids, -1 - np.arange(k)), axis=1, kind="stable")
+            srt = np.take_along_axis(mapped_ids, order, 1)
+            dup = np.zeros_like(mapped)
+            np.put_along_axis(dup, order[:, 1:], (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0), 1)
+            mapped &= ~dup
+        full_ids = np.zeros((n, k), np.int64)
+        full_mapped = np.zeros((n, k), bool)
+        full_lp = np.zeros((n, k), np.float32)
+        full_tail = np.zeros(n, np.float32)
+        full_ids[kd] = np.where(mapped, mapped_ids, 0)
+        full_mapped[kd] = mapped
+        full_lp[kd] = lp[rows]
+        full_tail[kd] = tail[rows]
+        target_bytes = np.zeros(n, np.int64)
+        target_bytes[:-1] = spans[1:]
+        probs = np.exp(lp[rows].astype(np.float64))
+        total = probs.sum(1) + np.exp(tail[rows].astype(np.float64))
+        mapped_mass = float(((probs * mapped).sum(1) / np.maximum(total, 1e-30)).sum())
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "topk_ids": torch.from_numpy(full_ids),
+            "topk_mapped": torch.from_numpy(full_mapped),
+            "topk_logprobs": torch.from_numpy(full_lp),
+            "tail_logprob": torch.from_numpy(full_tail),
+            "label_mask": torch.from_numpy(kd | ce),
+            "kd_mask": torch.from_numpy(kd),
+            "ce_mask": torch.from_numpy(ce),
+            "target_bytes": torch.from_numpy(target_bytes),
+            "xtok_stats": torch.tensor([len(tail), int(kd.sum()), mapped_mass], dtype=torch.float64),
+        }
+
+
+def attach(datasets: list[Any], labels: LabelSet, tokenizer: Any, where: str,
+           allow_vocab_mismatch: bool = False, top_k: int | None = None) -> CrossTokenizer | None:
+    """Make ``datasets`` (:class:`~softlabels.trainer.data.LabelDataset`) serve a student with ``tokenizer``.
+
+    The set's own tokenizer: items as they are, with each next token's bytes (bits per byte) from the
+    spans or the tokenizer's token bytes (special tokens count none). Another one (not
+    ``--allow-vocab-mismatch``): items through a :class:`CrossTokenizer`; returned.
+    """
+    from softlabels.trainer.student import load_label_tokenizer
+
+    if allow_vocab_mismatch or tokenizer_fingerprint(tokenizer) == labels.manifest.tokenizer.fingerprint:
+        try:
+            tb = token_bytes(tokenizer, where)
+            lengths = np.where(tb.special, 0, tb.lengths)
+        except UserError:  # no exact bytes (a WordPiece tokenizer): bits per byte only from spans
+            lengths = None
+        for ds in datasets:
+            ds.byte_lengths = None if allow_vocab_mismatch else lengths
+        return None
+    cross = CrossTokenizer(labels, load_label_tokenizer(labels), tokenizer, where, top_k)
+    for ds in datasets:
+        ds.transform, ds.max_id = cross, None  # items hold the student's ids (its tokenizer's, which fit it)
+    log.info("across tokenizers: %.1f%% of the teacher's %d ordinary tokens map to a student token of the same bytes",
+             100 * cross.coverage(), int((~cross.teacher.special).sum()))
+    return cross
