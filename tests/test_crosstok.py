@@ -1,0 +1,267 @@
+"""Token spans in label sets and students with another tokenizer (issue 22).
+
+Tokenizers here are real ones trained by the ``tokenizers`` library on pydoc text: the tests'
+byte-level teacher tokenizer (conftest), a byte-level one with other merges and vocabulary size, and a
+SentencePiece-style one with byte fallback (``▁`` for spaces, ``<0xNN>`` pieces for bytes it lacks).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_one_line_error, cli_in_process
+
+from softlabels.common.tokenbytes import spans_for, text_of, token_bytes
+from softlabels.labeler.corpus import Document
+from softlabels.labeler.plan import Rendering, build_sequences, render
+from softlabels.schemas import Sample, SequenceConfig, decode_table, encode_samples, open_label_set
+from softlabels.schemas.errors import UserError
+from softlabels.trainer.batch import collate, sample_to_tensors
+from softlabels.trainer.crosstok import CrossTokenizer, attach
+from softlabels.trainer.losses import chunked_loss, position_loss
+from softlabels.trainer.student import build_student, load_label_tokenizer
+
+TEXT = ("naïve  café\t\t東京 🙂   spaces\n\n\nend Ünïcödé ☃☃ " * 3).strip()
+
+
+def _topics(lo: int, hi: int) -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)][lo:hi]
+
+
+@pytest.fixture(scope="module")
+def byte_level(tmp_path_factory):
+    """A byte-level BPE tokenizer with other merges and another vocabulary size than the tests' teacher's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_topics(20, 80), trainers.BpeTrainer(
+        vocab_size=700, special_tokens=["<|endoftext|>", "<pad>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
+    path = tmp_path_factory.mktemp("byte-level-700")
+    fast.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def byte_fallback():
+    """A SentencePiece-style BPE (prefix space, ``▁``, byte fallback) that lacks CJK, emoji and most accents."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    pieces = [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(_topics(0, 20), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", *pieces], show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "byte-fallback"])
+def test_spans_slice_the_text_into_the_tokens_bytes(kind, label_set, byte_fallback):
+    """Per position, the stored id decoded to bytes and the text sliced by the stored spans are the same bytes:
+    multi-byte UTF-8 (split across chunks too), whitespace runs, byte-fallback pieces; through a shard and back."""
+    tok = load_label_tokenizer(open_label_set(label_set)) if kind == "byte-level" else byte_fallback
+    tb = token_bytes(tok)
+    docs = [Document("d0", TEXT), Document("d1", "x" + TEXT[::-1])]
+    tokenized = render(docs, tok, Rendering(spans=tb))
+    seqs = list(build_sequences(tokenized, tok.eos_token_id, SequenceConfig(max_length=7, add_eos=True)))
+    if kind == "byte-fallback":
+        pieces = {tok.convert_ids_to_tokens(int(i)) for s in seqs for i in s.input_ids}
+        assert {"<0xE6>", "<0x9D>", "<0xB1>"} <= pieces  # 東 as three byte pieces
+        assert tb.prefix_space
+    samples = []
+    for d in docs:
+        text, at = d.text.encode("utf-8"), 0
+        mine = [s for s in seqs if s.source.startswith(f"{d.doc_id}#")]
+        for s in mine:
+            for i, n in zip(s.input_ids.tolist(), s.spans.tolist()):
+                assert text[at:at + n] == (tb.table[i][-n:] if n else b"")
+                at += n
+        assert at == len(text) and mine[-1].spans[-1] == 0  # every byte once; the added EOS covers none
+        assert any(0x80 <= text[sum(int(x) for s in mine[:j] for x in s.spans)] < 0xC0 for j in range(1, len(mine)))
+        rows = [Sample(f"{j:016x}", s.source, s.input_ids, np.zeros((len(s.input_ids), 1), np.int32),
+                       np.zeros((len(s.input_ids), 1), np.float32), np.full(len(s.input_ids), -30, np.float32),
+                       spans=s.spans) for j, s in enumerate(mine)]
+        back = list(decode_table(encode_samples(rows, 1)))
+        assert b"".join(text_of(tb, r.input_ids, r.spans) for r in back) == text
+        samples += back
+    assert all(r.spans.dtype == np.uint16 for r in samples)
+
+
+def test_labeler_stores_spans_that_give_back_each_document(label_set):
+    """The fixture set (the real labeler, default settings) has spans; a document's chunks join to its text."""
+    from pydoc_data.topics import topics
+
+    ls = open_label_set(label_set)
+    assert ls.manifest.spans and ls.manifest.schema_version == 5
+    tb = token_bytes(load_label_tokenizer(ls))
+    by_doc: dict[str, list] = {}
+    for s in ls.iter_samples():
+        doc, chunk = s.source.rsplit("#", 1)
+        by_doc.setdefault(doc, []).append((int(chunk), text_of(tb, s.input_ids, s.spans)))
+    whole = 0
+    for doc, parts in by_doc.items():
+        got = b"".join(t for _, t in sorted(parts))
+        want = topics[doc.removeprefix("pydoc:")].encode("utf-8")
+        assert want.startswith(got)  # --limit may stop inside the last document
+        whole += got == want
+    assert whole >= len(by_doc) - 1
+
+
+def _student_batches(label_set, tokenizer, where):
+    ls = open_label_set(label_set)
+    samples = list(ls.iter_samples(ls.manifest.shards[:2]))
+    cross = CrossTokenizer(ls, load_label_tokenizer(ls), tokenizer, where)
+    return ls, samples, cross
+
+
+def test_same_tokenizer_cross_losses_equal_tail_kl(label_set):
+    """Through the cross-tokenizer path with the set's own tokenizer: the same tokens and positions, every id
+    mapped to itself, and xtok-kl and xtok-uld equal tail-kl on the same batch (and bits per byte agree)."""
+    ls, samples, cross = _student_batches(label_set, load_label_tokenizer(open_label_set(label_set)), "same")
+    assert cross.coverage() == 1.0
+    plain = collate([sample_to_tensors(s) for s in samples[:6]])
+    items = [cross(s) for s in samples[:6]]
+    crossed = collate(items)
+    assert torch.equal(crossed["input_ids"], plain["input_ids"]) and torch.equal(crossed["kd_mask"], plain["label_mask"])
+    assert torch.equal(crossed["targets"], plain["targets"]) and bool(crossed["topk_mapped"][crossed["kd_mask"]].all())
+    assert torch.equal(crossed["topk_ids"][crossed["kd_mask"]], plain["topk_ids"][plain["label_mask"]])
+    assert sum(float(i["xtok_stats"][1]) for i in items) == sum(float(i["xtok_stats"][0]) for i in items)
+    model, _ = build_student("tiny", ls, seed=1)
+    hidden = model.get_decoder()(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).last_hidden_state
+    head = model.get_output_embeddings()
+    ref, ref_parts = chunked_loss(hidden, head, "tail-kl", plain, alpha=0.7, chunk=50)
+    for kind in ("xtok-kl", "xtok-uld"):
+        got, parts = chunked_loss(hidden, head, kind, crossed, alpha=0.7, chunk=50)
+        assert abs(got.item() - ref.item()) < 1e-5 and abs(parts["kd"] - ref_parts["kd"]) < 1e-5, kind
+    with_bytes = collate([sample_to_tensors(s) for s in samples[:6]])
+    assert torch.equal(with_bytes["target_bytes"], crossed["target_bytes"])
+
+
+def test_another_tokenizer_aligns_where_both_have_a_boundary(label_set, byte_level, byte_fallback):
+    """Aligned positions and mapped ids against a direct computation from the two tokenizations."""
+    from transformers import AutoTokenizer
+
+    for student in (AutoTokenizer.from_pretrained(byte_level), byte_fallback):
+        ls, samples, cross = _student_batches(label_set, student, "other")
+        assert 0.05 < cross.coverage() < 1
+        t_tb, s_tb = cross.teacher, cross.student
+        total = aligned = 0
+        for s in samples[:8]:
+            item = cross(s)
+            text = text_of(t_tb, s.input_ids, s.spans)
+            ids = student(text.decode("utf-8"), add_special_tokens=False)["input_ids"]
+            assert item["input_ids"].tolist() == ids
+            ends_t = list(np.cumsum(s.spans.astype(int)))
+            ends_s = list(np.cumsum(spans_for(s_tb, ids, text)))
+            want = [e in ends_t for e in ends_s]  # every teacher position of the fixture set holds labels
+            assert item["kd_mask"].tolist() == want
+            for q in np.flatnonzero(want):
+                p = ends_t.index(ends_s[q])
+                for j, t_id in enumerate(s.topk_ids[p].tolist()):
+                    if item["topk_mapped"][q, j]:
+                        assert s_tb.table[int(item["topk_ids"][q, j])] == t_tb.table[t_id]
+                    else:
+                        assert cross.map[t_id] < 0 or cross.map[t_id] in item["topk_ids"][q, :j][item["topk_mapped"][q, :j]]
+            total, aligned = total + len(s.input_ids), aligned + sum(want)
+            # CE targets: the student's own next tokens (no -100 but the last position: plain text trains all)
+            assert int(item["ce_mask"].sum()) == len(ids) - 1
+        assert 0.2 < aligned / total < 1
+
+
+def test_uld_term_against_a_direct_computation():
+    """xtok-uld = xtok-kl + sum over the unmapped entries of |sorted teacher p - sorted student q outside the mapped ids|."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 12, generator=g) * 2
+    ids = torch.tensor([[4, 1, 7, 0], [2, 3, 5, 9], [11, 10, 8, 6]])
+    lp = torch.log_softmax(torch.randn(3, 13, generator=g), -1)[:, :4].sort(-1, descending=True).values
+    tail = torch.log1p(-lp.exp().sum(-1))
+    mapped = torch.tensor([[True, False, True, False], [True, True, True, True], [False, False, True, False]])
+    kl = position_loss(logits, "xtok-kl", ids, lp, tail, mapped=mapped)
+    uld = position_loss(logits, "xtok-uld", ids, lp, tail, mapped=mapped)
+    q = torch.softmax(logits, -1)
+    for r in range(3):
+        p = lp[r].exp() / (lp[r].exp().sum() + tail[r].exp())
+        m = mapped[r]
+        rest_t = 1 - p[m].sum()
+        direct_kl = float((p[m] * (p[m].log() - q[r, ids[r][m]].log())).sum() + rest_t * (rest_t.log() - (1 - q[r, ids[r][m]].sum()).log()))
+        assert abs(float(kl[r]) - direct_kl) < 1e-5
+        others = torch.ones(12, dtype=torch.bool)
+        others[ids[r][m]] = False
+        n = int((~m).sum())
+        t_sorted = p[~m].sort(descending=True).values
+        s_sorted = q[r][others].sort(descending=True).values[:n]
+        assert abs(float(uld[r] - kl[r]) - float((t_sorted - s_sorted).abs().sum())) < 1e-5
+    assert float(uld[1]) == float(kl[1])  # every entry mapped: no ULD term
+
+
+def test_student_with_another_tokenizer_trains_and_resumes(label_set, byte_level, tmp_path):
+    """A tiny student built for the 700-token byte-level tokenizer: bits per byte and coverage reported; stopped at
+    its step-2 checkpoint and resumed to step 4 (2 DataLoader workers), it ends as the uninterrupted run (a constant
+    learning rate: the schedule does not depend on --steps)."""
+    def args(out, *extra, steps="4"):
+        return ["train", "--labels", label_set, "--output", str(out), "--student-tokenizer", byte_level, "--steps", steps,
+                "--batch-size", "3", "--lr", "3e-3", "--warmup-steps", "0", "--min-lr-ratio", "1", "--eval-batches", "1",
+                "--checkpoint-every", "2", "--num-workers", "2", "--json", *extra]
+
+    code, out, err = cli_in_process(*args(tmp_path / "a"))
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    after = summary["after"]
+    assert 0.2 < after["aligned"] < 1 and 0 < after["mapped_mass"] < 1 and after["bpb"] > 0
+    run = json.loads((tmp_path / "a" / "checkpoints" / "step-000004" / "run.json").read_text())
+    assert run["loss"] == "xtok-uld" and run["student_tokenizer"] == byte_level
+    code, _, err = cli_in_process(*args(tmp_path / "b", steps="2"))
+    assert code == 0, err
+    code, _, err = cli_in_process(*args(tmp_path / "b", "--resume"))
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert wa["model.embed_tokens.weight"].shape[0] == 700
+    # A loss that compares ids one by one is refused with another tokenizer
+    code, _, err = cli_in_process(*args(tmp_path / "c", "--loss", "topk-kl"))
+    assert_one_line_error(code, err, "train", "--loss topk-kl", "another tokenizer", "xtok-uld")
+
+
+def test_bad_input_across_tokenizers(label_set, tmp_path):
+    """A student tokenizer that changes text, and spans that do not match the tokens: one line each."""
+    from tokenizers import normalizers
+
+    ls = open_label_set(label_set)
+    lower = load_label_tokenizer(ls)
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    with pytest.raises(UserError, match=r"^student tokenizer lowercased does not reproduce text exactly, at byte 0 "):
+        CrossTokenizer(ls, load_label_tokenizer(ls), lower, "lowercased")
+    same = load_label_tokenizer(ls)
+    cross = CrossTokenizer(ls, same, same, "same")
+    s = next(ls.iter_samples())
+    bad = Sample(s.sample_id, s.source, s.input_ids, s.topk_ids, s.topk_logprobs, s.tail_logprob,
+                 spans=np.where(np.arange(len(s.spans)) == 3, 40, s.spans).astype(np.uint16))
+    with pytest.raises(UserError, match=rf"^sample {s.sample_id} \(.+\): its spans do not match its tokens: position 3: "
+                                        r"span of 40 bytes for token"):
+        cross(bad)
+    # a set whose manifest says spans, with a shard that has none: the reader names the shard
+    data = tmp_path / "nospans"
+    import shutil
+
+    shutil.copytree(label_set, data)
+    m = json.loads((data / "manifest.json").read_text())
+    m["spans"] = False
+    (data / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(Exception, match="has a spans column; the manifest says it has none"):
+        next(open_label_set(str(data)).iter_samples())
+    attach([], ls, same, "same")  # the set's own tokenizer: nothing to align
