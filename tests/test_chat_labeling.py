@@ -184,6 +184,30 @@ def test_prompt_completion_trains_the_completion_and_eos(chatml_tokenizer):
     assert not mask[:n_prompt].any() and mask[n_prompt:].all()
 
 
+def test_spans_of_chat_and_prompt_completion_rows_give_back_their_text(chatml_tokenizer):
+    """Chat rows' text is the rendered conversation (template markers as their text); a prompt-completion row's
+    is prompt + completion, its BOS/EOS covering no byte; cut conversations keep their spans' prefix."""
+    from softlabels.common.tokenbytes import text_of, token_bytes
+    from softlabels.labeler.chat import render_chat
+    from softlabels.labeler.corpus import Document
+
+    tok = chatml_tokenizer
+    tb = token_bytes(tok)
+    docs = [Document(f"d{i}", "", conv(i)) for i in range(2)]
+    for (doc_id, ids, _, spans), d in zip(render(docs, tok, Rendering("chat", "assistant", CHATML, spans=tb)), docs):
+        rendered = render_chat(tok, d.messages, CHATML, "assistant").text
+        assert text_of(tb, ids, spans) == rendered.encode("utf-8") and rendered.count("<|im_start|>") >= 3
+    doc = Document("p", "", [{"role": "user", "content": "Zwei + zwei ="}, {"role": "assistant", "content": " vier ✓"}])
+    ((_, ids, _, spans),) = render([doc], tok, Rendering("prompt-completion", "completion", None, tok.bos_token_id,
+                                                         tok.eos_token_id, spans=tb))
+    assert ids[0] == tok.bos_token_id and spans[0] == 0 and ids[-1] == tok.eos_token_id and spans[-1] == 0
+    assert text_of(tb, ids, spans) == "Zwei + zwei = vier ✓".encode("utf-8")
+    tokenized = render(docs[:1], tok, Rendering("chat", "assistant", CHATML, spans=tb))
+    full = tokenized[0][3]
+    (seq,) = build_sequences(tokenized, None, SequenceConfig(max_length=len(full) - 1))
+    assert len(seq.spans) == len(seq.input_ids) < len(full) and np.array_equal(seq.spans, full[:len(seq.spans)])
+
+
 @pytest.fixture(scope="module")
 def runner(tiny_teacher):
     from softlabels.labeler.teacher import TeacherRunner, resolve_teacher

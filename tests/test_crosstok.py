@@ -8,7 +8,6 @@ SentencePiece-style one with byte fallback (``▁`` for spaces, ``<0xNN>`` piece
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

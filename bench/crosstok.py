@@ -1,0 +1,193 @@
+"""One label set, another tokenizer: cross-tokenizer KD from stored labels vs CE-only, in bits per byte.
+
+The built-in teacher (SmolLM2-135M, 49,152 tokens) labels the built-in corpus once, with token spans
+(``runs/bench-labels-xtok``, built on first use: 2-3 min on CPU). A second tokenizer is trained here
+with the ``tokenizers`` library on the same pydoc text (byte-level BPE, ``--vocab`` tokens: other
+merges, another size). Tiny students built for it (``--student-tokenizer``), one fixed budget (the
+same teacher sequences, steps, batch and seed each), are trained by ``softlabels.trainer.loop.train``:
+
+  xtok-uld  KD across tokenizers, the default loss (mapped ids + tail bucket, ULD on the unmapped mass)
+  xtok-kl   KD across tokenizers without the ULD term
+  ce        the student's own next tokens only (no teacher)
+
+and, for reference, the ``tiny`` student with the teacher's tokenizer (``tail-kl`` and ``ce``). Every
+model is scored on the same held-out sequences in bits per byte of their text (comparable across
+tokenizers), the teacher model too. Also reported: the share of the teacher's labeled positions
+aligned with a student position, the teacher's mass on ids that map there, and what the spans cost
+(every shard written again without its ``spans`` column by the same writer: the bytes that go).
+
+Issue expectation: cross-tokenizer KD beats CE-only on held-out bits per byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import common
+
+LABELS = "runs/bench-labels-xtok"
+LABELS_CMD = [".venv/bin/softlabels", "label", "--teacher", "smollm2-135m", "--corpus", "pydoc", "--output", LABELS,
+              "--top-k", "64", "--max-length", "128", "--limit", "400", "--shard-tokens", "8192", "--store-spans"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--labels", default=str(common.REPO / LABELS), help="label set with spans (default: %(default)s, "
+                   "labeled on first use)")
+    p.add_argument("--vocab", type=int, default=8192, help="the student tokenizer's vocabulary (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=80, help="optimizer steps per student (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="teacher sequences per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=1.0, help="KD weight; 1 - alpha goes to CE (default: %(default)s)")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default="xtok-uld,xtok-kl,ce,same:tail-kl,same:ce",
+                   help="comma-separated; same:LOSS trains the teacher-tokenizer student (default: %(default)s)")
+    p.add_argument("--no-teacher", action="store_true", help="skip scoring the teacher model")
+    return p.parse_args(argv)
+
+
+def ensure_labels(url: str) -> Any:
+    from softlabels.schemas import open_label_set
+    from softlabels.schemas.errors import MissingManifestError
+
+    try:
+        ls = open_label_set(url)
+    except MissingManifestError:
+        print(f"labeling {url} (2-3 min on CPU): {' '.join(LABELS_CMD)}", flush=True)
+        subprocess.run([*LABELS_CMD[:7], url, *LABELS_CMD[8:]], cwd=common.REPO, check=True)
+        ls = open_label_set(url)
+    if not ls.manifest.spans:
+        sys.exit(f"{url} has no token spans: label it with --store-spans")
+    return ls
+
+
+def train_tokenizer(vocab: int, out: Path) -> str:
+    """A byte-level BPE on the pydoc topics (every byte in its alphabet, so it reproduces any text)."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([topics[k] for k in sorted(topics)], trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<|endoftext|>", "<pad>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>").save_pretrained(out)
+    return str(out)
+
+
+def spans_cost(ls: Any) -> tuple[int, int, int]:
+    """``(bytes of the set's shards, bytes without the spans column, tokens)``: each shard re-encoded by the same
+    writer from its decoded samples, with and without spans (compact's levels are chosen again: both sides)."""
+    import dataclasses
+
+    from softlabels.schemas import encode_samples, table_to_parquet_bytes
+
+    m = ls.manifest
+    enc, with_spans, without = m.label_encoding, 0, 0
+    for shard in m.shards:
+        samples = ls.read_shard(shard)
+        vocab = m.tokenizer.id_space or m.tokenizer.vocab_size
+        with_spans += len(table_to_parquet_bytes(encode_samples(samples, m.top_k, enc, vocab)))
+        plain = [dataclasses.replace(s, spans=None) for s in samples]
+        without += len(table_to_parquet_bytes(encode_samples(plain, m.top_k, enc, vocab)))
+    return with_spans, without, m.totals.tokens
+
+
+def run_student(args: argparse.Namespace, method: str, tokenizer: str, out: Path) -> dict[str, Any]:
+    from softlabels.trainer.loop import TrainConfig, train
+
+    same, loss = method.startswith("same:"), method.removeprefix("same:")
+    cfg = TrainConfig(labels=args.labels, output=str(out), student="tiny", student_tokenizer=None if same else tokenizer,
+                      steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=10, loss=loss,
+                      alpha=args.alpha, seed=args.seed, eval_fraction=args.eval_fraction, eval_batches=None)
+    summary = train(cfg)
+    return {"after": summary["after"], "params": summary["parameters"], "train_s": summary["train_s"],
+            "tokens": summary["train_tokens"]}
+
+
+def score_teacher(args: argparse.Namespace, ls: Any) -> dict[str, Any]:
+    import torch
+
+    from softlabels.labeler.builtin import builtin_teacher_dir
+    from softlabels.trainer.crosstok import attach
+    from softlabels.trainer.data import LabelDataset
+    from softlabels.trainer.evaluate import evaluate
+    from softlabels.trainer.student import build_student
+
+    model, tok = build_student(str(builtin_teacher_dir("smollm2-135m")), ls)
+    ds = LabelDataset(ls, split="eval", eval_fraction=args.eval_fraction, shuffle=False)
+    attach([ds], ls, tok, "teacher")
+    with torch.inference_mode():
+        return evaluate(model, ds, args.batch_size, None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    t0 = time.time()
+    ls = ensure_labels(args.labels)
+    with_spans, without, tokens = spans_cost(ls)
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="softlabels-xtok-") as tmp:
+        tok_dir = train_tokenizer(args.vocab, Path(tmp) / "tokenizer")
+        from softlabels.schemas import open_label_set
+        from softlabels.trainer.crosstok import CrossTokenizer
+        from softlabels.trainer.student import _own_tokenizer, load_label_tokenizer
+
+        t = time.time()
+        cross = CrossTokenizer(open_label_set(args.labels), load_label_tokenizer(ls), _own_tokenizer(tok_dir), tok_dir)
+        map_s = time.time() - t
+        for method in args.methods.split(","):
+            t = time.time()
+            results[method] = run_student(args, method, tok_dir, Path(tmp) / method.replace(":", "-"))
+            a = results[method]["after"]
+            print(f"{method}: held-out bits/byte {a['bpb']:.4f}, CE {a['ce']:.4f}/token ({time.time() - t:.0f} s)", flush=True)
+    teacher = None if args.no_teacher else score_teacher(args, ls)
+    m = ls.manifest
+    print(f"\n## Cross-tokenizer distillation ({common.cpu_name()}, {common.versions()})\n")
+    print(f"label set {args.labels}: teacher {m.teacher.id} ({m.tokenizer.vocab_size:,} tokens), {m.totals.sequences} "
+          f"sequences, {tokens:,} tokens, k={m.top_k}, {m.label_encoding.name}; student tokenizer: byte-level BPE of "
+          f"{args.vocab:,} tokens trained on the pydoc topics ({100 * cross.coverage():.1f}% of the teacher's ordinary "
+          f"tokens map to one of its tokens; id map built in {map_s:.2f} s). Budget per student: {args.steps} steps x "
+          f"{args.batch_size} teacher sequences, lr {args.lr}, alpha {args.alpha}, seed {args.seed}; held-out "
+          f"{args.eval_fraction:.0%} of the sequences.\n")
+    print(f"spans: {with_spans - without:,} bytes of {with_spans:,} ({100 * (with_spans - without) / without:.2f}% "
+          f"more), {(with_spans - without) / tokens:.3f} bytes per token (labels and the rest: {without / tokens:.1f})\n")
+    rows = []
+    for method, r in results.items():
+        a = r["after"]
+        rows.append([method, f"{r['params'] / 1e6:.1f}M", f"{a['bpb']:.4f}", f"{a['ce']:.4f}",
+                     f"{100 * a['aligned']:.1f}%" if "aligned" in a else "all",
+                     f"{100 * a['mapped_mass']:.1f}%" if "mapped_mass" in a else "all",
+                     f"{a['kl']:.3f}", f"{a['top1']:.3f}"])
+    if teacher:
+        rows.append(["teacher model", "135M", f"{teacher['bpb']:.4f}", f"{teacher['ce']:.4f}", "all", "all",
+                     f"{teacher['kl']:.4f}", f"{teacher['top1']:.3f}"])
+    print(common.markdown_table(["student", "params", "held-out bits/byte", "CE/token (own tokens)", "aligned",
+                                 "teacher mass mapped", "KL (aligned)", "top-1"], rows))
+    if "ce" in results:
+        base = results["ce"]["after"]["bpb"]
+        for method in ("xtok-uld", "xtok-kl"):
+            if method in results:
+                got = results[method]["after"]["bpb"]
+                print(f"\n{method} vs ce (same tokenizer, same budget): {got:.4f} vs {base:.4f} bits/byte "
+                      f"({100 * (got / base - 1):+.2f}%): {'KD beats CE-only' if got < base else 'KD does NOT beat CE-only'}")
+    print(f"\nwall time {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
