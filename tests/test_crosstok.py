@@ -147,6 +147,15 @@ def test_same_tokenizer_cross_losses_equal_tail_kl(label_set):
         assert abs(got.item() - ref.item()) < 1e-5 and abs(parts["kd"] - ref_parts["kd"]) < 1e-5, kind
     with_bytes = collate([sample_to_tensors(s) for s in samples[:6]])
     assert torch.equal(with_bytes["target_bytes"], crossed["target_bytes"])
+    # bits per byte: the CE sum over the bytes of the predicted tokens, both against a direct computation
+    from softlabels.trainer.evaluate import score_batch
+
+    sums = score_batch(hidden.detach(), head, with_bytes, 50)
+    tb = token_bytes(load_label_tokenizer(ls))
+    real = plain["targets"] != -100
+    assert sums[5] == sum(len(tb.table[int(t)]) for t in plain["targets"][real])
+    direct = torch.nn.functional.cross_entropy(head(hidden.detach()[real]).float(), plain["targets"][real], reduction="sum")
+    assert abs(sums[0] - direct.item()) < 1e-3 * direct.item()
 
 
 def test_another_tokenizer_aligns_where_both_have_a_boundary(label_set, byte_level, byte_fallback):
