@@ -262,6 +262,9 @@ def test_bad_input_across_tokenizers(label_set, tmp_path):
     with pytest.raises(UserError, match=rf"^sample {s.sample_id} \(.+\): its spans do not match its tokens: position 3: "
                                         r"span of 40 bytes for token"):
         cross(bad)
+    only_eos = Sample(s.sample_id, s.source, s.input_ids[:1] * 0 + same.eos_token_id, s.topk_ids[:1], s.topk_logprobs[:1],
+                      s.tail_logprob[:1], spans=np.zeros(1, np.uint16))
+    assert cross(only_eos) is None  # a chunk holding only an added EOS has no text: skipped
     # a set whose manifest says spans, with a shard that has none: the reader names the shard
     data = tmp_path / "nospans"
     import shutil

@@ -87,7 +87,7 @@ class CrossTokenizer:
     saying which entries map; ``kd_mask`` (aligned positions with teacher labels), ``ce_mask`` (student
     positions whose next token is trained), ``label_mask`` (either); ``target_bytes`` (bytes of each
     position's next token, for bits per byte) and ``xtok_stats`` (teacher positions with labels,
-    of them aligned, teacher mass mapped at the aligned ones).
+    of them aligned, teacher mass mapped at the aligned ones). None for a sequence without text.
     """
 
     def __init__(self, labels: LabelSet, label_tokenizer: Any, student_tokenizer: Any, student_where: str,
@@ -117,7 +117,7 @@ class CrossTokenizer:
         ordinary = ~self.teacher.special & (self.teacher.lengths > 0)
         return float((self.map[ordinary] >= 0).mean()) if ordinary.any() else 0.0
 
-    def __call__(self, s: Sample) -> dict[str, torch.Tensor]:
+    def __call__(self, s: Sample) -> dict[str, torch.Tensor] | None:
         if s.spans is None:
             raise UserError(f"sample {s.sample_id} ({s.source}) has no token spans")
         text = text_of(self.teacher, s.input_ids, s.spans)
@@ -136,6 +136,8 @@ class CrossTokenizer:
                             f"losslessly: {spans}")
         if self.bos is not None and lead == 0 and len(s.spans) and s.spans[0] == 0:  # the teacher had a BOS here
             ids, spans = [self.bos] + ids, np.concatenate([[0], spans])
+        if not ids:  # no text (a chunk holding only an added EOS): nothing to train on
+            return None
         ends_t = np.cumsum(s.spans.astype(np.int64)) - lead
         ends_s = np.cumsum(spans)
         n = len(ids)

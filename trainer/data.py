@@ -121,7 +121,7 @@ class LabelDataset(IterableDataset):
         self.corrupt_skipped = 0
         self.max_id: int | None = None  # the student's embedding rows: every stored id must be below it
         # A sample -> item function instead of sample_to_tensors (a student with another tokenizer: trainer.crosstok)
-        self.transform: Callable[[Sample], dict[str, torch.Tensor]] | None = None
+        self.transform: Callable[[Sample], dict[str, torch.Tensor] | None] | None = None
         self.byte_lengths: np.ndarray | None = None  # per id, its bytes of text (bits per byte for sets without spans)
         self._rows = np.array([s.rows for s in self.labels.shards], dtype=np.int64)
 
@@ -264,6 +264,8 @@ class LabelDataset(IterableDataset):
                     continue
                 last = epoch
                 item = self.transform(r) if self.transform is not None else sample_to_tensors(r, self.top_k, self.byte_lengths)
+                if item is None:  # nothing for this student in it (no text to tokenize)
+                    continue
                 item["position"] = torch.tensor([slot, slots, epoch, done + i + 1], dtype=torch.long)
                 item["sample_key"] = torch.tensor(int(r.sample_id[:15], 16), dtype=torch.long)
                 yield item
