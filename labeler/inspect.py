@@ -67,6 +67,7 @@ def inspect_label_set(
         "temperature": m.temperature,
         "encoding": m.encoding,
         "tail_samples": m.tail_samples,
+        "spans": m.spans,  # students with another tokenizer can distill from it
         "corpus": m.corpus.source,
         "documents": m.corpus.documents,
         "sequences": m.totals.sequences,

@@ -80,6 +80,8 @@ class TrainConfig:
         if self.init_from is not None and self.student != "tiny":
             raise UserError(f"give --student or --init-from, not both (--student {self.student}, "
                             f"--init-from {self.init_from})")
+        if self.init_from is not None and self.student_tokenizer is not None:
+            raise UserError(f"--init-from {self.init_from} brings its own tokenizer; drop --student-tokenizer")
         for name in ("steps", "batch_size", "grad_accum", "head_chunk", "shuffle_window"):
             _check_int(self, name, 1)
         for name in ("warmup_steps", "eval_every", "num_workers", "checkpoint_every", "prefetch", "seed"):

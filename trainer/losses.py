@@ -26,6 +26,8 @@ Per position, with teacher buckets ``t = [log p_1..log p_k, log p_tail]``:
   for the mass that does not map: the L1 distance between the teacher's unmapped top-k probabilities,
   sorted, and the student's largest probabilities outside the mapped ids, sorted, entry by entry.
   With every id mapped (the same tokenizer) it is 0: both reduce to ``tail-kl`` exactly.
+  Student positions that align with no teacher position take CE on their true next token in the
+  KD term instead (:func:`chunked_loss`).
 - ``ce``: cross-entropy on the true next tokens (no teacher).
 """
 
@@ -193,7 +195,9 @@ def chunked_loss(
     """Loss of a batch from student hidden states ``[B, T, H]``.
 
     ``alpha`` weighs the KD term against CE on the true next tokens:
-    ``alpha * KD + (1 - alpha) * CE`` (ignored for ``kind="ce"``).
+    ``alpha * KD + (1 - alpha) * CE`` (ignored for ``kind="ce"``). A student with another tokenizer
+    (a batch with ``kd_mask``) has teacher labels at its aligned positions only: its KD term takes the
+    true next token's CE at the others (the only label there), so no trained position goes untrained.
     Returns the scalar loss and its parts (KD over label positions, CE over
     positions with a true next token), for logging.
     """
@@ -210,12 +214,15 @@ def chunked_loss(
               di: torch.Tensor | None, dc: torch.Tensor | None, mc: torch.Tensor | None, kc: torch.Tensor | None):
         logits = head(hc)
         ts = (di, dc) if di is not None else None
+        ce_at = position_loss(logits, "ce", targets=tg) if use_ce or (use_kd and kc is not None) else None
         if use_kd:
             per = position_loss(logits, kind, ic, lc, tc, temperature=temperature, tail_samples=ts, mapped=mc)
-            kd = (per * kc if kc is not None else per).sum()
+            if kc is not None:  # across tokenizers: the teacher's label where aligned, the true next token elsewhere
+                per = torch.where(kc, per, ce_at)
+            kd = per.sum()
         else:
             kd = hc.new_zeros(())
-        ce = position_loss(logits, "ce", targets=tg).sum() if use_ce else hc.new_zeros(())
+        ce = ce_at.sum() if use_ce else hc.new_zeros(())
         return kd.float(), ce.float()
 
     for s in range(0, h.shape[0], chunk):
@@ -229,7 +236,7 @@ def chunked_loss(
             kd, ce = piece(*args)
         kd_sum = kd_sum + kd
         ce_sum = ce_sum + ce
-    n_kd = max(1, h.shape[0] if kd_at is None else int(kd_at.sum()))
+    n_kd = max(1, h.shape[0] if kd_at is None else int((kd_at | (targets != -100)).sum()))
     n_ce = max(1, int((targets != -100).sum()))
     kd_mean, ce_mean = kd_sum / n_kd, ce_sum / n_ce
     if kind == "ce":
