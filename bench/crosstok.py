@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=1.0, help="KD weight; 1 - alpha goes to CE (default: %(default)s)")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--token-map", default="first", choices=["first", "exact"], help="default: %(default)s")
     p.add_argument("--methods", default="xtok-uld,xtok-kl,ce,same:tail-kl,same:ce",
                    help="comma-separated; same:LOSS trains the teacher-tokenizer student (default: %(default)s)")
     p.add_argument("--no-teacher", action="store_true", help="skip scoring the teacher model")
@@ -109,7 +110,8 @@ def run_student(args: argparse.Namespace, method: str, tokenizer: str, out: Path
     same, loss = method.startswith("same:"), method.removeprefix("same:")
     cfg = TrainConfig(labels=args.labels, output=str(out), student="tiny", student_tokenizer=None if same else tokenizer,
                       steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=10, loss=loss,
-                      alpha=args.alpha, seed=args.seed, eval_fraction=args.eval_fraction, eval_batches=None)
+                      alpha=args.alpha, seed=args.seed, eval_fraction=args.eval_fraction, eval_batches=None,
+                      token_map=args.token_map)
     summary = train(cfg)
     return {"after": summary["after"], "params": summary["parameters"], "train_s": summary["train_s"],
             "tokens": summary["train_tokens"]}
@@ -148,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         from softlabels.trainer.student import _own_tokenizer, load_label_tokenizer
 
         t = time.time()
-        cross = CrossTokenizer(open_label_set(args.labels), load_label_tokenizer(ls), _own_tokenizer(tok_dir), tok_dir)
+        cross = CrossTokenizer(open_label_set(args.labels), load_label_tokenizer(ls), _own_tokenizer(tok_dir), tok_dir,
+                               token_map=args.token_map)
         map_s = time.time() - t
         for method in args.methods.split(","):
             t = time.time()
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"label set {args.labels}: teacher {m.teacher.id} ({m.tokenizer.vocab_size:,} tokens), {m.totals.sequences} "
           f"sequences, {tokens:,} tokens, k={m.top_k}, {m.label_encoding.name}; student tokenizer: byte-level BPE of "
           f"{args.vocab:,} tokens trained on the pydoc topics ({100 * cross.coverage():.1f}% of the teacher's ordinary "
-          f"tokens map to one of its tokens; id map built in {map_s:.2f} s). Budget per student: {args.steps} steps x "
+          f"tokens map to one of its tokens with --token-map {args.token_map}; tokenizers read and id map built in "
+          f"{map_s:.2f} s). Budget per student: {args.steps} steps x "
           f"{args.batch_size} teacher sequences, lr {args.lr}, alpha {args.alpha}, seed {args.seed}; held-out "
           f"{args.eval_fraction:.0%} of the sequences.\n")
     print(f"spans: {with_spans - without:,} bytes of {with_spans:,} ({100 * (with_spans - without) / without:.2f}% "

@@ -119,17 +119,12 @@ def test_labeler_stores_spans_that_give_back_each_document(label_set):
     assert whole >= len(by_doc) - 1
 
 
-def _student_batches(label_set, tokenizer, where):
-    ls = open_label_set(label_set)
-    samples = list(ls.iter_samples(ls.manifest.shards[:2]))
-    cross = CrossTokenizer(ls, load_label_tokenizer(ls), tokenizer, where)
-    return ls, samples, cross
-
-
 def test_same_tokenizer_cross_losses_equal_tail_kl(label_set):
     """Through the cross-tokenizer path with the set's own tokenizer: the same tokens and positions, every id
     mapped to itself, and xtok-kl and xtok-uld equal tail-kl on the same batch (and bits per byte agree)."""
-    ls, samples, cross = _student_batches(label_set, load_label_tokenizer(open_label_set(label_set)), "same")
+    ls = open_label_set(label_set)
+    samples = list(ls.iter_samples(ls.manifest.shards[:2]))
+    cross = CrossTokenizer(ls, load_label_tokenizer(ls), load_label_tokenizer(ls), "same")
     assert cross.coverage() == 1.0
     plain = collate([sample_to_tensors(s) for s in samples[:6]])
     items = [cross(s) for s in samples[:6]]
@@ -158,14 +153,28 @@ def test_same_tokenizer_cross_losses_equal_tail_kl(label_set):
     assert abs(sums[0] - direct.item()) < 1e-3 * direct.item()
 
 
-def test_another_tokenizer_aligns_where_both_have_a_boundary(label_set, byte_level, byte_fallback):
-    """Aligned positions and mapped ids against a direct computation from the two tokenizations."""
+@pytest.mark.parametrize("token_map", ["first", "exact"])
+def test_another_tokenizer_aligns_where_both_have_a_boundary(label_set, byte_level, byte_fallback, token_map):
+    """Aligned positions, the id map and the merged teacher distribution against a direct computation."""
     from transformers import AutoTokenizer
 
     for student in (AutoTokenizer.from_pretrained(byte_level), byte_fallback):
-        ls, samples, cross = _student_batches(label_set, student, "other")
-        assert 0.05 < cross.coverage() < 1
+        ls = open_label_set(label_set)
+        samples = list(ls.iter_samples(ls.manifest.shards[:2]))
+        cross = CrossTokenizer(ls, load_label_tokenizer(ls), student, "other", token_map=token_map)
         t_tb, s_tb = cross.teacher, cross.student
+        ordinary = {b: i for i, b in enumerate(s_tb.table) if b and not s_tb.special[i]}
+        for t_id, b in enumerate(t_tb.table):  # the map, token by token
+            if t_tb.special[t_id] or not b:
+                continue
+            if b in ordinary:
+                assert s_tb.table[cross.map[t_id]] == b
+            elif token_map == "exact":
+                assert cross.map[t_id] == -1
+            else:  # the longest student token these bytes begin with
+                prefixes = [n for n in range(1, len(b) + 1) if b[:n] in ordinary]
+                assert cross.map[t_id] == (ordinary[b[:max(prefixes)]] if prefixes else -1)
+        assert 0.05 < cross.coverage() <= 1 and (cross.coverage() == 1) == (token_map == "first")
         total = aligned = 0
         for s in samples[:8]:
             item = cross(s)
@@ -178,11 +187,16 @@ def test_another_tokenizer_aligns_where_both_have_a_boundary(label_set, byte_lev
             assert item["kd_mask"].tolist() == want
             for q in np.flatnonzero(want):
                 p = ends_t.index(ends_s[q])
-                for j, t_id in enumerate(s.topk_ids[p].tolist()):
-                    if item["topk_mapped"][q, j]:
-                        assert s_tb.table[int(item["topk_ids"][q, j])] == t_tb.table[t_id]
-                    else:
-                        assert cross.map[t_id] < 0 or cross.map[t_id] in item["topk_ids"][q, :j][item["topk_mapped"][q, :j]]
+                merged: dict[int, float] = {}
+                for t_id, lp in zip(s.topk_ids[p].tolist(), s.topk_logprobs[p].tolist()):
+                    if cross.map[t_id] >= 0:
+                        merged[int(cross.map[t_id])] = merged.get(int(cross.map[t_id]), 0.0) + np.exp(lp)
+                got = {int(i): float(np.exp(lp)) for i, lp, m in
+                       zip(item["topk_ids"][q], item["topk_logprobs"][q], item["topk_mapped"][q]) if m}
+                assert got.keys() == merged.keys()
+                assert all(abs(got[i] - merged[i]) < 1e-5 for i in got)
+                probs = item["topk_logprobs"][q].exp()
+                assert bool((probs[:-1] >= probs[1:] - 1e-7).all())  # still in descending order
             total, aligned = total + len(s.input_ids), aligned + sum(want)
             # CE targets: the student's own next tokens (no -100 but the last position: plain text trains all)
             assert int(item["ce_mask"].sum()) == len(ids) - 1

@@ -48,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--student-tokenizer", default=S, metavar="DIR",
                    help="build the tiny / .json student for this tokenizer (a directory or hub id) instead of the label "
                    "set's; another tokenizer than the set's distills across tokenizers (the set needs token spans)")
+    r.add_argument("--token-map", choices=["first", "exact"], default=S,
+                   help="across tokenizers, a teacher id maps to the student token of the same bytes (exact), or else "
+                   "to the student token its bytes begin with (first) (default: first)")
     r.add_argument("--fsdp", action=BOOL, default=S,
                    help="shard parameters, gradients and optimizer state over the ranks (FSDP2, under torchrun): "
                    "students that do not fit one device; sharded checkpoints, a whole model saved at the end")

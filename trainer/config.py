@@ -21,7 +21,7 @@ DEFAULT_LOSS, DEFAULT_CROSS_LOSS = "tail-kl", "xtok-uld"
 CROSS_LOSSES = ("xtok-kl", "xtok-uld", "ce")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # A resumed run continues one run: these must be what its checkpoint recorded ...
-KEEP_ON_RESUME = ("student", "student_tokenizer", "init_from", "fsdp", "loss", "alpha", "temperature", "top_k", "seed", "batch_size", "grad_accum",
+KEEP_ON_RESUME = ("student", "student_tokenizer", "token_map", "init_from", "fsdp", "loss", "alpha", "temperature", "top_k", "seed", "batch_size", "grad_accum",
                   "eval_fraction", "shuffle_window", "precision")
 # ... and these too, unless named in --allow-changed (deliberate changes to the optimizer's course).
 CHANGEABLE = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "clip")
@@ -34,6 +34,9 @@ class TrainConfig:
     student: str = "tiny"
     # tiny / *.json students: build the model for this tokenizer (a directory or hub id) instead of the set's
     student_tokenizer: str | None = None
+    # across tokenizers: teacher ids map to the student token of the same bytes ("exact") or, failing that, to the
+    # student token their bytes begin with ("first"); see trainer.crosstok
+    token_map: str = "first"
     init_from: str | None = None  # a trained student's directory: its weights, a fresh optimizer and schedule
     steps: int = 200
     batch_size: int = 8
@@ -80,6 +83,8 @@ class TrainConfig:
         if self.init_from is not None and self.student != "tiny":
             raise UserError(f"give --student or --init-from, not both (--student {self.student}, "
                             f"--init-from {self.init_from})")
+        if self.token_map not in ("first", "exact"):
+            raise UserError(f"token_map must be first or exact, got {self.token_map!r}")
         if self.init_from is not None and self.student_tokenizer is not None:
             raise UserError(f"--init-from {self.init_from} brings its own tokenizer; drop --student-tokenizer")
         for name in ("steps", "batch_size", "grad_accum", "head_chunk", "shuffle_window"):

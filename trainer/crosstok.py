@@ -7,10 +7,14 @@ the student's tokenizer, and lines up the two tokenizations by byte offsets:
 
 * a student position and a teacher position are **aligned** where both contexts end at the same byte
   (both tokenizations have a boundary there): they predict what follows the same text;
-* each teacher top-k id is **mapped** to the student id whose token is the same byte string
-  (:func:`id_map`, built once per pair of tokenizers); the teacher's mass on ids that do not map
-  stays in the distribution as a bucket of its own (``xtok-kl``) and is matched by sorted
-  probabilities (``xtok-uld``), see :mod:`softlabels.trainer.losses`;
+* each teacher top-k id is **mapped** to a student id (:func:`id_map`, built once per pair of
+  tokenizers): the student token of the same byte string (``exact``, GOLD's rule), else, by
+  default (``first``), the student token those bytes begin with, which is what the student's own
+  next token is when the teacher's is that one (a teacher's `` function`` is a student's `` func``
+  then ``tion``); the probabilities of teacher ids that map to one student id add up. The
+  teacher's mass on ids that do not map stays in the distribution as a bucket of its own
+  (``xtok-kl``) and is matched by sorted probabilities (``xtok-uld``), see
+  :mod:`softlabels.trainer.losses`;
 * cross-entropy is on the student's own next tokens, where the teacher's token at that byte is a
   trained one (assistant turns of a chat set, every token of plain text).
 
@@ -33,32 +37,69 @@ from softlabels.trainer.batch import truncate_topk
 log = logging.getLogger(__name__)
 
 
-_MAPS: dict[tuple[str, str], np.ndarray] = {}  # id maps built in this process, per pair of fingerprints
+TOKEN_MAPS = ("first", "exact")
+_MAPS: dict[tuple[str, str, str], np.ndarray] = {}  # id maps built in this process, per pair of fingerprints
 
 
-def _build_map(teacher: TokenBytes, student: TokenBytes) -> np.ndarray:
-    index: dict[bytes, int] = {}
-    for i, b in enumerate(student.table):  # ordinary tokens by their bytes, lowest id first
-        if b and not student.special[i]:
-            index.setdefault(b, i)
+def _build_map(teacher: TokenBytes, student: TokenBytes, mode: str) -> np.ndarray:
+    # ordinary tokens by their bytes; of two with the same bytes the later id (SentencePiece's byte pieces
+    # <0x20> come first, the "▁" the tokenizer itself produces later)
+    index = {b: i for i, b in enumerate(student.table) if b and not student.special[i]}
     specials = {b: i for i, b in enumerate(student.table) if b and student.special[i]}
+    longest = max((len(b) for b in index), default=0)
     out = np.full(len(teacher.table), -1, np.int64)
     for i, b in enumerate(teacher.table):
         j = (specials if teacher.special[i] else index).get(b)
+        if j is None and mode == "first" and not teacher.special[i]:
+            # the student token its own tokenization of these bytes starts with (the longest that is a prefix)
+            j = next((index[b[:n]] for n in range(min(len(b), longest), 0, -1) if b[:n] in index), None)
         if j is not None:
             out[i] = j
     return out
 
 
-def id_map(teacher: TokenBytes, student: TokenBytes, teacher_fp: str = "", student_fp: str = "") -> np.ndarray:
-    """Per teacher id, the student id of the same byte string (special tokens only to special tokens of the
-    same text), or -1. Cached per pair of tokenizer fingerprints (the table is built once per process)."""
+def id_map(teacher: TokenBytes, student: TokenBytes, teacher_fp: str = "", student_fp: str = "",
+           mode: str = "first") -> np.ndarray:
+    """Per teacher id, a student id or -1. ``exact``: the student token of the same byte string (special tokens
+    only to special tokens of the same text; GOLD's rule). ``first`` (default): that, else the student token
+    these bytes begin with (the longest such), i.e. what the student's own next token is when the teacher's
+    would be this one. Cached per pair of tokenizer fingerprints (built once per process)."""
+    if mode not in TOKEN_MAPS:
+        raise UserError(f"token map must be one of {', '.join(TOKEN_MAPS)}, got {mode!r}")
     if not teacher_fp or not student_fp:
-        return _build_map(teacher, student)
-    key = (teacher_fp, student_fp)
+        return _build_map(teacher, student, mode)
+    key = (teacher_fp, student_fp, mode)
     if key not in _MAPS:
-        _MAPS[key] = _build_map(teacher, student)
+        _MAPS[key] = _build_map(teacher, student, mode)
     return _MAPS[key]
+
+
+def _merge(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, the probabilities of teacher entries that map to one student id summed into one entry; entries
+    that map nowhere (-1) stay apart. Returns ``(student ids, log-probs, mapped)`` ``[n, k]``, rows in descending
+    order of probability (ties in the teacher's order), emptied slots at the end (log-prob -1e30, unmapped)."""
+    n, k = ids.shape
+    key = np.where(ids >= 0, ids, -1 - np.arange(k))
+    order = np.argsort(key, axis=1, kind="stable")
+    key_s = np.take_along_axis(key, order, 1)
+    p_s = np.exp(np.take_along_axis(logprobs.astype(np.float64), order, 1))
+    new = np.ones((n, k), bool)
+    new[:, 1:] = key_s[:, 1:] != key_s[:, :-1]
+    group = np.cumsum(new, 1) - 1
+    r = np.broadcast_to(np.arange(n)[:, None], (n, k))
+    prob = np.zeros((n, k))
+    np.add.at(prob, (r, group), p_s)
+    gid = np.full((n, k), -1, np.int64)
+    gid[r, group] = key_s
+    first = np.full((n, k), k, np.int64)
+    np.minimum.at(first, (r, group), order)
+    o = np.argsort(first, axis=1, kind="stable")  # teacher order, then by probability (stable: ties keep it)
+    o = np.take_along_axis(o, np.argsort(-np.take_along_axis(prob, o, 1), axis=1, kind="stable"), 1)
+    prob, gid = np.take_along_axis(prob, o, 1), np.take_along_axis(gid, o, 1)
+    mapped = (gid >= 0) & (prob > 0)
+    with np.errstate(divide="ignore"):
+        lp = np.where(prob > 0, np.log(np.maximum(prob, 1e-300)), -1e30)
+    return np.where(mapped, gid, 0), lp.astype(np.float32), mapped
 
 
 def _utf8_edges(text: bytes) -> tuple[int, int]:
@@ -91,7 +132,7 @@ class CrossTokenizer:
     """
 
     def __init__(self, labels: LabelSet, label_tokenizer: Any, student_tokenizer: Any, student_where: str,
-                 top_k: int | None = None) -> None:
+                 top_k: int | None = None, token_map: str = "first") -> None:
         if not labels.manifest.spans:
             raise UserError(f"label set {labels.url} has no token spans (labeled without --store-spans, or before "
                             f"softlabels 0.7): a student with another tokenizer ({student_where}) cannot be aligned "
@@ -110,7 +151,7 @@ class CrossTokenizer:
         with_special = student_tokenizer("x", add_special_tokens=True)["input_ids"]
         self.bos = bos if bos is not None and with_special[:1] == [bos] else None
         self.map = id_map(self.teacher, self.student, labels.manifest.tokenizer.fingerprint,
-                          tokenizer_fingerprint(student_tokenizer))
+                          tokenizer_fingerprint(student_tokenizer), token_map)
 
     def coverage(self) -> float:
         """Share of the teacher's ordinary tokens that map to a student token."""
@@ -161,25 +202,19 @@ class CrossTokenizer:
             top = top[:, :self.top_k]
         k = top.shape[1]
         rows = row_of[p[kd]]
-        mapped_ids = self.map[top[rows]]
-        mapped = mapped_ids >= 0
-        if k > 1:  # two teacher ids of one byte string: the likelier keeps the student id
-            order = np.argsort(np.where(mapped, mapped_ids, -1 - np.arange(k)), axis=1, kind="stable")
-            srt = np.take_along_axis(mapped_ids, order, 1)
-            dup = np.zeros_like(mapped)
-            np.put_along_axis(dup, order[:, 1:], (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0), 1)
-            mapped &= ~dup
+        # teacher entries that map to one student id (several teacher tokens beginning with it) are summed
+        student_ids, merged_lp, mapped = _merge(self.map[top[rows]], lp[rows])
         full_ids = np.zeros((n, k), np.int64)
         full_mapped = np.zeros((n, k), bool)
         full_lp = np.zeros((n, k), np.float32)
         full_tail = np.zeros(n, np.float32)
-        full_ids[kd] = np.where(mapped, mapped_ids, 0)
+        full_ids[kd] = student_ids
         full_mapped[kd] = mapped
-        full_lp[kd] = lp[rows]
+        full_lp[kd] = merged_lp
         full_tail[kd] = tail[rows]
         target_bytes = np.zeros(n, np.int64)
         target_bytes[:-1] = spans[1:]
-        probs = np.exp(lp[rows].astype(np.float64))
+        probs = np.exp(merged_lp.astype(np.float64))
         total = probs.sum(1) + np.exp(tail[rows].astype(np.float64))
         mapped_mass = float(((probs * mapped).sum(1) / np.maximum(total, 1e-30)).sum())
         return {
@@ -197,7 +232,7 @@ class CrossTokenizer:
 
 
 def attach(datasets: list[Any], labels: LabelSet, tokenizer: Any, where: str,
-           allow_vocab_mismatch: bool = False, top_k: int | None = None) -> CrossTokenizer | None:
+           allow_vocab_mismatch: bool = False, top_k: int | None = None, token_map: str = "first") -> CrossTokenizer | None:
     """Make ``datasets`` (:class:`~softlabels.trainer.data.LabelDataset`) serve a student with ``tokenizer``.
 
     The set's own tokenizer: items as they are, with each next token's bytes (bits per byte) from the
@@ -215,9 +250,9 @@ def attach(datasets: list[Any], labels: LabelSet, tokenizer: Any, where: str,
         for ds in datasets:
             ds.byte_lengths = None if allow_vocab_mismatch else lengths
         return None
-    cross = CrossTokenizer(labels, load_label_tokenizer(labels), tokenizer, where, top_k)
+    cross = CrossTokenizer(labels, load_label_tokenizer(labels), tokenizer, where, top_k, token_map)
     for ds in datasets:
         ds.transform, ds.max_id = cross, None  # items hold the student's ids (its tokenizer's, which fit it)
-    log.info("across tokenizers: %.1f%% of the teacher's %d ordinary tokens map to a student token of the same bytes",
-             100 * cross.coverage(), int((~cross.teacher.special).sum()))
+    log.info("across tokenizers: %.1f%% of the teacher's %d ordinary tokens map to a student token (--token-map %s)",
+             100 * cross.coverage(), int((~cross.teacher.special).sum()), token_map)
     return cross

@@ -112,7 +112,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                      student_tokenizer=None if cfg.init_from else cfg.student_tokenizer)
     train_ds.max_id = eval_ds.max_id = embedding_rows(model)  # a stored id the student has no row for: one line
     cross = attach([train_ds, eval_ds], train_ds.labels, tokenizer, cfg.student_tokenizer or spec,
-                   cfg.allow_vocab_mismatch, cfg.top_k)
+                   cfg.allow_vocab_mismatch, cfg.top_k, cfg.token_map)
     cfg = dataclasses.replace(cfg, loss=resolve_loss(cfg.loss, cross is not None))
     model.to(device)
     if cfg.gradient_checkpointing:
