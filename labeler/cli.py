@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also store S draws per position from the teacher's distribution outside the top-k "
                    "(distinct ids + counts) for the trainer's tail-sampled loss (default: 0, off)")
     r.add_argument("--store-spans", action=BOOL, default=S,
-                   help="store each token's byte span in the text (about 0.5%% more bytes), so students with another "
+                   help="store each token's byte span in the text (about 0.6%% more bytes), so students with another "
                    "tokenizer can distill from the set (default: on when the teacher's tokenizer reproduces text exactly)")
     r.add_argument("--shard-tokens", type=int, default=S, help=f"tokens per unit/shard (default: {d.shard_tokens})")
     r.add_argument("--batch-tokens", type=int, default=S, help=f"padded tokens per teacher batch (default: {d.batch_tokens})")

@@ -244,7 +244,7 @@ def test_student_with_another_tokenizer_trains_and_resumes(label_set, byte_level
     after = summary["after"]
     assert 0.2 < after["aligned"] < 1 and 0 < after["mapped_mass"] < 1 and after["bpb"] > 0
     run = json.loads((tmp_path / "a" / "checkpoints" / "step-000004" / "run.json").read_text())
-    assert run["loss"] == "xtok-uld" and run["student_tokenizer"] == byte_level
+    assert run["loss"] == "xtok-uld" and run["student_tokenizer"] == byte_level and run["token_map"] == "first"
     code, _, err = cli_in_process(*args(tmp_path / "b", steps="2"))
     assert code == 0, err
     code, _, err = cli_in_process(*args(tmp_path / "b", "--resume"))

@@ -35,8 +35,8 @@ class TrainConfig:
     # tiny / *.json students: build the model for this tokenizer (a directory or hub id) instead of the set's
     student_tokenizer: str | None = None
     # across tokenizers: teacher ids map to the student token of the same bytes ("exact") or, failing that, to the
-    # student token their bytes begin with ("first"); see trainer.crosstok
-    token_map: str = "first"
+    # student token their bytes begin with ("first", the default: None); see trainer.crosstok
+    token_map: str | None = None
     init_from: str | None = None  # a trained student's directory: its weights, a fresh optimizer and schedule
     steps: int = 200
     batch_size: int = 8
@@ -83,7 +83,7 @@ class TrainConfig:
         if self.init_from is not None and self.student != "tiny":
             raise UserError(f"give --student or --init-from, not both (--student {self.student}, "
                             f"--init-from {self.init_from})")
-        if self.token_map not in ("first", "exact"):
+        if self.token_map not in (None, "first", "exact"):
             raise UserError(f"token_map must be first or exact, got {self.token_map!r}")
         if self.init_from is not None and self.student_tokenizer is not None:
             raise UserError(f"--init-from {self.init_from} brings its own tokenizer; drop --student-tokenizer")

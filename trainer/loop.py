@@ -112,8 +112,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                      student_tokenizer=None if cfg.init_from else cfg.student_tokenizer)
     train_ds.max_id = eval_ds.max_id = embedding_rows(model)  # a stored id the student has no row for: one line
     cross = attach([train_ds, eval_ds], train_ds.labels, tokenizer, cfg.student_tokenizer or spec,
-                   cfg.allow_vocab_mismatch, cfg.top_k, cfg.token_map)
-    cfg = dataclasses.replace(cfg, loss=resolve_loss(cfg.loss, cross is not None))
+                   cfg.allow_vocab_mismatch, cfg.top_k, cfg.token_map or "first")
+    # As they apply (and are recorded for a resume): the loss always, the token map across tokenizers
+    cfg = dataclasses.replace(cfg, loss=resolve_loss(cfg.loss, cross is not None),
+                              token_map=(cfg.token_map or "first") if cross is not None else cfg.token_map)
     model.to(device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, spec)
