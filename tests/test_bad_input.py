@@ -258,7 +258,7 @@ TRAINER_SET_CASES = [
     ("tokenizer-checksum-names-a-path", "is not a plain file name"),
     ("tokenizer-auto-map", "auto_map"),
     ("shard-with-another-k", "holds top_k=4, the manifest says 8"),
-    ("shard-array-cut-short", "label columns hold 1006/1006/1006 positions"),
+    ("shard-array-cut-short", "positions (ids/log-probs/tail), input_ids"),
     ("ids-beyond-the-student", "is beyond the student's"),
     ("tail-sample-id-negative", "tail_sample_ids lie outside [0, 4194304)"),
     ("sample-id-not-hex", "a sample_id is not a hex content address"),
