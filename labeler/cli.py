@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--train-on", choices=["all", "assistant", "completion"], default=S,
                    help="positions trained: assistant tokens (chat default), the completion (prompt-completion default) or all (text default)")
     r.add_argument("--chat-template", default=S, metavar="FILE", help="Jinja chat template replacing the tokenizer's own (its sha256 goes in the manifest)")
+    r.add_argument("--chat-date", default=S, metavar="YYYY-MM-DD",
+                   help="the date chat templates that read the clock (strftime_now, e.g. Llama 3.x) see; pinned so that "
+                   f"the same command labels the same way any day; recorded in the manifest (default: {d.chat_date})")
     r.add_argument("--split", default=S, help="split of an hf:NAME corpus or of a save_to_disk folder of splits (default: train)")
     r.add_argument("--on-error", choices=["fail", "skip"], default=S, help=f"undecodable corpus rows: stop, or skip and count them (default: {d.on_error})")
     r.add_argument("--output", default=S, help="label set location: local path, s3://bucket/prefix or any fsspec URL (required)")

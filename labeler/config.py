@@ -37,6 +37,8 @@ class LabelConfig:
     completion_field: str | None = None  # prompt-completion rows (default: completion, else response)
     train_on: str | None = None  # all, assistant, completion (default: assistant for chat, completion, all for text)
     chat_template: str | None = None  # a Jinja file overriding the tokenizer's chat template
+    # the date a chat template's strftime_now() sees (YYYY-MM-DD): pinned, so labels never depend on the day
+    chat_date: str = "2024-07-26"
     split: str = "train"  # of an hf:NAME corpus or a save_to_disk folder of splits
     storage_options: dict[str, Any] = field(default_factory=dict)
     batch_tokens: int = 4096
@@ -84,6 +86,7 @@ class LabelConfig:
             raise UserError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
         if not isinstance(self.tail_samples, int) or isinstance(self.tail_samples, bool) or not 0 <= self.tail_samples <= 255:
             raise UserError(f"tail_samples must be an integer in 0..255 (draws per position), got {self.tail_samples!r}")
+        _check_date(self.chat_date)
         if self.store_spans not in (None, True, False):
             raise UserError(f"store_spans must be true or false, got {self.store_spans!r}")
         if not isinstance(self.encoding, str):
@@ -108,6 +111,18 @@ class LabelConfig:
         d = asdict(self)
         d["storage_options"] = {k: "***" for k in self.storage_options}
         return d
+
+
+def _check_date(value: Any) -> None:
+    """``chat_date`` is a real calendar date written YYYY-MM-DD."""
+    from datetime import date
+
+    try:
+        ok = isinstance(value, str) and len(value) == 10 and date.fromisoformat(value) is not None
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UserError(f"chat_date must be a date written YYYY-MM-DD, got {str(value)[:40]!r}")
 
 
 def resolve_config(yaml_path: str | None, overrides: Mapping[str, Any]) -> LabelConfig:
