@@ -10,11 +10,35 @@ pyarrow stays a ``ValueError`` and is reported as the bug it is.
 
 ``UserError`` derives from ``ValueError`` (and :class:`StorageError` also from
 ``OSError``), so callers that catch those keep working.
+
+Every UserError pickles as itself (type, message, attributes), whatever arguments its
+``__init__`` takes: errors raised in Ray workers travel back to the driver pickled, and
+one that did not survive the trip would reach the user as a traceback.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _rebuilt(cls: type[UserError], args: tuple[Any, ...]) -> UserError:
+    """An instance of ``cls`` with ``args``, made without calling ``cls.__init__`` (pickle's counterpart
+    of :meth:`UserError.__reduce__`; the instance's attributes are restored after it)."""
+    # Classes that also derive from OSError have OSError's memory layout: only its __new__ may make them.
+    new = OSError.__new__ if issubclass(cls, OSError) else cls.__new__
+    err = new(cls, *args)
+    err.args = args
+    return err
 
 
 class UserError(ValueError):
     """Bad input that the user can fix (a value, a file, a location); one line, exit code 2 on the command line."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # BaseException's own reduce rebuilds with cls(*self.args): that fails, or changes the
+        # message, for a subclass whose __init__ takes other arguments than the message
+        # (RowError(where, reason)). Rebuild without __init__, then restore __dict__.
+        return _rebuilt, (type(self), self.args), self.__dict__ or None
 
 
 class StorageError(UserError, OSError):
