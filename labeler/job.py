@@ -148,7 +148,7 @@ def run(cfg: LabelConfig, started: float | None = None) -> Summary:
             rendering = Rendering(corpus.rows.format, corpus.rows.train_on or "all", template,
                                   tokenizer_bos(tokenizer) if corpus.rows.format != "chat" else None,
                                   tokenizer.eos_token_id if corpus.rows.format == "prompt-completion" else None,
-                                  span_bytes)
+                                  span_bytes, cfg.max_length, cfg.chat_date)
             return _run(cfg, ray, writer, corpus, source, tokenizer, id_space, t0, started, rendering)
     finally:
         checks.cancel()
@@ -159,13 +159,22 @@ def _chat_template(path: str | None) -> str | None:
     """The text of ``--chat-template FILE`` (one line if it cannot be read)."""
     if path is None:
         return None
+    from softlabels.labeler.chattemplate import check_template
+
+    limit = 1 << 20  # templates are a few KiB; a bigger file is not one
     try:
         with open(os.path.expanduser(path), encoding="utf-8") as fh:
-            text = fh.read()
+            text = fh.read(limit + 1)
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"--chat-template {path}: cannot be read ({e})") from e
+    if len(text) > limit:
+        raise UserError(f"--chat-template {path}: over {limit:,} characters; not a chat template")
     if not text.strip():
         raise UserError(f"--chat-template {path}: the file is empty")
+    try:
+        check_template(text)
+    except UserError as e:
+        raise UserError(f"--chat-template {path}: {e}") from None
     return text
 
 
@@ -187,6 +196,13 @@ def _check_teacher(cfg: LabelConfig, source: TeacherSource, fmt: str = "text",
     if fmt == "chat" and not (template or tokenizer_template(tokenizer)):
         raise UserError(f"the corpus holds conversations but the tokenizer of teacher {cfg.teacher} has no chat "
                         "template: give one with --chat-template FILE")
+    if fmt == "chat" and not template:
+        from softlabels.labeler.chattemplate import check_template
+
+        try:
+            check_template(tokenizer_template(tokenizer))
+        except UserError as e:
+            raise UserError(f"teacher {cfg.teacher}'s tokenizer: {e} (give another with --chat-template FILE)") from None
     if fmt == "chat" and not getattr(tokenizer, "is_fast", False):
         raise UserError(f"chat corpora need a fast tokenizer (offsets mark the assistant tokens); "
                         f"teacher {cfg.teacher} has a slow one")
@@ -327,6 +343,7 @@ def _rendering_record(r: Rendering, template_given: bool) -> dict[str, Any]:
         "chat_template": None if r.format != "chat" else ("--chat-template" if template_given else "the tokenizer's"),
         "special_tokens": special,
         "long_conversations": "cut after the last trained turn that fits --max-length; skipped if none fits",
+        **({"date": r.date} if r.format == "chat" else {}),  # what the template's strftime_now() saw (--chat-date)
     }
 
 

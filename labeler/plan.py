@@ -38,6 +38,8 @@ class Rendering:
     bos: int | None = None  # plain text and completions: prepended once per document (the tokenizer adds one)
     eos: int | None = None  # prompt-completion: ends the completion (trained: the student learns to stop)
     spans: Any = None  # the teacher tokenizer's TokenBytes (softlabels.common.tokenbytes): store token spans
+    max_tokens: int | None = None  # conversations: render only the turns that can fit this many tokens
+    date: str = "2024-07-26"  # what a chat template's strftime_now() sees (--chat-date)
 
 
 def tokenizer_bos(tokenizer: Any) -> int | None:
@@ -80,7 +82,9 @@ MARGIN_TOKENS = 1024
 CHARS_PER_TOKEN = 32
 
 
-Tokenized = tuple  # (doc_id, int32 ids, bool trained-token mask or None, byte spans or None)
+# (doc_id, int32 ids, bool trained-token mask or None, byte spans or None), and a fifth item, False, for a
+# conversation whose later turns were left unrendered because they cannot fit --max-length
+Tokenized = tuple
 
 
 def _template_error(e: BaseException) -> bool:
@@ -158,7 +162,8 @@ def render(docs: list[Document], tokenizer: Any, rendering: Rendering, max_token
         msgs = d.messages or []
         if rendering.format == "chat":
             try:
-                r = render_chat(tokenizer, msgs, rendering.chat_template, rendering.train_on, where=d.doc_id)
+                r = render_chat(tokenizer, msgs, rendering.chat_template, rendering.train_on, where=d.doc_id,
+                                max_tokens=rendering.max_tokens, date=rendering.date)
             except Exception as e:  # the template refused the conversation (its own raise_exception, or ours)
                 if on_bad is None or not _template_error(e):
                     raise
@@ -170,7 +175,8 @@ def render(docs: list[Document], tokenizer: Any, rendering: Rendering, max_token
             except UserError as e:
                 refused(e)
                 continue
-            out.append((d.doc_id, np.asarray(r.input_ids, np.int32), np.asarray(r.trained, bool), spans))
+            done = (d.doc_id, np.asarray(r.input_ids, np.int32), np.asarray(r.trained, bool), spans)
+            out.append(done if r.complete else (*done, False))
             continue
         prompt = tokenizer(msgs[0]["content"], add_special_tokens=False)["input_ids"]
         completion = tokenizer(msgs[1]["content"], add_special_tokens=False)["input_ids"]
@@ -235,15 +241,17 @@ def _label_mask(token_mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def fit_conversation(ids: np.ndarray, mask: np.ndarray, max_length: int, counts: PlanCounts) -> int | None:
+def fit_conversation(ids: np.ndarray, mask: np.ndarray, max_length: int, counts: PlanCounts,
+                     complete: bool = True) -> int | None:
     """How many tokens of a masked document to keep within ``max_length``: whole trailing turns dropped, i.e. cut right after the last
     run of trained tokens that ends within it (counted); None when no trained run fits (skipped, counted).
-    With every token trained (``--train-on all``) there is no turn to go by: cut at ``max_length``."""
-    if len(ids) <= max_length:
+    With every token trained (``--train-on all``) there is no turn to go by: cut at ``max_length``.
+    ``complete=False``: later turns were not rendered (they cannot fit), so it is cut the same way even if it fits."""
+    if len(ids) <= max_length and complete:
         return len(ids)
     if mask.all():  # --train-on all: no turn to go by; cut at the length (counted as truncated)
         counts.truncated += 1
-        return max_length
+        return min(max_length, len(ids))
     m = mask[:max_length]
     ends = np.flatnonzero(m & ~np.append(mask[1:max_length + 1], False)[:max_length])
     if not len(ends):
@@ -284,11 +292,12 @@ def build_sequences(docs: Iterable[Tokenized], eos: int | None, cfg: SequenceCon
 
     for doc_id, ids, mask, *more in docs:
         spans = more[0] if more else None
+        complete = more[1] if len(more) > 1 else True
         if mask is not None:
             if not mask.any():
                 counts.untrained += 1
                 continue
-            keep = fit_conversation(ids, mask, cfg.max_length, counts)
+            keep = fit_conversation(ids, mask, cfg.max_length, counts, complete)
             if keep is None:
                 continue
             ids, mask, spans = ids[:keep], mask[:keep], None if spans is None else spans[:keep]

@@ -30,7 +30,7 @@ class RowFormat:
         if self.format not in ROW_FORMATS:
             raise UserError(f"--format {self.format!r}: choose one of {', '.join(ROW_FORMATS)}")
 
-    def messages(self, obj: Any, where: str) -> list[dict[str, str]]:
+    def messages(self, obj: Any, where: str) -> list[dict[str, Any]]:
         """A chat or prompt-completion row as checked messages (UserError naming ``where`` if not usable)."""
         if not isinstance(obj, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -44,8 +44,10 @@ class RowFormat:
         turns = obj[key]
         sharegpt = isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "from" in turns[0]
         msgs = chat.row_messages({"conversations" if sharegpt else "messages": turns}, "chat", where)
-        if self.train_on == "assistant" and not any(m["role"] == "assistant" for m in msgs):
-            raise UserError(f"{where}: no assistant turn to train on (--train-on assistant)")
+        if self.train_on == "assistant" and not any(chat.trained_turn(m) for m in msgs):
+            weighted = any(m["role"] == "assistant" for m in msgs)
+            raise UserError(f"{where}: no assistant turn to train on (--train-on assistant)"
+                            + (" (every one has weight 0)" if weighted else ""))
         return msgs
 
 
