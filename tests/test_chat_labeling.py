@@ -268,6 +268,7 @@ def test_chat_label_set_end_to_end(ray_local, tiny_teacher, tmp_path, chatml_tok
     ls = open_label_set(out)
     m = ls.manifest
     assert m.schema_version == SCHEMA_VERSION and m.rendering["format"] == "chat"
+    assert m.rendering["date"] == "2024-07-26"  # what strftime_now() saw: pinned (--chat-date), never the clock
     assert m.rendering["chat_template_sha256"] == __import__("hashlib").sha256(CHATML.encode()).hexdigest()
     assert m.totals.trained == sum(s.trained for s in m.shards) == summary.trained_tokens
     from transformers import AutoTokenizer
