@@ -15,7 +15,9 @@ from typing import Any
 from softlabels.schemas import DEFAULT_ENCODING, Encoding
 from softlabels.schemas.errors import UserError
 
-from softlabels.common.cli import resolve_settings
+from softlabels.common.cli import clip, resolve_settings, short_repr
+
+DTYPES = ("float32", "bfloat16", "float16")  # the --dtype flag's choices
 
 
 @dataclass(frozen=True)
@@ -63,42 +65,47 @@ class LabelConfig:
     def __post_init__(self) -> None:
         for name in ("output", "teacher", "corpus"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise UserError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+                raise UserError(f"{name} must be a non-empty string, got {short_repr(getattr(self, name))}")
         positive = ("top_k", "max_length", "shard_tokens", "batch_tokens", "head_chunk", "gpus_per_replica")
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise UserError(f"{name} must be a positive integer, got {v!r}")
+                raise UserError(f"{name} must be a positive integer, got {short_repr(v)}")
         for name in ("limit", "num_replicas", "threads"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise UserError(f"{name} must be a positive integer, got {v!r}")
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise UserError(f"{name} must be a positive integer, got {short_repr(v)}")
         address = self.ray_address
         if address and address != "auto" and "://" not in address:
             host, sep, port = address.rpartition(":")
             if not sep or not host or not port.isdigit():
-                raise UserError(f"--ray-address {address!r}: expected host:port, 'auto' or ray://host:port")
+                raise UserError(f"--ray-address {short_repr(address)}: expected host:port, 'auto' or ray://host:port")
         if self.train_on not in (None, "auto", "all", "assistant", "completion"):
-            raise UserError(f"train_on must be all, assistant or completion, got {self.train_on!r}")
+            raise UserError(f"train_on must be all, assistant or completion, got {short_repr(self.train_on)}")
         if self.format not in ("auto", "text", "chat", "prompt-completion"):
-            raise UserError(f"format must be auto, text, chat or prompt-completion, got {self.format!r}")
+            raise UserError(f"format must be auto, text, chat or prompt-completion, got {short_repr(self.format)}")
         if self.on_error not in ("fail", "skip"):
-            raise UserError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
+            raise UserError(f"on_error must be 'fail' or 'skip', got {short_repr(self.on_error)}")
         if not isinstance(self.tail_samples, int) or isinstance(self.tail_samples, bool) or not 0 <= self.tail_samples <= 255:
-            raise UserError(f"tail_samples must be an integer in 0..255 (draws per position), got {self.tail_samples!r}")
+            raise UserError(f"tail_samples must be an integer in 0..255 (draws per position), got {short_repr(self.tail_samples)}")
         _check_date(self.chat_date)
         if self.store_spans not in (None, True, False):
-            raise UserError(f"store_spans must be true or false, got {self.store_spans!r}")
+            raise UserError(f"store_spans must be true or false, got {short_repr(self.store_spans)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UserError(f"dtype must be {', '.join(DTYPES)} (or unset), got {short_repr(self.dtype)}")
         if not isinstance(self.encoding, str):
-            raise UserError(f"encoding must be a string such as 'compact', got {self.encoding!r}")
-        Encoding.parse(self.encoding)  # an unknown name or parameter fails here, before any work
+            raise UserError(f"encoding must be a string such as 'compact', got {short_repr(self.encoding)}")
+        try:
+            Encoding.parse(self.encoding)  # an unknown name or parameter fails here, before any work
+        except UserError as e:  # its message quotes the whole --encoding value
+            raise UserError(clip(str(e))) from e
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t < float("inf")):
-            raise UserError(f"temperature must be a finite number > 0, got {t!r}")
+            raise UserError(f"temperature must be a finite number > 0, got {short_repr(t)}")
         object.__setattr__(self, "temperature", float(t))  # YAML may give 1
         if self.batch_tokens < self.max_length:
             raise UserError(
-                f"batch_tokens ({self.batch_tokens}) must be >= max_length ({self.max_length}) "
+                f"batch_tokens ({short_repr(self.batch_tokens)}) must be >= max_length ({short_repr(self.max_length)}) "
                 "so that one full sequence fits in a batch"
             )
 
@@ -122,7 +129,7 @@ def _check_date(value: Any) -> None:
     except ValueError:
         ok = False
     if not ok:
-        raise UserError(f"chat_date must be a date written YYYY-MM-DD, got {str(value)[:40]!r}")
+        raise UserError(f"chat_date must be a date written YYYY-MM-DD, got {short_repr(value)}")
 
 
 def resolve_config(yaml_path: str | None, overrides: Mapping[str, Any]) -> LabelConfig:

@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from softlabels.common.cli import clip, short_repr
 from softlabels.schemas.errors import UserError
 from softlabels.trainer.tracking import parse_report_to
 
@@ -77,16 +78,21 @@ class TrainConfig:
     report_to: tuple[str, ...] = ()  # also send the metrics to: tensorboard (OUTPUT/tensorboard), wandb
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "allow_changed", tuple(self.allow_changed or ()))  # a list from YAML or flags
+        changed = self.allow_changed
+        # a list from flags, a tuple from a --config file
+        object.__setattr__(self, "allow_changed", (changed,) if isinstance(changed, str) else tuple(changed or ()))
         # "tensorboard,wandb", a list, or "none"; a tracker whose package is missing stops here, before any work
-        object.__setattr__(self, "report_to", parse_report_to(self.report_to))
+        try:
+            object.__setattr__(self, "report_to", parse_report_to(self.report_to))
+        except UserError as e:  # its message lists every name refused
+            raise UserError(clip(str(e))) from e
         if self.init_from is not None and self.student != "tiny":
-            raise UserError(f"give --student or --init-from, not both (--student {self.student}, "
-                            f"--init-from {self.init_from})")
+            raise UserError(f"give --student or --init-from, not both (--student {clip(str(self.student), 80)}, "
+                            f"--init-from {clip(str(self.init_from), 80)})")
         if self.token_map not in (None, "first", "exact"):
-            raise UserError(f"token_map must be first or exact, got {self.token_map!r}")
+            raise UserError(f"token_map must be first or exact, got {short_repr(self.token_map)}")
         if self.init_from is not None and self.student_tokenizer is not None:
-            raise UserError(f"--init-from {self.init_from} brings its own tokenizer; drop --student-tokenizer")
+            raise UserError(f"--init-from {clip(str(self.init_from), 80)} brings its own tokenizer; drop --student-tokenizer")
         for name in ("steps", "batch_size", "grad_accum", "head_chunk", "shuffle_window"):
             _check_int(self, name, 1)
         for name in ("warmup_steps", "eval_every", "num_workers", "checkpoint_every", "prefetch", "seed"):
@@ -101,20 +107,20 @@ class TrainConfig:
         _check_float(self, "temperature", 0, None, low_open=True)
         _check_float(self, "eval_fraction", 0, 1, high_open=True)
         if not (isinstance(self.clip, (int, float)) and not isinstance(self.clip, bool) and self.clip > 0):
-            raise UserError(f"clip must be > 0 (a gradient-norm bound; inf turns clipping off), got {self.clip!r}")
+            raise UserError(f"clip must be > 0 (a gradient-norm bound; inf turns clipping off), got {short_repr(self.clip)}")
         if self.loss is not None and self.loss not in LOSSES:
-            raise UserError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+            raise UserError(f"loss must be one of {LOSSES}, got {short_repr(self.loss)}")
         if self.loss == "tail-sampled" and self.top_k is not None:
             raise UserError("--loss tail-sampled cannot use --top-k: the stored tail draws never saw the entries k' drops")
         if self.precision is not None and self.precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {PRECISIONS} (or unset: bf16 on CUDA, fp32 elsewhere), got {self.precision!r}")
+            raise UserError(f"precision must be one of {PRECISIONS} (or unset: bf16 on CUDA, fp32 elsewhere), got {short_repr(self.precision)}")
         if not isinstance(self.gradient_checkpointing, bool):
-            raise UserError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
+            raise UserError(f"gradient_checkpointing must be true or false, got {short_repr(self.gradient_checkpointing)}")
         if self.plot is not None and not self.plot.lower().endswith(".png"):
-            raise UserError(f"plot {self.plot}: expected a .png file name")
+            raise UserError(f"plot {clip(str(self.plot), 80)}: expected a .png file name")
         unknown = set(self.allow_changed) - set(CHANGEABLE)
         if unknown:
-            raise UserError(f"--allow-changed takes {', '.join(CHANGEABLE)}; not {', '.join(sorted(unknown))}")
+            raise UserError(f"--allow-changed takes {', '.join(CHANGEABLE)}; not {clip(', '.join(sorted(unknown)), 120)}")
 
     def resume_record(self) -> dict[str, Any]:
         """The settings a resumed run must keep (the label set is recorded beside them)."""
@@ -130,7 +136,7 @@ def _check_int(cfg: TrainConfig, name: str, low: int) -> None:
     v = getattr(cfg, name)
     if not isinstance(v, int) or isinstance(v, bool) or v < low:
         what = "a positive integer" if low == 1 else f"an integer >= {low}"
-        raise UserError(f"{name} must be {what}, got {v!r}")
+        raise UserError(f"{name} must be {what}, got {short_repr(v)}")
 
 
 def _check_float(cfg: TrainConfig, name: str, low: float, high: float | None, low_open: bool = False,
@@ -141,7 +147,7 @@ def _check_float(cfg: TrainConfig, name: str, low: float, high: float | None, lo
         ok = (v > low if low_open else v >= low) and (high is None or (v < high if high_open else v <= high))
     if not ok:
         lo, hi = "(" if low_open else "[", ")" if high_open or high is None else "]"
-        raise UserError(f"{name} must be a finite number in {lo}{low}, {'inf' if high is None else high}{hi}, got {v!r}")
+        raise UserError(f"{name} must be a finite number in {lo}{low}, {'inf' if high is None else high}{hi}, got {short_repr(v)}")
 
 
 def resolve_loss(loss: str | None, cross: bool) -> str:
