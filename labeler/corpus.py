@@ -19,6 +19,7 @@ teacher loads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,7 +30,8 @@ from typing import Any
 
 from softlabels.labeler import chat
 from softlabels.labeler.rowformat import ROW_FORMATS, BadRow, RowFormat, default_train_on, text_field  # noqa: F401
-from softlabels.labeler.records import FORMATS, RowError, file_format, first_row, records, schema_fields
+from softlabels.labeler.records import (FORMATS, Expanded, RowError, file_format, first_row, max_expand_bytes,
+                                       piece_bytes, records, schema_fields)
 from softlabels.schemas import resolve_url, retry_io
 from softlabels.schemas.errors import UserError
 from softlabels.schemas.storage import is_local
@@ -66,7 +68,8 @@ class BlockStats:
     documents: int = 0  # rows read, empty and skipped ones included
     empty: int = 0
     skipped: list[str] = field(default_factory=list)  # "<file>:<row>: <reason>", --on-error skip
-    sha256: str = ""  # over (doc_id, text) of every document, in order
+    sha256: str = ""  # over (doc_id, text) of every document read, in order
+    expanded: int = 0  # bytes decompressed (compressed JSON Lines) or decoded (Parquet) to read them
 
 
 @dataclass
@@ -92,16 +95,22 @@ class CorpusTotals:
 _DATASET_META = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes beside the data
 
 
-
 class BlockReader:
-    """Reads blocks; picklable, so Ray tasks on any node can use it."""
+    """Reads blocks; picklable, so Ray tasks on any node can use it.
 
-    def __init__(self, spec: str, rows: RowFormat, storage_options: Mapping[str, Any] | None, on_error: str) -> None:
+    ``max_expand``: bytes one block may decompress or decode (None: :func:`labeler.records.max_expand_bytes`,
+    read where the reader is made, so the driver's setting travels to every task)."""
+
+    def __init__(self, spec: str, rows: RowFormat, storage_options: Mapping[str, Any] | None, on_error: str,
+                 max_expand: int | None = None) -> None:
         if on_error not in ON_ERROR:
             raise UserError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if max_expand is not None and max_expand <= 0:
+            raise UserError(f"max_expand must be a positive number of bytes, got {max_expand!r}")
         self.spec, self.rows, self.on_error = spec, rows, on_error
         self.text_field = rows.text_field
         self.storage_options = dict(storage_options or {})
+        self.max_expand = max_expand or max_expand_bytes()
         self._fs: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -116,18 +125,28 @@ class BlockReader:
     def read(self, block: Block) -> tuple[list[Document], BlockStats]:
         """The block's non-empty documents, and its stats (``BadRow`` if a row is bad and on_error=fail)."""
         stats = BlockStats()
+        return list(self.documents(block, stats)), stats
+
+    def documents(self, block: Block, stats: BlockStats) -> Iterator[Document]:
+        """The block's non-empty documents one at a time, read (and decompressed) only as far as they are
+        taken: a caller that has enough stops, and the rest of the file is never expanded. ``stats`` counts
+        what has been read so far, as it goes.
+
+        Raises:
+            BadRow: a bad row (or a damaged file) and on_error=fail.
+            UserError: the block expands past ``max_expand``.
+        """
         sha = hashlib.sha256()
-        docs: list[Document] = []
+        stats.sha256 = sha.hexdigest()
         for doc in self._rows(block, stats):
             stats.documents += 1
             body = doc.text if doc.messages is None else json.dumps(doc.messages, ensure_ascii=False, sort_keys=True)
             sha.update(doc.doc_id.encode("utf-8") + b"\x00" + body.encode("utf-8") + b"\x00")
+            stats.sha256 = sha.hexdigest()
             if doc.messages is None and not doc.text.strip():
                 stats.empty += 1
                 continue
-            docs.append(doc)
-        stats.sha256 = sha.hexdigest()
-        return docs, stats
+            yield doc
 
     def _bad(self, stats: BlockStats, message: str) -> None:
         if self.on_error == "fail":
@@ -142,21 +161,28 @@ class BlockReader:
             yield from builtin_documents(block.path, block.start, block.stop)
             return
         path = block.path
-        if block.stop:
-            from softlabels.labeler.records import piece_records
+        expanded = Expanded(path, self.max_expand)
+        with contextlib.ExitStack() as opened:
+            if block.stop:
+                from softlabels.labeler.records import piece_records
 
-            recs = piece_records(path, block.start, block.stop, self.fs)
-        else:
-            recs = records(path, retry_io(lambda: self.fs.cat_file(path), f"read {path}"))
-        for rec in recs:
-            if isinstance(rec, RowError):
-                self._bad(stats, str(rec))
-                continue
-            where, value = rec
-            try:
-                yield self._document(where, value)
-            except UserError as e:
-                self._bad(stats, str(e))
+                recs = piece_records(path, block.start, block.stop, self.fs, expanded)
+            elif file_format(path) in (".jsonl.gz", ".jsonl.zst") and block.weight > piece_bytes():
+                # A large compressed file is streamed, not held: with --limit only its head may be needed.
+                recs = records(path, opened.enter_context(self.fs.open(path, "rb")), expanded)
+            else:
+                recs = records(path, retry_io(lambda: self.fs.cat_file(path), f"read {path}"), expanded)
+            for rec in recs:
+                stats.expanded = expanded.bytes
+                if isinstance(rec, RowError):
+                    self._bad(stats, str(rec))
+                    continue
+                where, value = rec
+                try:
+                    yield self._document(where, value)
+                except UserError as e:
+                    self._bad(stats, str(e))
+            stats.expanded = expanded.bytes
 
     def _document(self, where: str, value: Any) -> Document:
         if self.rows.format == "text":
@@ -188,9 +214,11 @@ class Corpus:
         on_error: str = "fail",
         exclude: str | None = None,
         split: str = "train",
+        max_expand: int | None = None,
     ) -> None:
         """``exclude``: a location (the run's output) whose files are never corpus, even inside a corpus folder.
-        ``split``: of an HF hub dataset or a ``save_to_disk`` folder of several splits."""
+        ``split``: of an HF hub dataset or a ``save_to_disk`` folder of several splits.
+        ``max_expand``: bytes one read task may decompress or decode (see :class:`BlockReader`)."""
         self.source = spec
         rows = rows or RowFormat()
         self.files: list[str] = []
@@ -200,7 +228,7 @@ class Corpus:
             if rows.format not in ("auto", fmt):
                 raise UserError(f"--format {rows.format}: the built-in corpus {spec!r} holds {fmt} rows")
             self.rows = replace(rows, format=fmt, train_on=default_train_on(fmt, rows.train_on))
-            self.reader = BlockReader(spec, self.rows, storage_options, on_error)
+            self.reader = BlockReader(spec, self.rows, storage_options, on_error, max_expand)
             return
         hub = spec.startswith("hf:")
         if hub:
@@ -249,7 +277,7 @@ class Corpus:
         if not any(self.sizes.values()):
             raise UserError(f"corpus {spec!r} is empty ({len(self.files)} file(s), 0 bytes)")
         self.rows = self._check_files(fs, rows)
-        self.reader = BlockReader(self.files[0] if hub else spec, self.rows, storage_options, on_error)
+        self.reader = BlockReader(self.files[0] if hub else spec, self.rows, storage_options, on_error, max_expand)
 
     @staticmethod
     def _without(found: dict[str, Any], fs: Any, exclude: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -12,11 +12,17 @@ format (:mod:`labeler.chat`), not here.
 ``.parquet``       one row per document, read a row group at a time
 ``.arrow``         Arrow IPC (stream or file), as HF ``datasets`` caches and ``save_to_disk`` write
 =================  ====================================================================
+
+Bounds: compressed JSON Lines are decompressed as their rows are taken (a reader that stops
+early decompresses only what it took), and Parquet is decoded a few rows at a time. What one
+read task decompresses or decodes is capped (:func:`max_expand_bytes`): a 2 MB ``.jsonl.gz``
+can expand to more than a worker's memory, so past the cap the file is refused in one line.
+A file that turns out damaged (a cut-short ``.gz``/``.zst``, a corrupt Parquet page) is
+yielded as a :class:`RowError` naming it, after the rows read before the damage.
 """
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -33,6 +39,54 @@ def piece_bytes() -> int:
     import os
 
     return int(os.environ.get("SOFTLABELS_PIECE_BYTES") or PIECE_BYTES)
+
+
+# What one read task may decompress (compressed JSON Lines, read whole by one task) or decode
+# (Parquet) before the file is refused; SOFTLABELS_MAX_EXPAND_BYTES changes it. Reading and
+# tokenizing hold several times this in memory (Python strings, token lists), so the default
+# is a few uncompressed pieces' worth.
+MAX_EXPAND_BYTES = 4 * PIECE_BYTES
+MAX_EXPAND_ENV = "SOFTLABELS_MAX_EXPAND_BYTES"
+
+
+def max_expand_bytes() -> int:
+    """The cap on what one read task expands: ``$SOFTLABELS_MAX_EXPAND_BYTES`` (bytes) or :data:`MAX_EXPAND_BYTES`.
+
+    Raises:
+        UserError: the variable is not a positive integer.
+    """
+    import os
+
+    value = os.environ.get(MAX_EXPAND_ENV) or str(MAX_EXPAND_BYTES)
+    try:
+        cap = int(value)
+    except ValueError:
+        cap = 0
+    if cap <= 0:
+        raise UserError(f"{MAX_EXPAND_ENV} must be a positive number of bytes, got {value!r}")
+    return cap
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:g} {unit}" if unit == "bytes" else f"{n:.4g} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class Expanded:
+    """What one read task has decompressed or decoded of a file, against a cap (:func:`max_expand_bytes`)."""
+
+    def __init__(self, path: str, cap: int) -> None:
+        self.path, self.cap, self.bytes = path, cap, 0
+
+    def add(self, n: int) -> None:
+        """Count ``n`` more bytes; raises UserError (one line naming the file and the cap) past the cap."""
+        self.bytes += n
+        if self.bytes > self.cap:
+            raise UserError(f"corpus file {self.path!r} expands to more than {_size(self.cap)} in one read task; "
+                            f"raise the cap with {MAX_EXPAND_ENV}=<bytes>, or split the file into smaller ones")
 
 
 # Matched case-insensitively; compressed JSON Lines first (".jsonl.gz" before ".jsonl").
@@ -54,18 +108,17 @@ class RowError(UserError):
         self.where, self.reason = where, reason
 
 
-def records(path: str, data: bytes) -> Iterator[tuple[str, Any] | RowError]:
-    """The records of one file's bytes, in order; a bad row is yielded as a :class:`RowError`
-    (the caller skips or raises it), a file that cannot be read at all is raised as one."""
+def records(path: str, data: Any, expanded: Expanded | None = None) -> Iterator[tuple[str, Any] | RowError]:
+    """The records of one file, in order, read as far as they are taken; a bad row is yielded as a
+    :class:`RowError` (the caller skips or raises it), and so is a file that cannot be read on (after
+    the rows before the damage).
+
+    ``data``: the file's bytes; a compressed file's may also be an open binary file.
+    ``expanded``: counts what is decompressed or decoded (raises UserError past its cap)."""
     kind = file_format(path)
     if kind in _CODECS:
-        import pyarrow as pa
-
-        try:
-            data = pa.CompressedInputStream(pa.BufferReader(data), _CODECS[kind]).read()
-        except (OSError, pa.ArrowException) as e:
-            raise RowError(path, f"not a readable {_CODECS[kind]} file ({str(e).splitlines()[0][:120]})") from e
-        kind = ".jsonl"
+        yield from _compressed_lines(path, data, _CODECS[kind], expanded)
+        return
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (editors on Windows write one)
         data = data[3:]
     if kind == ".txt":
@@ -78,7 +131,8 @@ def records(path: str, data: bytes) -> Iterator[tuple[str, Any] | RowError]:
     elif kind == ".json":
         stripped = data.lstrip()
         if not stripped.startswith((b"[", b"{")):
-            raise RowError(path, "not a JSON array of rows")
+            yield RowError(path, "not a JSON array of rows")
+            return
         try:
             doc = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -90,35 +144,108 @@ def records(path: str, data: bytes) -> Iterator[tuple[str, Any] | RowError]:
         for row, obj in enumerate(rows, start=1):
             yield f"{path}:{row}", obj
     else:
-        yield from _table_rows(path, data, kind)
+        yield from _table_rows(path, data, kind, expanded)
+
+
+class _Watched:
+    """A file whose read errors are remembered: pyarrow reports damaged data and a failed read alike (OSError)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh, self.error = fh, None
+
+    def read(self, *args: Any) -> bytes:
+        try:
+            return self.fh.read(*args)
+        except Exception as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fh, name)
+
+
+STREAM_CHUNK = 1 << 16  # bytes decompressed per read (a damaged stream loses the rows of its last read)
+
+
+def _compressed_lines(path: str, data: Any, codec: str, expanded: Expanded | None) -> Iterator[tuple[str, Any] | RowError]:
+    """The rows of compressed JSON Lines, decompressed a chunk at a time as they are taken."""
+    import pyarrow as pa
+
+    source = _Watched(data) if not isinstance(data, bytes) else None
+    stream = pa.CompressedInputStream(pa.BufferReader(data) if source is None else pa.PythonFile(source, mode="r"), codec)
+    row, pending, first = 0, [], True
+    while True:
+        try:
+            chunk = stream.read(STREAM_CHUNK)
+        except (OSError, pa.ArrowException) as e:
+            if source is not None and source.error is not None:
+                raise  # the storage failed, not the data
+            reason = str(e).splitlines()[0][:120]
+            yield RowError(path, f"not a readable {codec} file ({reason})" if row == 0 and first else
+                           f"the {codec} data is cut short or damaged after line {row} ({reason})")
+            return
+        if expanded is not None:
+            expanded.add(len(chunk))
+        if not chunk:
+            break
+        if first and chunk.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+            chunk = chunk[3:]
+        first = False
+        start = 0
+        while (cut := chunk.find(b"\n", start)) >= 0:
+            pending.append(chunk[start:cut])
+            row += 1
+            line, pending = b"".join(pending), []
+            if line.strip():
+                yield _json_row(f"{path}:{row}", line)
+            start = cut + 1
+        pending.append(chunk[start:])  # a line that goes on in the next chunk
+    line = b"".join(pending)
+    if line.strip():
+        yield _json_row(f"{path}:{row + 1}", line)
+
+
+def _json_row(where: str, line: bytes) -> tuple[str, Any] | RowError:
+    try:
+        return where, json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return RowError(where, f"not UTF-8 (byte {e.start}: {e.reason})")
+    except json.JSONDecodeError as e:
+        return RowError(where, f"not valid JSON ({e.msg})")
 
 
 def _json_lines(path: str, data: bytes) -> Iterator[tuple[str, Any] | RowError]:
     for row, line in enumerate(data.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{row}", json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            yield RowError(f"{path}:{row}", f"not UTF-8 (byte {e.start}: {e.reason})")
-        except json.JSONDecodeError as e:
-            yield RowError(f"{path}:{row}", f"not valid JSON ({e.msg})")
+        if line.strip():
+            yield _json_row(f"{path}:{row}", line)
 
 
-def _table_rows(path: str, data: bytes, kind: str | None) -> Iterator[tuple[str, Any]]:
-    """Parquet (a row group at a time) and Arrow IPC rows, as dicts."""
+TABLE_BATCH_ROWS = 128  # Parquet rows decoded at a time: what is held, and how often the cap is checked
+
+
+def _table_rows(path: str, data: bytes, kind: str | None, expanded: Expanded | None) -> Iterator[tuple[str, Any] | RowError]:
+    """Parquet (a few rows at a time) and Arrow IPC rows of a file's bytes, as dicts; a damaged file as a RowError."""
     import pyarrow as pa
 
+    row = 0
     try:
-        batches = _batches(data, kind)
-        row = 0
-        for batch in batches:
+        for batch in _batches(data, kind):
+            if expanded is not None:
+                expanded.add(batch.nbytes)
             for obj in batch.to_pylist():
                 yield f"{path}:{row}", obj
                 row += 1
-    except pa.ArrowException as e:
-        name = "Parquet" if kind == ".parquet" else "Arrow"
-        raise RowError(path, f"not a readable {name} file ({str(e).splitlines()[0][:120]})") from e
+    except (OSError, pa.ArrowException) as e:  # the bytes are in memory: no storage to fail
+        yield _damaged(path, kind, row - 1 if row else None, e)
+
+
+def _damaged(path: str, kind: str | None, last: int | None, e: BaseException) -> RowError:
+    """A table file that cannot be read on; ``last``: the last row read before the damage (None: none)."""
+    name = "Parquet" if kind == ".parquet" else "Arrow"
+    reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+    if last is not None:
+        return RowError(path, f"the {name} data is damaged after row {last} ({reason})")
+    return RowError(path, f"not a readable {name} file ({reason})")
 
 
 def _batches(data: Any, kind: str | None) -> Iterator[Any]:
@@ -128,9 +255,7 @@ def _batches(data: Any, kind: str | None) -> Iterator[Any]:
     if kind == ".parquet":
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(io.BytesIO(data))
-        for g in range(pf.num_row_groups):
-            yield pf.read_row_group(g)
+        yield from pq.ParquetFile(pa.BufferReader(data)).iter_batches(TABLE_BATCH_ROWS, use_threads=False)
         return
     source = data if isinstance(data, pa.NativeFile) else pa.BufferReader(data)
     try:
@@ -252,9 +377,11 @@ def pieces(path: str, size: int, fs: Any) -> list[tuple[int, int, int]]:
     return out or [(0, 0, size)]
 
 
-def piece_records(path: str, start: int, stop: int, fs: Any) -> Iterator[tuple[str, Any] | RowError]:
+def piece_records(path: str, start: int, stop: int, fs: Any,
+                  expanded: Expanded | None = None) -> Iterator[tuple[str, Any] | RowError]:
     """The records of one piece (see :func:`pieces`). Rows of a JSON Lines piece are named by the byte
-    offset of their line (``data.jsonl@1048576``); Parquet and Arrow rows by their row number."""
+    offset of their line (``data.jsonl@1048576``); Parquet and Arrow rows by their row number.
+    ``expanded``: counts the Parquet bytes decoded (raises UserError past its cap)."""
     kind = file_format(path)
     if kind == ".jsonl":
         base = max(0, start - 1)
@@ -276,14 +403,8 @@ def piece_records(path: str, start: int, stop: int, fs: Any) -> Iterator[tuple[s
         for line in data[head:].split(b"\n"):
             where = f"{path}@{offset}"
             offset += len(line) + 1
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                yield RowError(where, f"not UTF-8 (byte {e.start}: {e.reason})")
-            except json.JSONDecodeError as e:
-                yield RowError(where, f"not valid JSON ({e.msg})")
+            if line.strip():
+                yield _json_row(where, line)
         return
     import pyarrow as pa
 
@@ -291,18 +412,30 @@ def piece_records(path: str, start: int, stop: int, fs: Any) -> Iterator[tuple[s
         import pyarrow.parquet as pq
 
         with fs.open(path, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            row = sum(pf.metadata.row_group(g).num_rows for g in range(start))
-            for g in range(start, stop):
-                for obj in pf.read_row_group(g).to_pylist():
-                    yield f"{path}:{row}", obj
-                    row += 1
+            source = _Watched(fh)
+            row = first = 0
+            try:
+                pf = pq.ParquetFile(source)
+                row = first = sum(pf.metadata.row_group(g).num_rows for g in range(start))
+                for batch in pf.iter_batches(TABLE_BATCH_ROWS, row_groups=range(start, stop), use_threads=False):
+                    if expanded is not None:
+                        expanded.add(batch.nbytes)
+                    for obj in batch.to_pylist():
+                        yield f"{path}:{row}", obj
+                        row += 1
+            except (OSError, pa.ArrowException) as e:
+                if source.error is not None:
+                    raise  # the storage failed, not the data
+                yield _damaged(path, kind, row - 1 if row > first else None, e)
         return
     row = 0
-    for b, batch in enumerate(_batches(pa.memory_map(fs._strip_protocol(path)), ".arrow")):
-        if start <= b < stop:
-            for obj in batch.to_pylist():
-                yield f"{path}:{row}", obj
-                row += 1
-        else:
-            row += batch.num_rows
+    try:
+        for b, batch in enumerate(_batches(pa.memory_map(fs._strip_protocol(path)), ".arrow")):
+            if start <= b < stop:
+                for obj in batch.to_pylist():
+                    yield f"{path}:{row}", obj
+                    row += 1
+            else:
+                row += batch.num_rows
+    except pa.ArrowException as e:
+        yield _damaged(path, kind, None, e)

@@ -1,0 +1,156 @@
+"""Corpus files read with bounds: compressed JSON Lines streamed, a cap on what one read task
+expands, damaged files past the first one (issue 29).
+
+The readers are called directly (no Ray, no teacher) except where a case is about what the
+``softlabels label`` command prints.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from itertools import islice
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import assert_one_line_error, cli_in_process
+from softlabels.labeler.corpus import BadRow, BlockStats, Corpus
+from softlabels.labeler.records import MAX_EXPAND_ENV, STREAM_CHUNK
+from softlabels.schemas.errors import UserError
+
+LINE = json.dumps({"text": "All work and no play makes Jack a dull boy. " * 20}) + "\n"
+
+
+def rows(n: int, start: int = 0) -> bytes:
+    return "".join(json.dumps({"text": f"row {i} " + "words " * 30}) + "\n" for i in range(start, start + n)).encode()
+
+
+def write_bomb(path: Path, mib: int) -> None:
+    """A compressed JSON Lines file that expands to about ``mib`` MiB (a few hundred KiB on disk)."""
+    chunk = (LINE * ((1 << 20) // len(LINE) + 1)).encode()
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb", compresslevel=1) as out:
+            for _ in range(mib):
+                out.write(chunk)
+    else:
+        with pa.CompressedOutputStream(str(path), "zstd") as out:
+            for _ in range(mib):
+                out.write(chunk)
+
+
+def compressed(data: bytes, suffix: str) -> bytes:
+    if suffix == ".gz":
+        return gzip.compress(data)
+    sink = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(sink, "zstd") as out:
+        out.write(data)
+    return sink.getvalue().to_pybytes()
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_compressed_json_lines_are_decompressed_only_as_far_as_rows_are_taken(tmp_path, storage_root, monkeypatch,
+                                                                              suffix):
+    """A file that expands to 64 MiB: taking its first 12 rows decompresses one chunk (64 KiB), not the file,
+    whether its compressed bytes are held (small files) or streamed from storage (files over a piece)."""
+    from softlabels.schemas import resolve_url
+
+    local = tmp_path / f"bomb.jsonl{suffix}"
+    write_bomb(local, 64)
+    url = f"{storage_root}/bomb.jsonl{suffix}"
+    fs, path = resolve_url(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.put_file(str(local), path)
+    for streamed in (False, True):
+        if streamed:
+            monkeypatch.setenv("SOFTLABELS_PIECE_BYTES", str(local.stat().st_size - 1))
+        corpus = Corpus(url)
+        (block,) = corpus.blocks()
+        stats = BlockStats()
+        docs = list(islice(corpus.reader.documents(block, stats), 12))
+        assert [d.text for d in docs] == [json.loads(LINE)["text"]] * 12
+        assert [d.doc_id.rsplit(":", 1)[1] for d in docs] == [str(i) for i in range(1, 13)]
+        assert 0 < stats.expanded <= STREAM_CHUNK < (64 << 20) // 100, (streamed, stats.expanded)
+        assert stats.documents == 12
+
+
+def test_a_file_that_expands_past_the_cap_is_refused_in_one_line(tmp_path, monkeypatch):
+    """The cap stops the reading where it is passed (not after expanding the whole file); .jsonl.gz and
+    Parquet (whose dictionary pages expand as much); a cap that is not a number is refused."""
+    monkeypatch.setenv(MAX_EXPAND_ENV, str(4 << 20))
+    path = tmp_path / "bomb.jsonl.gz"
+    write_bomb(path, 32)
+    corpus = Corpus(str(path))  # its first row is fine: the cap is found when the block is read
+    stats = BlockStats()
+    with pytest.raises(UserError) as refused:
+        for _ in corpus.reader.documents(corpus.blocks()[0], stats):
+            pass
+    message = str(refused.value)
+    assert "\n" not in message and repr(str(path)) in message and "4 MiB" in message and MAX_EXPAND_ENV in message
+    assert stats.expanded <= (4 << 20) + STREAM_CHUNK, stats.expanded
+
+    repeated = "x" * 4096  # 8,000 rows of one value: a few KiB of Parquet, 32 MiB decoded
+    pq.write_table(pa.table({"text": [repeated] * 8000}), tmp_path / "bomb.parquet")
+    corpus = Corpus(str(tmp_path / "bomb.parquet"))
+    with pytest.raises(UserError, match=r"bomb.parquet' expands to more than 4 MiB in one read task"):
+        corpus.reader.read(corpus.blocks()[0])
+
+    monkeypatch.setenv(MAX_EXPAND_ENV, "4GB")
+    with pytest.raises(UserError, match=f"{MAX_EXPAND_ENV} must be a positive number of bytes, got '4GB'"):
+        Corpus(str(path))
+
+
+def damaged(d: Path, kind: str) -> Path:
+    """A corpus folder: a good first file, then a damaged one holding 200 good rows before the damage."""
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(rows(3))
+    if kind == "parquet":
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"text": [f"row {i}" for i in range(200)]}), buf)
+        data = buf.getvalue()
+        (d / "b.parquet").write_bytes(data[:4] + b"\xff" * 40 + data[44:])  # its first page header overwritten
+        return d / "b.parquet"
+    suffix = "." + kind
+    data = compressed(rows(200) + rows(2000, start=200), suffix)
+    path = d / f"b.jsonl{suffix}"
+    path.write_bytes(data[: len(data) // 2])  # cut short
+    return path
+
+
+DAMAGED = [
+    ("gz", "the gzip data is cut short or damaged after line"),
+    ("zst", "the zstd data is cut short or damaged after line"),
+    ("parquet", "not a readable Parquet file"),
+]
+
+
+@pytest.mark.parametrize("kind,fragment", DAMAGED, ids=[k for k, _ in DAMAGED])
+def test_a_damaged_file_past_the_first_is_a_bad_row_naming_it(tmp_path, kind, fragment):
+    """--on-error fail: one line naming the file; skip: the rows before the damage are kept, the damage counted."""
+    bad = damaged(tmp_path / "corpus", kind)
+    corpus = Corpus(str(tmp_path / "corpus"))  # the first file is checked when the corpus is opened: fine
+    blocks = corpus.blocks()
+    assert len(corpus.reader.read(blocks[0])[0]) == 3
+    with pytest.raises(BadRow) as refused:
+        corpus.reader.read(blocks[1])
+    message = str(refused.value)
+    assert message.startswith(f"{bad}: {fragment}") and "\n" not in message, message
+    docs, stats = Corpus(str(tmp_path / "corpus"), on_error="skip").reader.read(blocks[1])
+    assert len(stats.skipped) == 1 and stats.skipped[0].startswith(f"{bad}: {fragment}")
+    if kind != "parquet":  # a compressed stream is read up to the damage
+        assert len(docs) >= 200 and docs[0].text.startswith("row 0 ")
+
+
+def test_label_refuses_a_damaged_second_file_in_one_line(ray_local, tiny_teacher, tmp_path):
+    """Through the command, the read task's refusal reaches the user as one line naming the file, exit code 2
+    (a corrupt Parquet page was an OSError that reached the user without the file's name). The compressed
+    cases travel the same way (a BadRow from the read task)."""
+    kind, fragment = DAMAGED[2]
+    bad = damaged(tmp_path / "corpus", kind)
+    code, _, err = cli_in_process("label", "--teacher", tiny_teacher, "--corpus", str(tmp_path / "corpus"),
+                                  "--output", str(tmp_path / "out"), "--max-length", "64")
+    assert_one_line_error(code, err, "label", f"{bad}: {fragment}", "--on-error skip")
+    assert not (tmp_path / "out" / "manifest.json").exists()
