@@ -1,5 +1,6 @@
 """Corpus files read with bounds: compressed JSON Lines streamed, a cap on what one read task
-expands, damaged files past the first one (issue 29).
+expands, damaged files past the first one, ``save_to_disk`` folders as ``load_from_disk`` reads
+them, and ``hf:`` names that are not paths (issue 29).
 
 The readers are called directly (no Ray, no teacher) except where a case is about what the
 ``softlabels label`` command prints.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import shutil
 from itertools import islice
 from pathlib import Path
 
@@ -154,3 +156,73 @@ def test_label_refuses_a_damaged_second_file_in_one_line(ray_local, tiny_teacher
                                   "--output", str(tmp_path / "out"), "--max-length", "64")
     assert_one_line_error(code, err, "label", f"{bad}: {fragment}", "--on-error skip")
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_save_to_disk_folder_is_read_as_load_from_disk_reads_it(tmp_path, caplog):
+    """The cache-*.arrow files that .map() and .filter() leave in the folder are not corpus; of a
+    DatasetDict folder only the split's listed files are."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    want = [f"row {i}" for i in range(5)]
+    datasets.Dataset.from_dict({"text": want}).save_to_disk(str(tmp_path / "saved"))
+    saved = datasets.load_from_disk(str(tmp_path / "saved"))
+    saved.map(lambda r: {"text": r["text"].upper()}).filter(lambda r: r["text"] != "ROW 1")
+    assert len(list((tmp_path / "saved").glob("cache-*.arrow"))) == 2  # both caches are in the folder
+    with caplog.at_level("INFO", logger="softlabels.labeler.corpus"):
+        corpus = Corpus(str(tmp_path / "saved"))
+    assert [Path(f).name for f in corpus.files] == ["data-00000-of-00001.arrow"]
+    assert [d.text for b in corpus.blocks() for d in corpus.reader.read(b)[0]] == want
+    assert "not 2 other Arrow file(s)" in caplog.text
+
+    datasets.DatasetDict({"train": saved, "test": saved.select([0])}).save_to_disk(str(tmp_path / "dict"))
+    shutil.copy(next((tmp_path / "saved").glob("cache-*.arrow")), tmp_path / "dict" / "train" / "cache-0123.arrow")
+    for spec in (tmp_path / "dict", tmp_path / "outer"):  # the folder itself, or a folder holding it
+        if spec.name == "outer":
+            shutil.copytree(tmp_path / "dict", spec / "dict")
+        corpus = Corpus(str(spec), split="train")
+        assert [Path(f).parent.name + "/" + Path(f).name for f in corpus.files] == ["train/data-00000-of-00001.arrow"]
+        assert [d.text for b in corpus.blocks() for d in corpus.reader.read(b)[0]] == want
+    test = Corpus(str(tmp_path / "outer"), split="test")
+    assert [d.text for b in test.blocks() for d in test.reader.read(b)[0]] == want[:1]
+
+    (tmp_path / "saved" / "data-00000-of-00001.arrow").unlink()
+    with pytest.raises(UserError, match="lists 'data-00000-of-00001.arrow' in its state.json, which is missing"):
+        Corpus(str(tmp_path / "saved"))
+
+
+def cache_hub_dataset(cache: Path, src: Path, name: str) -> None:
+    """Put ``name`` (``owner/name``) into an HF datasets cache as a hub download would leave it, from local
+    JSON Lines: what ``datasets.load_dataset(name)`` finds offline."""
+    import datasets
+
+    builder = datasets.load_dataset_builder("json", data_files={"train": str(src)}, cache_dir=str(cache / "build"))
+    builder.download_and_prepare()
+    owner, short = name.split("/")
+    config = Path(builder.cache_dir).parent.parent  # <build>/json/<config>/<version>/<hash>
+    target = cache / f"{owner}___{short}" / "default"
+    shutil.copytree(config, target)
+    (arrow,) = target.glob("*/*/json-train.arrow")
+    arrow.rename(arrow.with_name(f"{short}-train.arrow"))
+
+
+def test_hf_takes_a_hub_name_not_a_local_path(tmp_path, monkeypatch, tiny_teacher):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_bytes(rows(4))
+    for name in (str(tmp_path / "data"), "./data", "data", "~/data", "s3://bucket/data"):
+        with pytest.raises(UserError, match=f"--corpus hf:{name}: hf: takes the name of a hub dataset .*"
+                                            f"given without the prefix \\(--corpus {name}\\)"):
+            Corpus(f"hf:{name}")
+    code, _, err = cli_in_process("label", "--teacher", tiny_teacher, "--corpus", "hf:./data",
+                                  "--output", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "label", "hf: takes the name of a hub dataset", "(--corpus ./data)")
+    # A hub name is still resolved by `datasets` from its cache (offline here: HF_HUB_OFFLINE in conftest).
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # read when datasets is imported
+    cache_hub_dataset(tmp_path / "cache", tmp_path / "data" / "train.jsonl", "nobody/cached")
+    corpus = Corpus("hf:nobody/cached")
+    assert all(f.endswith(".arrow") for f in corpus.files)
+    assert [d.text for b in corpus.blocks() for d in corpus.reader.read(b)[0]] == [f"row {i} " + "words " * 30
+                                                                                    for i in range(4)]
