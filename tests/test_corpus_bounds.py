@@ -186,8 +186,13 @@ def test_a_save_to_disk_folder_is_read_as_load_from_disk_reads_it(tmp_path, capl
     test = Corpus(str(tmp_path / "outer"), split="test")
     assert [d.text for b in test.blocks() for d in test.reader.read(b)[0]] == want[:1]
 
+    with pytest.raises(UserError, match=r"the saved dataset '.*outer/dict' \(of several splits\) has no split 'dev'"):
+        Corpus(str(tmp_path / "outer"), split="dev")
     (tmp_path / "saved" / "data-00000-of-00001.arrow").unlink()
     with pytest.raises(UserError, match="lists 'data-00000-of-00001.arrow' in its state.json, which is missing"):
+        Corpus(str(tmp_path / "saved"))
+    (tmp_path / "saved" / "state.json").write_text("{}")
+    with pytest.raises(UserError, match=r"state.json' is not the state file of a saved dataset \(KeyError"):
         Corpus(str(tmp_path / "saved"))
 
 
