@@ -2,19 +2,20 @@
 
 Files in any of the formats of :mod:`labeler.records` (``.txt``, ``.jsonl`` and its
 ``.gz``/``.zst`` forms, ``.json``, ``.parquet``, ``.arrow``), given as a path, a URL, a
-glob or a folder (an HF ``save_to_disk`` folder too), through the same fsspec helper as
-everything else; or an HF hub dataset, ``hf:NAME`` with ``--split``, resolved by ``datasets``
-from its local cache. Rows are plain text (``--text-field``), chat conversations (``messages``
-of ``{role, content}``, or ShareGPT ``conversations`` of ``{from, value}``) or prompt +
-completion pairs: ``--format`` says which, or ``auto`` decides from the first row and says so.
+glob or a folder (an HF ``save_to_disk`` folder too: the files its ``state.json`` lists),
+through the same fsspec helper as everything else; or an HF hub dataset, ``hf:NAME`` (a
+name, never a path) with ``--split``, resolved by ``datasets`` from its local cache. Rows
+are plain text (``--text-field``), chat conversations (``messages`` of ``{role, content}``,
+or ShareGPT ``conversations`` of ``{from, value}``) or prompt + completion pairs:
+``--format`` says which, or ``auto`` decides from the first row and says so.
 
 The corpus is cut into *blocks* (one file each; the built-in corpora in fixed
-groups of topics), listed in a fixed order. Blocks are read and tokenized in
-parallel Ray tasks; the driver consumes them in block order, so the work plan
-never depends on how many workers read. Everything that can be checked
-without reading all of the text (format, glob matches, readability, the fields
-of the first file) is checked when the corpus is opened, before the
-teacher loads.
+groups of topics), listed in a fixed order. Blocks are read (lazily, see
+:meth:`BlockReader.documents`) and tokenized in parallel Ray tasks; the driver
+consumes them in block order, so the work plan never depends on how many workers
+read. Everything that can be checked without reading all of the text (format, glob
+matches, readability, the fields of the first file) is checked when the corpus is
+opened, before the teacher loads.
 """
 
 from __future__ import annotations
