@@ -7,9 +7,10 @@ same units and the same shard names.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -221,17 +222,45 @@ def tokenize(docs: list[Document], tokenizer: Any, max_tokens: int | None = None
     return out
 
 
+# With --limit, a read task renders its documents a step at a time (steps double), so reading can stop.
+READ_STEP_CHARS = 1 << 20
+
+
 def read_and_tokenize(
-    reader: BlockReader, block: Block, tokenizer: Any, max_tokens: int | None = None, rendering: Rendering | None = None
+    reader: BlockReader, block: Block, tokenizer: Any, max_tokens: int | None = None, rendering: Rendering | None = None,
+    enough: tuple[SequenceConfig, int | None] | None = None,
 ) -> tuple[list[Tokenized], BlockStats]:
-    """One block, read and tokenized: the body of the parallel reading tasks."""
-    docs, stats = reader.read(block)
+    """One block, read and tokenized: the body of the parallel reading tasks.
+
+    ``enough``: ``(sequence config, EOS id)`` of a run with ``--limit``: reading stops once this block's own
+    documents make more sequences than the limit, since the run labels none past them (a 2 MB file that
+    expands to 800 MB is read as far as the limit needs, not whole). Per-document chunks never depend on
+    earlier blocks; packed text only gains sequences from tokens carried over; packed conversations after
+    another block's half-full sequence can close one later, hence one sequence more than the limit.
+    """
+    rendering = rendering or Rendering()
+    stats = BlockStats()
 
     def bad(e: Any) -> None:  # as a bad row: one line naming it, or skipped and counted (--on-error)
         reader._bad(stats, str(e))
         stats.documents -= 1  # it was counted when read
 
-    return render(docs, tokenizer, rendering or Rendering(), max_tokens, bad), stats
+    with contextlib.closing(reader.documents(block, stats)) as docs:
+        if enough is None or enough[0].limit is None:
+            return render(list(docs), tokenizer, rendering, max_tokens, bad), stats
+        cfg, eos = replace(enough[0], limit=enough[0].limit + 1), enough[1]
+        out: list[Tokenized] = []
+        step: list[Document] = []
+        chars = read = 0
+        for doc in docs:
+            step.append(doc)
+            chars += len(doc.text) + sum(len(m.get("content") or "") for m in doc.messages or ())
+            if chars >= max(READ_STEP_CHARS, read):
+                out += render(step, tokenizer, rendering, max_tokens, bad)
+                read, step, chars = read + chars, [], 0
+                if sum(1 for _ in build_sequences(out, eos, cfg)) >= cfg.limit:
+                    return out, stats
+        return out + render(step, tokenizer, rendering, max_tokens, bad), stats
 
 
 def _label_mask(token_mask: np.ndarray) -> np.ndarray:

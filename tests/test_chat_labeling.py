@@ -110,11 +110,15 @@ def test_hub_datasets_come_from_the_local_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     with pytest.raises(UserError, match="hub dataset 'nobody/not-cached' .*not in the local cache"):
         Corpus("hf:nobody/not-cached")
-    # What datasets resolves offline (here a local folder of JSON Lines) is read from its Arrow cache files.
-    src = tmp_path / "repo"
-    src.mkdir()
-    (src / "train.jsonl").write_text("\n".join(json.dumps({"messages": conv(i)}) for i in range(4)) + "\n")
-    corpus = Corpus(f"hf:{src}")
+    # A hub name is resolved by `datasets` from its cache (offline here) and read from its Arrow cache files.
+    import datasets
+    from test_corpus_bounds import cache_hub_dataset
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    src = tmp_path / "train.jsonl"
+    src.write_text("\n".join(json.dumps({"messages": conv(i)}) for i in range(4)) + "\n")
+    cache_hub_dataset(tmp_path / "cache", src, "nobody/cached")
+    corpus = Corpus("hf:nobody/cached")
     assert corpus.rows.format == "chat" and all(f.endswith(".arrow") for f in corpus.files)
     assert [d.messages for b in corpus.blocks() for d in corpus.reader.read(b)[0]] == [conv(i) for i in range(4)]
 

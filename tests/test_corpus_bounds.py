@@ -231,3 +231,22 @@ def test_hf_takes_a_hub_name_not_a_local_path(tmp_path, monkeypatch, tiny_teache
     assert all(f.endswith(".arrow") for f in corpus.files)
     assert [d.text for b in corpus.blocks() for d in corpus.reader.read(b)[0]] == [f"row {i} " + "words " * 30
                                                                                     for i in range(4)]
+
+
+def test_with_a_limit_a_read_task_stops_once_its_block_fills_it(tmp_path, tiny_teacher):
+    """A 64 MiB .jsonl.gz with --limit 12 --max-length 64: the task decompresses about 1 MiB of it, and the
+    sequences planned from what it read are the limit's, as if it had read the whole file."""
+    from transformers import AutoTokenizer
+
+    from softlabels.labeler.plan import build_sequences, read_and_tokenize, reading_tokenizer
+    from softlabels.schemas import SequenceConfig
+
+    path = tmp_path / "bomb.jsonl.gz"
+    write_bomb(path, 64)
+    corpus = Corpus(str(path))
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    cfg = SequenceConfig(max_length=64, limit=12)
+    docs, stats = read_and_tokenize(corpus.reader, corpus.blocks()[0], reading_tokenizer(tok), 12 * 64, None,
+                                    (cfg, tok.eos_token_id))
+    assert len(docs) >= 12 and stats.expanded <= 2 << 20  # of 64 MiB
+    assert len(list(build_sequences(docs, tok.eos_token_id, cfg))) == 12
