@@ -170,6 +170,8 @@ class CrossTokenizer:
             decoded = body.decode("utf-8")
         except UnicodeDecodeError as e:
             raise UserError(f"sample {s.sample_id} ({s.source}): its text is not UTF-8 at byte {lead + e.start}") from None
+        if not body:  # no text (a chunk holding only an added EOS, spans that cover nothing): nothing to learn
+            return None
         ids = list(self.tokenizer(decoded, add_special_tokens=False)["input_ids"])
         spans = spans_for(self.student, ids, body)
         if isinstance(spans, str):
@@ -177,7 +179,7 @@ class CrossTokenizer:
                             f"losslessly: {spans}")
         if self.bos is not None and lead == 0 and len(s.spans) and s.spans[0] == 0:  # the teacher had a BOS here
             ids, spans = [self.bos] + ids, np.concatenate([[0], spans])
-        if not ids:  # no text (a chunk holding only an added EOS): nothing to train on
+        if not ids:  # a tokenizer that gives no token for some text (none the lossless check lets through)
             return None
         ends_t = np.cumsum(s.spans.astype(np.int64)) - lead
         ends_s = np.cumsum(spans)

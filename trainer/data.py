@@ -119,6 +119,7 @@ class LabelDataset(IterableDataset):
         self.split_by_rank, self.rank_world = split_by_rank, rank_world
         self.state: DataState | None = None  # where to start (from a checkpoint); None: the beginning
         self.corrupt_skipped = 0
+        self.textless = 0  # samples of the split that gave the student nothing (no text), in this process
         self.max_id: int | None = None  # the student's embedding rows: every stored id must be below it
         # A sample -> item function instead of sample_to_tensors (a student with another tokenizer: trainer.crosstok)
         self.transform: Callable[[Sample], dict[str, torch.Tensor] | None] | None = None
@@ -251,9 +252,18 @@ class LabelDataset(IterableDataset):
         # rotating which slot each worker serves makes a resumed run continue the cycle.
         rotation = state.next_worker[first // nworkers] if state.next_worker else 0
         slot = first + (wid + rotation) % nworkers
-        last = state.progress[slot][0]  # the epoch of the last sample yielded: stops an endless pass over none
+        # The epoch of the last item yielded: stops an endless pass over none. An item, not a sample of the split:
+        # samples that give this student nothing (no text to align) must not keep the pass going either.
+        last = state.progress[slot][0]
+        textless = 0  # samples of the split read since the last item, that gave no item
         for epoch, done, rows in self._windows(self._plan(slot, state)):
             if self.epochs is None and epoch - last >= 4:
+                if textless:
+                    raise UserError(
+                        f"the {self.split} split of {self.labels.url} has no text to train on: none of the {textless} "
+                        f"sample(s) read in 4 epochs (reader slot {slot} of {slots}) gives any (their token spans "
+                        "cover no bytes), and a student with another tokenizer learns from the text: relabel the set, "
+                        "or train a student with the set's own tokenizer")
                 raise UserError(
                         f"the {self.split} split of {self.labels.url} held no sample for reader slot {slot} of {slots} "
                         f"in 4 epochs ({self.manifest.totals.sequences} sequences in all, --eval-fraction "
@@ -262,10 +272,12 @@ class LabelDataset(IterableDataset):
             for i, r in enumerate(rows):
                 if r is None or not self._keep(r):
                     continue
-                last = epoch
                 item = self.transform(r) if self.transform is not None else sample_to_tensors(r, self.top_k, self.byte_lengths)
                 if item is None:  # nothing for this student in it (no text to tokenize)
+                    textless += 1
+                    self.textless += 1
                     continue
+                last, textless = epoch, 0
                 item["position"] = torch.tensor([slot, slots, epoch, done + i + 1], dtype=torch.long)
                 item["sample_key"] = torch.tensor(int(r.sample_id[:15], 16), dtype=torch.long)
                 yield item

@@ -104,6 +104,11 @@ def evaluate(
     if was_training:
         model.train()
     if n_pos == 0:
+        if getattr(dataset, "textless", 0):  # every sample gave nothing to a model with another tokenizer
+            raise UserError(f"the {dataset.split} split of {dataset.labels.url} has no text to score: its "
+                            f"{dataset.textless} sample(s) give none (their token spans cover no bytes), and a model "
+                            "with another tokenizer is scored on the text: relabel the set, or score a model with the "
+                            "set's own tokenizer")
         raise UserError("the eval split is empty: raise --eval-fraction or label more data")
     out = {
         "ce": ce_sum / max(1, n_tgt),
