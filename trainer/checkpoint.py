@@ -32,6 +32,9 @@ from softlabels.schemas.errors import UserError
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
+# Run-record keys added after checkpoints already existed: a checkpoint that lacks one is not checked for it
+# (it still resumes). The student tokenizer's fingerprint: issue 29.
+RECORDED_LATER = ("student_tokenizer_fingerprint",)
 
 
 def rng_state() -> dict[str, Any]:
@@ -123,8 +126,8 @@ class CheckpointStore:
             return
         except ValueError as e:
             raise UserError(f"checkpoint {join_url(self.url, name)}/run.json is not valid JSON ({e})") from e
-        diffs = [f"{k}: checkpoint {stored.get(k)!r}, now {v!r}" for k, v in run.items()
-                 if k not in allow_changed and stored.get(k) != v]
+        diffs = [f"{k}: checkpoint {_show(stored.get(k))}, now {_show(v)}" for k, v in run.items()
+                 if k not in allow_changed and stored.get(k) != v and not (k in RECORDED_LATER and k not in stored)]
         if diffs:
             hint = [d.split(":")[0] for d in diffs if d.split(":")[0] in changeable]
             raise UserError(
@@ -189,6 +192,13 @@ class CheckpointStore:
                 f"checkpoint {join_url(self.url, name)} does not fit this student "
                 f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})"
             )
+
+
+def _show(value: Any) -> str:
+    """A recorded setting as a message shows it: fingerprints (``sha256:`` + 64 hex) cut to their first 12 hex."""
+    if isinstance(value, str) and value.startswith("sha256:") and len(value) > 19:
+        return value[:19] + "..."
+    return repr(value)
 
 
 def _torch_bytes(obj: Any) -> bytes:

@@ -23,8 +23,11 @@ from softlabels.trainer.crosstok import attach
 from softlabels.trainer.data import LabelDataset, StatefulLoader, merge_states
 from softlabels.trainer.evaluate import _move, evaluate
 from softlabels.trainer.precision import autocast, grad_scaler, resolve
-from softlabels.trainer.student import build_student, embedding_rows, enable_gradient_checkpointing
-from softlabels.trainer.tracking import Trackers, open_trackers
+from softlabels.schemas import tokenizer_fingerprint
+from softlabels.trainer.student import (
+    TRAIN_RECORD, build_student, embedding_rows, enable_gradient_checkpointing, training_record,
+)
+from softlabels.trainer.tracking import Trackers, check_trackers, open_trackers
 from softlabels.trainer.sharding import (  # noqa: F401 (KDModule: the name bench/ and tests import from here)
     KDModule, accumulating, as_number, full_student, load_sharded, save_sharded, wrap,
 )
@@ -53,21 +56,58 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _init_from(path: str) -> str:
-    """``--init-from DIR``: a student saved by ``softlabels train`` (or any HF model directory); one line if not."""
+def _init_from(path: str) -> tuple[str, str | None]:
+    """``--init-from DIR``: a student saved by ``softlabels train`` (or any HF model directory with safetensors
+    weights); one line if not. Returns ``(directory, the fingerprint of the tokenizer its weights were trained
+    with, or None when its record does not say)``. Pickled weights are never loaded, not even ``weights_only``.
+    """
     d = Path(path).expanduser()
     if not (d / "config.json").is_file():
         raise UserError(f"--init-from {path}: not a trained student (no config.json; give the --output "
                         "directory of a finished softlabels train)")
-    record = d / "softlabels_train.json"
-    if record.is_file():
-        try:
-            prev = json.loads(record.read_text())
-            log.info("starting from %s (trained %s steps on %s); optimizer and schedule start fresh", path,
-                     prev["config"].get("steps"), prev["label_set"].get("url"))
-        except (ValueError, KeyError, TypeError):
-            pass
-    return str(d)
+    weights = d / "model.safetensors"
+    if not weights.is_file() and not (d / "model.safetensors.index.json").is_file():
+        pickles = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        found = f", and {pickles[0]} is a pickle, never loaded here" if pickles else ""
+        raise UserError(f"--init-from {path}: no model.safetensors (what softlabels train writes; sharded: "
+                        f"model.safetensors.index.json){found}: give the --output of a softlabels train, or save "
+                        "the weights as safetensors")
+    if weights.is_file():
+        from safetensors import SafetensorError, safe_open
+
+        try:  # the header only: a damaged file is refused before the student is built
+            with safe_open(str(weights), "pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            raise UserError(f"--init-from {path}: its model.safetensors cannot be read ({why}); give the --output "
+                            "of a finished softlabels train") from e
+    try:
+        found = training_record(str(d))
+    except UserError as e:  # as before issue 29: an unreadable record does not stop a fine-tuning
+        log.warning("%s; its tokenizer is not checked against the one it was trained with", e)
+        found = None
+    if found is None:
+        return str(d), None
+    prev = found[1]
+    label_set = prev.get("label_set") if isinstance(prev.get("label_set"), dict) else {}
+    log.info("starting from %s (trained %s steps on %s); optimizer and schedule start fresh", path,
+             prev["config"].get("steps"), label_set.get("url"))
+    return str(d), _trained_tokenizer(prev)
+
+
+def _trained_tokenizer(record: dict[str, Any]) -> str | None:
+    """The fingerprint of the tokenizer a trained student's weights go with, from its training record: recorded
+    since issue 29; before, known only for a student built on the label set's own tokenizer."""
+    fp = record.get("student_tokenizer_fingerprint")
+    if isinstance(fp, str):
+        return fp
+    label_set = record.get("label_set") if isinstance(record.get("label_set"), dict) else {}
+    c, label_fp = record["config"], label_set.get("tokenizer_fingerprint")
+    built_here = str(c.get("student")) == "tiny" or str(c.get("student")).endswith(".json")
+    if built_here and c.get("student_tokenizer") is None and c.get("init_from") is None and isinstance(label_fp, str):
+        return label_fp
+    return None
 
 
 def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
@@ -95,6 +135,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     rank, world, device = _distributed(cfg)
     if rank == 0:
         log.info("training config: %s", cfg.redacted())
+        # A file in the way of the output (or of OUTPUT/tensorboard): refused before any data is read
+        if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
+            raise UserError(f"--output {cfg.output} is a file, not a directory")
+        check_trackers(cfg.report_to, Path(cfg.output))
     seed_everything(cfg.seed)
     train_ds = LabelDataset(
         cfg.labels, cfg.storage_options, "train", cfg.eval_fraction, cfg.seed, epochs=None,
@@ -106,10 +150,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     if cfg.loss == "tail-sampled" and not train_ds.manifest.tail_samples:
         raise UserError(f"--loss tail-sampled: the label set {cfg.labels} has no tail samples (label it with --tail-samples S)")
-    spec = cfg.student if cfg.init_from is None else _init_from(cfg.init_from)
+    spec, trained_with = (cfg.student, None) if cfg.init_from is None else _init_from(cfg.init_from)
     model, tokenizer = build_student(spec, train_ds.labels, cfg.seed, allow_vocab_mismatch=cfg.allow_vocab_mismatch,
                                      trust_remote_code=cfg.trust_remote_code,
-                                     student_tokenizer=None if cfg.init_from else cfg.student_tokenizer)
+                                     student_tokenizer=None if cfg.init_from else cfg.student_tokenizer,
+                                     safetensors_only=cfg.init_from is not None,
+                                     where=None if cfg.init_from is None else f"--init-from {cfg.init_from}",
+                                     trained_tokenizer=trained_with)
+    # The tokenizer decides what each embedding row means: recorded (run.json, the training record) so that a
+    # resume, or a later --init-from, notices one rewritten at the same path.
+    tokenizer_fp = tokenizer_fingerprint(tokenizer)
     train_ds.max_id = eval_ds.max_id = embedding_rows(model)  # a stored id the student has no row for: one line
     cross = attach([train_ds, eval_ds], train_ds.labels, tokenizer, cfg.student_tokenizer or spec,
                    cfg.allow_vocab_mismatch, cfg.top_k, cfg.token_map or "first")
@@ -151,7 +201,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                             pack_to=train_ds.manifest.sequence.max_length if cfg.packing else None)
     start, tokens, before, rng = 0, 0, None, None
     # The precision as resolved: a run left to the default resumes with it named, and vice versa.
-    run_record = {"labels": train_ds.labels.manifest_sha256, **cfg.resume_record(), "precision": precision}
+    # The student's tokenizer by its content, not its path: a --student-tokenizer DIR rewritten since is another run.
+    run_record = {"labels": train_ds.labels.manifest_sha256, **cfg.resume_record(), "precision": precision,
+                  "student_tokenizer_fingerprint": tokenizer_fp}
     if latest and cfg.resume:
         store.check_resume(latest, run_record, cfg.allow_changed, CHANGEABLE)
         opt_state, progress, state = store.load(latest, model, rank, sharded=cfg.fsdp)
@@ -265,9 +317,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         whole.save_pretrained(out)
         tokenizer.save_pretrained(out)
         widen_to_umask(out)  # safetensors writes 0600: others sharing the volume could not load the student
-        (out / "softlabels_train.json").write_text(json.dumps({"config": cfg.redacted(), "label_set": {
+        (out / TRAIN_RECORD).write_text(json.dumps({"config": cfg.redacted(), "label_set": {
             "url": train_ds.labels.url, "tokenizer_fingerprint": train_ds.manifest.tokenizer.fingerprint,
-            "teacher": train_ds.manifest.teacher.id, "top_k": train_ds.manifest.top_k}}, indent=2) + "\n")
+            "teacher": train_ds.manifest.teacher.id, "top_k": train_ds.manifest.top_k},
+            "student_tokenizer_fingerprint": tokenizer_fp}, indent=2) + "\n")
         if cfg.plot:
             from softlabels.trainer.plot import plot_metrics
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,83 @@ TINY = dict(
     tie_word_embeddings=True,
     rms_norm_eps=1e-5,
 )
+
+
+TRAIN_RECORD = "softlabels_train.json"  # what `softlabels train` writes beside the student it saved
+DEFAULT_EVAL_FRACTION = 0.05  # the held-out share of a model that records none (a teacher, an HF id, tiny)
+
+
+def training_record(spec: str) -> tuple[Path, dict[str, Any]] | None:
+    """``(path, record)`` of the :data:`TRAIN_RECORD` beside a trained student (an ``export`` directory: its source's);
+    None for a model without one (a teacher, an HF id, ``tiny``). Reads no weights and imports no torch.
+
+    Raises:
+        UserError: the record is there but is not one (then which samples the model trained on is unknown).
+    """
+    if spec == "tiny" or spec.endswith(".json"):  # built here, fresh: whatever folder of that name lies about
+        return None
+    d = Path(spec).expanduser()
+    path = d / TRAIN_RECORD
+    if not path.is_file() and (d / "softlabels_export.json").is_file():  # trainer.export's META_FILE
+        try:
+            source = json.loads((d / "softlabels_export.json").read_text()).get("source")
+        except (ValueError, AttributeError):
+            source = None
+        path = Path(source) / TRAIN_RECORD if isinstance(source, str) else path
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: not a training record ({str(e)[:80]}); which samples {spec} trained on is "
+                        "unknown: restore the file, or remove it to treat the model as one without a record") from e
+    if not (isinstance(record, dict) and isinstance(record.get("config"), dict)):
+        raise UserError(f"{path}: not a training record (no config object); which samples {spec} trained on is "
+                        "unknown: restore the file, or remove it to treat the model as one without a record")
+    return path, record
+
+
+def trained_eval_fraction(spec: str) -> float | None:
+    """The held-out share (``eval_fraction``) that the student at ``spec`` was trained with, from its
+    :data:`TRAIN_RECORD`; None for a model without a record. The held-out samples of a share ``f`` are
+    those whose ``sample_id`` hash falls below ``f`` (:func:`softlabels.trainer.data.in_eval_split`), so a
+    smaller share picks a subset of them and a larger one also picks samples the student trained on."""
+    found = training_record(spec)
+    if found is None:
+        return None
+    path, record = found
+    f = record["config"].get("eval_fraction")
+    if not (isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f < 1):
+        raise UserError(f"{path}: eval_fraction {f!r:.40} is not a share in [0, 1); which samples {spec} trained on "
+                        "is unknown")
+    return float(f)
+
+
+def held_out_fraction(models: list[str], given: float | None, split: str = "eval") -> float:
+    """The held-out share to score ``models`` on (``eval``, ``compare``).
+
+    ``given`` None (no ``--eval-fraction``): the smallest share any of them was trained with, i.e. the
+    samples none of them trained on (the splits nest), or :data:`DEFAULT_EVAL_FRACTION` when none has a
+    record. ``given``: used as it is, unless (``split`` eval) it is larger than a model's own share.
+
+    Raises:
+        UserError: ``given`` is not in [0, 1), or would score a model on samples it trained on. Refused,
+            not warned: a score that silently includes training data looks like a better student.
+    """
+    if given is not None and not (isinstance(given, (int, float)) and 0 <= given < 1):
+        raise UserError(f"--eval-fraction must be in [0, 1), got {given!r}")
+    recorded = [(m, f) for m in models if (f := trained_eval_fraction(m)) is not None]
+    if given is None:
+        if not recorded:
+            return DEFAULT_EVAL_FRACTION
+        model, f = min(recorded, key=lambda mf: mf[1])
+        log.info("held-out split: eval_fraction %g, what %s was trained with (its %s)", f, model, TRAIN_RECORD)
+        return f
+    for model, f in recorded:
+        if split == "eval" and given > f:
+            raise UserError(f"--eval-fraction {given} would score {model} partly on samples it trained on: it held out "
+                            f"{f} (its {TRAIN_RECORD}); give at most {f}, or leave --eval-fraction out to use it")
+    return float(given)
 
 
 def refuse_code(files: dict[str, bytes], where: str) -> None:
@@ -170,7 +248,8 @@ def vocab_difference(student: Any, label_tok: Any) -> str | None:
 
 def build_student(
     spec: str, labels: LabelSet, seed: int = 0, dtype: str = "float32", allow_vocab_mismatch: bool = False,
-    trust_remote_code: bool = False, student_tokenizer: str | None = None,
+    trust_remote_code: bool = False, student_tokenizer: str | None = None, safetensors_only: bool = False,
+    where: str | None = None, trained_tokenizer: str | None = None,
 ) -> tuple[Any, Any]:
     """Return ``(model, tokenizer)`` for ``--student``.
 
@@ -178,7 +257,14 @@ def build_student(
     model (seeded) with the label set's tokenizer, or with ``student_tokenizer``
     (a directory or hub id) sized to it; anything else goes to
     ``from_pretrained`` (local directory or hub id) with its own tokenizer;
-    a model's own Python code runs only with ``trust_remote_code``.
+    a model's own Python code runs only with ``trust_remote_code``. Weights load from safetensors, or
+    (not ``safetensors_only``) from a ``pytorch_model.bin`` of tensors only (``weights_only``: no object is
+    ever unpickled). ``where``: how the user named the model, for messages (default ``student SPEC``).
+    ``trained_tokenizer``: the fingerprint of the tokenizer the model's weights were trained with (its
+    training record); a model directory whose tokenizer is another one now is refused before anything else.
+
+    Raises:
+        UserError: the model, its tokenizer or its weights cannot be used (one line saying why).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
@@ -216,12 +302,29 @@ def build_student(
         raise UserError(f"student path {spec} does not exist")
     if Path(spec).exists() and not (Path(spec) / "config.json").exists():
         raise UserError(f"student directory {spec} has no config.json (not a Hugging Face model directory)")
-    with remote_code_guard(f"student {spec}"):
+    from safetensors import SafetensorError
+
+    where = where or f"student {spec}"
+    with remote_code_guard(where):
         tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+        now = tokenizer_fingerprint(tokenizer)
+        if trained_tokenizer is not None and now != trained_tokenizer:
+            # each embedding row means the token the weights were trained with: another vocabulary at the same
+            # path would pair them with other tokens, silently (or fail later on a count of rows)
+            raise UserError(f"{where}: its tokenizer ({now[:19]}...) is not the one its weights were trained with "
+                            f"({trained_tokenizer[:19]}..., in its {TRAIN_RECORD}): the folder changed since; restore "
+                            "its tokenizer files, or start from another student")
         check_tokenizer(tokenizer, labels, spec, allow_vocab_mismatch)
-        model = AutoModelForCausalLM.from_pretrained(
-            spec, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                spec, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code,
+                **({"use_safetensors": True} if safetensors_only else {}),
+            )
+        except (SafetensorError, pickle.UnpicklingError) as e:  # a damaged file, or a pickle of objects
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            accepted = ("model.safetensors" if safetensors_only else
+                        "model.safetensors, or a pytorch_model.bin of tensors only (never unpickled as objects)")
+            raise UserError(f"{where}: its weights cannot be read ({first}); accepted: {accepted}") from e
     rows = embedding_rows(model)
     if tokenizer_fingerprint(tokenizer) != labels.manifest.tokenizer.fingerprint and not allow_vocab_mismatch:
         rows_needed = len(tokenizer)  # across tokenizers: the student's own ids
@@ -235,16 +338,30 @@ def build_student(
 
 
 def _own_tokenizer(spec: str) -> Any:
-    """``--student-tokenizer``: a tokenizer directory or hub id (never its code)."""
+    """``--student-tokenizer``: a tokenizer directory or hub id (never its code, whatever ``--trust-remote-code`` says).
+
+    Raises:
+        UserError: no such tokenizer, or one that loads only with its own Python code (the message says what works).
+    """
     from transformers import AutoTokenizer
 
     if not Path(spec).exists() and spec.startswith((".", "/", "~")):
         raise UserError(f"--student-tokenizer {spec} does not exist")
-    with remote_code_guard(f"tokenizer {spec}"):
-        try:
-            return AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
-        except (OSError, ValueError) as e:
-            raise UserError(f"--student-tokenizer {spec}: not a tokenizer ({str(e).splitlines()[0][:160]})") from None
+    # Not under remote_code_guard: its advice (--trust-remote-code) does nothing here, and it would rewrite this
+    # function's own UserError (a ValueError naming "custom code") into that advice.
+    try:
+        return AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        if isinstance(e, ValueError) and ("trust_remote_code" in str(e) or "custom code" in str(e)):
+            fast = Path(spec, "tokenizer.json")
+            how = (f"its tokenizer.json loads without code: transformers.PreTrainedTokenizerFast(tokenizer_file="
+                   f"'{fast}').save_pretrained(NEW_DIR), then --student-tokenizer NEW_DIR" if fast.is_file() else
+                   "give a tokenizer that loads without code (one with a tokenizer.json)")
+            raise UserError(f"--student-tokenizer {spec} loads only with its own Python code (not run): a "
+                            f"--student-tokenizer never runs code, --trust-remote-code or not; {how}, or train a "
+                            "student that brings this tokenizer (--student DIR_OR_ID --trust-remote-code)") from None
+        raise UserError(f"--student-tokenizer {spec}: not a tokenizer ({first})") from None
 
 
 def embedding_rows(model: Any) -> int:

@@ -61,13 +61,31 @@ def flatten(row: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def check_trackers(report_to: tuple[str, ...], output: Path) -> None:
+    """Refuse, before any data is read or step taken, a tracker that could not write: a file where
+    ``--report-to tensorboard`` needs the folder ``OUTPUT/tensorboard`` (or ``OUTPUT`` itself). Creates nothing.
+
+    Raises:
+        UserError: naming the file in the way.
+    """
+    if "tensorboard" not in report_to:
+        return
+    for path in (output, output / "tensorboard"):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--report-to tensorboard: {path} is a file, not a directory (TensorBoard writes to "
+                            "OUTPUT/tensorboard): move it, or use another --output")
+
+
 class TensorBoard:
     """Scalars under ``logdir``; on a resume, steps past the checkpoint (from the interrupted run) are purged."""
 
     def __init__(self, logdir: Path, resumed_at: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(logdir), purge_step=resumed_at + 1 if resumed_at else None)
+        try:
+            self.writer = SummaryWriter(str(logdir), purge_step=resumed_at + 1 if resumed_at else None)
+        except OSError as e:  # a file in the way (appeared since check_trackers), no permission, a full disk
+            raise UserError(f"--report-to tensorboard: cannot write to {logdir} ({e.strerror or e})") from e
 
     def log(self, row: dict[str, float], step: int) -> None:
         for key, value in row.items():
