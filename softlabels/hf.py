@@ -15,6 +15,13 @@ columns then hold one row per trained position, ``T = sum(trained)`` rows, not `
 sets ``doc_lengths`` (the documents packed into the sequence).
 Every shard is checked against the manifest's sha256 as it is read.
 
+``split="eval"`` / ``"train"`` keep the trainer's held-out split (by ``sample_id`` hash, the samples
+``softlabels train`` holds out, and ``softlabels eval`` scores, for the same ``eval_fraction``)::
+
+    from softlabels.trainer.student import trained_eval_fraction   # no torch needed
+    f = trained_eval_fraction("runs/student")                     # what the student was trained with (None: no record)
+    held_out = softlabels.to_hf_dataset("s3://bucket/labels/run1", split="eval", eval_fraction=f or 0.05)
+
 ``Dataset`` writes the decoded rows to the ``datasets`` cache once (keyed by the
 manifest's sha256, so a rewritten set is never served stale); ``IterableDataset``
 streams shard by shard and splits shards over DataLoader workers.
@@ -22,6 +29,7 @@ streams shard by shard and splits shards over DataLoader workers.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -62,6 +70,15 @@ def features(manifest: Manifest) -> Any:
     return datasets.Features(cols)
 
 
+SPLITS = ("all", "train", "eval")
+
+
+def in_eval_split(sample_id: str, eval_fraction: float) -> bool:
+    """The trainer's held-out rule (:func:`softlabels.trainer.data.in_eval_split`, which needs torch; a test holds
+    the two equal): the first 32 bits of the content address, as a share of 2**32, below ``eval_fraction``."""
+    return int(sample_id[:8], 16) / 2**32 < eval_fraction
+
+
 _OPEN: dict[tuple[str, str], Any] = {}  # (url, manifest sha256) -> LabelSet, opened once per process
 
 
@@ -78,11 +95,14 @@ def _label_set(url: str, storage_options: dict[str, Any], manifest_sha256: str) 
     return _OPEN[key]
 
 
-def _rows(url: str, storage_options: dict[str, Any], manifest_sha256: str, shards: list[int]) -> Iterator[dict[str, Any]]:
+def _rows(url: str, storage_options: dict[str, Any], manifest_sha256: str, shards: list[int], split: str = "all",
+          eval_fraction: float = 0.05) -> Iterator[dict[str, Any]]:
     ls = _label_set(url, storage_options, manifest_sha256)
     m = ls.manifest
     for index in shards:
         for s in ls.read_shard(ls.shards[index]):
+            if split != "all" and in_eval_split(s.sample_id, eval_fraction) != (split == "eval"):
+                continue
             row = {"sample_id": s.sample_id, "source": s.source, "input_ids": s.input_ids, "topk_ids": s.topk_ids,
                    "topk_logprobs": s.topk_logprobs, "tail_logprob": s.tail_logprob}
             if s.tail_sample_ids is not None:
@@ -95,14 +115,27 @@ def _rows(url: str, storage_options: dict[str, Any], manifest_sha256: str, shard
 
 
 def to_hf_dataset(
-    url: str, storage_options: Mapping[str, Any] | None = None, streaming: bool = False, cache_dir: str | None = None
+    url: str, storage_options: Mapping[str, Any] | None = None, streaming: bool = False, cache_dir: str | None = None,
+    split: str = "all", eval_fraction: float = 0.05,
 ) -> Any:
     """The label set at ``url`` as a ``datasets.Dataset`` (or ``IterableDataset`` with ``streaming``).
 
+    Args:
+        split: ``"all"`` (every row, the default), ``"eval"`` (the held-out rows: those ``softlabels train`` never
+            trains on and ``softlabels eval`` scores) or ``"train"`` (the others), chosen by ``sample_id`` hash
+            exactly as the trainer does.
+        eval_fraction: the held-out share for ``split`` (default 0.05, the trainer's default). For a trained
+            student, the share it was trained with: ``softlabels.trainer.student.trained_eval_fraction(DIR)``
+            (its ``softlabels_train.json``); a larger share holds rows it trained on.
+
     Raises:
-        UserError: ``datasets`` is not installed, or the label set cannot be opened (see
-            :func:`softlabels.schemas.open_label_set`).
+        UserError: ``datasets`` is not installed, ``split`` or ``eval_fraction`` is not one of the above, or the
+            label set cannot be opened (see :func:`softlabels.schemas.open_label_set`).
     """
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if not (isinstance(eval_fraction, (int, float)) and not isinstance(eval_fraction, bool) and 0 <= eval_fraction < 1):
+        raise UserError(f"eval_fraction must be a share in [0, 1), got {eval_fraction!r}")
     require_extra("hf", "datasets")
     import datasets
 
@@ -112,12 +145,16 @@ def to_hf_dataset(
         "storage_options": dict(ls.storage_options),
         "manifest_sha256": ls.manifest_sha256,
         "shards": list(range(len(ls.shards))),  # (datasets splits this list over its workers)
+        "split": split,
+        "eval_fraction": float(eval_fraction),
     }
     feats = features(ls.manifest)
     if streaming:
         return datasets.IterableDataset.from_generator(_rows, features=feats, gen_kwargs=gen_kwargs)
-    # The cache key: what the set holds (its manifest), never the storage options (they may hold secrets).
-    key = {"fingerprint": "softlabels-" + ls.manifest_sha256[:32]}
+    # The cache key: what the set holds (its manifest) and which of its rows, never the storage options (they
+    # may hold secrets). The whole set keeps the key it always had.
+    part = "" if split == "all" else f"-{split}-" + hashlib.sha256(repr(float(eval_fraction)).encode()).hexdigest()[:8]
+    key = {"fingerprint": "softlabels-" + ls.manifest_sha256[:32] + part}
     if "fingerprint" not in inspect.signature(datasets.Dataset.from_generator).parameters:
         key = {}  # older datasets hash the generator's arguments instead
     return datasets.Dataset.from_generator(_rows, features=feats, gen_kwargs=gen_kwargs, cache_dir=cache_dir, **key)

@@ -22,7 +22,9 @@ def _common(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     dflt = (lambda v: S) if suppress else (lambda v: v)
     p.add_argument("--labels", required=not suppress, default=dflt(None),
                    help="label set location: local path, s3://bucket/prefix or any fsspec URL")
-    p.add_argument("--eval-fraction", type=float, default=dflt(0.05), help="held-out share of samples, by sample_id hash (default: 0.05)")
+    p.add_argument("--eval-fraction", type=float, default=dflt(None),
+                   help="held-out share of samples, by sample_id hash (default: train 0.05; eval and compare: what the "
+                   "student was trained with, from its softlabels_train.json, else 0.05; a larger share is refused)")
     p.add_argument("--batch-size", type=int, default=dflt(8), help="sequences per batch (default: 8)")
     p.add_argument("--head-chunk", type=int, default=dflt(1024), help="positions per LM-head chunk in the loss (default: 1024)")
     p.add_argument("--device", default=dflt(None), help="torch device (default: cuda if available, else cpu)")
@@ -181,15 +183,19 @@ def _eval(args: argparse.Namespace) -> int:
     from softlabels.trainer.data import LabelDataset
     from softlabels.trainer.evaluate import evaluate
     from softlabels.trainer.crosstok import attach
-    from softlabels.trainer.student import build_student, embedding_rows
+    from softlabels.trainer.student import build_student, embedding_rows, held_out_fraction
 
-    ds = LabelDataset(args.labels, parse_storage_options(args.storage_option), args.split, args.eval_fraction, shuffle=False)
+    # A trained student is scored on the split it was trained with (its softlabels_train.json), never on a share
+    # that holds samples it trained on; other models on 0.05 or the share given.
+    fraction = held_out_fraction([args.model], args.eval_fraction, args.split)
+    ds = LabelDataset(args.labels, parse_storage_options(args.storage_option), args.split, fraction, shuffle=False)
     model, tokenizer = build_student(args.model, ds.labels, args.seed, trust_remote_code=args.trust_remote_code)
     ds.max_id = embedding_rows(model)
     attach([ds], ds.labels, tokenizer, args.model)  # bits per byte; another tokenizer: aligned by the set's spans
     model.to(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     result = evaluate(model, ds, args.batch_size, args.max_batches, args.head_chunk)
-    print(json.dumps({"model": args.model, "labels": args.labels, "split": args.split, **result}))
+    print(json.dumps({"model": args.model, "labels": args.labels, "split": args.split, "eval_fraction": fraction,
+                      **result}))
     return 0
 
 

@@ -170,7 +170,7 @@ def _check_spec(spec: str) -> None:
 
 def compare(
     labels: str, models: list[str], names: list[str] | None = None, *, storage_options: dict[str, Any] | None = None,
-    eval_fraction: float = 0.05, batch_size: int = 8, eval_batches: int | None = None, rows: int = 8,
+    eval_fraction: float | None = None, batch_size: int = 8, eval_batches: int | None = None, rows: int = 8,
     length: int = 128, seconds: float = 5.0, threads: int | None = None, trust_remote_code: bool = False,
     rounds: int = 2,
 ) -> list[dict[str, Any]]:
@@ -179,8 +179,14 @@ def compare(
     Speed is timed in ``rounds`` passes over all the models in turn (the first also measures memory and
     quality, the others only time), and each model keeps its fastest round: on a shared machine a slow
     spell of a minute or two would otherwise land on whichever model was being timed then.
+
+    Every model is scored on the same held-out samples: ``eval_fraction`` None takes the smallest share any of
+    the students was trained with (their ``softlabels_train.json``; 0.05 when none has one), the samples
+    none of them trained on; a given share larger than a student's own is refused
+    (:func:`softlabels.trainer.student.held_out_fraction`).
     """
     from softlabels.schemas import open_label_set
+    from softlabels.trainer.student import held_out_fraction
 
     if not models:
         raise UserError("--models needs at least one model")
@@ -196,8 +202,9 @@ def compare(
         raise UserError(f"--names gives {len(names)} names for {len(models)} models")
     for spec in models:
         _check_spec(spec)
+    fraction = held_out_fraction(models, eval_fraction)  # a share holding training samples stops here too
     open_label_set(labels, storage_options or {})  # a bad label set stops here, before any model loads
-    opts = dict(labels=labels, storage_options=storage_options or {}, eval_fraction=eval_fraction,
+    opts = dict(labels=labels, storage_options=storage_options or {}, eval_fraction=fraction,
                 batch_size=batch_size, eval_batches=eval_batches, rows=rows, length=length, seconds=seconds,
                 threads=threads or os.cpu_count() or 1, trust_remote_code=trust_remote_code)
     out = []
@@ -220,6 +227,7 @@ def compare(
                      row["cpu_tokens_per_s"])
     for row in out:
         row["rounds"] = rounds
+        row["eval_fraction"] = fraction
     return out
 
 
