@@ -42,6 +42,12 @@ def _crash_env() -> dict[str, str]:
     return {k: os.environ[k] for k in names if k in os.environ}
 
 
+def _ray_sigterm(e: SystemExit) -> bool:
+    """Whether ``e`` is Ray's start-up SIGTERM handler's ``sys.exit(15)`` (as raised, or as Ray's wait
+    loops re-raise a SystemExit from a signal handler: ``SystemExit(1)`` whose message names the code)."""
+    return e.code == signal.SIGTERM or f"Exit code: {int(signal.SIGTERM)}." in str(getattr(e, "ray_terminate_msg", ""))
+
+
 @contextmanager
 def ray_session(address: str | None) -> Iterator[Any]:
     """Join ``address`` (or ``$RAY_ADDRESS``) or start a fresh local Ray; shut down what we started.
@@ -70,10 +76,19 @@ def ray_session(address: str | None) -> Iterator[Any]:
                 ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
         except ConnectionError as e:
             raise UserError(f"cannot join the Ray cluster at {address!r}: {e}") from e
+        except SystemExit as e:
+            if not (main and _ray_sigterm(e)):
+                raise
+            # A SIGTERM while Ray started went to the handler ray.init installs for its start-up
+            # (sys.exit(15)): deliver it again, to ours (below), so the command ends as for any SIGTERM.
+            signal.signal(signal.SIGTERM, sigterm)
+            signal.raise_signal(signal.SIGTERM)
+            raise
         finally:
             if main:
-                # ray.init installs its own SIGTERM handler (a C++ stack dump, exit 134): put ours back,
-                # so a preempted job unwinds, releases its output and shuts Ray down.
+                # ray.init installs its own SIGTERM handlers (sys.exit(15) while it starts, then a C++
+                # stack dump, exit 134): put ours back, so a preempted job unwinds, releases its
+                # output and shuts Ray down.
                 signal.signal(signal.SIGTERM, sigterm)
         started = True
     try:

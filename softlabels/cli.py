@@ -44,18 +44,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    # Preemption (Kubernetes, schedulers) sends SIGTERM: unwind, so that claims are released,
-    # Ray shuts down and nothing half-written is published; exit 143 as a killed process would.
-    raise SystemExit(143)
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand; returns the exit code."""
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand; returns the exit code.
+
+    SIGTERM (preemption: Kubernetes, schedulers) unwinds the command, so that claims are
+    released, Ray shuts down and nothing half-written is published, and the exit code is 143
+    as a killed process's would be.
+    """
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    return run_main(lambda: args.handler(args), args.debug, f"softlabels {args.command}")
+    prog = f"softlabels {args.command}"
+    terminated: list[int] = []
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if terminated:
+            return  # already unwinding: a second SIGTERM must not cut the clean-up short
+        terminated.append(signum)
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        code = run_main(lambda: args.handler(args), args.debug, prog)
+    except (SystemExit, KeyboardInterrupt):
+        if not terminated:
+            raise
+    if terminated:
+        # Decided here, not by the exception that unwound: Python signal handlers also run inside
+        # Ray's ray.get/ray.wait (its C++ wait loop checks for signals), and Ray turns a SystemExit
+        # raised there into SystemExit(1). A driver waiting on a teacher is there nearly always.
+        print(f"{prog}: stopped by SIGTERM", file=sys.stderr)
+        return 143
+    return code
 
 
 if __name__ == "__main__":
