@@ -19,7 +19,7 @@ from dataclasses import asdict
 
 import pytest
 
-from softlabels.schemas import resolve_url
+from softlabels.schemas import open_label_set, resolve_url
 
 from conftest import REPO
 
@@ -214,6 +214,43 @@ def test_sigterm_mid_run_ends_cleanly_then_resume_is_byte_identical(reference, t
     assert settle(proc, timeout=10) == [], "Ray processes outlived the driver"
     assert released(url), "the claim was not released"
     resume_and_check(tiny_teacher, url, markers(url), reference)
+
+
+def test_sigterm_with_the_builtin_teacher_exits_143_then_resumes(builtin_teacher, ray_local, tmp_path):
+    """A real teacher keeps the driver inside ray.wait, whose C++ loop runs our SIGTERM handler and turns its
+    SystemExit(143) into SystemExit(1): the command must still unwind, release, shut Ray down and exit 143."""
+    from softlabels.labeler.config import LabelConfig
+    from softlabels.labeler.job import run
+
+    builtin = dict(teacher="smollm2-135m", corpus="pydoc", top_k=8, max_length=64, limit=8, shard_tokens=128)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in builtin.items()]
+    url = str(tmp_path / "preempted-builtin")
+    proc = subprocess.Popen([sys.executable, "-m", "softlabels", "label", *flags, "--output", url], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "SOFTLABELS_CRASH_AT": "never"})  # settle() finds Ray's processes by it
+    seen = []
+    for line in proc.stderr:  # the teacher is loaded: labeling starts now
+        seen.append(line)
+        if "teacher replica(s) on" in line:
+            break
+    assert proc.poll() is None, "".join(seen)[-3000:]
+    time.sleep(0.3)  # into the dispatch loop, where the driver waits on Ray
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    for sign in ("Aborted", "core dumped", "*** SIGTERM", "Traceback"):
+        assert sign not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "softlabels label: stopped by SIGTERM"
+    assert settle(proc, timeout=10) == [], "Ray processes outlived the driver"
+    assert released(url), "the claim was not released"
+    assert not manifest_exists(url)
+    before = markers(url)
+    summary = run(LabelConfig(output=url, **builtin))  # the same job resumes (on the tests' Ray)
+    assert summary.status == "written" and summary.resumed_units == len(before) < summary.shards
+    after = markers(url)
+    assert {k: after[k] for k in before} == before, "a committed unit was rewritten by the resume"
+    ls = open_label_set(url)
+    assert sum(len(ls.read_shard(s)) for s in ls.shards) == ls.manifest.totals.sequences == 8
 
 
 def test_a_teacher_replica_sigkilled_mid_unit_is_restarted_and_its_unit_retried(reference, tiny_teacher, tmp_path):
