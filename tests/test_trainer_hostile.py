@@ -107,6 +107,10 @@ def test_init_from_without_safetensors_is_one_line_and_never_unpickled(label_set
     code, _, err = cli_in_process("train", "--labels", label_set, "--output", str(tmp_path / "a"), *FAST,
                                   "--init-from", str(pickled))
     assert_one_line_error(code, err, "train", f"--init-from {pickled}", "model.safetensors", "pytorch_model.bin")
+    # as --student (any HF folder): loaded weights_only, which refuses the object, in one line
+    code, _, err = cli_in_process("train", "--labels", label_set, "--output", str(tmp_path / "s"), *FAST,
+                                  "--student", str(pickled))
+    assert_one_line_error(code, err, "train", f"student {pickled}: its weights cannot be read", "accepted:")
     assert not marker.exists()
     garbage = tmp_path / "garbage"
     shutil.copytree(student, garbage)
@@ -114,6 +118,10 @@ def test_init_from_without_safetensors_is_one_line_and_never_unpickled(label_set
     code, _, err = cli_in_process("train", "--labels", label_set, "--output", str(tmp_path / "b"), *FAST,
                                   "--init-from", str(garbage))
     assert_one_line_error(code, err, "train", f"--init-from {garbage}", "model.safetensors")
+    # the same damaged folder as --student: one line too, saying what loads
+    code, _, err = cli_in_process("train", "--labels", label_set, "--output", str(tmp_path / "c"), *FAST,
+                                  "--student", str(garbage))
+    assert_one_line_error(code, err, "train", f"student {garbage}: its weights cannot be read", "accepted: model.safetensors")
 
 
 # -- (7) a student tokenizer rewritten at the same path ------------------------------------------------
@@ -212,7 +220,7 @@ def _held_out(label_set: str, fraction: float) -> list[str]:
     return sorted(s.sample_id for s in open_label_set(label_set).iter_samples() if in_eval_split(s.sample_id, fraction))
 
 
-def test_eval_scores_a_student_on_the_split_it_was_trained_with(label_set, student):
+def test_eval_scores_a_student_on_the_split_it_was_trained_with(label_set, student, tmp_path):
     want = _held_out(label_set, TRAINED_FRACTION)
     assert len(want) != len(_held_out(label_set, 0.05))
     code, out, err = cli_in_process("eval", "--labels", label_set, "--model", str(student), "--batch-size", "4")
@@ -229,6 +237,13 @@ def test_eval_scores_a_student_on_the_split_it_was_trained_with(label_set, stude
     code, _, err = cli_in_process("compare", "--labels", label_set, "--models", str(student), "--eval-fraction", "0.3",
                                   "--no-plot")
     assert_one_line_error(code, err, "compare", "--eval-fraction 0.3", str(student), "0.2", "trained on")
+    # a record that is not one: which samples it trained on is unknown, so nothing is scored
+    broken = tmp_path / "broken"
+    shutil.copytree(student, broken)
+    (broken / "softlabels_train.json").write_text("{not json")
+    code, out, err = cli_in_process("eval", "--labels", label_set, "--model", str(broken))
+    assert_one_line_error(code, err, "eval", "softlabels_train.json: not a training record", "unknown")
+    assert not out.strip()
     # a model without a training record keeps the default
     code, out, err = cli_in_process("eval", "--labels", label_set, "--model", "tiny", "--batch-size", "4")
     assert code == 0, err[-3000:]

@@ -322,8 +322,10 @@ def build_student(
             )
         except (SafetensorError, pickle.UnpicklingError) as e:  # a damaged file, or a pickle of objects
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            if isinstance(e, pickle.UnpicklingError):  # torch's text goes on to suggest weights_only=False: never
+                first = "a pickle of objects other than tensors, which are never unpickled"
             accepted = ("model.safetensors" if safetensors_only else
-                        "model.safetensors, or a pytorch_model.bin of tensors only (never unpickled as objects)")
+                        "model.safetensors, or a pytorch_model.bin of tensors only (read weights_only)")
             raise UserError(f"{where}: its weights cannot be read ({first}); accepted: {accepted}") from e
     rows = embedding_rows(model)
     if tokenizer_fingerprint(tokenizer) != labels.manifest.tokenizer.fingerprint and not allow_vocab_mismatch:
