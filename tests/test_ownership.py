@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -129,3 +130,73 @@ def test_overwrite_deletes_only_label_sets(tiny_teacher, tmp_path, label_set):
     assert (target / "README.txt").read_text() == "notes on this set"
     assert open_label_set(str(target)).manifest.encoding == {"name": "fp16"}
     assert not (target / "_labeler").exists()  # the labeler's run record went with its set
+
+
+# A claim record that cannot be read, and why (as the refusal says it).
+GARBLED = {
+    "not JSON": (b'{"run_id": "4f2a", "host": ', "not JSON: Expecting value"),
+    "not an object": (b'["softlabels label"]', "a JSON list, not an object"),
+    "a field missing": (b'{"run_id": "4f2a"}', "no field 'host'"),
+    "a field of the wrong type": (json.dumps({**Holder("4f2a", "h", 12, "t", "softlabels label", 0.0).__dict__,
+                                              "expires_at": "soon"}).encode(), "field 'expires_at' is 'soon', not a number"),
+    "a directory": (None, "a directory, not a claim file"),
+}
+
+
+def garble(root, how: str):
+    """Put a claim record that cannot be read at generation 3 of ``root`` (a local folder); returns its path."""
+    path = root / "_claim" / _gen_name(3).split("/")[1]
+    path.parent.mkdir(parents=True)
+    data = GARBLED[how][0]
+    if data is None:
+        path.mkdir()
+        (path / "left-here").write_text("not a claim")
+    else:
+        path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("how", GARBLED)
+def test_a_claim_that_cannot_be_read_is_refused_naming_it_and_take_over_gets_past(how, tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    path = garble(out, how)
+    code, _, err = cli_in_process("label", "--teacher", tiny_teacher, "--corpus", "pydoc", "--output", str(out))
+    assert_one_line_error(code, err, "label", f"its claim {path} cannot be read ({GARBLED[how][1]}", "--take-over")
+    assert path.exists()
+    # --take-over: the user says no run holds it
+    taker = claim(str(out))
+    taker.acquire(take_over=True)
+    assert taker.gen == 4 and taker.generations() == [4] and not path.exists()
+    taker.release()
+    assert claim(str(out)).current()[1].released
+
+
+def test_a_claim_that_cannot_be_read_and_was_not_renewed_for_a_ttl_is_taken_over(tmp_path):
+    out = tmp_path / "out"
+    path = garble(out, "a field of the wrong type")
+    os.utime(path, (time.time() - 3600, time.time() - 3600))  # written an hour ago: nobody renews it
+    c = claim(str(out))
+    c.acquire()
+    assert c.gen == 4 and not path.exists()
+    c.release()
+
+
+def test_convert_refuses_a_directory_in_place_of_the_claim_then_takes_it_over(label_set, tmp_path):
+    out = tmp_path / "converted"
+    path = garble(out, "a directory")
+    code, _, err = cli_in_process("convert", label_set, "--output", str(out), "--encoding", "fp16")
+    assert_one_line_error(code, err, "convert", f"its claim {path} cannot be read (a directory, not a claim file)")
+    code, _, err = cli_in_process("convert", label_set, "--output", str(out), "--encoding", "fp16", "--take-over")
+    assert code == 0, err[-3000:]
+    assert open_label_set(str(out)).manifest.encoding == {"name": "fp16"} and not path.exists()
+    gen, holder = claim(str(out)).current()
+    assert gen == 4 and holder.released
+
+
+def test_a_file_in_place_of_the_claims_folder_is_refused_in_one_line(tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_claim").write_text("not a folder")
+    code, _, err = cli_in_process("label", "--teacher", tiny_teacher, "--corpus", "pydoc", "--output", str(out))
+    assert_one_line_error(code, err, "label", f"cannot create claim {out}/_claim/gen-000000.json",
+                          "a file stands where the claims folder _claim/ must be")

@@ -15,6 +15,10 @@ generation is the owner.
   its expiry, taken over) stops instead of mixing its writes with the new owner's.
 * When the run ends the claim is marked released; the record stays, so generation
   numbers only grow and a stale run can never take a later claim for its own.
+* A claim record that cannot be read (not JSON, a field of the wrong type, a directory in its
+  place) holds the output like a live claim for a TTL from when it was written (its holder, if
+  any, finds it lost at its next heartbeat and stops): a run is refused in one line naming the
+  file; ``--take-over`` gets past it at once.
 
 Stores without conditional writes (fsspec backends other than local disk and S3)
 fall back to write-then-read-back, which narrows the race without closing it.
@@ -25,12 +29,13 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -63,16 +68,62 @@ class Holder:
     boot_id: str = ""  # the kernel's boot id and the pid namespace: a pid means something only where both match
     pidns: int = 0
     pid_start: int = 0  # the process's start time (clock ticks since boot): tells a reused pid from the holder
+    # Why the record could not be read ("" for a good one): then only expires_at means something. Never written.
+    unreadable: str = field(default="", compare=False)
 
     @property
     def released(self) -> bool:
         return self.expires_at == 0
 
+    def record(self) -> bytes:
+        """The claim file's bytes."""
+        d = asdict(self)
+        del d["unreadable"]
+        return json.dumps(d, indent=1).encode()
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Holder:
+        """A claim file's record, its fields checked (unknown fields, a later version's, are ignored).
+
+        Raises:
+            ValueError: not JSON, not an object, a field missing or of the wrong type (the message says which).
+        """
+        try:
+            d = json.loads(raw)
+        except ValueError as e:  # UnicodeDecodeError too
+            raise ValueError(f"not JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"a JSON {type(d).__name__}, not an object")
+        out = {}
+        for name, (kind, required) in _FIELDS.items():
+            if name not in d:
+                if required:
+                    raise ValueError(f"no field {name!r}")
+                continue
+            value = d[name]
+            if (isinstance(value, bool) or not isinstance(value, kind)
+                    or (isinstance(value, float) and not math.isfinite(value))):
+                raise ValueError(f"field {name!r} is {repr(value)[:40]}, not {_KIND_NAMES[kind]}")
+            out[name] = value
+        return cls(**out)
+
     def describe(self) -> str:
+        if self.unreadable:
+            return f"{self.command} ({self.unreadable})"
         left = self.expires_at - time.time()
         state = ("released" if self.released else f"expires in {left:.0f} s unless renewed" if left > 0
                  else f"expired {-left:.0f} s ago")
         return f"{self.command} on host {self.host}, pid {self.pid}, started {self.started_at} ({state})"
+
+
+# Holder's fields as a claim file holds them: (types, required).
+_TEXT, _INT, _NUMBER = (str,), (int,), (int, float)
+_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "run_id": (_TEXT, True), "host": (_TEXT, True), "pid": (_INT, True), "started_at": (_TEXT, True),
+    "command": (_TEXT, True), "expires_at": (_NUMBER, True), "boot_id": (_TEXT, False), "pidns": (_INT, False),
+    "pid_start": (_INT, False),
+}
+_KIND_NAMES = {_TEXT: "a string", _INT: "an integer", _NUMBER: "a number"}
 
 
 def _machine() -> tuple[str, int]:
@@ -151,21 +202,25 @@ class OutputClaim:
         return sorted(out)
 
     def read(self, gen: int) -> Holder | None:
+        """Generation ``gen``'s record; None if there is none; one with ``unreadable`` set if it cannot be read."""
         path = self._path(_gen_name(gen))
+        where = f"{self.url}/{_gen_name(gen)}"
         try:
-            raw = retry_io(lambda: self.fs.cat_file(path), f"read {self.url}/{_gen_name(gen)}")
-            return Holder(**json.loads(raw))
+            return Holder.parse(retry_io(lambda: self.fs.cat_file(path), f"read {where}"))
         except FileNotFoundError:
             return None
-        except (ValueError, TypeError):
-            # Half-written (a store without atomic writes) or not ours: live for a TTL from when it was written.
-            try:
-                info = self.fs.info(path)
-                mtime = info.get("mtime") or info.get("LastModified")
-                written = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime)
-            except (OSError, TypeError, ValueError):
-                written = time.time()
-            return Holder("?", "?", 0, "?", "an unreadable claim", written + self.ttl)
+        except IsADirectoryError:
+            why = "a directory, not a claim file"
+        except ValueError as e:
+            why = str(e)
+        # Half-written (a store without atomic writes) or not ours: live for a TTL from when it was written.
+        try:
+            info = self.fs.info(path)
+            mtime = info.get("mtime") or info.get("LastModified")
+            written = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime)
+        except (OSError, TypeError, ValueError):
+            written = time.time()
+        return Holder("?", "?", 0, "?", f"the unreadable claim {where}", written + self.ttl, unreadable=why)
 
     def current(self) -> tuple[int, Holder | None] | None:
         gens = self.generations()
@@ -182,12 +237,16 @@ class OutputClaim:
         Raises:
             StorageAccessDenied: the store refused the credentials (not "another run").
         """
-        data = json.dumps(asdict(holder), indent=1).encode()
+        data = holder.record()
         path = self._path(_gen_name(gen))
         where = f"claim {self.url}/{_gen_name(gen)}"
         try:
             if is_local(self.fs):
-                return self._create_local(self.fs._strip_protocol(path), data)
+                try:
+                    return self._create_local(self.fs._strip_protocol(path), data)
+                except (FileExistsError, NotADirectoryError) as e:  # from makedirs: a file where a folder must be
+                    raise OutputClaimed(f"output {self.url}: cannot create {where} ({e.strerror}: a file stands where "
+                                        f"the claims folder {CLAIMS}/ must be); remove it") from e
             protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
             if {"s3", "s3a"} & set(protocols):
                 try:
@@ -243,6 +302,11 @@ class OutputClaim:
             if cur is not None:
                 gen, holder = cur
                 live = holder is not None and holder.expires_at > time.time() and not _dead(holder)
+                if live and not take_over and holder.unreadable:
+                    raise OutputClaimed(
+                        f"output {self.url}: its claim {self.url}/{_gen_name(gen)} cannot be read ({holder.unreadable}),"
+                        " so another run may be writing it; pass --take-over if no run is"
+                    )
                 if live and not take_over:
                     raise OutputClaimed(
                         f"output {self.url} is being written by another run: {holder.describe()}; wait for it, "
@@ -275,7 +339,7 @@ class OutputClaim:
             raise ClaimLost(self.lost)
 
     def _write_own(self, holder: Holder, what: str) -> None:
-        data = json.dumps(asdict(holder), indent=1).encode()
+        data = holder.record()
         path = self._path(_gen_name(self.gen))
         if is_local(self.fs):
             from softlabels.common.files import write_whole
@@ -304,10 +368,13 @@ class OutputClaim:
         self._thread.start()
 
     def _delete(self, gen: int) -> None:
+        path, what = self._path(_gen_name(gen)), f"remove {self.url}/{_gen_name(gen)}"
         try:
-            retry_io(lambda: self.fs.rm_file(self._path(_gen_name(gen))), f"remove {self.url}/{_gen_name(gen)}")
+            retry_io(lambda: self.fs.rm_file(path), what)
         except FileNotFoundError:
             pass
+        except IsADirectoryError:  # a directory in place of an old claim (taken over): the claims folder is ours
+            retry_io(lambda: self.fs.rm(path, recursive=True), what)
 
     def release(self, forget: bool = False) -> None:
         """Stop the heartbeat and mark this run's claim released, if it still holds it.
