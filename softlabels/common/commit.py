@@ -21,6 +21,12 @@ A run record (``_labeler/run.json`` for the labeler, ``_convert/run.json`` for
 temperature, corpus, sequence config; or the source set and the encoding) so
 that a resume with different settings is refused instead of mixing two label sets.
 
+What a resume reads back and cannot use: a run record that is not a JSON object is refused
+in one line naming it (without it the run cannot tell whose set this is). A marker or an
+index whose content does not check out only costs its units, which are redone, as for a
+shard that does not match its marker; a directory in place of one is refused in one line
+(the redo could not write there, and it is not ours to delete).
+
 Used by the labeler (driver and Ray workers) and by ``softlabels convert``.
 """
 
@@ -155,8 +161,7 @@ class LabelSetWriter:
             # Temporary files left under the root are orphans now: their writer's claim is gone.
             sweep_partial_writes(self.fs, self.root)
             if self.exists(self.run_record):
-                stored = json.loads(self._read(self.run_record))
-                diffs = _diff(stored, identity)
+                diffs = _diff(self._stored_identity(), identity)
                 if diffs:
                     raise OutputError(
                         f"output {self.url} holds a label set made with different settings ({'; '.join(diffs)}); "
@@ -168,6 +173,24 @@ class LabelSetWriter:
         except BaseException:
             self.finish()
             raise
+
+    def _stored_identity(self) -> dict[str, Any]:
+        """The run record an earlier run left here.
+
+        Raises:
+            OutputError: it is not a JSON object (or is a directory); the message names it.
+        """
+        where = f"output {self.url}: its run record {self._u(self.run_record)}"
+        fix = "use --overwrite to start afresh (it deletes only the label set), or another --output"
+        try:
+            stored = json.loads(self._read(self.run_record))
+        except IsADirectoryError:
+            raise OutputError(f"{where} is a directory, not a file; {fix}") from None
+        except ValueError as e:  # UnicodeDecodeError too
+            raise OutputError(f"{where} is not JSON ({e}); {fix}") from None
+        if not isinstance(stored, dict):
+            raise OutputError(f"{where} holds a JSON {type(stored).__name__}, not an object; {fix}")
+        return stored
 
     def acquire(self, overwrite: bool = False, take_over: bool = False) -> None:
         """Claim the output (before any expensive start-up: a second run is refused at once).
@@ -269,6 +292,9 @@ class LabelSetWriter:
         sha256 compared with the marker, in parallel threads; a marker wins over an index entry
         (it is the later record). Units known only from an index: their shard is listed with the
         recorded size (a listing of ``shards/``).
+
+        Raises:
+            OutputError: a directory stands in place of a marker, an index or a shard a marker names.
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -357,15 +383,21 @@ class LabelSetWriter:
         return sync(self.fs.loop, everything)
 
     def _read_index(self, name: str) -> tuple[int, int, list[Commit]] | None:
-        """``(block, block size, commits)`` of one index (None if it is unusable: its units are then redone)."""
+        """``(block, block size, commits)`` of one index (None if it is unusable: its units are then redone).
+
+        Raises:
+            OutputError: a directory stands in its place.
+        """
         try:
             block = int(name[: -len(".json")])
-            d = json.loads(self._read(f"{INDEX_DIR}/{name}"))
+            d = json.loads(self._read_record(f"{INDEX_DIR}/{name}", "commit index"))
             size, first = d["block_units"], d["first"]
             if type(size) is not int or size < 1 or first != block * size or not 0 < len(d["commits"]) <= size:
                 raise ValueError(f"block {block} of {size!r} units cannot start at unit {first!r} "
                                  f"and hold {len(d['commits'])}")
             return block, size, [self._commit(dict(m)) for m in d["commits"]]
+        except OutputError:
+            raise
         except (FileNotFoundError, ValueError, TypeError, KeyError, AttributeError) as e:
             log.warning("commit index %s is unusable (%s); its units will be redone unless their markers remain",
                         name, e)
@@ -378,18 +410,35 @@ class LabelSetWriter:
         info = ShardInfo(**marker)
         if not isinstance(name, str) or info.path != f"{SHARDS}/{name}.parquet":
             raise ValueError(f"unit {name!r} names shard {info.path!r}")
-        counts = (info.rows, info.tokens, info.bytes)
+        counts = (info.rows, info.tokens, info.bytes, 0 if info.trained is None else info.trained)
         if not all(type(v) is int and v >= 0 for v in counts) or not isinstance(info.sha256, str):
             raise ValueError(f"unit {name}: bad counts or digest")
+        if inputs is not None and not isinstance(inputs, str):
+            raise ValueError(f"unit {name}: input digest {inputs!r} is not a string")
         return Commit(name, info, inputs)
 
-    def _verify(self, name: str) -> Commit | None:
+    def _read_record(self, rel: str, what: str) -> bytes:
+        """A marker's, an index's or a shard's bytes; a directory in its place is refused (a redo could not write there)."""
         try:
-            marker = json.loads(self._read(f"{COMMITS}/{name}.json"))
+            return self._read(rel)
+        except IsADirectoryError:
+            raise OutputError(f"output {self.url}: {what} {self._u(rel)} is a directory, not a file; remove it "
+                              "(its units are redone), or use --overwrite to start afresh") from None
+
+    def _verify(self, name: str) -> Commit | None:
+        """The unit's commit if its marker and shard check out; None (the unit is redone) if not.
+
+        Raises:
+            OutputError: a directory stands in place of the marker or of its shard.
+        """
+        try:
+            marker = json.loads(self._read_record(f"{COMMITS}/{name}.json", "commit marker"))
             if not isinstance(marker, dict):
                 raise ValueError("not a JSON object")
             commit = self._commit({**marker, "name": name})
-            data = self._read(commit.info.path)
+            data = self._read_record(commit.info.path, "shard")
+        except OutputError:
+            raise
         except (FileNotFoundError, ValueError, TypeError, KeyError) as e:
             log.warning("commit %s is unusable (%s); its unit will be redone", name, e)
             return None
