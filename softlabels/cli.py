@@ -20,6 +20,7 @@ and a command whose extra is not installed says which one to install.
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 
@@ -57,21 +58,22 @@ def main(argv: list[str] | None = None) -> int:
     terminated: list[int] = []
 
     def on_sigterm(signum: int, frame: object) -> None:
-        if terminated:
-            return  # already unwinding: a second SIGTERM must not cut the clean-up short
         terminated.append(signum)
         raise SystemExit(143)
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         code = run_main(lambda: args.handler(args), args.debug, prog)
-    except (SystemExit, KeyboardInterrupt):
+    except BaseException:
         if not terminated:
             raise
-    if terminated:
-        # Decided here, not by the exception that unwound: Python signal handlers also run inside
-        # Ray's ray.get/ray.wait (its C++ wait loop checks for signals), and Ray turns a SystemExit
-        # raised there into SystemExit(1). A driver waiting on a teacher is there nearly always.
+        # What the unwinding became on its way out is the SIGTERM's doing, not a bug: Python runs signal
+        # handlers inside Ray's ray.get/ray.wait too (their C++ wait loop checks for signals), and Ray
+        # turns a SystemExit raised there into SystemExit(1); a driver waiting on a teacher is there
+        # nearly always. Other libraries may wrap it likewise.
+        logging.getLogger(__name__).debug("unwound after SIGTERM", exc_info=True)
+        code = 143
+    if terminated and code != 0:  # a command that finished its work all the same says so (0)
         print(f"{prog}: stopped by SIGTERM", file=sys.stderr)
         return 143
     return code
