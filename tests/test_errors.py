@@ -178,14 +178,16 @@ def test_markers_and_indexes_that_do_not_check_out_cost_only_their_units(convert
     code, out_json, err = convert_again(label_set, out)
     assert code == 0, err[-3000:]
     summary = json.loads(out_json.strip().splitlines()[-1])
-    redone = 1 + len(index["commits"]) + len(json.loads((converted / "_commits" / "index" / indexes[1].name).read_text())["commits"])
+    second = json.loads((converted / "_commits" / "index" / indexes[1].name).read_text())
+    redone = 1 + len(index["commits"]) + len(second["commits"])
     assert summary["shards"] - summary["resumed"] == redone, summary
     ls = open_label_set(str(out))  # published, and every shard reads back against its checksum
     assert sum(len(ls.read_shard(s)) for s in ls.shards) == ls.manifest.totals.sequences
 
 
 @pytest.mark.parametrize("what", ["commit marker", "commit index", "shard"])
-def test_a_directory_in_place_of_a_marker_an_index_or_a_shard_is_refused_naming_it(what, converted, label_set, tmp_path):
+def test_a_directory_in_place_of_a_marker_an_index_or_a_shard_is_refused_naming_it(what, converted, label_set,
+                                                                                   tmp_path):
     out = interrupted(converted, tmp_path)
     marker = sorted((out / "_commits").glob("part-*.json"))[0]
     path = {"commit marker": marker, "commit index": sorted((out / "_commits" / "index").glob("*.json"))[0],

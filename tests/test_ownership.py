@@ -137,8 +137,9 @@ GARBLED = {
     "not JSON": (b'{"run_id": "4f2a", "host": ', "not JSON: Expecting value"),
     "not an object": (b'["softlabels label"]', "a JSON list, not an object"),
     "a field missing": (b'{"run_id": "4f2a"}', "no field 'host'"),
-    "a field of the wrong type": (json.dumps({**Holder("4f2a", "h", 12, "t", "softlabels label", 0.0).__dict__,
-                                              "expires_at": "soon"}).encode(), "field 'expires_at' is 'soon', not a number"),
+    "a field of the wrong type": (
+        json.dumps({**Holder("4f2a", "h", 12, "t", "softlabels label", 0.0).__dict__, "expires_at": "soon"}).encode(),
+        "field 'expires_at' is 'soon', not a number"),
     "a directory": (None, "a directory, not a claim file"),
 }
 

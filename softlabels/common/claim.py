@@ -304,8 +304,8 @@ class OutputClaim:
                 live = holder is not None and holder.expires_at > time.time() and not _dead(holder)
                 if live and not take_over and holder.unreadable:
                     raise OutputClaimed(
-                        f"output {self.url}: its claim {self.url}/{_gen_name(gen)} cannot be read ({holder.unreadable}),"
-                        " so another run may be writing it; pass --take-over if no run is"
+                        f"output {self.url}: its claim {self.url}/{_gen_name(gen)} cannot be read "
+                        f"({holder.unreadable}), so another run may be writing it; pass --take-over if no run is"
                     )
                 if live and not take_over:
                     raise OutputClaimed(

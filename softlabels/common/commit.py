@@ -418,7 +418,8 @@ class LabelSetWriter:
         return Commit(name, info, inputs)
 
     def _read_record(self, rel: str, what: str) -> bytes:
-        """A marker's, an index's or a shard's bytes; a directory in its place is refused (a redo could not write there)."""
+        """A marker's, an index's or a shard's bytes; a directory in its place is refused (a redo could not
+        write there)."""
         try:
             return self._read(rel)
         except IsADirectoryError:
