@@ -52,12 +52,15 @@ ERRORS = sorted({UserError, *_subclasses(UserError)}, key=lambda c: f"{c.__modul
 def instance(cls: type[UserError]) -> UserError:
     """One of ``cls``, built through its own ``__init__`` (whatever arguments it takes), with an attribute added."""
     try:
-        params = [p for p in inspect.signature(cls).parameters.values()
-                  if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [p for p in inspect.signature(cls).parameters.values() if p.default is p.empty
+                  and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     except ValueError:  # no __init__ of its own: an exception's (message)
         params = None
-    args = [f"the {cls.__name__} message"] if params is None else [f"{p.name} of {cls.__name__}" for p in params]
-    err = cls(*args)
+    if params is None:
+        err = cls(f"the {cls.__name__} message")
+    else:
+        err = cls(*[f"{p.name} of {cls.__name__}" for p in params if p.kind != p.KEYWORD_ONLY],
+                  **{p.name: f"{p.name} of {cls.__name__}" for p in params if p.kind == p.KEYWORD_ONLY})
     err.detail = {"added": "after construction"}  # raisers may attach attributes: they must come back too
     return err
 
