@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--packing", action=BOOL, default=S, help="pack documents into full sequences with EOS between them")
     r.add_argument("--add-eos", action=BOOL, default=S, help="append EOS to each document (per-document mode)")
     r.add_argument("--limit", type=int, default=S, help="label at most this many sequences")
+    r.add_argument("--max-expand-bytes", type=int, default=S, metavar="N",
+                   help="bytes one read task may decompress or decode before its file is refused (a .jsonl.gz or "
+                   ".zst is read whole by one task) (default: 256 MiB, or $SOFTLABELS_MAX_EXPAND_BYTES)")
     r.add_argument("--encoding", default=S, metavar="NAME[:max_kl=X]",
                    help=f"label columns on disk: fp16 (v1 layout), packed (bit-packed ids + fp16), packed-q8, or compact "
                    f"(smallest; its error KL(exact||decoded) stays within max_kl nats/token, default 1e-4) (default: {d.encoding})")

@@ -31,6 +31,9 @@ class LabelConfig:
     packing: bool = False
     add_eos: bool = False
     limit: int | None = None  # at most this many sequences
+    # bytes one read task may decompress or decode (compressed JSON Lines, Parquet); None: $SOFTLABELS_MAX_EXPAND_BYTES
+    # or 256 MiB. It changes nothing that is labeled, so it is neither recorded nor checked on resume
+    max_expand_bytes: int | None = None
     shard_tokens: int = 32768
     text_field: str = "text"
     format: str = "auto"  # corpus rows: auto, text, chat, prompt-completion
@@ -71,7 +74,7 @@ class LabelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UserError(f"{name} must be a positive integer, got {short_repr(v)}")
-        for name in ("limit", "num_replicas", "threads"):
+        for name in ("limit", "num_replicas", "threads", "max_expand_bytes"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise UserError(f"{name} must be a positive integer, got {short_repr(v)}")

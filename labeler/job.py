@@ -121,7 +121,8 @@ def run(cfg: LabelConfig, started: float | None = None) -> Summary:
     writer = LabelSetWriter(cfg.output, cfg.storage_options)
     writer.check_reachable(cfg.overwrite)
     rows = RowFormat(cfg.format, cfg.text_field, cfg.messages_field, cfg.prompt_field, cfg.completion_field, cfg.train_on)
-    corpus = Corpus(cfg.corpus, rows, cfg.storage_options, cfg.on_error, exclude=cfg.output, split=cfg.split)
+    corpus = Corpus(cfg.corpus, rows, cfg.storage_options, cfg.on_error, exclude=cfg.output, split=cfg.split,
+                    max_expand=cfg.max_expand_bytes)
     template = _chat_template(cfg.chat_template)
     source = resolve_teacher(cfg.teacher, cfg.revision)
     # The teacher's config and tokenizer (seconds: they import transformers and torch) are checked

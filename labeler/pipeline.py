@@ -134,6 +134,8 @@ class Pipeline:
         # Conversations need the HF tokenizer (its chat template, offsets); text and completions the fast backend.
         tok = self.tokenizer if self.rendering.format == "chat" else reading_tokenizer(self.tokenizer)
         reader, tok, rendering = ray.put(self.corpus.reader), ray.put(tok), ray.put(self.rendering)
+        # With --limit a read task stops once its own block fills the limit (the reading tokenizer has no EOS id).
+        enough = ray.put((self.seq_cfg, self.tokenizer.eos_token_id)) if self.cfg.limit else None
         blocks = self.corpus.blocks()
         weights = [b.weight for b in blocks]
         total, seen = sum(weights), 0
@@ -143,7 +145,7 @@ class Pipeline:
         skipped = 0
         while inflight or nxt < len(blocks):
             while nxt < len(blocks) and len(inflight) < lookahead:
-                inflight.append((read.remote(reader, blocks[nxt], tok, self.max_doc_tokens, rendering), blocks[nxt]))
+                inflight.append((read.remote(reader, blocks[nxt], tok, self.max_doc_tokens, rendering, enough), blocks[nxt]))
                 nxt += 1
             ref, block = inflight.popleft()
             try:
@@ -303,9 +305,13 @@ class Pipeline:
                 progress.close()
             label_s = time.time() - t0
             if not shards:
+                c = self.counts
+                long = (f"; {c.too_long} conversation(s) whose first trained turn does not fit --max-length "
+                        f"{cfg.max_length}" if c.too_long else "") + (f"; {c.untrained} with nothing to train"
+                                                                     if c.untrained else "")
                 raise NothingToLabel(
                     f"corpus {cfg.corpus!r} has no text to label ({self.totals.documents} documents, "
-                    f"{self.totals.empty} empty, {self.totals.skipped} skipped)"
+                    f"{self.totals.empty} empty, {self.totals.skipped} skipped{long})"
                 )
             return Outcome(
                 shards=[shards[i] for i in range(len(shards))],

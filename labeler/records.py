@@ -86,7 +86,7 @@ class Expanded:
         self.bytes += n
         if self.bytes > self.cap:
             raise UserError(f"corpus file {self.path!r} expands to more than {_size(self.cap)} in one read task; "
-                            f"raise the cap with {MAX_EXPAND_ENV}=<bytes>, or split the file into smaller ones")
+                            f"raise the cap with --max-expand-bytes N (or {MAX_EXPAND_ENV}), or split the file into smaller ones")
 
 
 # Matched case-insensitively; compressed JSON Lines first (".jsonl.gz" before ".jsonl").

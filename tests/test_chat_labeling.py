@@ -482,3 +482,19 @@ def test_plain_text_gets_bos_exactly_when_the_tokenizer_adds_one(tiny_teacher, t
     for (_, ids, _, _), d in zip(got, docs):
         assert ids[0] == bos and ids[1] != bos  # one BOS: none missing, none doubled
     assert [int(x) for x in got[0][1][1:]] == plain("def f(x): return x", add_special_tokens=False)["input_ids"]
+
+
+def test_a_corpus_of_conversations_all_too_long_says_so(ray_local, tiny_teacher, tmp_path):
+    """Nothing fits --max-length: the refusal counts the conversations skipped as too long (it said '0 skipped')."""
+    from softlabels.labeler.config import LabelConfig
+    from softlabels.labeler.job import run
+    from softlabels.labeler.pipeline import NothingToLabel
+
+    paths = write_corpora(tmp_path, n=3)
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    with pytest.raises(NothingToLabel, match=r"\(3 documents, 0 empty, 0 skipped; 3 conversation\(s\) whose first "
+                                             r"trained turn does not fit --max-length 16\)"):
+        run(LabelConfig(teacher=tiny_teacher, corpus=str(paths["c.jsonl"]), output=str(tmp_path / "set"), top_k=8,
+                        max_length=16, batch_tokens=1024, chat_template=str(template)))
+    assert not (tmp_path / "set" / "manifest.json").exists()
