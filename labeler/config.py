@@ -15,7 +15,7 @@ from typing import Any
 from softlabels.schemas import DEFAULT_ENCODING, Encoding
 from softlabels.schemas.errors import UserError
 
-from softlabels.common.cli import clip, resolve_settings, short_repr
+from softlabels.common.settings import clip, resolve_settings, short_repr
 
 DTYPES = ("float32", "bfloat16", "float16")  # the --dtype flag's choices
 

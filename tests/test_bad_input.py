@@ -334,7 +334,8 @@ def test_internal_error_keeps_its_traceback(label_set, tmp_path):
 def test_trainer_config_file_and_flags(tmp_path):
     """Defaults < --config YAML < flags; every boolean switch can be turned off again (--no-...)."""
     from softlabels.cli import build_parser
-    from softlabels.common.cli import given_flags, resolve_settings
+    from softlabels.common.cli import given_flags
+    from softlabels.common.settings import resolve_settings
     from softlabels.labeler.config import LabelConfig, resolve_config
     from softlabels.trainer.config import TrainConfig
 

@@ -20,7 +20,8 @@ import yaml
 
 from conftest import REPO, assert_one_line_error, cli_in_process
 from softlabels.cli import build_parser
-from softlabels.common.cli import check_file_value, given_flags, load_yaml_settings, resolve_settings
+from softlabels.common.cli import given_flags
+from softlabels.common.settings import check_file_value, load_yaml_settings, resolve_settings
 from softlabels.labeler.config import LabelConfig
 from softlabels.schemas.errors import UserError
 from softlabels.trainer.config import TrainConfig

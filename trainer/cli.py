@@ -151,7 +151,7 @@ def _train(args: argparse.Namespace) -> int:
     from softlabels.trainer.config import TrainConfig
     from softlabels.trainer.loop import train
 
-    from softlabels.common.cli import resolve_settings
+    from softlabels.common.settings import resolve_settings
 
     cfg = resolve_settings(TrainConfig, args.config, given_flags(args), required=("labels", "output"))
     summary = train(cfg)

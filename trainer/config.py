@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from softlabels.common.cli import clip, short_repr
+from softlabels.common.settings import clip, short_repr
 from softlabels.schemas.errors import UserError
 from softlabels.trainer.tracking import parse_report_to
 
