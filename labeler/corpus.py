@@ -2,9 +2,10 @@
 
 Files in any of the formats of :mod:`labeler.records` (``.txt``, ``.jsonl`` and its
 ``.gz``/``.zst`` forms, ``.json``, ``.parquet``, ``.arrow``), given as a path, a URL, a
-glob or a folder (an HF ``save_to_disk`` folder too: the files its ``state.json`` lists),
-through the same fsspec helper as everything else; or an HF hub dataset, ``hf:NAME`` (a
-name, never a path) with ``--split``, resolved by ``datasets`` from its local cache. Rows
+glob or a folder (an HF ``save_to_disk`` folder too: the files its ``state.json`` lists,
+see :mod:`labeler.sources`), through the same fsspec helper as everything else; or an HF
+hub dataset, ``hf:NAME`` (a name, never a path) with ``--split``, resolved by ``datasets``
+from its local cache. Large files are cut into pieces (:mod:`labeler.pieces`). Rows
 are plain text (``--text-field``), chat conversations (``messages`` of ``{role, content}``,
 or ShareGPT ``conversations`` of ``{from, value}``) or prompt + completion pairs:
 ``--format`` says which, or ``auto`` decides from the first row and says so.
@@ -25,15 +26,16 @@ import hashlib
 import json
 import logging
 import os
-import posixpath
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from softlabels.labeler import chat
+from softlabels.labeler.pieces import piece_bytes, piece_records, pieces
+from softlabels.labeler.records import (FORMATS, Expanded, RowError, file_format, first_row, max_expand_bytes, records,
+                                       schema_fields)
 from softlabels.labeler.rowformat import ROW_FORMATS, BadRow, RowFormat, default_train_on, text_field  # noqa: F401
-from softlabels.labeler.records import (FORMATS, Expanded, RowError, file_format, first_row, max_expand_bytes,
-                                       piece_bytes, records, schema_fields)
+from softlabels.labeler.sources import _DATASET_META, _check_hub_name, _saved_datasets
 from softlabels.schemas import resolve_url, retry_io
 from softlabels.schemas.errors import UserError
 from softlabels.schemas.storage import is_local
@@ -58,7 +60,7 @@ class Block:
 
     index: int
     path: str  # filesystem path of the file, or "pydoc"
-    start: int = 0  # built-in corpora: topic range [start, stop); a file's piece (labeler.records.pieces)
+    start: int = 0  # built-in corpora: topic range [start, stop); a file's piece (labeler.pieces.pieces)
     stop: int = 0  # 0: the whole file
     weight: int = 1  # bytes, for the progress estimate
 
@@ -92,55 +94,6 @@ class CorpusTotals:
     @property
     def fingerprint(self) -> str:
         return "sha256:" + self.sha.hexdigest()
-
-
-_DATASET_META = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes beside the data
-
-
-def _saved_datasets(fs: Any, found: dict[str, Any], split: str, spec: str) -> dict[str, Any]:
-    """``found`` (a folder's files) with each ``save_to_disk`` folder in it read as ``datasets.load_from_disk``
-    reads it: of a DatasetDict (``dataset_dict.json``) only the split ``split``; of a Dataset (``state.json``)
-    only the data files its ``_data_files`` lists, not the ``cache-*.arrow`` files that ``.map()`` and
-    ``.filter()`` leave beside them, nor its JSON files.
-
-    Raises:
-        UserError: a DatasetDict without the split, a ``state.json`` that cannot be read or lists a missing file.
-    """
-    for d in sorted(posixpath.dirname(f) for f in found if posixpath.basename(f) == "dataset_dict.json"):
-        inside = f"{d}/{split}/"
-        found = {f: i for f, i in found.items() if not f.startswith(d + "/") or f.startswith(inside)}
-        if not any(f.startswith(inside) for f in found):
-            raise UserError(f"corpus {spec!r}: the saved dataset {d!r} (of several splits) has no split {split!r}")
-    for state in sorted(f for f in found if posixpath.basename(f) == "state.json"):
-        d = posixpath.dirname(state)
-        try:
-            listed = [f"{d}/{entry['filename']}" for entry in
-                      json.loads(retry_io(lambda: fs.cat_file(state), f"read {state}"))["_data_files"]]
-        except (ValueError, KeyError, TypeError) as e:  # not JSON, no _data_files, entries without a filename
-            raise UserError(f"corpus {spec!r}: {state!r} is not the state file of a saved dataset "
-                            f"({type(e).__name__}: {e}); save it again with save_to_disk") from None
-        missing = [f for f in listed if f not in found]
-        if missing:
-            raise UserError(f"corpus {spec!r}: the saved dataset {d!r} lists {posixpath.basename(missing[0])!r} in "
-                            "its state.json, which is missing; save it again with save_to_disk")
-        left = [f for f in found if posixpath.dirname(f) == d and f not in listed and file_format(f) == ".arrow"]
-        if left:
-            log.info("corpus: %s: read the %d data file(s) its state.json lists, not %d other Arrow file(s) "
-                     "(.map()/.filter() caches)", d, len(listed), len(left))
-        found = {f: i for f, i in found.items() if posixpath.dirname(f) != d or f in listed}
-    return found
-
-
-def _check_hub_name(name: str) -> None:
-    """``hf:NAME`` names a hub dataset (``OWNER/NAME[:CONFIG]``), never a local path or a URL.
-
-    Raises:
-        UserError: ``name`` is a path (``/x``, ``./x``, ``~/x``, one that exists here) or a URL.
-    """
-    repo = name.partition(":")[0]
-    if "://" in name or repo.startswith(("/", ".", "~")) or "\\" in repo or (repo and os.path.exists(repo)):
-        raise UserError(f"--corpus hf:{name}: hf: takes the name of a hub dataset (hf:OWNER/NAME); "
-                        f"a local path or a URL is given without the prefix (--corpus {name})")
 
 
 class BlockReader:
@@ -212,8 +165,6 @@ class BlockReader:
         expanded = Expanded(path, self.max_expand)
         with contextlib.ExitStack() as opened:
             if block.stop:
-                from softlabels.labeler.records import piece_records
-
                 recs = piece_records(path, block.start, block.stop, self.fs, expanded)
             elif file_format(path) in (".jsonl.gz", ".jsonl.zst") and block.weight > piece_bytes():
                 # A large compressed file is streamed, not held: with --limit only its head may be needed.
@@ -411,8 +362,6 @@ class Corpus:
 
             n = len(topics)
             return [Block(i, self.source, s, min(n, s + PYDOC_BLOCK)) for i, s in enumerate(range(0, n, PYDOC_BLOCK))]
-        from softlabels.labeler.records import pieces
-
         fs = self.reader.fs
         out = []
         for f in self.files:

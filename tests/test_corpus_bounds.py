@@ -169,7 +169,7 @@ def test_a_save_to_disk_folder_is_read_as_load_from_disk_reads_it(tmp_path, capl
     saved = datasets.load_from_disk(str(tmp_path / "saved"))
     saved.map(lambda r: {"text": r["text"].upper()}).filter(lambda r: r["text"] != "ROW 1")
     assert len(list((tmp_path / "saved").glob("cache-*.arrow"))) == 2  # both caches are in the folder
-    with caplog.at_level("INFO", logger="softlabels.labeler.corpus"):
+    with caplog.at_level("INFO", logger="softlabels.labeler.sources"):
         corpus = Corpus(str(tmp_path / "saved"))
     assert [Path(f).name for f in corpus.files] == ["data-00000-of-00001.arrow"]
     assert [d.text for b in corpus.blocks() for d in corpus.reader.read(b)[0]] == want
