@@ -14,15 +14,19 @@ from conftest import assert_one_line_error, cli_in_process
 
 @pytest.fixture(scope="module")
 def student(label_set, tmp_path_factory) -> str:
-    """An untrained `tiny` student (tied embeddings) saved as a Hugging Face directory."""
+    """An untrained `tiny` student (tied embeddings) saved as a Hugging Face directory, with a training record
+    as `train` writes one (held-out share 0.2, what the tests below score on)."""
     from softlabels.schemas import open_label_set
-    from softlabels.trainer.student import build_student
+    from softlabels.trainer.config import TrainConfig
+    from softlabels.trainer.student import TRAIN_RECORD, build_student
 
     path = tmp_path_factory.mktemp("student")
     model, tok = build_student("tiny", open_label_set(label_set), seed=1)
     assert model.config.tie_word_embeddings
     model.save_pretrained(path)
     tok.save_pretrained(path)
+    config = TrainConfig(labels=label_set, output=str(path), student="tiny", eval_fraction=0.2).redacted()
+    (path / TRAIN_RECORD).write_text(json.dumps({"config": config}, indent=2) + "\n")
     return str(path)
 
 
@@ -54,12 +58,15 @@ def _batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def test_int8_export_is_smaller_ties_the_embedding_and_loads_with_onnxruntime(student, exports):
+def test_int8_export_is_smaller_ties_the_embedding_and_loads_with_onnxruntime(student, exports, tmp_path):
+    import shutil
+
     import onnx
     import onnxruntime
     from onnx import numpy_helper
 
     from softlabels.trainer.export import META_FILE, weights_bytes
+    from softlabels.trainer.student import TRAIN_RECORD, trained_eval_fraction
 
     q = Path(exports["int8"])
     meta = json.loads((q / META_FILE).read_text())
@@ -84,6 +91,14 @@ def test_int8_export_is_smaller_ties_the_embedding_and_loads_with_onnxruntime(st
     rel = float((got - want)[valid].norm() / want[valid].norm())
     assert rel < 0.08, rel
     assert 0.0 < meta["probe"]["max_abs_logit_diff"]
+    # The export carries the student's training record, so its held-out share is known wherever the
+    # student folder goes: a copy of the export whose recorded source is gone still reads it.
+    for scheme in ("int8", "none"):
+        assert (Path(exports[scheme]) / TRAIN_RECORD).read_bytes() == (Path(student) / TRAIN_RECORD).read_bytes()
+    moved = tmp_path / "moved"
+    shutil.copytree(q, moved)
+    (moved / META_FILE).write_text(json.dumps({**meta, "source": str(tmp_path / "gone")}))
+    assert trained_eval_fraction(str(moved)) == 0.2
 
 
 def test_fp32_export_matches_the_model_and_evaluate_scores_it_the_same(label_set, student, exports):

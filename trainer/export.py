@@ -174,10 +174,12 @@ def export_model(
     """Export ``model_dir`` (a Hugging Face causal LM directory) to ``output`` as ONNX, quantized by ``scheme``.
 
     ``int8``: dynamic int8 (per-channel weights); ``none``: the fp32 graph, for
-    comparison. ``output`` gets ``model.onnx``, the tokenizer, ``config.json``
-    and ``softlabels_export.json`` (source, scheme, versions, sizes, and how far
-    the export's logits are from the source's on a fixed probe batch). It is
-    written beside ``output`` and renamed into place whole.
+    comparison. ``output`` gets ``model.onnx``, the tokenizer, ``config.json``,
+    ``softlabels_export.json`` (source, scheme, versions, sizes, and how far
+    the export's logits are from the source's on a fixed probe batch) and a copy
+    of the student's ``softlabels_train.json`` when it has one (so ``eval`` and
+    ``compare`` find the share it held out even after the student folder moves).
+    It is written beside ``output`` and renamed into place whole.
     """
     if scheme not in SCHEMES:
         raise UserError(f"--quantize must be one of {list(SCHEMES)}, got {scheme!r}")
@@ -197,6 +199,7 @@ def export_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from softlabels.common.cli import remote_code_guard
+    from softlabels.trainer.student import TRAIN_RECORD
 
     t0 = time.time()
     with remote_code_guard(f"model {model_dir}"):
@@ -263,6 +266,8 @@ def export_model(
         agree = float((got.argmax(-1) == want.argmax(-1))[valid].float().mean())
         tokenizer.save_pretrained(stage)
         model.config.save_pretrained(stage)
+        if (src / TRAIN_RECORD).is_file():  # the held-out share `eval`/`compare` use travels with the export
+            shutil.copyfile(src / TRAIN_RECORD, stage / TRAIN_RECORD)
         digest = hashlib.sha256(final.read_bytes()).hexdigest()
         meta = {
             "format": "softlabels-export/1",

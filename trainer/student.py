@@ -36,8 +36,9 @@ DEFAULT_EVAL_FRACTION = 0.05  # the held-out share of a model that records none 
 
 
 def training_record(spec: str) -> tuple[Path, dict[str, Any]] | None:
-    """``(path, record)`` of the :data:`TRAIN_RECORD` beside a trained student (an ``export`` directory: its source's);
-    None for a model without one (a teacher, an HF id, ``tiny``). Reads no weights and imports no torch.
+    """``(path, record)`` of the :data:`TRAIN_RECORD` beside a trained student; None for a model without one (a
+    teacher, an HF id, ``tiny``). An ``export`` directory: the copy it holds, else (an export written before
+    exports held one) its source student's. Reads no weights and imports no torch.
 
     Raises:
         UserError: the record is there but is not one (then which samples the model trained on is unknown).
@@ -46,6 +47,7 @@ def training_record(spec: str) -> tuple[Path, dict[str, Any]] | None:
         return None
     d = Path(spec).expanduser()
     path = d / TRAIN_RECORD
+    # An export's own copy first: its source folder may have moved or been retrained since.
     if not path.is_file() and (d / "softlabels_export.json").is_file():  # trainer.export's META_FILE
         try:
             source = json.loads((d / "softlabels_export.json").read_text()).get("source")
