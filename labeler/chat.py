@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from softlabels.labeler.chattemplate import DEFAULT_DATE, RENDER_SECONDS, ChatTemplate
+from softlabels.labeler.chattemplate import DEFAULT_DATE, DEFAULT_SECONDS, DEFAULT_STEPS, ChatTemplate
 from softlabels.schemas.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -144,12 +144,12 @@ def compiled_template(tokenizer: Any, template: str, date: str) -> ChatTemplate:
 def render_chat(
     tokenizer: Any, messages: Any, chat_template: str | None = None, train_on: str = "assistant",
     where: str = "conversation", max_tokens: int | None = None, date: str = DEFAULT_DATE,
-    seconds: float = RENDER_SECONDS,
+    steps: int = DEFAULT_STEPS, seconds: float = DEFAULT_SECONDS,
 ) -> RenderedChat:
     """Render, tokenize and mask one conversation (see the module doc).
 
     ``max_tokens``: render only the turns that can matter to a sequence of that many tokens.
-    ``seconds``: the time all its renders may take together.
+    ``steps``, ``seconds``: what all its renders may take together (:mod:`labeler.chattemplate`).
 
     Raises:
         UserError: no chat template, a message that is not usable, no assistant turn under
@@ -192,12 +192,18 @@ def render_chat(
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    with template.budget(where, seconds, max_chars=max(1 << 20, 4 * MAX_TOKEN_BYTES * (max_tokens or 1 << 14))):
+    with template.budget(where, steps, seconds, max_chars=max(1 << 20, 4 * MAX_TOKEN_BYTES * (max_tokens or 1 << 14))):
         n = len(shown)
         if max_tokens is not None:
-            n = min(len(shown), 4)
+            # The fewest turns whose rendering holds more than max_tokens tokens (or all of them): doubling, then
+            # halving the gap, so masking (which renders every turn's prefix) costs what the turns that fit cost.
+            lo, n = 0, min(len(shown), 4)
             while n < len(shown) and count(render(n)) <= max_tokens:
-                n = min(len(shown), 2 * n)
+                lo, n = n, min(len(shown), 2 * n)
+            if n < len(shown) or count(render(n)) > max_tokens:
+                while n - lo > 1:
+                    mid = (lo + n) // 2
+                    lo, n = (mid, n) if count(render(mid)) <= max_tokens else (lo, mid)
             complete = complete and n == len(shown)
         text = render(n)
         spans = []

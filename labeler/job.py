@@ -124,6 +124,10 @@ def run(cfg: LabelConfig, started: float | None = None) -> Summary:
     corpus = Corpus(cfg.corpus, rows, cfg.storage_options, cfg.on_error, exclude=cfg.output, split=cfg.split,
                     max_expand=cfg.max_expand_bytes)
     template = _chat_template(cfg.chat_template)
+    from softlabels.labeler.chattemplate import DEFAULT_SECONDS, DEFAULT_STEPS, render_bounds
+
+    # The driver's bounds on rendering one conversation travel to every read task (one line if a variable is bad).
+    render_limits = render_bounds() if corpus.rows.format == "chat" else (DEFAULT_STEPS, DEFAULT_SECONDS)
     source = resolve_teacher(cfg.teacher, cfg.revision)
     # The teacher's config and tokenizer (seconds: they import transformers and torch) are checked
     # while Ray starts; a refusal there shuts Ray down again before it is reported.
@@ -149,7 +153,7 @@ def run(cfg: LabelConfig, started: float | None = None) -> Summary:
             rendering = Rendering(corpus.rows.format, corpus.rows.train_on or "all", template,
                                   tokenizer_bos(tokenizer) if corpus.rows.format != "chat" else None,
                                   tokenizer.eos_token_id if corpus.rows.format == "prompt-completion" else None,
-                                  span_bytes, cfg.max_length, cfg.chat_date)
+                                  span_bytes, cfg.max_length, cfg.chat_date, *render_limits)
             return _run(cfg, ray, writer, corpus, source, tokenizer, id_space, t0, started, rendering)
     finally:
         checks.cancel()

@@ -41,6 +41,8 @@ class Rendering:
     spans: Any = None  # the teacher tokenizer's TokenBytes (softlabels.common.tokenbytes): store token spans
     max_tokens: int | None = None  # conversations: render only the turns that can fit this many tokens
     date: str = "2024-07-26"  # what a chat template's strftime_now() sees (--chat-date)
+    render_steps: int = 50_000_000  # what rendering one conversation may take (labeler.chattemplate.render_bounds)
+    render_seconds: float = 300.0
 
 
 def tokenizer_bos(tokenizer: Any) -> int | None:
@@ -164,7 +166,8 @@ def render(docs: list[Document], tokenizer: Any, rendering: Rendering, max_token
         if rendering.format == "chat":
             try:
                 r = render_chat(tokenizer, msgs, rendering.chat_template, rendering.train_on, where=d.doc_id,
-                                max_tokens=rendering.max_tokens, date=rendering.date)
+                                max_tokens=rendering.max_tokens, date=rendering.date, steps=rendering.render_steps,
+                                seconds=rendering.render_seconds)
             except Exception as e:  # the template refused the conversation (its own raise_exception, or ours)
                 if on_bad is None or not _template_error(e):
                     raise
@@ -324,7 +327,10 @@ def build_sequences(docs: Iterable[Tokenized], eos: int | None, cfg: SequenceCon
         complete = more[1] if len(more) > 1 else True
         if mask is not None:
             if not mask.any():
-                counts.untrained += 1
+                if complete:
+                    counts.untrained += 1
+                else:  # its first trained turn lay past what could fit, so it was not rendered
+                    counts.too_long += 1
                 continue
             keep = fit_conversation(ids, mask, cfg.max_length, counts, complete)
             if keep is None:

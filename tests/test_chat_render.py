@@ -165,20 +165,60 @@ def test_one_huge_message_is_never_rendered_whole(tok):
     assert tok.decode(r.input_ids[:keep]).endswith("Short.<|im_end|>") and counts.truncated == 1
 
 
-@pytest.mark.parametrize("template,fragment", [
-    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "ran for more than 0.3 s"),
-    ("{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}", "ran for more than 0.3 s"),
-    ("{{ 7 ** (10 ** 8) }}", "raised a number to the power 100000000"),
+BIG = "{% set s = 'x' * 4000000 %}"  # 4 MB: within the size bound (64 MiB) alone
+UNBOUNDED = [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "took more than 100,000 steps"),
+    ("{% set s = 'x' * 100000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}", "took more than 100,000 steps"),
+    ("{% for m in messages %}{% for c in m['content'] * 100000 %}{{ '' }}{% endfor %}{% endfor %}", "100,000 steps"),
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recursed too deep"),
+    ("{{ 7 ** (10 ** 8) }}", "built a number of about 300,000,000 bits"),
+    ("{{ (((3 ** 256) ** 256) ** 256) ** 256 }}", "built a number of about"),
     ("{{ 'x' * 1000000000 }}", "built a value of 1,000,000,000 items"),
     ("{% set ns = namespace(s='xx') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
      "built a value of"),
+    ("{% set ns = namespace(s='xx') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+     "built a value of"),
     ("{{ 'x'.center(1000000000) }}", "passed 1,000,000,000 to a function"),
     ("{{ 'x' | indent(1000000000, true) }}", "passed 1,000,000,000 to a function"),
-])
+    ("{{ '%0200000000d' % 1 }}", "built a value of 200,000,000 items"),
+    ("{{ '{:>200000000}'.format(1) }}", "built a value of 200,000,000 items"),
+    (BIG + "{{ s.replace('', s) }}", "built a value of 16,000,00"),
+    (BIG + "{{ s | replace('', s) }}", "built a value of 16,000,00"),
+    (BIG + "{{ ([s] * 100) | join }}", "built a value of"),
+    (BIG + "{{ s.join([s] * 100) }}", "built a value of 400,000,000 items"),
+    (BIG + "{{ ('\t' * 1000000).expandtabs(1000) }}", "built a value of 1,001,000,000 items"),
+    ("{{ messages | tojson(indent=1000) }}", "asked tojson for an indent over 64"),
+    ("{{ strftime_now('%0900000000d') }}", "built a value of 900,000,000 items"),
+]
+
+
+@pytest.mark.parametrize("template,fragment", UNBOUNDED)
 def test_templates_that_run_without_bound_are_stopped(tok, template, fragment):
-    with pytest.raises(RenderBudgetExceeded, match=fragment) as e:
-        render_chat(tok, [U("a"), A("b")], chat_template=template, seconds=0.3, where="c.jsonl:9")
-    assert str(e.value).startswith("c.jsonl:9: ") and "\n" not in str(e.value)
+    """Each would hang or exhaust memory unbounded; the steps are counted, so this never depends on timing."""
+    with pytest.raises(RenderBudgetExceeded if "recursed" not in fragment else UserError, match=fragment) as e:
+        render_chat(tok, [U("a"), A("b")], chat_template=template, steps=100_000, where="c.jsonl:9")
+    assert str(e.value).startswith("c.jsonl:9: ") and "\n" not in str(e.value) and len(str(e.value)) < 300
+
+
+def test_the_sandbox_keeps_transformers_guards(tok):
+    """dict is a builder, not the class (dict.update would change the data); tools and documents are none."""
+    with pytest.raises(UserError, match="c.jsonl:1: the chat template"):
+        render_chat(tok, [U("a"), A("b")], where="c.jsonl:1",
+                    chat_template="{% set x = dict.update(messages[0], {'role': 'x'}) %}{{ messages[0]['role'] }}")
+    r = render_chat(tok, [U("a"), A("b")], chat_template="{{ dict(a=1)['a'] }}{{ tools is none }}{{ documents is none }}"
+                    "{% for m in messages %}{{ m['content'] }}{% endfor %}", train_on="all")
+    assert r.text == "1TrueTrueab"
+
+
+def test_a_bound_that_is_not_a_number_is_one_line(monkeypatch):
+    from softlabels.labeler.chattemplate import SECONDS_ENV, STEPS_ENV, render_bounds
+
+    assert render_bounds() == (50_000_000, 300.0)
+    for name, value in ((STEPS_ENV, "20s"), (SECONDS_ENV, "nan"), (STEPS_ENV, "-1"), (SECONDS_ENV, "inf")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(UserError, match=f"{name} must be a positive"):
+            render_bounds()
+        monkeypatch.delenv(name)
 
 
 @pytest.mark.parametrize("template,fragment", [
@@ -187,6 +227,9 @@ def test_templates_that_run_without_bound_are_stopped(tok, template, fragment):
     ("{% from 'macros.jinja' import x %}", "{% from ... import %}"),
     ("{% extends 'base.jinja' %}", "{% extends %}"),
     ("{% for m in messages %}", "not valid Jinja"),
+    ("{{ " + "(" * 400 + "1" + ")" * 400 + " }}", "nests too deeply"),
+    ("{% if 1 %}" * 3000 + "{% endif %}" * 3000, "nests too deeply"),
+    ("{% for a in b %}" * 200 + "{% endfor %}" * 200, "nests too deeply"),
 ])
 def test_templates_that_read_other_files_or_do_not_parse_are_refused_before_any_work(tmp_path, template, fragment):
     path = tmp_path / "t.jinja"
@@ -201,8 +244,7 @@ def test_templates_that_read_other_files_or_do_not_parse_are_refused_before_any_
 
 def test_errors_inside_a_template_are_one_line_naming_the_row(tok):
     for template, fragment in (("{{ messages[0]['content'] + 1 }}", "TypeError"),
-                               ("{{ raise_exception('no tools here') }}", r"refused it \(no tools here\)"),
-                               ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recursed too deep")):
+                               ("{{ raise_exception('no tools here') }}", r"refused it \(no tools here\)")):
         with pytest.raises(UserError, match=fragment) as e:
             render_chat(tok, [U("a"), A("b")], chat_template=template, where="c.jsonl:2")
         assert str(e.value).startswith("c.jsonl:2: ") and "\n" not in str(e.value)
