@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -37,7 +38,7 @@ from softlabels.labeler.records import (FORMATS, Expanded, RowError, file_format
 from softlabels.labeler.rowformat import ROW_FORMATS, BadRow, RowFormat, default_train_on, text_field  # noqa: F401
 from softlabels.labeler.sources import _DATASET_META, _check_hub_name, _saved_datasets
 from softlabels.schemas import resolve_url, retry_io
-from softlabels.schemas.errors import UserError
+from softlabels.schemas.errors import StorageError, UserError
 from softlabels.schemas.storage import is_local
 
 log = logging.getLogger(__name__)
@@ -162,13 +163,13 @@ class BlockReader:
             yield from builtin_documents(block.path, block.start, block.stop)
             return
         path = block.path
-        expanded = Expanded(path, self.max_expand)
+        expanded = Expanded(path, self.max_expand, block.weight)
         with contextlib.ExitStack() as opened:
             if block.stop:
                 recs = piece_records(path, block.start, block.stop, self.fs, expanded)
             elif file_format(path) in (".jsonl.gz", ".jsonl.zst") and block.weight > piece_bytes():
                 # A large compressed file is streamed, not held: with --limit only its head may be needed.
-                recs = records(path, opened.enter_context(self.fs.open(path, "rb")), expanded)
+                recs = opened.enter_context(contextlib.closing(self._streamed(path, expanded)))
             else:
                 recs = records(path, retry_io(lambda: self.fs.cat_file(path), f"read {path}"), expanded)
             for rec in recs:
@@ -182,6 +183,32 @@ class BlockReader:
                 except UserError as e:
                     self._bad(stats, str(e))
             stats.expanded = expanded.bytes
+
+    def _streamed(self, path: str, expanded: Expanded, attempts: int = 7,
+                  base_delay: float = 0.5) -> Iterator[tuple[str, Any] | RowError]:
+        """The records of a large compressed file, read from storage as they are taken. A storage error midway
+        reopens the file and reads on from the start, skipping the records already given (bounded retries with
+        backoff, as :func:`~softlabels.schemas.retry_io`): a decompressor cannot resume at an offset."""
+        given, attempt = 0, 0
+        while True:
+            try:
+                with self.fs.open(path, "rb") as fh:
+                    expanded.bytes = 0  # a fresh pass
+                    for i, rec in enumerate(records(path, fh, expanded)):
+                        if i >= given:
+                            given += 1
+                            yield rec
+                return
+            except (StorageError, FileNotFoundError, PermissionError, IsADirectoryError):
+                raise
+            except OSError as e:  # records() raises only the storage's errors: damaged data is a RowError
+                attempt += 1
+                if attempt >= attempts:
+                    raise StorageError(f"read {path}: failed after {attempt} attempts: {e}") from e
+                delay = base_delay * 2 ** (attempt - 1)
+                log.warning("read %s: %s (attempt %d/%d, reading again from the start in %.1fs)", path, e, attempt,
+                            attempts, delay)
+                time.sleep(delay)
 
     def _document(self, where: str, value: Any) -> Document:
         if self.rows.format == "text":

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from softlabels.labeler.records import (PIECE_BYTES, TABLE_BATCH_ROWS, Expanded, RowError, _batches, _damaged,
-                                       _json_row, _Watched, file_format)
+                                       _json_row, _Watched, dense_nbytes, file_format, parquet_file)
 
 
 def piece_bytes() -> int:
@@ -35,8 +35,6 @@ def pieces(path: str, size: int, fs: Any) -> list[tuple[int, int, int]]:
     if kind == ".jsonl":
         return [(a, min(size, a + step), min(size, a + step) - a) for a in range(0, size, step)]
     if kind == ".parquet":
-        import pyarrow.parquet as pq
-
         with fs.open(path, "rb") as fh:
             meta = pq.read_metadata(fh)
         sizes = [sum(meta.row_group(g).column(c).total_compressed_size for c in range(meta.num_columns))
@@ -96,11 +94,11 @@ def piece_records(path: str, start: int, stop: int, fs: Any,
             source = _Watched(fh)
             row = first = 0
             try:
-                pf = pq.ParquetFile(source)
+                pf = parquet_file(source)
                 row = first = sum(pf.metadata.row_group(g).num_rows for g in range(start))
                 for batch in pf.iter_batches(TABLE_BATCH_ROWS, row_groups=range(start, stop), use_threads=False):
                     if expanded is not None:
-                        expanded.add(batch.nbytes)
+                        expanded.add(dense_nbytes(batch))
                     for obj in batch.to_pylist():
                         yield f"{path}:{row}", obj
                         row += 1

@@ -71,11 +71,17 @@ def _size(n: int) -> str:
     return str(n)
 
 
-class Expanded:
-    """What one read task has decompressed or decoded of a file, against a cap (:func:`max_expand_bytes`)."""
+# Real text compresses 3-10x; past this many times the bytes read, a file is a bomb, whatever its size.
+EXPAND_RATIO = 16
 
-    def __init__(self, path: str, cap: int) -> None:
-        self.path, self.cap, self.bytes = path, cap, 0
+
+class Expanded:
+    """What one read task has decompressed or decoded of a file, against a cap: ``cap`` (:func:`max_expand_bytes`),
+    or :data:`EXPAND_RATIO` times the bytes the task reads (``source_bytes``) when that is more, so that a large
+    ordinary file (a 64 MiB zstd Parquet piece decodes to about 300 MiB) passes and a small bomb does not."""
+
+    def __init__(self, path: str, cap: int, source_bytes: int = 0) -> None:
+        self.path, self.cap, self.bytes = path, max(cap, EXPAND_RATIO * source_bytes), 0
 
     def add(self, n: int) -> None:
         """Count ``n`` more bytes; raises UserError (one line naming the file and the cap) past the cap."""
@@ -226,8 +232,8 @@ def _table_rows(path: str, data: bytes, kind: str | None, expanded: Expanded | N
     row = 0
     try:
         for batch in _batches(data, kind):
-            if expanded is not None:
-                expanded.add(batch.nbytes)
+            if expanded is not None and kind == ".parquet":  # Arrow IPC holds its values as they are: no expansion
+                expanded.add(dense_nbytes(batch))
             for obj in batch.to_pylist():
                 yield f"{path}:{row}", obj
                 row += 1
@@ -244,14 +250,42 @@ def _damaged(path: str, kind: str | None, last: int | None, e: BaseException) ->
     return RowError(path, f"not a readable {name} file ({reason})")
 
 
+def parquet_file(source: Any) -> Any:
+    """A Parquet file whose top-level text columns are decoded as dictionaries, so that what a batch expands to
+    is known (:func:`dense_nbytes`) before its rows are (a value repeated by a dictionary page, a few bytes on
+    disk, would otherwise be copied into every row first)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.ParquetFile(source).schema_arrow
+    text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+            or pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+    source.seek(0)
+    return pq.ParquetFile(source, read_dictionary=text or None)
+
+
+def dense_nbytes(batch: Any) -> int:
+    """The bytes a record batch holds once its dictionary columns are expanded (counted, not expanded)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    total = 0
+    for column in batch.columns:
+        if pa.types.is_dictionary(column.type) and (pa.types.is_string(column.type.value_type) or
+                                                    pa.types.is_binary(column.type.value_type)):
+            lengths = pc.binary_length(column.dictionary).cast(pa.int64())
+            total += (pc.sum(pc.take(lengths, column.indices)).as_py() or 0) + column.indices.nbytes
+        else:
+            total += column.nbytes
+    return total
+
+
 def _batches(data: Any, kind: str | None) -> Iterator[Any]:
     """Record batches (Parquet: row groups) of a file's bytes, or of a memory-mapped file."""
     import pyarrow as pa
 
     if kind == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from pq.ParquetFile(pa.BufferReader(data)).iter_batches(TABLE_BATCH_ROWS, use_threads=False)
+        yield from parquet_file(pa.BufferReader(data)).iter_batches(TABLE_BATCH_ROWS, use_threads=False)
         return
     source = data if isinstance(data, pa.NativeFile) else pa.BufferReader(data)
     try:

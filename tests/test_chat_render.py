@@ -268,3 +268,15 @@ def test_chat_date_is_checked_and_recorded_in_the_rendering(tmp_path):
     record = _rendering_record(Rendering("chat", "assistant", SMOL, date="2025-01-31"), True)
     assert record["date"] == "2025-01-31"
     assert "date" not in _rendering_record(Rendering("text", "all"), False)
+
+
+def test_a_conversation_cut_before_its_first_trained_turn_counts_as_too_long(tok):
+    from softlabels.labeler.corpus import Document
+    from softlabels.labeler.plan import PlanCounts, Rendering, build_sequences, render
+    from softlabels.schemas import SequenceConfig
+
+    docs = [Document("c.jsonl:1", "", [U("word " * 40_000), A("ok")])]
+    tokenized = render(docs, tok, Rendering("chat", "assistant", SMOL, max_tokens=32))
+    counts = PlanCounts()
+    assert not list(build_sequences(tokenized, tok.eos_token_id, SequenceConfig(max_length=32), counts))
+    assert (counts.too_long, counts.untrained) == (1, 0)

@@ -15,6 +15,7 @@ import shutil
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -233,20 +234,134 @@ def test_hf_takes_a_hub_name_not_a_local_path(tmp_path, monkeypatch, tiny_teache
                                                                                     for i in range(4)]
 
 
-def test_with_a_limit_a_read_task_stops_once_its_block_fills_it(tmp_path, tiny_teacher):
-    """A 64 MiB .jsonl.gz with --limit 12 --max-length 64: the task decompresses about 1 MiB of it, and the
-    sequences planned from what it read are the limit's, as if it had read the whole file."""
+@pytest.mark.parametrize("chat,packing", [(False, False), (False, True), (True, False), (True, True)])
+def test_with_a_limit_a_read_task_stops_once_its_block_fills_it(tmp_path, tiny_teacher, monkeypatch, chat, packing):
+    """A .jsonl.gz of distinct rows with --limit 12: the task decompresses a fraction of it, and the sequences
+    planned from what it read are the first 12 of reading it whole (text and chat, packed or not)."""
     from transformers import AutoTokenizer
 
-    from softlabels.labeler.plan import build_sequences, read_and_tokenize, reading_tokenizer
+    from softlabels.labeler.plan import Rendering, build_sequences, read_and_tokenize, reading_tokenizer
     from softlabels.schemas import SequenceConfig
 
-    path = tmp_path / "bomb.jsonl.gz"
-    write_bomb(path, 64)
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{% endfor %}")
+    def row(i):
+        words = " ".join(f"w{(i * 7919 + j) % 10007}" for j in range((4 if chat else 40) + i % (10 if chat else 50)))
+        if chat:
+            return {"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": words}]}
+        return {"text": f"row {i}: {words}"}
+
+    monkeypatch.setattr("softlabels.labeler.plan.READ_STEP_CHARS", 32 << 10)  # small files: small steps
+    path = tmp_path / "rows.jsonl.gz"
+    data = b"".join(json.dumps(row(i)).encode() + b"\n" for i in range(3000 if chat else 4000))
+    path.write_bytes(gzip.compress(data, compresslevel=1))
     corpus = Corpus(str(path))
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
-    cfg = SequenceConfig(max_length=64, limit=12)
-    docs, stats = read_and_tokenize(corpus.reader, corpus.blocks()[0], reading_tokenizer(tok), 12 * 64, None,
-                                    (cfg, tok.eos_token_id))
-    assert len(docs) >= 12 and stats.expanded <= 2 << 20  # of 64 MiB
-    assert len(list(build_sequences(docs, tok.eos_token_id, cfg))) == 12
+    length = 512 if chat else 64
+    rendering = Rendering("chat", "assistant", chatml, max_tokens=length) if chat else Rendering()
+    read_tok = tok if chat else reading_tokenizer(tok)
+    cfg = SequenceConfig(max_length=length, limit=12, packing=packing)
+    eos = tok.eos_token_id
+    docs, stats = read_and_tokenize(corpus.reader, corpus.blocks()[0], read_tok, 12 * length, rendering,
+                                    (cfg, eos))
+    whole, whole_stats = read_and_tokenize(corpus.reader, corpus.blocks()[0], read_tok, 12 * length, rendering)
+    assert stats.expanded < len(data) / 3 and whole_stats.expanded == len(data)
+    got, want = list(build_sequences(docs, eos, cfg)), list(build_sequences(whole, eos, cfg))
+    assert len(got) == 12 and [s.source for s in got] == [s.source for s in want]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        assert (a.trained is None) == (b.trained is None) and (a.trained is None or (a.trained == b.trained).all())
+
+
+def test_a_parquet_dictionary_bomb_is_refused_before_its_rows_are_built(tmp_path, monkeypatch):
+    """One 1 MiB value repeated by a dictionary page: a few KiB on disk, 128 MiB per batch of rows. The batch's
+    expanded size is counted from the dictionary before any row is made."""
+    import tracemalloc
+
+    monkeypatch.setenv(MAX_EXPAND_ENV, str(10 << 20))
+    path = tmp_path / "dict.parquet"
+    pq.write_table(pa.table({"text": ["y" * (1 << 20)] * 512}), path, compression="zstd")
+    assert path.stat().st_size < 100_000
+    corpus = Corpus(str(path))
+    default = pa.default_memory_pool()
+    pool = pa.proxy_memory_pool(default)  # counts what Arrow allocates while the file is read
+    pa.set_memory_pool(pool)
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match="dict.parquet' expands to more than 10 MiB in one read task"):
+            corpus.reader.read(corpus.blocks()[0])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        pa.set_memory_pool(default)
+    # no batch of 128 rows of 1 MiB values was built, in Arrow or in Python
+    assert peak < 16 << 20 and pool.max_memory() < 16 << 20, (peak, pool.max_memory())
+
+
+def test_ordinary_files_pass_the_cap_by_their_size(tmp_path, monkeypatch):
+    """The cap is at least 16x the bytes a task reads: a Parquet file that decodes to 4x its size, and Arrow IPC
+    (held as it is, not expanded), pass a cap far below their decoded size; a bomb of the same cap does not."""
+    monkeypatch.setenv(MAX_EXPAND_ENV, str(1 << 20))
+    texts = [f"row {i} " + " ".join(str(i * j) for j in range(200)) for i in range(3000)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "a.parquet", compression="zstd")
+    with pa.ipc.new_stream(str(tmp_path / "b.arrow"), pa.schema([("text", pa.string())])) as w:
+        w.write_table(pa.table({"text": texts * 2}))
+    for name, n in (("a.parquet", 3000), ("b.arrow", 6000)):
+        corpus = Corpus(str(tmp_path / name))
+        docs, stats = corpus.reader.read(corpus.blocks()[0])
+        assert [d.text for d in docs] == (texts * 2)[:n]
+    write_bomb(tmp_path / "bomb.jsonl.gz", 8)
+    corpus = Corpus(str(tmp_path / "bomb.jsonl.gz"))
+    with pytest.raises(UserError, match="expands to more than 1 MiB"):
+        corpus.reader.read(corpus.blocks()[0])
+
+
+def test_a_storage_error_midway_through_a_streamed_file_reads_on(tmp_path, monkeypatch):
+    """A large compressed file is streamed; a read that fails midway (a connection reset) reopens the file and
+    reads on from the start, giving every row once, in order; a storage that keeps failing is one line."""
+    import random
+
+    rng = random.Random(0)
+    data = "".join(json.dumps({"text": f"{i} {rng.getrandbits(800):x}"}) + "\n" for i in range(5000)).encode()
+    path = tmp_path / "big.jsonl.gz"
+    path.write_bytes(gzip.compress(data))
+    monkeypatch.setenv("SOFTLABELS_PIECE_BYTES", str(path.stat().st_size - 1))  # streamed, not held
+    corpus = Corpus(str(path))
+    reader = corpus.reader
+    real_open, opened = reader.fs.open, []
+
+    class Flaky:
+        def __init__(self, fh, fail_after):
+            self.fh, self.left = fh, fail_after
+
+        def read(self, n=-1):
+            if self.left is not None and self.left <= 0:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            out = self.fh.read(n)
+            if self.left is not None:
+                self.left -= len(out)
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    def flaky_open(p, mode="rb", **kw):
+        opened.append(p)
+        return Flaky(real_open(p, mode, **kw), 100_000 if len(opened) <= 2 else None)
+
+    monkeypatch.setattr(reader.fs, "open", flaky_open)
+    monkeypatch.setattr("softlabels.labeler.corpus.time.sleep", lambda s: None)
+    docs, stats = reader.read(corpus.blocks()[0])
+    assert len(opened) == 3 and [d.text for d in docs] == [json.loads(line)["text"] for line in data.splitlines()]
+    opened.clear()
+    monkeypatch.setattr(reader.fs, "open", lambda p, mode="rb", **kw: Flaky(real_open(p, mode, **kw), 100_000))
+    from softlabels.schemas.errors import StorageError
+
+    with pytest.raises(StorageError, match="big.jsonl.gz: failed after 7 attempts"):
+        reader.read(corpus.blocks()[0])
