@@ -263,6 +263,20 @@ def test_compare_scores_every_model_on_samples_none_of_them_trained_on(label_set
     assert held_out_fraction(["tiny", str(student)], None) == TRAINED_FRACTION
     assert held_out_fraction(["tiny", str(student), str(other)], None) == 0.1  # held out from both
     assert held_out_fraction([str(student)], 0.1) == 0.1
+    # a record speaks for sets of the tokenizer it trained under (their sample ids may be its samples), not others
+    trained_under = record["label_set"]["tokenizer_fingerprint"]
+    assert held_out_fraction([str(other)], None, tokenizer_fingerprint=trained_under) == 0.1
+    assert held_out_fraction([str(other)], 0.5, tokenizer_fingerprint="sha256:" + "0" * 64) == 0.5
+    with pytest.raises(UserError, match="would score .*other partly on samples it trained on"):
+        held_out_fraction([str(other)], 0.5, tokenizer_fingerprint=trained_under)
+    # trained on everything: no held-out split of its sets; --split all scores a set it never saw
+    record["config"]["eval_fraction"] = 0.0
+    (other / "softlabels_train.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match="trained on every sample .*--split all scores every sample"):
+        held_out_fraction([str(other)], None)
+    assert held_out_fraction([str(other)], None, split="all") == 0.0
+    record["config"]["eval_fraction"] = 0.1
+    (other / "softlabels_train.json").write_text(json.dumps(record))
     import softlabels.trainer.compare as compare
 
     seen = []

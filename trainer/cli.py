@@ -187,8 +187,12 @@ def _eval(args: argparse.Namespace) -> int:
 
     # A trained student is scored on the split it was trained with (its softlabels_train.json), never on a share
     # that holds samples it trained on; other models on 0.05 or the share given.
-    fraction = held_out_fraction([args.model], args.eval_fraction, args.split)
-    ds = LabelDataset(args.labels, parse_storage_options(args.storage_option), args.split, fraction, shuffle=False)
+    from softlabels.schemas import open_label_set
+
+    opts = parse_storage_options(args.storage_option)
+    fingerprint = open_label_set(args.labels, opts).manifest.tokenizer.fingerprint
+    fraction = held_out_fraction([args.model], args.eval_fraction, args.split, fingerprint)
+    ds = LabelDataset(args.labels, opts, args.split, fraction, shuffle=False)
     model, tokenizer = build_student(args.model, ds.labels, args.seed, trust_remote_code=args.trust_remote_code)
     ds.max_id = embedding_rows(model)
     attach([ds], ds.labels, tokenizer, args.model)  # bits per byte; another tokenizer: aligned by the set's spans

@@ -202,8 +202,9 @@ def compare(
         raise UserError(f"--names gives {len(names)} names for {len(models)} models")
     for spec in models:
         _check_spec(spec)
-    fraction = held_out_fraction(models, eval_fraction)  # a share holding training samples stops here too
-    open_label_set(labels, storage_options or {})  # a bad label set stops here, before any model loads
+    ls = open_label_set(labels, storage_options or {})  # a bad label set stops here, before any model loads
+    # a share holding training samples stops here too
+    fraction = held_out_fraction(models, eval_fraction, tokenizer_fingerprint=ls.manifest.tokenizer.fingerprint)
     opts = dict(labels=labels, storage_options=storage_options or {}, eval_fraction=fraction,
                 batch_size=batch_size, eval_batches=eval_batches, rows=rows, length=length, seconds=seconds,
                 threads=threads or os.cpu_count() or 1, trust_remote_code=trust_remote_code)

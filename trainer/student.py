@@ -67,15 +67,21 @@ def training_record(spec: str) -> tuple[Path, dict[str, Any]] | None:
     return path, record
 
 
-def trained_eval_fraction(spec: str) -> float | None:
+def trained_eval_fraction(spec: str, tokenizer_fingerprint: str | None = None) -> float | None:
     """The held-out share (``eval_fraction``) that the student at ``spec`` was trained with, from its
     :data:`TRAIN_RECORD`; None for a model without a record. The held-out samples of a share ``f`` are
     those whose ``sample_id`` hash falls below ``f`` (:func:`softlabels.trainer.data.in_eval_split`), so a
-    smaller share picks a subset of them and a larger one also picks samples the student trained on."""
+    smaller share picks a subset of them and a larger one also picks samples the student trained on.
+
+    ``tokenizer_fingerprint``: of the label set to score on. Sample ids are content addresses under a
+    tokenizer, so a set of another tokenizer holds none of the samples the student trained on: None then."""
     found = training_record(spec)
     if found is None:
         return None
     path, record = found
+    trained_on = (record.get("label_set") or {}).get("tokenizer_fingerprint")
+    if tokenizer_fingerprint is not None and isinstance(trained_on, str) and trained_on != tokenizer_fingerprint:
+        return None
     f = record["config"].get("eval_fraction")
     if not (isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f < 1):
         raise UserError(f"{path}: eval_fraction {f!r:.40} is not a share in [0, 1); which samples {spec} trained on "
@@ -83,20 +89,30 @@ def trained_eval_fraction(spec: str) -> float | None:
     return float(f)
 
 
-def held_out_fraction(models: list[str], given: float | None, split: str = "eval") -> float:
+def held_out_fraction(models: list[str], given: float | None, split: str = "eval",
+                      tokenizer_fingerprint: str | None = None) -> float:
     """The held-out share to score ``models`` on (``eval``, ``compare``).
 
     ``given`` None (no ``--eval-fraction``): the smallest share any of them was trained with, i.e. the
     samples none of them trained on (the splits nest), or :data:`DEFAULT_EVAL_FRACTION` when none has a
     record. ``given``: used as it is, unless (``split`` eval) it is larger than a model's own share.
+    Records apply to label sets of the tokenizer they were trained under (``tokenizer_fingerprint``: the
+    set's), whose samples may be the ones trained on; ``--split all`` scores a set without any split.
 
     Raises:
-        UserError: ``given`` is not in [0, 1), or would score a model on samples it trained on. Refused,
-            not warned: a score that silently includes training data looks like a better student.
+        UserError: ``given`` is not in [0, 1), would score a model on samples it trained on, or a model
+            trained on every sample (share 0) is to be scored on a held-out split. Refused, not warned: a
+            score that silently includes training data looks like a better student.
     """
     if given is not None and not (isinstance(given, (int, float)) and 0 <= given < 1):
         raise UserError(f"--eval-fraction must be in [0, 1), got {given!r}")
-    recorded = [(m, f) for m in models if (f := trained_eval_fraction(m)) is not None]
+    recorded = [(m, f) for m in models if (f := trained_eval_fraction(m, tokenizer_fingerprint)) is not None]
+    if split == "eval":
+        for model, f in recorded:
+            if f == 0:
+                raise UserError(f"{model} trained on every sample of its label set (eval_fraction 0, its {TRAIN_RECORD}),"
+                                " so no split of a set of its tokenizer is held out from it; on a set it never trained "
+                                "on, --split all scores every sample")
     if given is None:
         if not recorded:
             return DEFAULT_EVAL_FRACTION
@@ -106,7 +122,8 @@ def held_out_fraction(models: list[str], given: float | None, split: str = "eval
     for model, f in recorded:
         if split == "eval" and given > f:
             raise UserError(f"--eval-fraction {given} would score {model} partly on samples it trained on: it held out "
-                            f"{f} (its {TRAIN_RECORD}); give at most {f}, or leave --eval-fraction out to use it")
+                            f"{f} (its {TRAIN_RECORD}); give at most {f}, or leave --eval-fraction out to use it (on a "
+                            "set it never trained on, --split all scores every sample)")
     return float(given)
 
 

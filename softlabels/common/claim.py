@@ -109,11 +109,18 @@ class Holder:
 
     def describe(self) -> str:
         if self.unreadable:
-            return f"{self.command} ({self.unreadable})"
+            return f"{_clip(self.command)} ({_clip(self.unreadable, 200)})"
         left = self.expires_at - time.time()
         state = ("released" if self.released else f"expires in {left:.0f} s unless renewed" if left > 0
                  else f"expired {-left:.0f} s ago")
-        return f"{self.command} on host {self.host}, pid {self.pid}, started {self.started_at} ({state})"
+        # a claim file is whatever another run (or a hostile writer) put there: clip what it says
+        return (f"{_clip(self.command)} on host {_clip(self.host)}, pid {self.pid}, started {_clip(self.started_at)} "
+                f"({state})")
+
+
+def _clip(text: object, n: int = 80) -> str:
+    s = str(text).replace("\n", " ")
+    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 # Holder's fields as a claim file holds them: (types, required).
