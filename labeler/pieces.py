@@ -35,6 +35,8 @@ def pieces(path: str, size: int, fs: Any) -> list[tuple[int, int, int]]:
     if kind == ".jsonl":
         return [(a, min(size, a + step), min(size, a + step) - a) for a in range(0, size, step)]
     if kind == ".parquet":
+        import pyarrow.parquet as pq
+
         with fs.open(path, "rb") as fh:
             meta = pq.read_metadata(fh)
         sizes = [sum(meta.row_group(g).column(c).total_compressed_size for c in range(meta.num_columns))
@@ -88,8 +90,6 @@ def piece_records(path: str, start: int, stop: int, fs: Any,
     import pyarrow as pa
 
     if kind == ".parquet":
-        import pyarrow.parquet as pq
-
         with fs.open(path, "rb") as fh:
             source = _Watched(fh)
             row = first = 0
