@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo demo-full test bench clean
+.PHONY: venv demo demo-full test test-fast bench clean
 
 $(STAMP): pyproject.toml requirements/constraints-ci.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo-full: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+# The inner loop: format, encodings, losses, masks, alignment, configs and refusals; no S3 server, no built-in
+# teacher, no process of its own, one shared local Ray and label set (tests/conftest.py). `make test` runs all.
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache

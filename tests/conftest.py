@@ -38,6 +38,55 @@ BUCKET = "softlabels-test"
 REPO = Path(__file__).resolve().parents[1]
 
 
+# -- two tiers: `make test-fast` (-m "not slow") and `make test` (everything) -------------------------------
+# The fast tier starts no S3 server, no built-in teacher and no process of its own, and shares one local Ray
+# (the `ray_local` fixture, started once) and one label set (`label_set`) among its tests. Tests that need
+# the S3 server or the built-in teacher are marked slow here, by their fixtures; tests that start processes
+# of their own, start Ray themselves, or take more than a couple of seconds carry @pytest.mark.slow. Under
+# -m "not slow", starting Ray outside `ray_local`, or a `softlabels` process, fails the test, naming the
+# marker it needs.
+SLOW_FIXTURES = {"seaweed", "builtin_teacher"}  # and every fixture that uses one (s3_server, storage_root[s3])
+FAST_ENV = "SOFTLABELS_TEST_FAST"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs the S3 server, the built-in teacher, a process or a Ray of its "
+                            "own, or takes more than a couple of seconds; left out of `make test-fast`")
+    if "not slow" in (config.option.markexpr or ""):
+        os.environ[FAST_ENV] = "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or params.get("storage_root") == "s3":
+            item.add_marker(pytest.mark.slow)
+
+
+def _refuse_in_fast_tier(what: str) -> None:
+    if os.environ.get(FAST_ENV):
+        pytest.fail(f"this test {what}: mark it @pytest.mark.slow (make test-fast leaves such tests out)",
+                    pytrace=False)
+
+
+_ray_init = None  # the real ray.init while the fast tier's guard is on
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fast_tier_guard():
+    """Under -m "not slow": a test that starts a Ray of its own fails at once, saying which marker it needs."""
+    global _ray_init
+    if not os.environ.get(FAST_ENV):
+        yield
+        return
+    import ray
+
+    _ray_init = ray.init
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray, "init", lambda *a, **k: _refuse_in_fast_tier("starts a Ray of its own"))
+        yield
+
+
 def _bench_common():
     """bench/common.py (not a package: loaded by path), whose SeaweedFS server the tests share."""
     spec = importlib.util.spec_from_file_location("softlabels_bench_common", REPO / "bench" / "common.py")
@@ -80,7 +129,8 @@ def ray_local():
 
     if not ray.is_initialized():
         # address="local": never join a cluster that a stale /tmp/ray/ray_current_cluster names
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, configure_logging=False)
+        (_ray_init or ray.init)(address="local", num_cpus=2, include_dashboard=False,
+                                object_store_memory=300 * 1024**2, configure_logging=False)
     yield ray
     ray.shutdown()
 
@@ -149,6 +199,7 @@ def run_cli(
     *args: str, check: bool = True, timeout: float = 600, env: dict[str, str] | None = None, umask: int | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``python -m softlabels args`` like a user would (``env`` adds variables); returns the completed process."""
+    _refuse_in_fast_tier("starts a softlabels process")
     proc = subprocess.run(
         [sys.executable, "-m", "softlabels", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
         env={**os.environ, **(env or {})}, umask=-1 if umask is None else umask,

@@ -85,6 +85,7 @@ def test_labeler_debug_shows_the_traceback(tiny_teacher, tmp_path):
         cli_in_process("label", "--teacher", tiny_teacher, "--output", str(tmp_path / "o"), "--top-k", "0", "--debug")
 
 
+@pytest.mark.slow
 def test_corpus_of_only_empty_documents_is_refused_and_leaves_the_output_as_it_was(ray_local, tiny_teacher, tmp_path):
     """Only knowable after reading: the teachers have loaded; still one line, and no trace at --output."""
     corpus = tmp_path / "blank.jsonl"
@@ -306,6 +307,7 @@ def test_trainer_refuses(extra, fragment, label_set, s3_server, tmp_path):
     assert not (out / "model.safetensors").exists() and not (out / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_internal_error_keeps_its_traceback(label_set, tmp_path):
     """A bug (here: a corrupted array in a DataLoader worker) is not the user's fault: traceback, exit 1."""
     script = (
@@ -358,6 +360,7 @@ def test_trainer_config_file_and_flags(tmp_path):
     assert_one_line_error(code, err, "train", "no output: pass --output or set output in the --config file")
 
 
+@pytest.mark.slow
 def test_a_label_set_never_runs_code_nor_reads_stdin(label_set, tmp_path):
     """A planted tokenizer with an auto_map and a Python file: refused in one line with "y" waiting on stdin."""
     import subprocess

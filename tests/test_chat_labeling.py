@@ -256,6 +256,7 @@ def test_packed_documents_get_the_labels_they_get_alone(runner):
     assert not np.allclose(leaky.sequence(0)["topk_logprobs"][17:47], alone.sequence(1)["topk_logprobs"], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_chat_label_set_end_to_end(ray_local, tiny_teacher, tmp_path, chatml_tokenizer):
     """The labeler on a chat corpus: stored masks equal the direct count, labels only where trained,
     packed documents recorded; the trainer learns only there."""
@@ -484,6 +485,7 @@ def test_plain_text_gets_bos_exactly_when_the_tokenizer_adds_one(tiny_teacher, t
     assert [int(x) for x in got[0][1][1:]] == plain("def f(x): return x", add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.slow
 def test_a_corpus_of_conversations_all_too_long_says_so(ray_local, tiny_teacher, tmp_path):
     """Nothing fits --max-length: the refusal counts the conversations skipped as too long (it said '0 skipped')."""
     from softlabels.labeler.config import LabelConfig

@@ -147,6 +147,7 @@ def test_a_damaged_file_past_the_first_is_a_bad_row_naming_it(tmp_path, kind, fr
         assert len(docs) >= 200 and docs[0].text.startswith("row 0 ")
 
 
+@pytest.mark.slow
 def test_label_refuses_a_damaged_second_file_in_one_line(ray_local, tiny_teacher, tmp_path):
     """Through the command, the read task's refusal reaches the user as one line naming the file, exit code 2
     (a corrupt Parquet page was an OSError that reached the user without the file's name). The compressed
@@ -234,7 +235,8 @@ def test_hf_takes_a_hub_name_not_a_local_path(tmp_path, monkeypatch, tiny_teache
                                                                                     for i in range(4)]
 
 
-@pytest.mark.parametrize("chat,packing", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("chat,packing", [(False, False), (False, True), pytest.param(True, False, marks=pytest.mark.slow),
+                                          pytest.param(True, True, marks=pytest.mark.slow)])
 def test_with_a_limit_a_read_task_stops_once_its_block_fills_it(tmp_path, tiny_teacher, monkeypatch, chat, packing):
     """A .jsonl.gz of distinct rows with --limit 12: the task decompresses a fraction of it, and the sequences
     planned from what it read are the first 12 of reading it whole (text and chat, packed or not)."""

@@ -229,6 +229,7 @@ def test_uld_term_against_a_direct_computation():
     assert float(uld[1]) == float(kl[1])  # every entry mapped: no ULD term
 
 
+@pytest.mark.slow
 def test_student_with_another_tokenizer_trains_and_resumes(label_set, byte_level, tmp_path):
     """A tiny student built for the 700-token byte-level tokenizer: bits per byte and coverage reported; stopped at
     its step-2 checkpoint and resumed to step 4 (2 DataLoader workers), it ends as the uninterrupted run (a constant

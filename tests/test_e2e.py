@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from softlabels.schemas import open_label_set
 
 from conftest import run_cli
+
+pytestmark = pytest.mark.slow  # processes of their own (see tests/conftest.py)
 
 
 def test_builtin_teacher_to_s3_train_and_eval(builtin_teacher, s3_server, tmp_path):

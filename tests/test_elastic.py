@@ -67,6 +67,7 @@ def test_spans_split_and_drop_keep_every_row_once():
     assert got == want and new.progress == [(0, 0)] * 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chain", [[(1, 0)], [(3, 1)], [(4, 0), (1, 0)]])
 def test_resume_on_another_world_size_reads_every_sample_once(label_set, chain):
     """2 ranks x 2 workers for 3 steps, then the ranks x workers of ``chain`` in turn (2 steps each, the last to
@@ -88,6 +89,7 @@ def test_resume_on_another_world_size_reads_every_sample_once(label_set, chain):
     assert max(Counter(k for e, k in flat if e == 1).values()) == 1
 
 
+@pytest.mark.slow
 def test_resume_on_the_same_world_size_continues_every_rank_exactly(label_set):
     straight = steps(ranks(label_set, 2, 2), 6)
     first = ranks(label_set, 2, 2)
@@ -110,6 +112,7 @@ def subset(src, dst, n) -> str:
     return str(dst)
 
 
+@pytest.mark.slow
 def test_torchrun_4_ranks_x_2_workers_on_3_shards_then_resume_on_1_rank(label_set, tmp_path):
     """More readers than shards: no hang, every rank in step (equal weights); killed mid-epoch at a
     checkpoint and resumed on one rank, epoch 0 holds every training sample once."""

@@ -58,6 +58,7 @@ def _batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+@pytest.mark.slow
 def test_int8_export_is_smaller_ties_the_embedding_and_loads_with_onnxruntime(student, exports, tmp_path):
     import shutil
 
@@ -101,6 +102,7 @@ def test_int8_export_is_smaller_ties_the_embedding_and_loads_with_onnxruntime(st
     assert trained_eval_fraction(str(moved)) == 0.2
 
 
+@pytest.mark.slow
 def test_fp32_export_matches_the_model_and_evaluate_scores_it_the_same(label_set, student, exports):
     from softlabels.schemas import open_label_set
     from softlabels.trainer.data import LabelDataset
@@ -131,6 +133,7 @@ def test_an_untied_model_keeps_its_own_embedding(tiny_teacher, tmp_path):
     assert 0 < meta["probe"]["relative_logit_error"] < 0.08, meta["probe"]
 
 
+@pytest.mark.slow
 def test_compare_measures_every_model_and_scores_the_teacher_against_its_own_labels(
     label_set, tiny_teacher, student, exports, tmp_path
 ):
@@ -170,6 +173,7 @@ def test_compare_measures_every_model_and_scores_the_teacher_against_its_own_lab
     assert any(ln.startswith("student vs teacher:") for ln in lines), err
 
 
+@pytest.mark.slow
 def test_export_and_compare_refuse_bad_input_in_one_line(label_set, student, exports, tmp_path):
     code, _, err = cli_in_process("export", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o"))
     assert_one_line_error(code, err, "export", "nope", "does not exist")

@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # processes of their own (see tests/conftest.py)
 
 
 def torchrun(labels, out, *extra, port, env=None, check=True):

@@ -68,6 +68,7 @@ def assert_within_encoding_error(s, teacher_dir: str, max_kl: float) -> None:
     assert 0 < kl.mean() < 1.5 * max_kl, kl.mean()  # 1.5: the budget is per shard, this is one sequence
 
 
+@pytest.mark.slow
 def test_labels_match_direct_full_softmax(ray_local, tiny_teacher, storage_root):
     if not storage_root.startswith("/"):  # S3 run: the default, lossy compact encoding
         run(cfg(tiny_teacher, storage_root, encoding="compact"))
@@ -99,6 +100,7 @@ def test_labels_match_direct_full_softmax(ray_local, tiny_teacher, storage_root)
     assert SECRET_KEY not in text and ACCESS_KEY not in text
 
 
+@pytest.mark.slow
 def test_sequences_cover_documents_without_loss(ray_local, tiny_teacher, tmp_path):
     """Per-document chunks: concatenating a document's chunks gives back its tokens."""
     from transformers import AutoTokenizer
@@ -128,6 +130,7 @@ def _small_corpus(tmp_path):
     return p
 
 
+@pytest.mark.slow
 def test_rerun_is_a_no_op_and_resume_redoes_only_missing_units(ray_local, tiny_teacher, s3_server):
     # On S3; on local disk the same resume runs in tests/test_labeler_faults.py (after real SIGKILLs).
     storage_root = f"{s3_server}/rerun-{uuid.uuid4().hex[:8]}"
@@ -157,6 +160,7 @@ def test_rerun_is_a_no_op_and_resume_redoes_only_missing_units(ray_local, tiny_t
     assert read_all_bytes(storage_root) == before
 
 
+@pytest.mark.slow
 def test_resume_with_different_settings_is_refused(ray_local, tiny_teacher, tmp_path):
     out = str(tmp_path / "ls")
     run(cfg(tiny_teacher, out))
@@ -168,6 +172,7 @@ def test_resume_with_different_settings_is_refused(ray_local, tiny_teacher, tmp_
     assert summary.status == "written" and open_label_set(out).manifest.top_k == 4
 
 
+@pytest.mark.slow
 def test_cli_wrong_credentials_fail_clearly(tiny_teacher, tmp_path, s3_server):
     import os
     import subprocess
@@ -198,6 +203,7 @@ def stale_ray_tmpdir() -> str:
     return ray_tmp
 
 
+@pytest.mark.slow
 def test_a_dead_ray_address_fails_fast_in_one_line(tiny_teacher, tmp_path):
     # ray.init() retries a dead GCS for minutes; a hang would hit run_cli's timeout instead.
     proc = run_cli("label", "--teacher", tiny_teacher, "--output", str(tmp_path / "dead"), "--limit", "2",
@@ -208,6 +214,7 @@ def test_a_dead_ray_address_fails_fast_in_one_line(tiny_teacher, tmp_path):
     assert not (tmp_path / "dead" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 300])
 def test_labels_match_direct_full_softmax_at_extreme_k(ray_local, tiny_teacher, tmp_path, k):
     """k = 1 and k = the whole vocabulary (tail = -inf: nothing outside the top-k)."""
@@ -228,6 +235,7 @@ def test_labels_match_direct_full_softmax_at_extreme_k(ray_local, tiny_teacher, 
             np.testing.assert_allclose(s.tail_logprob, tail, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_packing_joins_documents_with_eos_and_keeps_the_remainder(ray_local, tiny_teacher, tmp_path):
     from transformers import AutoTokenizer
     from pydoc_data.topics import topics
@@ -256,6 +264,7 @@ def test_packing_joins_documents_with_eos_and_keeps_the_remainder(ray_local, tin
         np.testing.assert_array_equal(s.trained if s.trained is not None else np.ones(len(s.input_ids), bool), want)
 
 
+@pytest.mark.slow
 def test_resume_with_different_teacher_or_corpus_is_refused(ray_local, tiny_teacher, tmp_path):
     import shutil
 
@@ -290,6 +299,7 @@ def test_resume_with_different_teacher_or_corpus_is_refused(ray_local, tiny_teac
         run(cfg(tiny_teacher, out, **base))
 
 
+@pytest.mark.slow
 def test_bad_rows_fail_with_file_and_row_or_are_skipped_and_counted(ray_local, tiny_teacher, tmp_path):
     from softlabels.labeler.corpus import BadRow
 
@@ -306,6 +316,7 @@ def test_bad_rows_fail_with_file_and_row_or_are_skipped_and_counted(ray_local, t
     assert [s.source for s in open_label_set(str(tmp_path / "b")).iter_samples()] == [f"{corpus}:1#0", f"{corpus}:5#0"]
 
 
+@pytest.mark.slow
 def test_yaml_config_with_flags_overriding_it(tiny_teacher, tmp_path):
     out = tmp_path / "ls"
     conf = tmp_path / "job.yaml"
@@ -319,6 +330,7 @@ def test_yaml_config_with_flags_overriding_it(tiny_teacher, tmp_path):
     # (a key it does not know: tests/test_bad_input.py)
 
 
+@pytest.mark.slow
 def test_inspect_statistics_match_a_direct_computation_and_plot(ray_local, tiny_teacher, tmp_path):
     out = str(tmp_path / "ls")
     run(cfg(tiny_teacher, out))
@@ -335,6 +347,7 @@ def test_inspect_statistics_match_a_direct_computation_and_plot(ray_local, tiny_
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_tail_samples_are_drawn_outside_the_topk_reproducibly_and_train(ray_local, tiny_teacher, label_set, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     for out in (a, b):
@@ -399,6 +412,7 @@ def test_a_long_document_is_tokenized_only_as_far_as_the_limit_needs(tiny_teache
     assert len(full) > 100_000 and ids.tolist() == full[:3000]
 
 
+@pytest.mark.slow
 def test_on_error_may_change_on_resume(tiny_teacher, tmp_path, ray_local):
     """The hint after a bad row, `--on-error skip`, is accepted on the same output."""
     from softlabels.labeler.config import LabelConfig
@@ -417,6 +431,7 @@ def test_on_error_may_change_on_resume(tiny_teacher, tmp_path, ray_local):
     assert summary.status == "written" and summary.skipped_documents == 1
 
 
+@pytest.mark.slow
 def test_a_teacher_with_a_padded_head_labels_trains_and_evaluates(ray_local, tiny_teacher, tmp_path):
     """Head rows past the tokenizer (Qwen2.5: 151,936 rows for 151,665 tokens): the manifest records the id
     space the stored ids live in, and a `tiny` student built from the set has a row for each."""

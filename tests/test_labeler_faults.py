@@ -23,6 +23,8 @@ from softlabels.schemas import open_label_set, resolve_url
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # processes of their own (see tests/conftest.py)
+
 # ~7,000 tokens in ~28 units with the tiny teacher: a run takes seconds, so every fault is affordable.
 def args(teacher: str) -> list[str]:
     return ["--teacher", teacher, "--corpus", "pydoc", "--top-k", "8", "--max-length", "64", "--limit", "120",

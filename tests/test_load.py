@@ -14,12 +14,15 @@ import sys
 from collections import Counter
 
 import numpy as np
+import pytest
 
 from softlabels.labeler.config import LabelConfig
 from softlabels.labeler.job import run
 from softlabels.schemas import open_label_set
 
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # load tests: tens of seconds each
 
 TINY_DOCS = 100_000
 

@@ -86,6 +86,7 @@ def test_a_claim_is_exclusive_until_released_or_expired(storage_root):
         nxt._stop.set()
 
 
+@pytest.mark.slow
 def test_two_labelers_on_one_output_exactly_one_proceeds(tiny_teacher, storage_root):
     """The second run is refused naming the first (before it starts Ray); the first publishes a set that
     verifies shard by shard."""

@@ -10,6 +10,9 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # processes of their own (see tests/conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -48,6 +48,7 @@ def _train(label_set: str, student: str, out: Path, *flags: str) -> tuple[int, d
     return code, json.loads(stdout.strip().splitlines()[-1]) if code == 0 else None, err
 
 
+@pytest.mark.slow
 def test_a_pretrained_student_with_the_sets_tokenizer_trains_resumes_and_exports(label_set, pretrained, tmp_path):
     out = tmp_path / "run"
     code, summary, err = _train(label_set, pretrained, out, "--steps", "2", "--checkpoint-every", "1")

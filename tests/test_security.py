@@ -23,6 +23,8 @@ from softlabels.schemas import resolve_url
 
 from conftest import ACCESS_KEY, SECRET_KEY, run_cli
 
+pytestmark = pytest.mark.slow  # processes of their own (see tests/conftest.py)
+
 CANARIES = [ACCESS_KEY.encode(), SECRET_KEY.encode()]
 
 

@@ -42,6 +42,7 @@ def test_workers_split_shards_without_overlap_or_gaps(label_set, workers):
     assert len(got) == len(set(got)) == ds.manifest.totals.sequences
 
 
+@pytest.mark.slow
 def test_training_improves_the_student_and_saves_a_loadable_model(label_set, tmp_path):
     out = tmp_path / "student"
     # umask 027: group may read, others may not (safetensors alone would write 0600)
@@ -66,6 +67,7 @@ def test_training_improves_the_student_and_saves_a_loadable_model(label_set, tmp
     assert ev["kl"] == pytest.approx(after["kl"], rel=1e-4) and ev["ce"] == pytest.approx(after["ce"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_student_with_another_tokenizer(label_set, builtin_teacher, tmp_path):
     """Refused in one line by a set without token spans; scored across tokenizers on one with them."""
     no_spans = str(Path(__file__).parent / "fixtures" / "v4-sets" / "fp16")
@@ -85,6 +87,7 @@ def test_student_with_another_tokenizer(label_set, builtin_teacher, tmp_path):
     assert "training anyway" in proc.stderr and json.loads(proc.stdout.strip().splitlines()[-1])["steps"] == 1
 
 
+@pytest.mark.slow
 def test_trainer_never_imports_ray_or_the_labeler(label_set, tmp_path):
     code = (
         "import sys, trainer.cli, trainer.loop, trainer.data, trainer.losses, trainer.student, trainer.evaluate; "

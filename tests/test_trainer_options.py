@@ -57,6 +57,7 @@ FP32 = ("fp32", "--precision", "fp32")
 FP16 = ("fp16", "--precision", "fp16", "--checkpoint-every", "2")  # its checkpoint: the resume test's start
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_runs_close_to_fp32_but_not_in_fp32(precision, train):
     ref = _train_rows(train(*FP32))
@@ -72,6 +73,7 @@ def test_half_precision_runs_close_to_fp32_but_not_in_fp32(precision, train):
     assert ("loss_scale" in rows[0]) == (precision == "fp16")
 
 
+@pytest.mark.slow
 def test_fp16_keeps_its_loss_scale_across_a_resume(train, label_set, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(train(*FP16), out)
@@ -88,6 +90,7 @@ def test_fp16_keeps_its_loss_scale_across_a_resume(train, label_set, tmp_path):
     assert_one_line_error(code, err, "train", "precision", "'bf16'")  # a resume keeps the precision
 
 
+@pytest.mark.slow
 def test_a_run_left_to_the_default_precision_resumes_with_it_named(label_set, tmp_path):
     out = tmp_path / "default"
     code, _, err = cli_in_process("train", "--labels", label_set, "--output", str(out), *FAST, "--checkpoint-every", "2")
@@ -98,6 +101,7 @@ def test_a_run_left_to_the_default_precision_resumes_with_it_named(label_set, tm
     assert code == 0, err[-3000:]
 
 
+@pytest.mark.slow
 def test_fp16_skips_overflowing_steps_without_calling_them_divergence(label_set, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -118,6 +122,7 @@ def test_fp16_skips_overflowing_steps_without_calling_them_divergence(label_set,
     assert all(torch.equal(trained[n], p) for n, p in init.state_dict().items() if n in trained)  # no step was taken
 
 
+@pytest.mark.slow
 def test_fp16_still_stops_a_run_whose_loss_diverges(label_set, tmp_path):
     out = tmp_path / "diverged"
     code, _, err = cli_in_process("train", "--labels", label_set, "--output", str(out), *FAST, "--steps", "4",
@@ -179,6 +184,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_with_less_save
     assert saved_gc < saved / 2, (saved_gc, saved)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_in_a_run_and_tensorboard_get_the_same_numbers(train):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -248,6 +254,7 @@ def test_config_checks_the_new_settings():
 # -- transformers.Trainer ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_hf_trainer_with_our_dataset_collator_and_loss_trains_the_student(label_set, tmp_path):
     from transformers import TrainingArguments
 
