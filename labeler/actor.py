@@ -42,6 +42,7 @@ class TeacherActor:
         self.args = (dtype, device, top_k, temperature, batch_tokens, head_chunk, trust_remote_code, tail_samples)
         self.source, self.threads, self.gpus = source, threads, gpus
         self.runner: TeacherRunner | None = None
+        self.loaded_at: float | None = None  # epoch seconds: the teacher is ready (the summary's start-up split)
 
     def load(self) -> bool:
         """Load the teacher (once; a restarted replica loads again on its first unit)."""
@@ -58,6 +59,9 @@ class TeacherActor:
                 # The driver's cache path may not exist on this node: fetch/convert here.
                 source = resolve_teacher(source.spec, source.revision)
             self.runner = TeacherRunner(source, *self.args, spread=self.gpus > 1)
+            import time
+
+            self.loaded_at = time.time()
         return True
 
     def label(self, unit: UnitInput) -> UnitLabels:
@@ -68,9 +72,10 @@ class TeacherActor:
         crash_point("labeler.labeled")  # the unit is labeled, nothing of it written yet
         return labels
 
-    def first_batch_at(self) -> float | None:
-        """When this replica finished its first batch (epoch seconds, this node's clock), if it has."""
-        return None if self.runner is None else self.runner.first_batch_at
+    def first_batch_at(self) -> tuple[float | None, float | None]:
+        """When this replica had its teacher loaded and finished its first batch (epoch seconds, this node's
+        clock), where it has."""
+        return self.loaded_at, None if self.runner is None else self.runner.first_batch_at
 
     def node(self) -> str:
         """The Ray node this replica runs on."""

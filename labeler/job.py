@@ -65,6 +65,9 @@ class Summary:
     units_per_node: dict[str, int] = field(default_factory=dict)
     # From the command's start (or run()'s, in a program) to the teacher's first batch labeled; None if none was.
     startup_s: float | None = None
+    # startup_s in consecutive phases: imports (the command's start to run()), ray (to Ray and the input checks
+    # ready), teacher (to the first replica's teacher loaded), first_batch (to its first batch labeled)
+    startup_split: dict[str, float] = field(default_factory=dict)
     trained_tokens: int = 0  # positions holding labels (all of them for plain text)
     format: str = "text"
     train_on: str = "all"
@@ -141,6 +144,7 @@ def run(cfg: LabelConfig, started: float | None = None) -> Summary:
         raise
     try:
         with ray_session(cfg.ray_address) as ray:
+            t_ray = time.time()
             try:
                 tokenizer, id_space, span_bytes = checks.result()
             except BaseException:
@@ -154,7 +158,7 @@ def run(cfg: LabelConfig, started: float | None = None) -> Summary:
                                   tokenizer_bos(tokenizer) if corpus.rows.format != "chat" else None,
                                   tokenizer.eos_token_id if corpus.rows.format == "prompt-completion" else None,
                                   span_bytes, cfg.max_length, cfg.chat_date, *render_limits)
-            return _run(cfg, ray, writer, corpus, source, tokenizer, id_space, t0, started, rendering)
+            return _run(cfg, ray, writer, corpus, source, tokenizer, id_space, (started, t0, t_ray), rendering)
     finally:
         checks.cancel()
         writer.finish()
@@ -237,8 +241,11 @@ def _span_bytes(cfg: LabelConfig, tokenizer: Any) -> Any:
 
 
 def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, source: TeacherSource, tokenizer: Any,
-         id_space: int, t0: float, started: float, rendering: Rendering) -> Summary:
-    """The job once Ray is up, the output claimed and every input checked: label, publish."""
+         id_space: int, marks: tuple[float, float, float], rendering: Rendering) -> Summary:
+    """The job once Ray is up, the output claimed and every input checked: label, publish.
+
+    ``marks``: when the command started, run() was called, and Ray was ready (epoch seconds)."""
+    started, t0, t_ray = marks
     seq_cfg = SequenceConfig(cfg.max_length, cfg.packing, cfg.add_eos, cfg.limit, cfg.shard_tokens)
     tok_info = TokenizerInfo(name=source.display_name, vocab_size=len(tokenizer), fingerprint=tokenizer_fingerprint(tokenizer),
                              id_space=id_space)
@@ -322,6 +329,7 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
         replicas=out.replicas,
         units_per_node=out.units_per_node,
         startup_s=None if out.first_batch is None else out.first_batch - started,
+        startup_split=_startup_split(started, t0, t_ray, out.teacher_loaded, out.first_batch),
         trained_tokens=manifest.totals.trained or manifest.totals.tokens,
         format=rendering.format,
         train_on=rendering.train_on,
@@ -329,6 +337,15 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
         too_long=out.plan.too_long,
         untrained=out.plan.untrained,
     )
+
+
+def _startup_split(started: float, t0: float, t_ray: float, loaded: float | None,
+                   first: float | None) -> dict[str, float]:
+    """The start-up's consecutive phases, in seconds (empty when no batch was labeled)."""
+    if loaded is None or first is None:
+        return {}
+    marks = {"imports": (started, t0), "ray": (t0, t_ray), "teacher": (t_ray, loaded), "first_batch": (loaded, first)}
+    return {name: round(max(0.0, b - a), 3) for name, (a, b) in marks.items()}
 
 
 def _rendering_record(r: Rendering, template_given: bool) -> dict[str, Any]:
@@ -393,7 +410,9 @@ def print_summary(s: Summary, file: Any = sys.stdout) -> None:
                  f"(too long), {s.untrained} skipped (nothing to train)"),
         ("bytes", f"{s.bytes:,} ({s.bytes_per_token:.1f} bytes/token)"),
         ("wall time", f"{s.wall_s:.1f} s"),
-        ("start-up", "-" if s.startup_s is None else f"{s.startup_s:.1f} s (command start to the first batch labeled)"),
+        ("start-up", "-" if s.startup_s is None else f"{s.startup_s:.1f} s (command start to the first batch labeled"
+                     + (": " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in s.startup_split.items())
+                        if s.startup_split else "") + ")"),
         ("labeling", f"{s.labeled_tokens:,} tokens in {s.label_s:.1f} s ({s.tokens_per_s:,.0f} tokens/s)"),
     ]
     width = max(len(k) for k, _ in rows)

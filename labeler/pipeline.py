@@ -71,6 +71,7 @@ class Outcome:
     replicas: int
     units_per_node: dict[str, int] = field(default_factory=dict)
     first_batch: float | None = None  # when a teacher first finished a batch (epoch seconds)
+    teacher_loaded: float | None = None  # when that teacher had loaded
     plan: PlanCounts = field(default_factory=PlanCounts)
 
 
@@ -321,21 +322,22 @@ class Pipeline:
                 label_s=label_s,
                 replicas=len(actors),
                 units_per_node=per_node,
-                first_batch=_first_batch(ray, actors),
+                **dict(zip(("teacher_loaded", "first_batch"), _first_batch(ray, actors))),
                 plan=self.counts,
             )
         finally:
             self.stop.set()
 
 
-def _first_batch(ray: Any, actors: list[Any]) -> float | None:
-    """The earliest first batch of any replica (None if none labeled, or a replica cannot say)."""
+def _first_batch(ray: Any, actors: list[Any]) -> tuple[float | None, float | None]:
+    """``(teacher loaded, first batch done)`` of the replica that labeled first (None if none labeled, or a
+    replica cannot say)."""
     try:
-        times = [t for t in ray.get([a.first_batch_at.remote() for a in actors], timeout=30) if t is not None]
+        times = [t for t in ray.get([a.first_batch_at.remote() for a in actors], timeout=30) if t[1] is not None]
     except Exception as e:  # a figure for the summary is not worth failing a finished run
         log.debug("no first-batch time: %s", e)
-        return None
-    return min(times, default=None)
+        return None, None
+    return min(times, key=lambda t: t[1], default=(None, None))
 
 
 def _get(ray: Any, ref: Any, name: str) -> Any:

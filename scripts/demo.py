@@ -122,7 +122,10 @@ def main() -> int:
     print(f"  tokens labeled         {lab['tokens']:,} in {lab['sequences']} sequences, {lab['shards']} shards")
     print(f"  labeling tokens/s      {rate}  (CPU, {lab['labeled_tokens']:,} tokens this run)")
     if lab.get("startup_s") is not None:
-        print(f"  labeler start-up       {lab['startup_s']:.1f} s  (command start to the first batch labeled)")
+        split = lab.get("startup_split") or {}
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in split.items())
+        print(f"  labeler start-up       {lab['startup_s']:.1f} s  (command start to the first batch labeled"
+              + (f": {parts}" if parts else "") + "; target <= 10 s)")
     from softlabels.schemas import open_label_set
 
     enc = open_label_set(labels).manifest.label_encoding
