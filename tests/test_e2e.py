@@ -10,16 +10,23 @@ import torch
 
 from softlabels.schemas import open_label_set
 
-from conftest import run_cli
+from conftest import cli_in_process
 
-pytestmark = pytest.mark.slow  # processes of their own (see tests/conftest.py)
+pytestmark = pytest.mark.slow  # the built-in teacher, the S3 server
 
 
-def test_builtin_teacher_to_s3_train_and_eval(builtin_teacher, s3_server, tmp_path):
+def cli(*args: str) -> str:
+    """``softlabels args`` in this process (the tests' Ray, no interpreter start-up); its stdout."""
+    code, out, err = cli_in_process(*args)
+    assert code == 0, err[-3000:]
+    return out
+
+
+def test_builtin_teacher_to_s3_train_and_eval(builtin_teacher, s3_server, ray_local, tmp_path):
     url = f"{s3_server}/e2e"
-    proc = run_cli("label", "--teacher", "smollm2-135m", "--corpus", "pydoc", "--output", url,
-                   "--top-k", "16", "--max-length", "64", "--limit", "12", "--shard-tokens", "300", "--json")
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = cli("label", "--teacher", "smollm2-135m", "--corpus", "pydoc", "--output", url,
+              "--top-k", "16", "--max-length", "64", "--limit", "12", "--shard-tokens", "300", "--json")
+    summary = json.loads(out.strip().splitlines()[-1])
     assert summary["sequences"] == 12 and summary["shards"] >= 2
 
     ls = open_label_set(url)
@@ -44,8 +51,8 @@ def test_builtin_teacher_to_s3_train_and_eval(builtin_teacher, s3_server, tmp_pa
         assert 0 < float(kl.mean()) < 1.5 * ls.manifest.label_encoding.max_kl
 
     out = tmp_path / "student"
-    train = json.loads(run_cli("train", "--labels", url, "--output", str(out), "--steps", "4",
-                               "--batch-size", "4", "--eval-fraction", "0.25", "--json").stdout.strip().splitlines()[-1])
+    train = json.loads(cli("train", "--labels", url, "--output", str(out), "--steps", "4",
+                           "--batch-size", "4", "--eval-fraction", "0.25", "--json").strip().splitlines()[-1])
     assert train["after"]["kl"] < train["before"]["kl"]
-    ev = json.loads(run_cli("eval", "--labels", url, "--model", str(out), "--eval-fraction", "0.25").stdout)
+    ev = json.loads(cli("eval", "--labels", url, "--model", str(out), "--eval-fraction", "0.25").strip().splitlines()[-1])
     assert set(ev) >= {"ce", "kl", "top1"} and all(np.isfinite([ev["ce"], ev["kl"], ev["top1"]]))

@@ -21,9 +21,9 @@ import pytest
 
 from softlabels.schemas import resolve_url
 
-from conftest import ACCESS_KEY, SECRET_KEY, run_cli
+from conftest import ACCESS_KEY, SECRET_KEY, assert_one_line_error, cli_in_process, run_cli
 
-pytestmark = pytest.mark.slow  # processes of their own (see tests/conftest.py)
+pytestmark = pytest.mark.slow  # the S3 server; the credential scan runs its commands as processes of their own
 
 CANARIES = [ACCESS_KEY.encode(), SECRET_KEY.encode()]
 
@@ -77,7 +77,7 @@ def test_no_credentials_in_anything_written(tiny_teacher, s3_server, tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_remote_code_is_off_unless_asked(label_set, tmp_path):
+def test_remote_code_is_off_unless_asked(label_set, ray_local, tmp_path):
     """A model folder that needs its own Python code is refused without --trust-remote-code (labeler and trainer)."""
     (tmp_path / "m").mkdir()
     marker = tmp_path / "ran"
@@ -86,13 +86,13 @@ def test_remote_code_is_off_unless_asked(label_set, tmp_path):
     (tmp_path / "m" / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     for f in Path(label_set, "tokenizer").iterdir():  # the set's own tokenizer: only the model needs code
         shutil.copy(f, tmp_path / "m" / f.name)
-    lab = run_cli("label", "--teacher", str(tmp_path / "m"), "--output", str(tmp_path / "o"), check=False)
-    trn = run_cli("eval", "--labels", label_set, "--model", str(tmp_path / "m"), check=False)
-    for proc, prog in ((lab, "softlabels label"), (trn, "softlabels eval")):
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        last = proc.stderr.strip().splitlines()[-1]
-        assert last.startswith(f"{prog}: error:") and "Pass --trust-remote-code if you trust it" in last, last
+    # in this process, on the tests' Ray: the same main a user's command runs, without its start-up
+    lab = cli_in_process("label", "--teacher", str(tmp_path / "m"), "--output", str(tmp_path / "o"))
+    trn = cli_in_process("eval", "--labels", label_set, "--model", str(tmp_path / "m"))
+    for (code, _, err), prog in ((lab, "label"), (trn, "eval")):
+        assert_one_line_error(code, err, prog, "Pass --trust-remote-code if you trust it")
     assert not marker.exists(), "the model's own code ran without --trust-remote-code"
     assert not (tmp_path / "o").exists()
     for command in ("label", "train", "eval", "export", "compare"):
-        assert "--trust-remote-code" in re.findall(r"--[a-z-]+", run_cli(command, "--help").stdout), command
+        code, out, _ = cli_in_process(command, "--help")
+        assert code == 0 and "--trust-remote-code" in re.findall(r"--[a-z-]+", out), command
