@@ -66,9 +66,18 @@ def markers(url: str) -> dict[str, str]:
     return {u: shards[u] for u in units}
 
 
+def ray_address() -> str:
+    """The address of the tests' Ray (``ray_local``): the labelers run here join it, as drivers of their own, and
+    the kills, signals and outages hit them as they would a job on a cluster; no Ray starts per run."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 def start(teacher: str, url: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "softlabels", "label", *args(teacher), "--output", url, "--json"],
+        [sys.executable, "-m", "softlabels", "label", *args(teacher), "--output", url, "--json",
+         "--ray-address", ray_address()],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "SOFTLABELS_CRASH_AT": "never", **env},
     )
@@ -227,7 +236,8 @@ def test_sigterm_with_the_builtin_teacher_exits_143_then_resumes(builtin_teacher
     builtin = dict(teacher="smollm2-135m", corpus="pydoc", top_k=8, max_length=64, limit=8, shard_tokens=128)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in builtin.items()]
     url = str(tmp_path / "preempted-builtin")
-    proc = subprocess.Popen([sys.executable, "-m", "softlabels", "label", *flags, "--output", url], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "softlabels", "label", *flags, "--output", url,
+                             "--ray-address", ray_address()], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "SOFTLABELS_CRASH_AT": "never"})  # settle() finds Ray's processes by it
     seen = []
