@@ -72,6 +72,11 @@ class TeacherActor:
         crash_point("labeler.labeled")  # the unit is labeled, nothing of it written yet
         return labels
 
+    def new_run(self) -> None:
+        """A kept replica starts another run (labeler.pipeline.KEEP_TEACHERS_ENV): its first batch is to come."""
+        if self.runner is not None:
+            self.runner.first_batch_at = None
+
     def first_batch_at(self) -> tuple[float | None, float | None]:
         """When this replica had its teacher loaded and finished its first batch (epoch seconds, this node's
         clock), where it has."""

@@ -344,6 +344,7 @@ def _startup_split(started: float, t0: float, t_ray: float, loaded: float | None
     """The start-up's consecutive phases, in seconds (empty when no batch was labeled)."""
     if loaded is None or first is None:
         return {}
+    loaded = max(loaded, t_ray)  # a kept replica (SOFTLABELS_KEEP_TEACHERS) loaded before this run
     marks = {"imports": (started, t0), "ray": (t0, t_ray), "teacher": (t_ray, loaded), "first_batch": (loaded, first)}
     return {name: round(max(0.0, b - a), 3) for name, (a, b) in marks.items()}
 

@@ -21,6 +21,7 @@ collects results through Ray. No polling of storage between workers.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -200,18 +201,19 @@ class Pipeline:
         options: dict[str, Any] = (
             {"num_gpus": per, "num_cpus": 1} if gpu else {"num_cpus": CPU_ACTOR_CPUS}
         )
-        actor_cls = ray.remote(max_restarts=3, max_task_retries=3)(TeacherActor)
-        actors = [
-            actor_cls.options(scheduling_strategy="SPREAD", **options).remote(
-                self.source, self.dtype, self.device, cfg.top_k, cfg.temperature, cfg.batch_tokens,
-                cfg.head_chunk, cfg.trust_remote_code, threads, cfg.tail_samples, per,
-            )
-            for _ in range(replicas)
-        ]
-        try:
-            node_ids = ray.get([a.node.remote() for a in actors])  # the replicas' processes are up
-        except ray.exceptions.RayActorError as e:
-            raise JobFailed(f"a teacher replica failed to start: {_first_line(e)}") from e
+        args = (self.source, self.dtype, self.device, cfg.top_k, cfg.temperature, cfg.batch_tokens, cfg.head_chunk,
+                cfg.trust_remote_code, threads, cfg.tail_samples, per)
+        key = repr((args, replicas, sorted(options.items()), ray.get_runtime_context().gcs_address))
+        actors, node_ids = _kept_replicas(ray, key)
+        if not actors:
+            actor_cls = ray.remote(max_restarts=3, max_task_retries=3)(TeacherActor)
+            actors = [actor_cls.options(scheduling_strategy="SPREAD", **options).remote(*args) for _ in range(replicas)]
+            try:
+                node_ids = ray.get([a.node.remote() for a in actors])  # the replicas' processes are up
+            except ray.exceptions.RayActorError as e:
+                raise JobFailed(f"a teacher replica failed to start: {_first_line(e)}") from e
+            if os.environ.get(KEEP_TEACHERS_ENV):
+                _KEPT.update(key=key, actors=actors)
         loading = [a.load.remote() for a in actors]  # the teachers load while the writers start beside them
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -327,6 +329,33 @@ class Pipeline:
             )
         finally:
             self.stop.set()
+
+
+# SOFTLABELS_KEEP_TEACHERS=1: teacher replicas stay loaded after a run, and the next run in this process with the
+# same teacher, settings and placement uses them (the tests, notebooks, a program that labels in rounds): a run then
+# starts in a fraction of a second instead of a replica's process start and model load. Off by default: a kept
+# teacher holds its memory (a GPU's, on a cluster) until the process ends or another teacher is needed.
+KEEP_TEACHERS_ENV = "SOFTLABELS_KEEP_TEACHERS"
+_KEPT: dict[str, Any] = {}
+
+
+def _kept_replicas(ray: Any, key: str) -> tuple[list[Any], list[str]]:
+    """The kept replicas for ``key`` and their nodes, if they are alive; any others are released."""
+    if _KEPT.get("key") == key:
+        actors = _KEPT["actors"]
+        try:
+            node_ids = ray.get([a.node.remote() for a in actors], timeout=60)
+            ray.get([a.new_run.remote() for a in actors], timeout=60)
+            return actors, node_ids
+        except Exception as e:  # a replica died since: start afresh
+            log.info("kept teacher replicas are gone (%s): starting new ones", _first_line(e))
+    for a in _KEPT.get("actors", []):
+        try:
+            ray.kill(a)
+        except Exception as e:  # already gone (its cluster too, perhaps): nothing to release
+            log.debug("releasing a kept replica: %s", e)
+    _KEPT.clear()
+    return [], []
 
 
 def _first_batch(ray: Any, actors: list[Any]) -> tuple[float | None, float | None]:

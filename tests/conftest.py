@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
-S3_PORT = 8333
+# Each pytest-xdist worker (make test runs two) has its own S3 server, on ports 20 apart (SeaweedFS's other
+# ports move with it), and its own local Ray; gw0, or a run without xdist, has the defaults.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+S3_PORT = 8333 + 20 * (int(_WORKER[2:]) if _WORKER[2:].isdigit() else 0)
 # Distinctive credentials (the server enforces them): tests/test_security.py scans every file
 # the tools write for these strings.
 ACCESS_KEY = "SLCANARYAKIA7Q2XW9ZK"
@@ -33,6 +36,9 @@ os.environ.update(
     # Commit indexes of 4 units (the default is 1,000): every labeler and convert run in the tests
     # gathers markers into indexes and resumes from them.
     SOFTLABELS_INDEX_UNITS="4",
+    # Teacher replicas stay loaded between the labeler runs of a test process (each would otherwise start a
+    # replica and load its teacher: seconds); processes the tests start run once and exit, as users' do.
+    SOFTLABELS_KEEP_TEACHERS="1",
 )
 BUCKET = "softlabels-test"
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +103,8 @@ def _bench_common():
 
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
-    """The tests' S3 server (port 8333, credentials enforced), restartable on its data: bench/common's."""
+    """The tests' S3 server (port 8333, or 20 more per xdist worker; credentials enforced), restartable on its
+    data: bench/common's."""
     try:
         server = _bench_common().SeaweedServer(tmp_path_factory.mktemp("seaweed"), BUCKET, S3_PORT)
         server.start()

@@ -146,7 +146,7 @@ def test_compare_measures_every_model_and_scores_the_teacher_against_its_own_lab
     code, out, err = cli_in_process(
         "compare", "--labels", label_set, "--models", tiny_teacher, student, exports["int8"],
         "--names", "teacher", "student", "student-int8", "--eval-fraction", "0.2", "--prompt-rows", "2",
-        "--prompt-length", "32", "--seconds", "0.2", "--threads", "1", "--plot", str(png), "--json")
+        "--prompt-length", "32", "--seconds", "0.2", "--threads", "1", "--rounds", "1", "--plot", str(png), "--json")
     assert code == 0, err[-3000:]
     rows = {r["name"]: r for r in json.loads(out)}  # --json: stdout is the JSON and nothing else
     assert "student-int8" in err and "CPU tok/s" in err  # the table went to stderr
@@ -167,7 +167,11 @@ def test_compare_measures_every_model_and_scores_the_teacher_against_its_own_lab
     assert q["parameters"] == s["parameters"] and q["disk_bytes"] < s["disk_bytes"] / 3
     for r in rows.values():
         assert r["cpu_tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0 and r["positions"] == direct["positions"]
-        assert r["rounds"] == 2  # the default: every model timed twice, in turn
+        assert r["rounds"] == 1  # each model's speed timed once here (a process per model and round)
+    from softlabels.cli import build_parser
+
+    compare_cmd = build_parser()._subparsers._group_actions[0].choices["compare"]
+    assert compare_cmd.get_default("rounds") == 2  # users' default: every model timed twice, in turn
     lines = err.splitlines()  # the table and ratios: on stderr under --json
     assert any(ln.startswith("student-int8 vs student:") and "smaller on disk" in ln for ln in lines), err
     assert any(ln.startswith("student vs teacher:") for ln in lines), err

@@ -14,7 +14,7 @@ from softlabels.labeler.job import run
 from softlabels.common.commit import OutputError
 from softlabels.schemas import open_label_set, resolve_url, tokenizer_fingerprint, sample_id
 
-from conftest import ACCESS_KEY, SECRET_KEY, run_cli
+from conftest import ACCESS_KEY, SECRET_KEY, cli_in_process, run_cli
 
 
 def cfg(teacher: str, output: str, **kw) -> LabelConfig:
@@ -335,7 +335,9 @@ def test_inspect_statistics_match_a_direct_computation_and_plot(ray_local, tiny_
     out = str(tmp_path / "ls")
     run(cfg(tiny_teacher, out))
     png = tmp_path / "stats.png"
-    report = json.loads(run_cli("inspect", out, "--max-shards", "100", "--plot", str(png)).stdout)
+    code, stdout, err = cli_in_process("inspect", out, "--max-shards", "100", "--plot", str(png))
+    assert code == 0, err[-3000:]
+    report = json.loads(stdout)
     lp = np.concatenate([s.topk_logprobs.astype(np.float64) for s in open_label_set(out).iter_samples()])
     tail = np.concatenate([s.tail_logprob.astype(np.float64) for s in open_label_set(out).iter_samples()])
     p = np.exp(np.concatenate([lp, tail[:, None]], -1))

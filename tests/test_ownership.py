@@ -87,12 +87,14 @@ def test_a_claim_is_exclusive_until_released_or_expired(storage_root):
 
 
 @pytest.mark.slow
-def test_two_labelers_on_one_output_exactly_one_proceeds(tiny_teacher, storage_root):
+def test_two_labelers_on_one_output_exactly_one_proceeds(tiny_teacher, storage_root, ray_local):
     """The second run is refused naming the first (before it starts Ray); the first publishes a set that
-    verifies shard by shard."""
+    verifies shard by shard. The first is a process of its own (the second names its pid), on the tests' Ray."""
     args = ["--teacher", tiny_teacher, "--corpus", "pydoc", "--top-k", "8", "--max-length", "64", "--limit", "150",
             "--shard-tokens", "256", "--batch-tokens", "256", "--threads", "1", "--output", storage_root]
-    first = subprocess.Popen([sys.executable, "-m", "softlabels", "label", *args, "--json"], cwd=REPO,
+    address = ray_local.get_runtime_context().gcs_address
+    first = subprocess.Popen([sys.executable, "-m", "softlabels", "label", *args, "--json", "--ray-address", address],
+                             cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     fs, root = resolve_url(storage_root)
     deadline = time.time() + 120
