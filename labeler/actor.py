@@ -68,7 +68,7 @@ class TeacherActor:
         """The unit's labels, log-probs in fp32 (not what the shard stores: lossy encodings measure
         their error against them)."""
         self.load()
-        labels = self.runner.label(unit.input_ids, unit.trained, unit.doc_lengths)
+        labels = self.runner.label(unit.input_ids, unit.trained, unit.doc_lengths, lead=unit.lead)
         crash_point("labeler.labeled")  # the unit is labeled, nothing of it written yet
         return labels
 

@@ -23,7 +23,7 @@ from typing import Any
 from softlabels.labeler.config import LabelConfig
 from softlabels.labeler.corpus import Corpus, RowFormat
 from softlabels.labeler.plan import Rendering, tokenizer_bos
-from softlabels.labeler.pipeline import NothingToLabel, Pipeline
+from softlabels.labeler.pipeline import NothingToLabel, Pipeline, Replicas, start_replicas
 from softlabels.labeler.raysession import cluster_gpus, ray_session
 from softlabels.labeler.teacher import TeacherSource, load_tokenizer, pick_device_dtype, resolve_teacher, teacher_info
 from softlabels.schemas import (
@@ -65,8 +65,9 @@ class Summary:
     units_per_node: dict[str, int] = field(default_factory=dict)
     # From the command's start (or run()'s, in a program) to the teacher's first batch labeled; None if none was.
     startup_s: float | None = None
-    # startup_s in consecutive phases: imports (the command's start to run()), ray (to Ray and the input checks
-    # ready), teacher (to the first replica's teacher loaded), first_batch (to its first batch labeled)
+    # startup_s in consecutive phases: imports (the command's start to run()), ray (to Ray up: the driver's input
+    # checks start beside it), teacher (to the first replica's teacher loaded: the replicas start as soon as Ray is up,
+    # while the checks finish), first_batch (to its first batch labeled)
     startup_split: dict[str, float] = field(default_factory=dict)
     trained_tokens: int = 0  # positions holding labels (all of them for plain text)
     format: str = "text"
@@ -85,7 +86,24 @@ class Summary:
 
 
 def _teacher_shape(source: TeacherSource, trust_remote_code: bool) -> tuple[int | None, int | None]:
-    """The teacher's context length and output vocabulary (from its config; no weights loaded)."""
+    """The teacher's context length and output vocabulary (from its config; no weights loaded).
+
+    A local directory whose ``config.json`` states both (at its top, or in its ``text_config``) is read as JSON:
+    ``AutoConfig`` would import the model family's code, and torch with it (seconds of the driver's start-up,
+    on the cores that start Ray and the teacher). Anything else goes through ``AutoConfig``."""
+    import json
+
+    if source.is_local and not trust_remote_code:
+        try:
+            with open(os.path.join(source.path, "config.json"), encoding="utf-8") as fh:
+                raw = json.load(fh)
+        except (OSError, ValueError):
+            raw = None
+        text = raw.get("text_config") or raw if isinstance(raw, dict) else None
+        if isinstance(text, dict):
+            shape = text.get("max_position_embeddings"), text.get("vocab_size")
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in shape):
+                return shape
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(source.path, revision=source.revision, trust_remote_code=trust_remote_code)
@@ -146,6 +164,13 @@ def run(cfg: LabelConfig, started: float | None = None) -> Summary:
         with ray_session(cfg.ray_address) as ray:
             t_ray = time.time()
             try:
+                # The device default follows the cluster (the driver may have no GPU).
+                device, dtype = pick_device_dtype(cfg.device or ("cuda" if cluster_gpus(ray) else "cpu"), cfg.dtype)
+                if device.startswith("cuda") and not cluster_gpus(ray):
+                    raise UserError(f"--device {device}: the Ray cluster has no GPUs")
+                # The replicas start and load (process start, imports, weights: the longest part of start-up)
+                # while the driver's checks finish; a refusal below drops them with their handles.
+                replicas = start_replicas(ray, cfg, source, device, dtype)
                 tokenizer, id_space, span_bytes = checks.result()
             except BaseException:
                 writer.finish(forget=True)  # refused: the output is left as it was
@@ -158,7 +183,8 @@ def run(cfg: LabelConfig, started: float | None = None) -> Summary:
                                   tokenizer_bos(tokenizer) if corpus.rows.format != "chat" else None,
                                   tokenizer.eos_token_id if corpus.rows.format == "prompt-completion" else None,
                                   span_bytes, cfg.max_length, cfg.chat_date, *render_limits)
-            return _run(cfg, ray, writer, corpus, source, tokenizer, id_space, (started, t0, t_ray), rendering)
+            return _run(cfg, ray, writer, corpus, source, tokenizer, id_space, (started, t0, t_ray), rendering,
+                        replicas)
     finally:
         checks.cancel()
         writer.finish()
@@ -241,7 +267,7 @@ def _span_bytes(cfg: LabelConfig, tokenizer: Any) -> Any:
 
 
 def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, source: TeacherSource, tokenizer: Any,
-         id_space: int, marks: tuple[float, float, float], rendering: Rendering) -> Summary:
+         id_space: int, marks: tuple[float, float, float], rendering: Rendering, replicas: Replicas) -> Summary:
     """The job once Ray is up, the output claimed and every input checked: label, publish.
 
     ``marks``: when the command started, run() was called, and Ray was ready (epoch seconds)."""
@@ -250,11 +276,8 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
     tok_info = TokenizerInfo(name=source.display_name, vocab_size=len(tokenizer), fingerprint=tokenizer_fingerprint(tokenizer),
                              id_space=id_space)
 
+    device, dtype = replicas.device, replicas.dtype
     try:
-        # The device default follows the cluster (the driver may have no GPU).
-        device, dtype = pick_device_dtype(cfg.device or ("cuda" if cluster_gpus(ray) else "cpu"), cfg.dtype)
-        if device.startswith("cuda") and not cluster_gpus(ray):
-            raise UserError(f"--device {device}: the Ray cluster has no GPUs")
         t_info = teacher_info(source, dtype)
         identity = {
             "schema_version": SCHEMA_VERSION,
@@ -281,7 +304,7 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
         tok_info = dataclasses.replace(tok_info, checksums=writer.write_tokenizer(tokenizer))
         try:
             out = Pipeline(ray, cfg, source, device, dtype, tokenizer, tok_info.fingerprint, corpus, seq_cfg, done,
-                           id_space, writer.owner(), writer.record, rendering).run()
+                           id_space, writer.owner(), writer.record, rendering, replicas).run()
         except NothingToLabel:
             if status == "new":
                 writer.abandon()  # leave the output as it was: a fixed corpus can then use it

@@ -103,8 +103,10 @@ class Pipeline:
         owner: tuple[int, str] | None = None,
         record: Callable[..., None] | None = None,
         rendering: Rendering | None = None,
+        replicas: Replicas | None = None,
     ) -> None:
         self.ray, self.cfg, self.source, self.device, self.dtype = ray, cfg, source, device, dtype
+        self.replicas = replicas  # started by the job as soon as Ray was up (None: started here)
         self.vocab_size = vocab_size  # every id the teacher can emit is below it
         self.owner = owner  # the driver's claim on the output: writers check it before each commit
         # Told of every committed unit, in plan position (LabelSetWriter.record: the commit index).
@@ -181,40 +183,12 @@ class Pipeline:
 
     # -- teacher replicas ------------------------------------------------------
     def _actors(self) -> tuple[list[Any], list[str]]:
+        """The replicas (started by :func:`start_replicas`, or here) loaded, a shard writer beside each."""
         ray, cfg = self.ray, self.cfg
-        from softlabels.labeler.actor import ShardWriterActor, TeacherActor
+        from softlabels.labeler.actor import ShardWriterActor
 
-        gpu = self.device.startswith("cuda")
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        per = cfg.gpus_per_replica
-        if per > 1 and not gpu:
-            raise UserError(f"--gpus-per-replica {per} needs --device cuda and GPUs in the Ray cluster")
-        if gpu and per > max_gpus_per_node(nodes):
-            raise UserError(f"--gpus-per-replica {per}: no node of the Ray cluster has {per} GPUs "
-                             f"(most on one node: {max_gpus_per_node(nodes)}); a replica's GPUs must share a node")
-        replicas = cfg.num_replicas or (cluster_gpus(ray) // per if gpu else len(nodes)) or 1
-        if gpu and replicas * per > cluster_gpus(ray):
-            raise UserError(f"--num-replicas {replicas} x --gpus-per-replica {per} needs {replicas * per} GPUs; "
-                             f"the Ray cluster has {cluster_gpus(ray)}")
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        threads = None if gpu else (cfg.threads or max(1, cpus // replicas))
-        options: dict[str, Any] = (
-            {"num_gpus": per, "num_cpus": 1} if gpu else {"num_cpus": CPU_ACTOR_CPUS}
-        )
-        args = (self.source, self.dtype, self.device, cfg.top_k, cfg.temperature, cfg.batch_tokens, cfg.head_chunk,
-                cfg.trust_remote_code, threads, cfg.tail_samples, per)
-        key = repr((args, replicas, sorted(options.items()), ray.get_runtime_context().gcs_address))
-        actors, node_ids = _kept_replicas(ray, key)
-        if not actors:
-            actor_cls = ray.remote(max_restarts=3, max_task_retries=3)(TeacherActor)
-            actors = [actor_cls.options(scheduling_strategy="SPREAD", **options).remote(*args) for _ in range(replicas)]
-            try:
-                node_ids = ray.get([a.node.remote() for a in actors])  # the replicas' processes are up
-            except ray.exceptions.RayActorError as e:
-                raise JobFailed(f"a teacher replica failed to start: {_first_line(e)}") from e
-            if os.environ.get(KEEP_TEACHERS_ENV):
-                _KEPT.update(key=key, actors=actors)
-        loading = [a.load.remote() for a in actors]  # the teachers load while the writers start beside them
+        replicas = self.replicas or start_replicas(ray, cfg, self.source, self.device, self.dtype)
+        actors, node_ids = replicas.actors, replicas.nodes()
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         writer_cls = ray.remote(max_restarts=3, max_task_retries=3, max_concurrency=IN_FLIGHT)(ShardWriterActor)
@@ -227,7 +201,7 @@ class Pipeline:
         ]
         ready = [w.ready.remote() for w in self.writers]
         try:
-            ray.get(loading)
+            ray.get(replicas.loading)
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, UserError):
                 raise e.cause from None  # e.g. --top-k above the teacher's head rows: one line, exit 2
@@ -236,8 +210,8 @@ class Pipeline:
             raise JobFailed(f"a teacher replica failed to load: {_first_line(e)}") from e
         ray.get(ready)
         log.info(
-            "%d teacher replica(s) on %d node(s) (%s, %s%s)", replicas, len(set(node_ids)), self.device, self.dtype,
-            "" if gpu else f", {threads} torch threads each",
+            "%d teacher replica(s) on %d node(s) (%s, %s%s)", len(actors), len(set(node_ids)), self.device, self.dtype,
+            "" if replicas.threads is None else f", {replicas.threads} torch threads each",
         )
         return actors, node_ids
 
@@ -285,7 +259,7 @@ class Pipeline:
                                 "input than planned now (the corpus changed); use --overwrite to start afresh"
                             )
                         r = load.index(min(load))
-                        payload = ray.put(UnitInput.of(unit.sequences))
+                        payload = ray.put(UnitInput.of(unit.sequences, lead=unit.index == 0))
                         label_ref = actors[r].label.remote(payload)
                         commit_ref = self.writers[r].write.remote(unit.name, payload, label_ref, digest)
                         labeling[label_ref] = r
@@ -329,6 +303,65 @@ class Pipeline:
             )
         finally:
             self.stop.set()
+
+
+@dataclass
+class Replicas:
+    """Teacher replicas asked to load (``loading``: their load calls), not yet waited for."""
+
+    actors: list[Any]
+    loading: list[Any]
+    device: str
+    dtype: str
+    threads: int | None  # torch threads per replica on CPU (None on GPU)
+    node_ids: list[str] | None = None  # known already (kept replicas), else asked in nodes()
+
+    def nodes(self) -> list[str]:
+        """The Ray node of each replica (waits for their processes to be up)."""
+        if self.node_ids is None:
+            import ray
+
+            try:
+                self.node_ids = ray.get([a.node.remote() for a in self.actors])
+            except ray.exceptions.RayActorError as e:
+                raise JobFailed(f"a teacher replica failed to start: {_first_line(e)}") from e
+        return self.node_ids
+
+
+def start_replicas(ray: Any, cfg: LabelConfig, source: TeacherSource, device: str, dtype: str) -> Replicas:
+    """Start the teacher replicas and ask them to load, without waiting: the job calls this as soon as Ray is up,
+    so the replicas' process start, imports and model load run while the driver checks the teacher's tokenizer
+    and the output (seconds each). Kept replicas (SOFTLABELS_KEEP_TEACHERS) are reused."""
+    from softlabels.labeler.actor import TeacherActor
+
+    gpu = device.startswith("cuda")
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    per = cfg.gpus_per_replica
+    if per > 1 and not gpu:
+        raise UserError(f"--gpus-per-replica {per} needs --device cuda and GPUs in the Ray cluster")
+    if gpu and per > max_gpus_per_node(nodes):
+        raise UserError(f"--gpus-per-replica {per}: no node of the Ray cluster has {per} GPUs "
+                         f"(most on one node: {max_gpus_per_node(nodes)}); a replica's GPUs must share a node")
+    replicas = cfg.num_replicas or (cluster_gpus(ray) // per if gpu else len(nodes)) or 1
+    if gpu and replicas * per > cluster_gpus(ray):
+        raise UserError(f"--num-replicas {replicas} x --gpus-per-replica {per} needs {replicas * per} GPUs; "
+                         f"the Ray cluster has {cluster_gpus(ray)}")
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    threads = None if gpu else (cfg.threads or max(1, cpus // replicas))
+    options: dict[str, Any] = (
+        {"num_gpus": per, "num_cpus": 1} if gpu else {"num_cpus": CPU_ACTOR_CPUS}
+    )
+    args = (source, dtype, device, cfg.top_k, cfg.temperature, cfg.batch_tokens, cfg.head_chunk,
+            cfg.trust_remote_code, threads, cfg.tail_samples, per)
+    key = repr((args, replicas, sorted(options.items()), ray.get_runtime_context().gcs_address))
+    actors, node_ids = _kept_replicas(ray, key)
+    if not actors:
+        actor_cls = ray.remote(max_restarts=3, max_task_retries=3)(TeacherActor)
+        actors = [actor_cls.options(scheduling_strategy="SPREAD", **options).remote(*args) for _ in range(replicas)]
+        node_ids = None
+        if os.environ.get(KEEP_TEACHERS_ENV):
+            _KEPT.update(key=key, actors=actors)
+    return Replicas(actors, [a.load.remote() for a in actors], device, dtype, threads, node_ids)
 
 
 # SOFTLABELS_KEEP_TEACHERS=1: teacher replicas stay loaded after a run, and the next run in this process with the

@@ -29,6 +29,9 @@ class UnitInput:
     doc_lengths: tuple[tuple[int, ...] | None, ...] | None = None
     # [L_i] bytes of the text each token covers (--store-spans); None: not stored
     spans: tuple[np.ndarray, ...] | None = None
+    # Label the longest sequence alone before the others (the job's first unit: its first labels, or a teacher that
+    # cannot label, show within a second instead of after a whole batch); the batching stays a function of the unit.
+    lead: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.input_ids)
@@ -40,7 +43,7 @@ class UnitInput:
                 raise ValueError(f"{len(v)} {name} entries for {n} sequences")
 
     @classmethod
-    def of(cls, sequences: Sequence[object]) -> UnitInput:
+    def of(cls, sequences: Sequence[object], lead: bool = False) -> UnitInput:
         """From the plan's sequences (objects with ``source``, ``input_ids``, ``trained``, ``doc_lengths``, ``spans``)."""
         trained = tuple(getattr(s, "trained", None) for s in sequences)
         docs = tuple(getattr(s, "doc_lengths", None) for s in sequences)
@@ -48,7 +51,7 @@ class UnitInput:
         return cls(tuple(s.source for s in sequences), tuple(s.input_ids for s in sequences),  # type: ignore[attr-defined]
                    trained if any(t is not None for t in trained) else None,
                    docs if any(d is not None for d in docs) else None,
-                   spans if all(sp is not None for sp in spans) else None)
+                   spans if all(sp is not None for sp in spans) else None, lead)
 
     def mask(self, i: int) -> np.ndarray | None:
         return None if self.trained is None else self.trained[i]

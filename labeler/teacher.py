@@ -120,10 +120,13 @@ def load_tokenizer(source: TeacherSource, trust_remote_code: bool = False) -> An
 
 
 def pick_device_dtype(device: str | None, dtype: str | None) -> tuple[str, str]:
-    """Defaults: CUDA + bf16 when a GPU is visible, else CPU + fp32."""
-    import torch
+    """Defaults: CUDA + bf16 when a GPU is visible, else CPU + fp32 (torch is imported only to look)."""
+    if device:
+        dev = device
+    else:
+        import torch
 
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = dtype or ("bfloat16" if dev.startswith("cuda") else "float32")
     if dt not in ("float32", "bfloat16", "float16"):
         raise UserError(f"dtype must be float32, bfloat16 or float16, got {dt!r}")
@@ -177,10 +180,11 @@ class TeacherRunner:
         self.tail_samples = tail_samples
         self.first_batch_at: float | None = None  # epoch seconds
 
-    def batches(self, lengths: list[int]) -> list[list[int]]:
-        """Length-bucketed batches (indices), each with padded size <= batch_tokens.
+    def batches(self, lengths: list[int], lead: bool = False) -> list[list[int]]:
+        """Length-bucketed batches (indices), each with padded size <= batch_tokens; with ``lead`` the
+        longest sequence alone first (a job's first unit: its first labels come after one sequence's forward).
 
-        Deterministic in ``lengths`` alone, so a unit is batched the same way
+        Deterministic in ``lengths`` and ``lead`` alone, so a unit is batched the same way
         on every run (part of what makes shard bytes reproducible).
         """
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -194,15 +198,17 @@ class TeacherRunner:
             cur.append(i)
         if cur:
             out.append(cur)
+        if lead and len(out[0]) > 1:
+            out[:1] = [out[0][:1], out[0][1:]]
         return out
 
     def label(self, sequences: Sequence[np.ndarray], trained: Sequence[np.ndarray | None] | None = None,
-              doc_lengths: Sequence[tuple[int, ...] | None] | None = None) -> UnitLabels:
+              doc_lengths: Sequence[tuple[int, ...] | None] | None = None, lead: bool = False) -> UnitLabels:
         """The labels of ``sequences``: top-k ids and log-probs ``[N, k]`` and the tail ``[N]``, flat in input order.
 
         ``trained``: per sequence, the positions to label (None: all); the LM head runs only there,
         so ``N`` counts trained positions. ``doc_lengths``: per sequence, the documents packed into it
-        (None: one); each attends only within itself and its positions restart at 0.
+        (None: one); each attends only within itself and its positions restart at 0. ``lead``: see :meth:`batches`.
 
         With ``tail_samples``, two extras ``[N, S]``: sampled tail ids and counts. The draws
         are seeded by the batch's tokens, so a unit labeled again (a resumed run) gets the
@@ -213,7 +219,7 @@ class TeacherRunner:
         from softlabels.labeler.topk import topk_with_tail
 
         results: list[Any] = [None] * len(sequences)
-        for batch in self.batches([len(s) for s in sequences]):
+        for batch in self.batches([len(s) for s in sequences], lead):
             maxlen = len(sequences[batch[0]])
             ids = torch.zeros((len(batch), maxlen), dtype=torch.long)
             mask = torch.zeros((len(batch), maxlen), dtype=torch.long)

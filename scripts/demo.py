@@ -1,9 +1,9 @@
 """`make demo`: label the built-in corpus with the built-in teacher, distill the tiny student, quantize it,
 then distill it further on the built-in chat corpus (assistant tokens only).
 
-Runs the CLIs exactly as a user would: the labeler (local Ray), then the
-trainer, which never loads the teacher, twice at the same budget (the default
-KD loss, and plain CE on the true tokens for reference), then `softlabels export`
+Runs the CLIs exactly as a user would: the labeler (joining one local Ray that the demo starts for both of its
+label steps, as a job joins a cluster's Ray), then the trainer, which never loads the teacher, twice at the same
+budget and side by side (the default KD loss, and plain CE on the true tokens for reference), then `softlabels export`
 (int8) and `softlabels compare`, whose table of teacher -> student -> quantized
 student ends the demo. The chat step labels the built-in conversations (``pydoc-chat``, the
 assistant's tokens only) and trains two students at the same budget: the distilled student
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -40,13 +41,40 @@ TIMES: list[tuple[str, float]] = []  # (step, seconds): printed at the end
 
 
 def cli(*args: str, step: str | None = None) -> dict:
-    print("$ softlabels " + " ".join(args), flush=True)
+    return side_by_side((step or args[0], args))[0]
+
+
+def side_by_side(*steps: tuple[str, tuple[str, ...]]) -> list[dict]:
+    """Run ``softlabels`` commands at once, one process each, and return their JSON summaries.
+
+    Two trainings of the tiny student side by side, one torch thread each, finish sooner on two cores than one
+    after the other with two threads each (a small model's step does not keep two threads busy)."""
     t = time.time()
-    proc = subprocess.run([sys.executable, "-m", "softlabels", *args, "--json"], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    TIMES.append((step or args[0] + (" (ce)" if "ce" in args else ""), time.time() - t))
-    if proc.returncode != 0:
-        sys.exit(f"demo: step failed: softlabels {' '.join(args)} (exit {proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # Ray may print its workers' lines before the summary
+    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if len(steps) > 1 else {})}
+    procs = []
+    for _, args in steps:
+        print("$ softlabels " + " ".join(args), flush=True)
+        procs.append(subprocess.Popen([sys.executable, "-m", "softlabels", *args, "--json"], cwd=REPO,
+                                      stdout=subprocess.PIPE, text=True, env=env))
+    outs = [proc.communicate()[0] for proc in procs]
+    TIMES.append((" + ".join(name for name, _ in steps), time.time() - t))
+    for (_, args), proc in zip(steps, procs):
+        if proc.returncode != 0:
+            sys.exit(f"demo: step failed: softlabels {' '.join(args)} (exit {proc.returncode})")
+    return [json.loads(out.strip().splitlines()[-1]) for out in outs]  # Ray may print workers' lines first
+
+
+def start_ray() -> str:
+    """One local Ray for the demo's two label steps, held by this process: each ``softlabels label`` joins it
+    (``--ray-address``), as a job on a cluster joins the cluster's Ray; it stops when the demo ends."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    t = time.time()
+    ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
+    TIMES.append(("ray start", time.time() - t))
+    return ray.get_runtime_context().gcs_address
 
 
 def targets(t: dict, s: dict, c: dict, q: dict) -> list[tuple[bool, str]]:
@@ -80,13 +108,16 @@ def main() -> int:
     args.steps = args.steps or size["steps"]
     t0 = time.time()
     labels = f"{args.out}/labels"
+    ray_address = start_ray()
     lab = cli("label", "--teacher", "smollm2-135m", "--corpus", "pydoc", "--output", labels,
-              "--top-k", "64", "--max-length", "128", "--limit", str(args.sequences), "--shard-tokens", "8192")
+              "--top-k", "64", "--max-length", "128", "--limit", str(args.sequences), "--shard-tokens", "8192",
+              "--ray-address", ray_address)
     budget = ("--steps", str(args.steps), "--batch-size", "8", "--lr", size["lr"], "--warmup-steps", size["warmup"],
               "--eval-fraction", "0.1", "--eval-batches", "20", "--seed", "0")
-    tr = cli("train", "--labels", labels, "--student", "tiny", "--output", f"{args.out}/student", *budget)
-    cli("train", "--labels", labels, "--student", "tiny", "--output", f"{args.out}/student-ce",
-        "--loss", "ce", *budget)
+    tr, _ = side_by_side(
+        ("train", ("train", "--labels", labels, "--student", "tiny", "--output", f"{args.out}/student", *budget)),
+        ("train (ce)", ("train", "--labels", labels, "--student", "tiny", "--output", f"{args.out}/student-ce",
+                        "--loss", "ce", *budget)))
     shutil.rmtree(f"{args.out}/student-int8", ignore_errors=True)  # the demo's own output, remade from this student
     cli("export", "--model", f"{args.out}/student", "--output", f"{args.out}/student-int8", "--quantize", "int8")
     # Chat: the teacher labels only the assistant's tokens of the built-in conversations; a student
@@ -94,13 +125,14 @@ def main() -> int:
     chat_labels = f"{args.out}/chat-labels"
     chat = cli("label", "--teacher", "smollm2-135m", "--corpus", "pydoc-chat", "--output", chat_labels,
                "--top-k", "64", "--max-length", "512", "--limit", str(size["conversations"]), "--shard-tokens", "4096",
-               step="label chat")
+               "--ray-address", ray_address, step="label chat")
     chat_budget = ("--steps", str(size["chat_steps"]), "--batch-size", "8", "--lr", size["lr"], "--warmup-steps", "3",
                    "--eval-fraction", "0.2", "--seed", "0")
-    two_stage = cli("train", "--labels", chat_labels, "--init-from", f"{args.out}/student",
-                    "--output", f"{args.out}/student-chat", *chat_budget, step="train chat (two-stage)")
-    task_only = cli("train", "--labels", chat_labels, "--student", "tiny", "--output", f"{args.out}/student-chat-only",
-                    *chat_budget, step="train chat (task only)")
+    two_stage, task_only = side_by_side(
+        ("train chat (two-stage)", ("train", "--labels", chat_labels, "--init-from", f"{args.out}/student",
+                                    "--output", f"{args.out}/student-chat", *chat_budget)),
+        ("train chat (task only)", ("train", "--labels", chat_labels, "--student", "tiny",
+                                    "--output", f"{args.out}/student-chat-only", *chat_budget)))
     from softlabels.labeler.builtin import builtin_teacher_dir
 
     models = {"teacher": str(builtin_teacher_dir("smollm2-135m")), "student": f"{args.out}/student",
@@ -124,8 +156,10 @@ def main() -> int:
     if lab.get("startup_s") is not None:
         split = lab.get("startup_split") or {}
         parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in split.items())
+        ray_s = dict(TIMES)["ray start"]
         print(f"  labeler start-up       {lab['startup_s']:.1f} s  (command start to the first batch labeled"
-              + (f": {parts}" if parts else "") + "; target <= 10 s)")
+              + (f": {parts}" if parts else "") + f"; target <= 10 s; Ray itself started once, before it, in "
+              f"{ray_s:.1f} s)")
     from softlabels.schemas import open_label_set
 
     enc = open_label_set(labels).manifest.label_encoding
