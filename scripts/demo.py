@@ -3,7 +3,7 @@ then distill it further on the built-in chat corpus (assistant tokens only).
 
 Runs the CLIs exactly as a user would: the labeler (joining one local Ray that the demo starts for both of its
 label steps, as a job joins a cluster's Ray), then the trainer, which never loads the teacher, twice at the same
-budget and side by side (the default KD loss, and plain CE on the true tokens for reference), then `softlabels export`
+budget (the default KD loss, and plain CE on the true tokens for reference), then `softlabels export`
 (int8) and `softlabels compare`, whose table of teacher -> student -> quantized
 student ends the demo. The chat step labels the built-in conversations (``pydoc-chat``, the
 assistant's tokens only) and trains two students at the same budget: the distilled student
@@ -41,27 +41,13 @@ TIMES: list[tuple[str, float]] = []  # (step, seconds): printed at the end
 
 
 def cli(*args: str, step: str | None = None) -> dict:
-    return side_by_side((step or args[0], args))[0]
-
-
-def side_by_side(*steps: tuple[str, tuple[str, ...]]) -> list[dict]:
-    """Run ``softlabels`` commands at once, one process each, and return their JSON summaries.
-
-    Two trainings of the tiny student side by side, one torch thread each, finish sooner on two cores than one
-    after the other with two threads each (a small model's step does not keep two threads busy)."""
+    print("$ softlabels " + " ".join(args), flush=True)
     t = time.time()
-    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if len(steps) > 1 else {})}
-    procs = []
-    for _, args in steps:
-        print("$ softlabels " + " ".join(args), flush=True)
-        procs.append(subprocess.Popen([sys.executable, "-m", "softlabels", *args, "--json"], cwd=REPO,
-                                      stdout=subprocess.PIPE, text=True, env=env))
-    outs = [proc.communicate()[0] for proc in procs]
-    TIMES.append((" + ".join(name for name, _ in steps), time.time() - t))
-    for (_, args), proc in zip(steps, procs):
-        if proc.returncode != 0:
-            sys.exit(f"demo: step failed: softlabels {' '.join(args)} (exit {proc.returncode})")
-    return [json.loads(out.strip().splitlines()[-1]) for out in outs]  # Ray may print workers' lines first
+    proc = subprocess.run([sys.executable, "-m", "softlabels", *args, "--json"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    TIMES.append((step or args[0] + (" (ce)" if "ce" in args else ""), time.time() - t))
+    if proc.returncode != 0:
+        sys.exit(f"demo: step failed: softlabels {' '.join(args)} (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # Ray may print its workers' lines before the summary
 
 
 def start_ray() -> str:
@@ -114,10 +100,9 @@ def main() -> int:
               "--ray-address", ray_address)
     budget = ("--steps", str(args.steps), "--batch-size", "8", "--lr", size["lr"], "--warmup-steps", size["warmup"],
               "--eval-fraction", "0.1", "--eval-batches", "20", "--seed", "0")
-    tr, _ = side_by_side(
-        ("train", ("train", "--labels", labels, "--student", "tiny", "--output", f"{args.out}/student", *budget)),
-        ("train (ce)", ("train", "--labels", labels, "--student", "tiny", "--output", f"{args.out}/student-ce",
-                        "--loss", "ce", *budget)))
+    tr = cli("train", "--labels", labels, "--student", "tiny", "--output", f"{args.out}/student", *budget)
+    cli("train", "--labels", labels, "--student", "tiny", "--output", f"{args.out}/student-ce",
+        "--loss", "ce", *budget)
     shutil.rmtree(f"{args.out}/student-int8", ignore_errors=True)  # the demo's own output, remade from this student
     cli("export", "--model", f"{args.out}/student", "--output", f"{args.out}/student-int8", "--quantize", "int8")
     # Chat: the teacher labels only the assistant's tokens of the built-in conversations; a student
@@ -128,11 +113,10 @@ def main() -> int:
                "--ray-address", ray_address, step="label chat")
     chat_budget = ("--steps", str(size["chat_steps"]), "--batch-size", "8", "--lr", size["lr"], "--warmup-steps", "3",
                    "--eval-fraction", "0.2", "--seed", "0")
-    two_stage, task_only = side_by_side(
-        ("train chat (two-stage)", ("train", "--labels", chat_labels, "--init-from", f"{args.out}/student",
-                                    "--output", f"{args.out}/student-chat", *chat_budget)),
-        ("train chat (task only)", ("train", "--labels", chat_labels, "--student", "tiny",
-                                    "--output", f"{args.out}/student-chat-only", *chat_budget)))
+    two_stage = cli("train", "--labels", chat_labels, "--init-from", f"{args.out}/student",
+                    "--output", f"{args.out}/student-chat", *chat_budget, step="train chat (two-stage)")
+    task_only = cli("train", "--labels", chat_labels, "--student", "tiny", "--output", f"{args.out}/student-chat-only",
+                    *chat_budget, step="train chat (task only)")
     from softlabels.labeler.builtin import builtin_teacher_dir
 
     models = {"teacher": str(builtin_teacher_dir("smollm2-135m")), "student": f"{args.out}/student",
