@@ -72,9 +72,13 @@ class TeacherActor:
         crash_point("labeler.labeled")  # the unit is labeled, nothing of it written yet
         return labels
 
-    def new_run(self) -> None:
-        """A kept replica starts another run (labeler.pipeline.KEEP_TEACHERS_ENV): its first batch is to come."""
+    def new_run(self, top_k: int, temperature: float, batch_tokens: int, head_chunk: int, tail_samples: int) -> None:
+        """A kept replica starts another run (labeler.pipeline.KEEP_TEACHERS_ENV) with that run's label settings
+        (the loaded model stays); its first batch is to come."""
+        dtype, device, _, _, _, _, trust_remote_code, _ = self.args
+        self.args = (dtype, device, top_k, temperature, batch_tokens, head_chunk, trust_remote_code, tail_samples)
         if self.runner is not None:
+            self.runner.configure(top_k, temperature, batch_tokens, head_chunk, tail_samples)
             self.runner.first_batch_at = None
 
     def first_batch_at(self) -> tuple[float | None, float | None]:

@@ -353,8 +353,11 @@ def start_replicas(ray: Any, cfg: LabelConfig, source: TeacherSource, device: st
     )
     args = (source, dtype, device, cfg.top_k, cfg.temperature, cfg.batch_tokens, cfg.head_chunk,
             cfg.trust_remote_code, threads, cfg.tail_samples, per)
-    key = repr((args, replicas, sorted(options.items()), ray.get_runtime_context().gcs_address))
-    actors, node_ids = _kept_replicas(ray, key)
+    # Kept replicas serve any run of the same model, placement and threads; the label settings are the run's.
+    settings = (cfg.top_k, cfg.temperature, cfg.batch_tokens, cfg.head_chunk, cfg.tail_samples)
+    key = repr((source, dtype, device, cfg.trust_remote_code, threads, per, replicas, sorted(options.items()),
+                ray.get_runtime_context().gcs_address))
+    actors, node_ids = _kept_replicas(ray, key, settings)
     if not actors:
         actor_cls = ray.remote(max_restarts=3, max_task_retries=3)(TeacherActor)
         actors = [actor_cls.options(scheduling_strategy="SPREAD", **options).remote(*args) for _ in range(replicas)]
@@ -372,16 +375,21 @@ KEEP_TEACHERS_ENV = "SOFTLABELS_KEEP_TEACHERS"
 _KEPT: dict[str, Any] = {}
 
 
-def _kept_replicas(ray: Any, key: str) -> tuple[list[Any], list[str]]:
-    """The kept replicas for ``key`` and their nodes, if they are alive; any others are released."""
+def _kept_replicas(ray: Any, key: str, settings: tuple[Any, ...]) -> tuple[list[Any], list[str]]:
+    """The kept replicas for ``key`` and their nodes, set to this run's label ``settings``, if they are alive;
+    any others are released."""
     if _KEPT.get("key") == key:
         actors = _KEPT["actors"]
         try:
             node_ids = ray.get([a.node.remote() for a in actors], timeout=60)
-            ray.get([a.new_run.remote() for a in actors], timeout=60)
-            return actors, node_ids
         except Exception as e:  # a replica died since: start afresh
             log.info("kept teacher replicas are gone (%s): starting new ones", _first_line(e))
+        else:
+            try:
+                ray.get([a.new_run.remote(*settings) for a in actors], timeout=60)
+            except ray.exceptions.RayTaskError as e:
+                raise _unwrapped(e) from None  # --top-k above the teacher's head rows: one line, as on a load
+            return actors, node_ids
     for a in _KEPT.get("actors", []):
         try:
             ray.kill(a)

@@ -173,12 +173,16 @@ class TeacherRunner:
         self.head_device = self.head.weight.device
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self.vocab = self.head.weight.shape[0]
+        self.configure(top_k, temperature, batch_tokens, head_chunk, tail_samples)
+        self.first_batch_at: float | None = None  # epoch seconds
+
+    def configure(self, top_k: int, temperature: float, batch_tokens: int, head_chunk: int, tail_samples: int) -> None:
+        """The label settings (a loaded teacher can take another run's)."""
         if top_k > self.vocab:
             raise UserError(f"--top-k {top_k} exceeds the teacher's vocabulary of {self.vocab}")
         self.top_k, self.temperature = top_k, temperature
         self.batch_tokens, self.head_chunk = batch_tokens, head_chunk
         self.tail_samples = tail_samples
-        self.first_batch_at: float | None = None  # epoch seconds
 
     def batches(self, lengths: list[int], lead: bool = False) -> list[list[int]]:
         """Length-bucketed batches (indices), each with padded size <= batch_tokens; with ``lead`` the

@@ -188,21 +188,6 @@ def test_cli_wrong_credentials_fail_clearly(tiny_teacher, tmp_path, s3_server):
     assert last.startswith("softlabels label: error: output") and ("denied" in last or "reachable" in last), last
 
 
-def stale_ray_tmpdir() -> str:
-    """A Ray temp dir whose ray_current_cluster names a dead cluster, as a killed run leaves it.
-
-    ray.init() without an address would join that address and hang; the labeler must start afresh.
-    """
-    import os
-    import tempfile
-
-    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
-    os.makedirs(os.path.join(ray_tmp, "ray"))
-    with open(os.path.join(ray_tmp, "ray", "ray_current_cluster"), "w") as fh:
-        fh.write("127.0.0.1:1")  # nothing listens on port 1
-    return ray_tmp
-
-
 @pytest.mark.slow
 def test_a_dead_ray_address_fails_fast_in_one_line(tiny_teacher, tmp_path):
     # ray.init() retries a dead GCS for minutes; a hang would hit run_cli's timeout instead.
@@ -314,20 +299,6 @@ def test_bad_rows_fail_with_file_and_row_or_are_skipped_and_counted(ray_local, t
     assert (m.corpus.documents, m.corpus.empty_documents, m.corpus.skipped_documents) == (6, 1, 3)
     assert summary.skipped_documents == 3 and summary.sequences == 2
     assert [s.source for s in open_label_set(str(tmp_path / "b")).iter_samples()] == [f"{corpus}:1#0", f"{corpus}:5#0"]
-
-
-@pytest.mark.slow
-def test_yaml_config_with_flags_overriding_it(tiny_teacher, tmp_path):
-    out = tmp_path / "ls"
-    conf = tmp_path / "job.yaml"
-    conf.write_text(f"teacher: {tiny_teacher}\noutput: {out}\ntop-k: 4\nmax_length: 32\nlimit: 3\n" + "storage_options: {}\n")
-    # with a stale Ray address file around (see stale_ray_tmpdir): the run still starts its own Ray
-    proc = run_cli("label", "--config", str(conf), "--top-k", "5", "--json",
-                   env={"RAY_TMPDIR": stale_ray_tmpdir(), "RAY_ADDRESS": ""})
-    m = open_label_set(str(out)).manifest
-    assert (m.top_k, m.sequence.max_length, m.totals.sequences) == (5, 32, 3)
-    assert "'top_k': 5" in proc.stderr  # the resolved config is logged at start
-    # (a key it does not know: tests/test_bad_input.py)
 
 
 @pytest.mark.slow

@@ -33,17 +33,25 @@ def leaks(data: bytes) -> list[str]:
 
 
 def test_no_credentials_in_anything_written(tiny_teacher, s3_server, tmp_path):
+    """Also the label command as a user types it, the one run that starts a Ray of its own: settings from a
+    ``--config`` YAML with a flag overriding one, and a stale ``ray_current_cluster`` in its Ray folder (what a
+    killed run leaves; joining that address would hang): it must start afresh."""
     ray_tmp = tempfile.mkdtemp(prefix="rsec", dir="/tmp")  # short: Ray's socket paths live under it
+    os.makedirs(os.path.join(ray_tmp, "ray"))
+    with open(os.path.join(ray_tmp, "ray", "ray_current_cluster"), "w") as fh:
+        fh.write("127.0.0.1:1")  # nothing listens on port 1
     try:
         prefix = f"{s3_server}/sec-{uuid.uuid4().hex[:8]}"
         labels, ckpt, student = f"{prefix}/labels", f"{prefix}/ckpt", tmp_path / "student"
+        conf = tmp_path / "job.yaml"
+        conf.write_text(f"teacher: {tiny_teacher}\noutput: {labels}\ntop-k: 4\nmax_length: 64\nlimit: 12\n"
+                        "shard_tokens: 256\n")
         # The labeler gets the credentials only as storage options (none in its environment) ...
         no_env = {k: "" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
         opts = ["--storage-option", f"key={ACCESS_KEY}", "--storage-option", f"secret={SECRET_KEY}"]
         printed = []
         for args in [
-            ("label", "--teacher", tiny_teacher, "--output", labels, "--limit", "12", "--max-length", "64",
-             "--shard-tokens", "256", *opts),
+            ("label", "--config", str(conf), "--top-k", "5", *opts),
             ("inspect", labels, "--plot", str(tmp_path / "inspect.png"), *opts),
             ("train", "--labels", labels, "--output", str(student), "--steps", "2", "--batch-size", "2",
              "--eval-batches", "1", "--checkpoint-every", "1", "--checkpoint-dir", ckpt, "--plot",
@@ -71,8 +79,13 @@ def test_no_credentials_in_anything_written(tiny_teacher, s3_server, tmp_path):
         found = {name: leaks(data) for name, data in written.items() if leaks(data)}
         found.update({f"output of command {i}": leaks(t.encode()) for i, t in enumerate(printed) if leaks(t.encode())})
         assert not found, f"credentials written to: {json.dumps(found, indent=1)[:3000]}"
-        # the resolved config is logged, with storage option values masked
+        # the resolved config is logged, with storage option values masked; the flag overrode the file
         assert "'key': '***'" in printed[0] and "'secret': '***'" in printed[0]
+        assert "'top_k': 5" in printed[0]
+        from softlabels.schemas import open_label_set
+
+        m = open_label_set(labels, {"key": ACCESS_KEY, "secret": SECRET_KEY}).manifest
+        assert (m.top_k, m.sequence.max_length, m.totals.sequences) == (5, 64, 12)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
