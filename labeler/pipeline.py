@@ -362,41 +362,55 @@ def start_replicas(ray: Any, cfg: LabelConfig, source: TeacherSource, device: st
         actor_cls = ray.remote(max_restarts=3, max_task_retries=3)(TeacherActor)
         actors = [actor_cls.options(scheduling_strategy="SPREAD", **options).remote(*args) for _ in range(replicas)]
         node_ids = None
-        if os.environ.get(KEEP_TEACHERS_ENV):
-            _KEPT.update(key=key, actors=actors)
+        if _keep_count():
+            _KEPT[key] = actors
     return Replicas(actors, [a.load.remote() for a in actors], device, dtype, threads, node_ids)
 
 
-# SOFTLABELS_KEEP_TEACHERS=1: teacher replicas stay loaded after a run, and the next run in this process with the
-# same teacher, settings and placement uses them (the tests, notebooks, a program that labels in rounds): a run then
-# starts in a fraction of a second instead of a replica's process start and model load. Off by default: a kept
-# teacher holds its memory (a GPU's, on a cluster) until the process ends or another teacher is needed.
+# SOFTLABELS_KEEP_TEACHERS=N: teacher replicas stay loaded after a run, and the next run in this process of the same
+# teacher, dtype, device and placement uses them (the tests, notebooks, a program that labels in rounds), with its own
+# label settings: a run then starts in a fraction of a second instead of a replica's process start and model load.
+# The replicas of the N most recently used teachers are kept (1 for any value that is not a number). Off by default:
+# a kept teacher holds its memory (a GPU's, on a cluster) until the process ends or it is the N+1-th.
 KEEP_TEACHERS_ENV = "SOFTLABELS_KEEP_TEACHERS"
-_KEPT: dict[str, Any] = {}
+_KEPT: dict[str, list[Any]] = {}  # key -> replicas, least recently used first
+
+
+def _keep_count() -> int:
+    value = os.environ.get(KEEP_TEACHERS_ENV, "").strip()
+    if not value or value in ("0", "false", "no", "off"):
+        return 0
+    return int(value) if value.isdigit() else 1
 
 
 def _kept_replicas(ray: Any, key: str, settings: tuple[Any, ...]) -> tuple[list[Any], list[str]]:
     """The kept replicas for ``key`` and their nodes, set to this run's label ``settings``, if they are alive;
-    any others are released."""
-    if _KEPT.get("key") == key:
-        actors = _KEPT["actors"]
+    the least recently used others past the kept number are released."""
+    actors = _KEPT.pop(key, None)
+    if actors is not None:
         try:
             node_ids = ray.get([a.node.remote() for a in actors], timeout=60)
         except Exception as e:  # a replica died since: start afresh
             log.info("kept teacher replicas are gone (%s): starting new ones", _first_line(e))
+            _release(ray, actors)
         else:
+            _KEPT[key] = actors  # the most recently used now
             try:
                 ray.get([a.new_run.remote(*settings) for a in actors], timeout=60)
             except ray.exceptions.RayTaskError as e:
                 raise _unwrapped(e) from None  # --top-k above the teacher's head rows: one line, as on a load
             return actors, node_ids
-    for a in _KEPT.get("actors", []):
+    while _KEPT and len(_KEPT) >= max(1, _keep_count()):  # room for the replicas about to start
+        _release(ray, _KEPT.pop(next(iter(_KEPT))))
+    return [], []
+
+
+def _release(ray: Any, actors: list[Any]) -> None:
+    for a in actors:
         try:
             ray.kill(a)
         except Exception as e:  # already gone (its cluster too, perhaps): nothing to release
             log.debug("releasing a kept replica: %s", e)
-    _KEPT.clear()
-    return [], []
 
 
 def _first_batch(ray: Any, actors: list[Any]) -> tuple[float | None, float | None]:

@@ -37,8 +37,9 @@ os.environ.update(
     # gathers markers into indexes and resumes from them.
     SOFTLABELS_INDEX_UNITS="4",
     # Teacher replicas stay loaded between the labeler runs of a test process (each would otherwise start a
-    # replica and load its teacher: seconds); processes the tests start run once and exit, as users' do.
-    SOFTLABELS_KEEP_TEACHERS="1",
+    # replica and load its teacher: seconds), two teachers' worth (the tiny test teacher and the built-in one);
+    # processes the tests start run once and exit, as users' do.
+    SOFTLABELS_KEEP_TEACHERS="2",
 )
 BUCKET = "softlabels-test"
 REPO = Path(__file__).resolve().parents[1]
