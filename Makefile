@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` (about 4.5 minutes; `make demo-full` is the bigger run) and
+# Two commands on a fresh machine: `make demo` (4.5-9 minutes on a 2-core CPU; `make demo-full` is the bigger run) and
 # `make test`. Both set up .venv themselves.
 PYTHON ?= python3
 VENV   := .venv

@@ -10,7 +10,7 @@ assistant's tokens only) and trains two students at the same budget: the distill
 going on with ``--init-from`` (two-stage), and a fresh one on the chat labels alone.
 Re-running reuses complete label sets.
 
-Two sizes: the default fits in about 4.5 minutes on a 2-core CPU (96 sequences, 50 steps, 40 conversations,
+Two sizes: the default takes 4.5-9 minutes on a 2-core CPU (96 sequences, 50 steps, 40 conversations,
 a short speed timing in one round); ``--full`` (`make demo-full`, 15-25 minutes) labels 400
 sequences, trains 100 steps and times speed longer, in two rounds, for steadier figures. Each size has its own
 output folder, so both can be kept.
