@@ -120,14 +120,17 @@ class SeaweedServer:
                     raise RuntimeError(f"SeaweedFS did not start: {e}; see {self.root / 'weed.out'}") from e
                 time.sleep(0.3)
 
-    def stop(self) -> None:
-        """SIGTERM the server's process group (it stops in 2-3 s), SIGKILL if it lingers; wait for the port."""
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM the server's process group (it stops in 2-3 s), SIGKILL if it lingers past ``grace`` seconds
+        (``grace=0``: SIGKILL at once, for a server whose data is thrown away); wait for the port."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
         try:
+            if grace <= 0:
+                raise subprocess.TimeoutExpired(self.cmd, 0)
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -112,7 +112,7 @@ def seaweed(tmp_path_factory):
     except RuntimeError as e:  # no weed binary, port taken, did not start: a failure that says why
         pytest.fail(str(e))
     yield server
-    server.stop()
+    server.stop(grace=0)  # its data is the session's temporary files: no need to wait for a clean stop
 
 
 @pytest.fixture(scope="session")
@@ -140,6 +140,11 @@ def ray_local():
         (_ray_init or ray.init)(address="local", num_cpus=2, include_dashboard=False,
                                 object_store_memory=300 * 1024**2, configure_logging=False)
     yield ray
+    from softlabels.labeler import pipeline
+
+    for actors in pipeline._KEPT.values():  # the kept teachers (SOFTLABELS_KEEP_TEACHERS): killed, not drained
+        pipeline._release(ray, actors)
+    pipeline._KEPT.clear()
     ray.shutdown()
 
 
