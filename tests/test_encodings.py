@@ -19,7 +19,7 @@ from softlabels.schemas.format import SCHEMA_VERSION, read_parquet_bytes, table_
 FIXTURE_V1 = Path(__file__).parent / "fixtures" / "v1-set"
 FIXTURE_V2 = Path(__file__).parent / "fixtures" / "v2-sets"
 FIXTURE_V3 = Path(__file__).parent / "fixtures" / "v3-sets"
-FIXTURE_V4 = Path(__file__).parent / "fixtures" / "v4-sets"
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def peaked_samples(n_rows: int, k: int, vocab: int, seed: int = 0, sharp: float = 4.0) -> list[Sample]:
@@ -249,22 +249,23 @@ def test_stored_v3_label_sets_still_read(name):
             assert kl_buckets(lp, tail, _align(s, top), s.tail_logprob).mean() <= ls.manifest.label_encoding.max_kl * 1.01
 
 
-def fixture_v4_rows() -> list[dict]:
-    """The seeded recipe tests/fixtures/make_v4.py wrote v4-sets from (its ``fixture_rows``: numpy only)."""
-    spec = importlib.util.spec_from_file_location("make_v4", FIXTURE_V4.parent / "make_v4.py")
-    make_v4 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_v4)  # defines the recipe; writes nothing (that is its __main__)
-    return make_v4.fixture_rows()
+def fixture_rows(version: int = 4) -> list[dict]:
+    """The seeded recipe tests/fixtures/make_vN.py wrote vN-sets from (its ``fixture_rows``: numpy only)."""
+    spec = importlib.util.spec_from_file_location(f"make_v{version}", FIXTURES / f"make_v{version}.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)  # defines the recipe; writes nothing (that is its __main__)
+    return make.fixture_rows()
 
 
-@pytest.mark.parametrize("name", ["fp16", "compact"])
-def test_stored_v4_label_sets_still_read(name):
+@pytest.mark.parametrize("version,name", [(4, "fp16"), (4, "compact"), (5, "fp16"), (5, "compact")])
+def test_stored_v4_and_v5_label_sets_still_read(version, name):
     """tests/fixtures/v4-sets/NAME was written by the v4 writer (0.6.0, commit 1ad4051): trained masks (labels
-    only at trained positions), packed documents, shards[].trained, totals.trained and rendering."""
-    ls = open_label_set(str(FIXTURE_V4 / name))
+    only at trained positions), packed documents, shards[].trained, totals.trained and rendering; v5-sets by the
+    v5 writer (0.7.0): the same rows with token spans."""
+    ls = open_label_set(str(FIXTURES / f"v{version}-sets" / name))
     m = ls.manifest
-    assert m.schema_version == 4 and m.label_encoding.name == name
-    expected = fixture_v4_rows()
+    assert m.schema_version == version and m.label_encoding.name == name and m.spans == (version == 5)
+    expected = fixture_rows(version)
     masks = [np.ones(len(r["input_ids"]), bool) if r["trained"] is None else r["trained"] for r in expected]
     assert any(not mask.all() for mask in masks) and any(r["doc_lengths"] is not None for r in expected)
     assert [s.trained for s in m.shards] == [11, 15] and m.totals.trained == sum(int(x.sum()) for x in masks) == 26
@@ -283,6 +284,10 @@ def test_stored_v4_label_sets_still_read(name):
         np.testing.assert_array_equal(s.label_positions, np.flatnonzero(mask))
         docs = [len(ids)] if want["doc_lengths"] is None else want["doc_lengths"]  # absent: one document
         np.testing.assert_array_equal([len(ids)] if s.doc_lengths is None else s.doc_lengths, docs)
+        if version == 5:
+            np.testing.assert_array_equal(s.spans, want["spans"])
+        else:
+            assert s.spans is None
         top, lp, tail = want["topk_ids"], want["topk_logprobs"], want["tail_logprob"]
         assert s.topk_ids.shape == s.topk_logprobs.shape == top.shape == (int(mask.sum()), 4)
         assert s.tail_logprob.shape == tail.shape
