@@ -68,6 +68,7 @@ def inspect_label_set(
         "encoding": m.encoding,
         "tail_samples": m.tail_samples,
         "spans": m.spans,  # students with another tokenizer can distill from it
+        "target_logprobs": m.target_logprobs,  # the teacher's log-prob of each token that follows (schema v6)
         "corpus": m.corpus.source,
         "documents": m.corpus.documents,
         "sequences": m.totals.sequences,

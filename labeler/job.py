@@ -294,6 +294,7 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
             "encoding": cfg.label_encoding.to_dict(),
             "tail_samples": cfg.tail_samples,
             "spans": rendering.spans is not None,
+            "target_logprobs": True,  # since 0.8.0 (schema v6): a set begun without them is not resumed with them
         }
         status = writer.begin(identity, cfg.overwrite)
         if status == "complete":
@@ -331,6 +332,7 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
             encoding=cfg.label_encoding.to_dict(),
             tail_samples=cfg.tail_samples,
             spans=rendering.spans is not None,
+            target_logprobs=True,
             created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         )
         writer.write_manifest(manifest)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # The per-position columns a teacher may add, named as :class:`softlabels.schemas.Sample`'s fields.
-EXTRAS = ("tail_sample_ids", "tail_sample_counts")
+EXTRAS = ("tail_sample_ids", "tail_sample_counts", "target_logprob")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 from softlabels.labeler.builtin import BUILTIN_TEACHERS, builtin_teacher_dir, cache_dir
-from softlabels.labeler.seams import EXTRAS, UnitLabels
+from softlabels.labeler.seams import UnitLabels
 from softlabels.schemas import TeacherInfo
 from softlabels.schemas.errors import UserError
 
@@ -216,7 +216,8 @@ class TeacherRunner:
 
         With ``tail_samples``, two extras ``[N, S]``: sampled tail ids and counts. The draws
         are seeded by the batch's tokens, so a unit labeled again (a resumed run) gets the
-        same samples.
+        same samples. Always the extra ``target_logprob`` ``[N]``: the log-prob of the token that follows each
+        position in its sequence (NaN at a sequence's or packed document's last position), from the same head pass.
         """
         import torch
         from softlabels.common.packing import packed_inputs
@@ -228,12 +229,16 @@ class TeacherRunner:
             ids = torch.zeros((len(batch), maxlen), dtype=torch.long)
             mask = torch.zeros((len(batch), maxlen), dtype=torch.long)
             select = torch.zeros((len(batch), maxlen), dtype=torch.bool)
+            follows = torch.full((len(batch), maxlen), -1, dtype=torch.long)  # the next token of the same document
             for row, i in enumerate(batch):
                 n = len(sequences[i])
                 ids[row, :n] = torch.from_numpy(np.asarray(sequences[i], dtype=np.int64))
                 mask[row, :n] = 1
                 m = None if trained is None else trained[i]
-                select[row, :n] = True if m is None else torch.from_numpy(np.asarray(m, dtype=bool))
+                select[row, :n] = True if m is None else torch.from_numpy(np.array(m, dtype=bool))
+                follows[row, : n - 1] = ids[row, 1:n]
+                if doc_lengths is not None and doc_lengths[i] is not None:
+                    follows[row, torch.as_tensor(np.cumsum(doc_lengths[i]) - 1, dtype=torch.long)] = -1
             docs = [None if doc_lengths is None else doc_lengths[i] for i in batch]
             extra = packed_inputs(docs, maxlen, mask) if any(d is not None for d in docs) else {}
             with torch.inference_mode():
@@ -248,10 +253,13 @@ class TeacherRunner:
                     seed = hashlib.sha256(b"".join(np.asarray(sequences[i], np.int64).tobytes() for i in batch)).digest()
                     gen = torch.Generator(device=self.head_device).manual_seed(int.from_bytes(seed[:8], "little") >> 1)
                 out = topk_with_tail(
-                    flat, self.head, self.top_k, self.temperature, self.head_chunk, self.softcap, self.tail_samples, gen
+                    flat, self.head, self.top_k, self.temperature, self.head_chunk, self.softcap, self.tail_samples, gen,
+                    targets=follows[select],
                 )
             start = 0
-            names = ("topk_ids", "topk_logprobs", "tail_logprob", *EXTRAS)
+            names = ("topk_ids", "topk_logprobs", "tail_logprob",
+                     *(("tail_sample_ids", "tail_sample_counts") if self.tail_samples else ()), "target_logprob")
+            assert len(names) == len(out), (names, len(out))
             for row, i in enumerate(batch):
                 n = int(select[row].sum())
                 results[i] = {name: a[start : start + n].numpy() for name, a in zip(names, out)}

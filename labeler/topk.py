@@ -21,6 +21,7 @@ def topk_with_tail(
     softcap: float | None = None,
     tail_samples: int = 0,
     generator: torch.Generator | None = None,
+    targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Label ``hidden`` ([N, H]) with the teacher's top-k and tail.
 
@@ -32,12 +33,14 @@ def topk_with_tail(
         softcap: final-logit soft-capping of models that use it (e.g. Gemma 2).
         tail_samples: S > 0 also draws S tokens per position from the teacher's
             distribution restricted to the tail (with replacement, ``generator``).
+        targets: ``[N]`` ids of the tokens that follow (-1: none): their log-probs are returned too.
 
     Returns:
         ``(ids [N, k] int32, logprobs [N, k] float32, tail [N] float32)`` on the CPU,
         plus, with ``tail_samples``, the distinct sampled ids ``[N, S]`` int32 (left
         aligned) and their counts ``[N, S]`` uint8 (0 where unused; all 0 when
-        nothing lies outside the top-k).
+        nothing lies outside the top-k), and, with ``targets``, last, each target's log-prob ``[N]`` float32
+        (NaN where the target is -1), normalized as the top-k (so a target in the top-k gets its entry's value).
         ``tail`` is ``log(sum of p outside the top-k)``: the sum over the rest
         itself, ``log(sum exp(z_rest/T - m)) - log(sum exp(z/T - m))`` in fp32 with
         ``m`` the top-1 logit, never ``log(1 - sum top-k)``; rows whose rest
@@ -50,6 +53,11 @@ def topk_with_tail(
     ids_out = torch.empty((n, k), dtype=torch.int32, device=hidden.device)
     lp_out = torch.empty((n, k), dtype=torch.float32, device=hidden.device)
     tail_out = torch.empty((n,), dtype=torch.float32, device=hidden.device)
+    if targets is not None:
+        if targets.shape != (n,):
+            raise ValueError(f"targets {tuple(targets.shape)} for {n} positions")
+        target_out = torch.empty((n,), dtype=torch.float32, device=hidden.device)
+        targets = targets.to(hidden.device)
     if tail_samples:
         sid_out = torch.zeros((n, tail_samples), dtype=torch.int32, device=hidden.device)
         cnt_out = torch.zeros((n, tail_samples), dtype=torch.uint8, device=hidden.device)
@@ -59,6 +67,9 @@ def topk_with_tail(
         if k > logits.shape[-1]:
             raise ValueError(f"k={k} exceeds the teacher's vocabulary of {logits.shape[-1]}")
         vals, ids = torch.topk(logits, k, dim=-1, sorted=True)
+        if targets is not None:  # before the in-place exponentials below
+            t = targets[start:end]
+            picked = logits.gather(-1, t.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         # One exponential pass, in place: e = exp(z - max) (the max is the top-1
         # value), Z = sum(e); then zero the top-k entries and sum what is left.
         # The tail is that sum of the rest itself (no log(1 - p) cancellation).
@@ -80,9 +91,11 @@ def topk_with_tail(
         ids_out[start:end] = ids
         lp_out[start:end] = vals - norm.unsqueeze(-1)
         tail_out[start:end] = tail
-    if tail_samples:
-        return ids_out.cpu(), lp_out.cpu(), tail_out.cpu(), sid_out.cpu(), cnt_out.cpu()
-    return ids_out.cpu(), lp_out.cpu(), tail_out.cpu()
+        if targets is not None:
+            target_out[start:end] = torch.where(t >= 0, picked - norm, float("nan"))
+    out = (ids_out, lp_out, tail_out, *((sid_out, cnt_out) if tail_samples else ()),
+           *((target_out,) if targets is not None else ()))
+    return tuple(a.cpu() for a in out)
 
 
 def _sample_tail(

@@ -169,6 +169,7 @@ class Manifest:
     # format, train_on, chat_template_sha256, special_tokens, long_conversations
     rendering: dict[str, Any] | None = None
     spans: bool = False  # v5: every shard has a `spans` column (each position's token's bytes of the text)
+    target_logprobs: bool = False  # v6: every shard has a `target_logprob` column (the next token's teacher log-prob)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -194,6 +195,8 @@ class Manifest:
             raise ManifestError(f"tail_samples must be an int in 0..255, got {self.tail_samples!r}")
         if not isinstance(self.spans, bool):
             raise ManifestError(f"spans must be true or false, got {self.spans!r:.80}")
+        if not isinstance(self.target_logprobs, bool):
+            raise ManifestError(f"target_logprobs must be true or false, got {self.target_logprobs!r:.80}")
         try:
             Encoding.from_dict(self.encoding)
         except (ValueError, TypeError) as e:
@@ -230,6 +233,8 @@ class Manifest:
                 del d[name]  # nothing to say
         if not d["spans"]:
             del d["spans"]
+        if not d["target_logprobs"]:
+            del d["target_logprobs"]
         ordered = {"schema_version": d.pop("schema_version"), **d}
         return json.dumps(ordered, indent=2, sort_keys=False) + "\n"
 
@@ -275,6 +280,7 @@ class Manifest:
                 converted_from=d.get("converted_from"),
                 rendering=d.get("rendering"),
                 spans=d.get("spans", False),
+                target_logprobs=d.get("target_logprobs", False),
             )
         except KeyError as e:
             raise ManifestError(f"{where}: missing field {e.args[0]!r}") from e

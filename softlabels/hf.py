@@ -9,7 +9,9 @@
 One row per sequence, whatever the set's encoding: ``sample_id``, ``source``,
 ``input_ids [L]`` int32, ``topk_ids [L][k]`` int32 (descending by log-prob),
 ``topk_logprobs [L][k]`` float32, ``tail_logprob [L]`` float32, and for sets labeled
-with ``--tail-samples S`` also ``tail_sample_ids [L][S]`` and ``tail_sample_counts [L][S]``.
+with ``--tail-samples S`` also ``tail_sample_ids [L][S]`` and ``tail_sample_counts [L][S]``; sets written
+since 0.8.0 (schema v6) ``target_logprob [L]`` float32 (the teacher's log-prob of the token that follows; NaN
+where none does).
 Sets with untrained positions (chat, prompt-completion, packing) also have ``trained [L]`` bool (the positions with labels: the label
 columns then hold one row per trained position, ``T = sum(trained)`` rows, not ``L``), and packed
 sets ``doc_lengths`` (the documents packed into the sequence).
@@ -63,6 +65,8 @@ def features(manifest: Manifest) -> Any:
     if s:
         cols["tail_sample_ids"] = seq(seq(datasets.Value("int32"), length=s))
         cols["tail_sample_counts"] = seq(seq(datasets.Value("uint8"), length=s))
+    if manifest.target_logprobs:
+        cols["target_logprob"] = seq(datasets.Value("float32"))
     if has_masks(manifest):
         cols["trained"] = seq(datasets.Value("bool"))
     if manifest.sequence.packing:
@@ -107,6 +111,8 @@ def _rows(url: str, storage_options: dict[str, Any], manifest_sha256: str, shard
                    "topk_logprobs": s.topk_logprobs, "tail_logprob": s.tail_logprob}
             if s.tail_sample_ids is not None:
                 row.update(tail_sample_ids=s.tail_sample_ids, tail_sample_counts=s.tail_sample_counts)
+            if m.target_logprobs:
+                row["target_logprob"] = s.target_logprob
             if has_masks(m):
                 row["trained"] = [True] * len(s.input_ids) if s.trained is None else s.trained
             if m.sequence.packing:

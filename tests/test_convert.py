@@ -40,6 +40,8 @@ def test_compact_to_fp16_to_compact_keeps_the_labels_within_each_encodings_error
         np.testing.assert_array_equal(x.topk_ids, y.topk_ids)
         np.testing.assert_array_equal(y.topk_logprobs, x.topk_logprobs.astype(np.float16).astype(np.float32))
         np.testing.assert_array_equal(x.tail_logprob, y.tail_logprob)
+        np.testing.assert_array_equal(x.target_logprob, y.target_logprob)  # float32 in every encoding
+    assert all(np.array_equal(x.target_logprob, z.target_logprob, equal_nan=True) for x, z in zip(a, c))
     # fp16 -> compact: each shard's KL(fp16 buckets || decoded) within the budget it records
     for shard in open_label_set(back).shards:
         rows = [s for s in open_label_set(back).read_shard(shard)]
@@ -82,7 +84,8 @@ def test_to_hf_dataset_gives_the_decoded_columns(label_set, tmp_path, monkeypatc
     want = samples(label_set)
     ds = softlabels.to_hf_dataset(label_set, cache_dir=str(tmp_path / "hf"))
     assert len(ds) == len(want)
-    assert ds.column_names == ["sample_id", "source", "input_ids", "topk_ids", "topk_logprobs", "tail_logprob"]
+    assert ds.column_names == ["sample_id", "source", "input_ids", "topk_ids", "topk_logprobs", "tail_logprob",
+                               "target_logprob"]
     opened = []  # datasets calls the generator once per shard: the set (its manifest) is opened once, not per shard
     monkeypatch.setattr(softlabels.hf, "_OPEN", {})
     monkeypatch.setattr(softlabels.hf, "open_label_set", lambda *a, **k: opened.append(a) or open_label_set(*a, **k))
@@ -94,6 +97,7 @@ def test_to_hf_dataset_gives_the_decoded_columns(label_set, tmp_path, monkeypatc
             np.testing.assert_array_equal(np.stack(r["topk_ids"]), s.topk_ids)
             np.testing.assert_array_equal(np.stack(r["topk_logprobs"]), s.topk_logprobs)
             np.testing.assert_array_equal(np.asarray(r["tail_logprob"]), s.tail_logprob)
+            np.testing.assert_array_equal(np.asarray(r["target_logprob"], dtype=np.float32), s.target_logprob)
     assert len(open_label_set(label_set).shards) > 2 and len(opened) == 2  # to_hf_dataset's own, and the rows'
 
 

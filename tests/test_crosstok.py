@@ -17,7 +17,7 @@ from conftest import assert_one_line_error, cli_in_process
 from softlabels.common.tokenbytes import spans_for, text_of, token_bytes
 from softlabels.labeler.corpus import Document
 from softlabels.labeler.plan import Rendering, build_sequences, render
-from softlabels.schemas import Sample, SequenceConfig, decode_table, encode_samples, open_label_set
+from softlabels.schemas import SCHEMA_VERSION, Sample, SequenceConfig, decode_table, encode_samples, open_label_set
 from softlabels.schemas.errors import UserError
 from softlabels.trainer.batch import collate, sample_to_tensors
 from softlabels.trainer.crosstok import CrossTokenizer, attach
@@ -104,7 +104,7 @@ def test_labeler_stores_spans_that_give_back_each_document(label_set):
     from pydoc_data.topics import topics
 
     ls = open_label_set(label_set)
-    assert ls.manifest.spans and ls.manifest.schema_version == 5
+    assert ls.manifest.spans and ls.manifest.schema_version == SCHEMA_VERSION
     tb = token_bytes(load_label_tokenizer(ls))
     by_doc: dict[str, list] = {}
     for s in ls.iter_samples():

@@ -75,6 +75,35 @@ def test_lossless_encodings_round_trip_exactly_up_to_fp16(name):
         np.testing.assert_array_equal(a.tail_logprob, b.tail_logprob)
 
 
+@pytest.mark.parametrize("name", ["fp16", "packed", "packed-q8", "compact"])
+def test_target_logprobs_round_trip_exactly_in_every_encoding(name):
+    """v6: the log-prob of the token that follows is float32 in every encoding, NaN kept; in the decoded table;
+    a shard with some samples with it and some without, or a value above 0, is refused."""
+    from dataclasses import replace
+
+    from softlabels.schemas.errors import ShardFormatError
+    from softlabels.schemas.format import decode_shard, decoded_table
+
+    rng = np.random.default_rng(1)
+    samples = [replace(s, target_logprob=np.where(np.arange(len(s.tail_logprob)) == len(s.tail_logprob) - 1, np.nan,
+                                                   -rng.exponential(3, len(s.tail_logprob))).astype(np.float32))
+               for s in peaked_samples(6, 8, 500)]
+    back, data = round_trip(samples, 8, Encoding(name), 500)
+    for a, b in zip(samples, back):
+        np.testing.assert_array_equal(a.target_logprob, b.target_logprob)  # NaN == NaN here
+    table = decoded_table(read_parquet_bytes(data))
+    assert table.column("target_logprob").to_pylist()[0][:-1] == samples[0].target_logprob[:-1].tolist()
+    assert [len(s.target_logprob) for s in decode_shard(data, 8, "x", target_logprobs=True)] == [len(s.tail_logprob) for s in samples]
+    with pytest.raises(ShardFormatError, match="lacks a target_logprob column"):
+        decode_shard(table_to_parquet_bytes(encode_samples(peaked_samples(2, 8, 500), 8, Encoding(name), 500)), 8, "x",
+                     target_logprobs=True)
+    with pytest.raises(ValueError, match="every sample of a shard has target log-probs or none"):
+        encode_samples([samples[0], peaked_samples(1, 8, 500)[0]], 8, Encoding(name), 500)
+    bad = [replace(samples[0], target_logprob=np.abs(samples[0].target_logprob))]
+    with pytest.raises(ShardFormatError, match="above 0"):
+        decode_shard(table_to_parquet_bytes(encode_samples(bad, 8, Encoding(name), 500)), 8, "x")
+
+
 @pytest.mark.parametrize("spec", ["packed-q8", "compact", "compact:max_kl=1e-6", "compact:max_kl=1e-3"])
 def test_lossy_encodings_keep_ids_and_stay_within_their_error(spec):
     k, vocab = 16, 2000
@@ -316,7 +345,7 @@ def test_every_footer_value_is_utf8_text(name):
     data = table_to_parquet_bytes(encode_samples(peaked_samples(3, 4, 500), 4, Encoding(name), 500))
     meta = pq.ParquetFile(pa.BufferReader(data)).metadata.metadata
     assert meta and all(isinstance(v.decode("utf-8"), str) for v in meta.values())
-    assert json.loads(meta[b"softlabels.schema_version"]) == SCHEMA_VERSION == 5
+    assert json.loads(meta[b"softlabels.schema_version"]) == SCHEMA_VERSION == 6
 
 
 @pytest.mark.parametrize("name", ["fp16", "packed", "packed-q8", "compact"])

@@ -26,8 +26,9 @@ def cfg(teacher: str, output: str, **kw) -> LabelConfig:
     return LabelConfig(**base)
 
 
-def direct_labels(teacher_dir: str, ids: np.ndarray, k: int):
-    """Full-softmax labels of one sequence, computed directly in fp64."""
+def direct_labels(teacher_dir: str, ids: np.ndarray, k: int, follows: bool = False):
+    """Full-softmax labels of one sequence, computed directly in fp64 (``follows``: also each position's
+    log-prob of the token after it, NaN at the last)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
@@ -36,7 +37,11 @@ def direct_labels(teacher_dir: str, ids: np.ndarray, k: int):
     logp = torch.log_softmax(logits, -1)
     vals, top = torch.topk(logp, k, -1)
     rest = torch.logsumexp(logp.scatter(-1, top, float("-inf")), -1)
-    return top.numpy(), vals.numpy(), rest.numpy()
+    if not follows:
+        return top.numpy(), vals.numpy(), rest.numpy()
+    nxt = np.full(len(ids), np.nan)
+    nxt[:-1] = logp[torch.arange(len(ids) - 1), torch.as_tensor(ids[1:], dtype=torch.long)].numpy()
+    return top.numpy(), vals.numpy(), rest.numpy(), nxt
 
 
 def read_all_bytes(root: str) -> dict[str, bytes]:
@@ -91,10 +96,12 @@ def test_labels_match_direct_full_softmax(ray_local, tiny_teacher, storage_root)
     assert sum(len(s.input_ids) for s in samples) == m.totals.tokens
     for s in samples[:4] + samples[-2:]:
         assert s.sample_id == sample_id(m.tokenizer.fingerprint, s.input_ids)
-        top, vals, tail = direct_labels(tiny_teacher, s.input_ids, 8)
+        top, vals, tail, nxt = direct_labels(tiny_teacher, s.input_ids, 8, follows=True)
         np.testing.assert_array_equal(s.topk_ids, top)
         np.testing.assert_allclose(s.topk_logprobs, vals, atol=2e-3 + 1e-3 * np.abs(vals).max())  # fp16 storage
         np.testing.assert_allclose(s.tail_logprob, tail, atol=1e-4)
+        np.testing.assert_allclose(s.target_logprob, nxt, atol=1e-4)  # float32, in the top-k or not; NaN last
+    assert m.target_logprobs and m.schema_version == 6
     # the manifest records what was labeled, and never the credentials
     text = json.dumps(json.loads(m.to_json()))
     assert SECRET_KEY not in text and ACCESS_KEY not in text
@@ -247,6 +254,8 @@ def test_packing_joins_documents_with_eos_and_keeps_the_remainder(ray_local, tin
         want = np.ones(len(s.input_ids), bool)
         want[[c - 1 for c in cuts]] = False
         np.testing.assert_array_equal(s.trained if s.trained is not None else np.ones(len(s.input_ids), bool), want)
+        # the token that follows: none after a row's last position (a document's EOS is not trained)
+        np.testing.assert_array_equal(np.isnan(s.target_logprob), s.label_positions == len(s.input_ids) - 1)
 
 
 @pytest.mark.slow

@@ -43,6 +43,31 @@ def test_matches_full_softmax(head, k, temperature):
         torch.testing.assert_close(total, torch.zeros(50, dtype=torch.float64), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_target_logprobs_match_full_softmax_in_and_out_of_the_topk(head, temperature):
+    """The log-prob of the token that follows, whether in the top-k or not; NaN where none follows; with tail
+    samples too (the extra comes last); the other columns as without it."""
+    hidden = torch.randn(60, 16)
+    logp = torch.log_softmax(head(hidden).double() / temperature, -1)
+    targets = torch.randint(0, 97, (60,))
+    targets[:8] = logp[:8].argmax(-1)  # some in the top-k for sure
+    targets[[10, 33, 59]] = -1  # no token follows there
+    ids, lp, tail, target = topk_with_tail(hidden, head, 8, temperature, chunk=16, targets=targets)
+    want = logp.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
+    want[targets < 0] = float("nan")
+    torch.testing.assert_close(target.double(), want, rtol=0, atol=2e-5, equal_nan=True)
+    inside = (ids.long() == targets[:, None]).any(-1)
+    assert inside.sum() >= 8 and (~inside & (targets >= 0)).sum() > 20  # both cases are exercised
+    at = (ids.long() == targets[:, None]).float().argmax(-1)
+    assert torch.equal(target[inside], lp[inside].gather(-1, at[inside, None]).squeeze(-1))  # its entry's value
+    plain = topk_with_tail(hidden, head, 8, temperature, chunk=16)
+    assert all(torch.equal(a, b) for a, b in zip(plain, (ids, lp, tail)))
+    *_, drawn, counts, again = topk_with_tail(hidden, head, 8, temperature, chunk=16, tail_samples=3,
+                                              generator=torch.Generator().manual_seed(0), targets=targets)
+    assert drawn.shape == counts.shape == (60, 3)
+    assert torch.allclose(again, target, equal_nan=True)
+
+
 def test_tail_is_exact_when_topk_holds_almost_all_mass():
     head = torch.nn.Linear(4, 10, bias=False)
     with torch.no_grad():
