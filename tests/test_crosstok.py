@@ -203,6 +203,75 @@ def test_another_tokenizer_aligns_where_both_have_a_boundary(label_set, byte_lev
         assert 0.2 < aligned / total < 1
 
 
+def _direct_chunk_term(hidden, head, batch):
+    """The chunk term written out: full log-softmax, each chunk's student log-probability summed position by
+    position in Python, the binary KL to the teacher's, mean over chunks."""
+    logq = torch.log_softmax(head(hidden).double(), -1)
+    terms = []
+    b, t = batch["chunk_len"].shape
+    for i in range(b):
+        for q in range(t):
+            m = int(batch["chunk_len"][i, q])
+            if not m:
+                continue
+            ls = sum(logq[i, j, batch["targets"][i, j]] for j in range(q, q + m))
+            lt = torch.tensor(float(batch["chunk_logprob"][i, q]), dtype=torch.float64)
+            a = lt.exp()
+            terms.append(a * (lt - ls) + (1 - a) * (torch.log1p(-a) - torch.log1p(-ls.exp())))
+    return torch.stack(terms).mean()
+
+
+def test_chunk_likelihoods_against_a_direct_computation(label_set, byte_level):
+    """Chunks (spans where both tokenizations have a boundary at both ends) and the teacher's log-probability of
+    each from the stored target_logprob, against a walk over byte offsets; the chunk term and its gradient
+    against autograd of the direct form; with one tokenizer every chunk is one token (the same on both paths)."""
+    from transformers import AutoTokenizer
+
+    ls = open_label_set(label_set)
+    assert ls.manifest.target_logprobs
+    samples = list(ls.iter_samples(ls.manifest.shards[:2]))[:6]
+    student = AutoTokenizer.from_pretrained(byte_level)
+    cross = CrossTokenizer(ls, load_label_tokenizer(ls), student, "other")
+    items = [cross(s) for s in samples]
+    n_chunks = 0
+    for s, item in zip(samples, items):
+        text = text_of(cross.teacher, s.input_ids, s.spans)
+        ids = student(text.decode("utf-8"), add_special_tokens=False)["input_ids"]
+        ends_t = list(np.cumsum(s.spans.astype(int)))
+        ends_s = list(np.cumsum(spans_for(cross.student, ids, text)))
+        aligned = [q for q, e in enumerate(ends_s) if e in ends_t]
+        want_len, want_lp = np.zeros(len(ids), int), np.zeros(len(ids))
+        for q0, q1 in zip(aligned, aligned[1:]):
+            t0, t1 = ends_t.index(ends_s[q0]), ends_t.index(ends_s[q1])
+            lps = s.target_logprob[t0:t1]  # teacher positions predicting the chunk's tokens (every one trained here)
+            if q1 < len(ids) and np.isfinite(lps).all() and t1 > t0:
+                want_len[q0], want_lp[q0] = q1 - q0, lps.astype(np.float64).sum()
+        assert item["chunk_len"].tolist() == want_len.tolist()
+        np.testing.assert_allclose(item["chunk_logprob"].numpy(), want_lp, rtol=1e-5, atol=1e-5)
+        assert want_len.max() > 1  # some chunks span several student tokens
+        n_chunks += int((want_len > 0).sum())
+    batch = collate(items)
+    model, _ = build_student("tiny", ls, seed=1, student_tokenizer=byte_level)
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    head = model.get_output_embeddings()
+    h = hidden.detach().requires_grad_(True)
+    with_chunks, parts = chunked_loss(h, head, "xtok-kl", batch, chunk=50, chunk_weight=0.5)  # 50: several pieces
+    without, _ = chunked_loss(h, head, "xtok-kl", batch, chunk=50)
+    direct = _direct_chunk_term(h, head, batch)
+    assert n_chunks > 20 and abs(parts["chunk"] - direct.item()) < 1e-4 * max(1, direct.item())
+    assert abs((with_chunks - without).item() - 0.5 * direct.item()) < 1e-4
+    got = torch.autograd.grad(with_chunks - without, h)[0]
+    want = torch.autograd.grad(0.5 * direct, h)[0]
+    torch.testing.assert_close(got, want.float(), rtol=1e-3, atol=1e-6)
+    # one tokenizer: each trained position with a next token is a chunk of one, the same through either path
+    same = CrossTokenizer(ls, load_label_tokenizer(ls), load_label_tokenizer(ls), "same")
+    for s in samples:
+        a, b = same(s), sample_to_tensors(s)
+        assert torch.equal(a["chunk_len"], b["chunk_len"]) and torch.equal(a["chunk_logprob"], b["chunk_logprob"])
+        assert a["chunk_len"].tolist() == [1] * (len(s.input_ids) - 1) + [0]
+        assert torch.equal(a["chunk_logprob"][:-1], torch.tensor(s.target_logprob[:-1]))
+
+
 def test_uld_term_against_a_direct_computation():
     """xtok-uld = xtok-kl + sum over the unmapped entries of |sorted teacher p - sorted student q outside the mapped ids|."""
     g = torch.Generator().manual_seed(0)
@@ -231,13 +300,13 @@ def test_uld_term_against_a_direct_computation():
 
 @pytest.mark.slow
 def test_student_with_another_tokenizer_trains_and_resumes(label_set, byte_level, tmp_path):
-    """A tiny student built for the 700-token byte-level tokenizer: bits per byte and coverage reported; stopped at
+    """A tiny student built for the 700-token byte-level tokenizer, with the chunk term: bits per byte and coverage reported; stopped at
     its step-2 checkpoint and resumed to step 4 (2 DataLoader workers), it ends as the uninterrupted run (a constant
     learning rate: the schedule does not depend on --steps)."""
     def args(out, *extra, steps="4"):
         return ["train", "--labels", label_set, "--output", str(out), "--student-tokenizer", byte_level, "--steps", steps,
                 "--batch-size", "3", "--lr", "3e-3", "--warmup-steps", "0", "--min-lr-ratio", "1", "--eval-batches", "1",
-                "--checkpoint-every", "2", "--num-workers", "2", "--json", *extra]
+                "--checkpoint-every", "2", "--num-workers", "2", "--chunk-weight", "0.5", "--json", *extra]
 
     code, out, err = cli_in_process(*args(tmp_path / "a"))
     assert code == 0, err
@@ -246,6 +315,9 @@ def test_student_with_another_tokenizer_trains_and_resumes(label_set, byte_level
     assert 0.2 < after["aligned"] < 1 and 0 < after["mapped_mass"] < 1 and after["bpb"] > 0
     run = json.loads((tmp_path / "a" / "checkpoints" / "step-000004" / "run.json").read_text())
     assert run["loss"] == "xtok-uld" and run["student_tokenizer"] == byte_level and run["token_map"] == "first"
+    assert run["chunk_weight"] == 0.5  # the chunk term trained here (and a resume keeps it)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["chunk"] > 0 for r in rows if "loss" in r) and any("loss" in r for r in rows)
     code, _, err = cli_in_process(*args(tmp_path / "b", steps="2"))
     assert code == 0, err
     code, _, err = cli_in_process(*args(tmp_path / "b", "--resume"))
@@ -291,3 +363,9 @@ def test_bad_input_across_tokenizers(label_set, tmp_path):
     with pytest.raises(Exception, match="has a spans column; the manifest says it has none"):
         next(open_label_set(str(data)).iter_samples())
     attach([], ls, same, "same")  # the set's own tokenizer: nothing to align
+    # the chunk term on a set labeled before target log-probs (the stored v5 fixture): one line, before training
+    v5 = str(__import__("pathlib").Path(__file__).parent / "fixtures" / "v5-sets" / "fp16")
+    code, _, err = cli_in_process("train", "--labels", v5, "--output", str(tmp_path / "s"), "--chunk-weight", "0.5")
+    assert_one_line_error(code, err, "train", "--chunk-weight", "holds no target log-probs", "schema v5")
+    code, _, err = cli_in_process("train", "--labels", label_set, "--output", str(tmp_path / "s"), "--chunk-weight", "-1")
+    assert_one_line_error(code, err, "train", "chunk_weight must be a finite number in [0, inf)")

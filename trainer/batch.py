@@ -57,6 +57,12 @@ def sample_to_tensors(s: Sample, top_k: int | None = None, byte_lengths: np.ndar
         out["target_bytes"] = torch.from_numpy(nxt)
     if s.doc_lengths is not None and len(s.doc_lengths) > 1:
         out["doc_lengths"] = torch.tensor(s.doc_lengths, dtype=torch.long)
+    if s.target_logprob is not None:
+        # One tokenizer: each trained position whose next token the teacher scored is a chunk of its own.
+        target = np.asarray(s.target_logprob, np.float32)
+        ok = np.isfinite(target)
+        out["chunk_len"] = _at_positions(ok.astype(np.int64), s.trained, torch.long)
+        out["chunk_logprob"] = _at_positions(np.where(ok, target, 0), s.trained, torch.float32)
     # Tail draws describe the tail of the stored k; a truncated k' has a larger tail they never saw.
     if s.tail_sample_ids is not None and (top_k is None or top_k >= s.topk_ids.shape[1]):
         out["tail_sample_ids"] = _at_positions(s.tail_sample_ids, s.trained, torch.long)
@@ -81,9 +87,11 @@ def model_inputs(batch: dict[str, torch.Tensor], model: Any = None) -> dict[str,
 
 
 _ROW_KEYS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob", "tail_sample_ids", "tail_sample_counts",
-             "topk_mapped", "kd_mask", "ce_mask", "target_bytes")  # the last four: per-position extras
-# Per-position extras, right-padded like the labels: a student with another tokenizer (trainer.crosstok), bytes.
-_EXTRA_KEYS = {"topk_mapped": torch.bool, "kd_mask": torch.bool, "ce_mask": torch.bool, "target_bytes": torch.long}
+             "topk_mapped", "kd_mask", "ce_mask", "target_bytes", "chunk_len", "chunk_logprob")  # from topk_mapped: extras
+# Per-position extras, right-padded like the labels: a student with another tokenizer (trainer.crosstok), bytes,
+# chunks of text and the teacher's log-probability of each (a set with target_logprob: the chunk term).
+_EXTRA_KEYS = {"topk_mapped": torch.bool, "kd_mask": torch.bool, "ce_mask": torch.bool, "target_bytes": torch.long,
+               "chunk_len": torch.long, "chunk_logprob": torch.float32}
 
 
 def pack(samples: list[dict[str, torch.Tensor]], length: int) -> list[dict[str, torch.Tensor]]:

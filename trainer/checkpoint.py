@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 # Run-record keys added after checkpoints already existed: a checkpoint that lacks one is not checked for it
 # (it still resumes). The student tokenizer's fingerprint: issue 29.
-RECORDED_LATER = ("student_tokenizer_fingerprint",)
+RECORDED_LATER = ("student_tokenizer_fingerprint", "chunk_weight")
 
 
 def rng_state() -> dict[str, Any]:

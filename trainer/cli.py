@@ -82,6 +82,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"training loss; tail-sampled needs a set labeled with --tail-samples; xtok-kl and xtok-uld are for "
                    f"students with another tokenizer (default: {DEFAULT_LOSS}, or {DEFAULT_CROSS_LOSS} with another tokenizer)")
     r.add_argument("--alpha", type=float, default=S, help=f"KD weight; 1 - alpha goes to CE on true tokens (default: {d.alpha})")
+    r.add_argument("--chunk-weight", type=float, default=S,
+                   help="weight of the chunk likelihood term: the teacher's and the student's probabilities of each "
+                   "span of text both tokenizations split at (one token with one tokenizer) matched; needs a set "
+                   f"labeled by softlabels >= 0.8 (default: {d.chunk_weight}, off)")
     r.add_argument("--temperature", type=float, default=S, help=f"student-side temperature for KD (default: {d.temperature})")
     r.add_argument("--seed", type=int, default=S, help=f"seed for init, data order and dropout (default: {d.seed})")
     r.add_argument("--eval-every", type=int, default=S, help="evaluate every N steps (default: 0, before and after only)")

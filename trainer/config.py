@@ -22,8 +22,8 @@ DEFAULT_LOSS, DEFAULT_CROSS_LOSS = "tail-kl", "xtok-uld"
 CROSS_LOSSES = ("xtok-kl", "xtok-uld", "ce")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # A resumed run continues one run: these must be what its checkpoint recorded ...
-KEEP_ON_RESUME = ("student", "student_tokenizer", "token_map", "init_from", "fsdp", "loss", "alpha", "temperature", "top_k", "seed", "batch_size", "grad_accum",
-                  "eval_fraction", "shuffle_window", "precision")
+KEEP_ON_RESUME = ("student", "student_tokenizer", "token_map", "init_from", "fsdp", "loss", "alpha", "chunk_weight",
+                  "temperature", "top_k", "seed", "batch_size", "grad_accum", "eval_fraction", "shuffle_window", "precision")
 # ... and these too, unless named in --allow-changed (deliberate changes to the optimizer's course).
 CHANGEABLE = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "clip")
 
@@ -49,6 +49,9 @@ class TrainConfig:
     clip: float = 1.0
     loss: str | None = None  # None: DEFAULT_LOSS, or DEFAULT_CROSS_LOSS for a student with another tokenizer
     alpha: float = 1.0  # weight of the KD term; (1 - alpha) goes to CE on true tokens
+    # weight of the chunk likelihood term (the teacher's and the student's probabilities of each chunk of text
+    # matched; needs a set with target_logprob, schema v6): 0 turns it off
+    chunk_weight: float = 0.0
     temperature: float = 1.0
     seed: int = 0
     eval_fraction: float = 0.05
@@ -104,6 +107,7 @@ class TrainConfig:
         _check_float(self, "weight_decay", 0, None)
         _check_float(self, "min_lr_ratio", 0, 1)
         _check_float(self, "alpha", 0, 1)
+        _check_float(self, "chunk_weight", 0, None)
         _check_float(self, "temperature", 0, None, low_open=True)
         _check_float(self, "eval_fraction", 0, 1, high_open=True)
         if not (isinstance(self.clip, (int, float)) and not isinstance(self.clip, bool) and self.clip > 0):

@@ -219,7 +219,9 @@ class CrossTokenizer:
         probs = np.exp(merged_lp.astype(np.float64))
         total = probs.sum(1) + np.exp(tail[rows].astype(np.float64))
         mapped_mass = float(((probs * mapped).sum(1) / np.maximum(total, 1e-30)).sum())
+        chunks = {} if s.target_logprob is None else self._chunks(s, aligned, p, row_of, ce)
         return {
+            **chunks,
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "topk_ids": torch.from_numpy(full_ids),
             "topk_mapped": torch.from_numpy(full_mapped),
@@ -231,6 +233,31 @@ class CrossTokenizer:
             "target_bytes": torch.from_numpy(target_bytes),
             "xtok_stats": torch.tensor([len(tail), int(kd.sum()), mapped_mass], dtype=torch.float64),
         }
+
+
+    @staticmethod
+    def _chunks(s: Sample, aligned: np.ndarray, p: np.ndarray, row_of: np.ndarray, ce: np.ndarray) -> dict[str, torch.Tensor]:
+        """The text between consecutive aligned positions (both tokenizations have a boundary at both ends) as
+        chunks: ``chunk_len`` at each chunk's first student position (its student positions), ``chunk_logprob``
+        there (the teacher's log-probability of its bytes: the sum of the stored ``target_logprob`` along its
+        teacher positions). A chunk counts only if every teacher position in it has that log-prob (trained, with
+        a next token) and every student position in it has a trained next token."""
+        n = len(aligned)
+        chunk_len = np.zeros(n, np.int64)
+        chunk_lp = np.zeros(n, np.float32)
+        at = np.flatnonzero(aligned)
+        if len(at) >= 2:
+            target = np.where(row_of >= 0, s.target_logprob[row_of.clip(0)], np.nan)
+            good = np.isfinite(target)
+            bad_t = np.concatenate([[0], np.cumsum(~good)])
+            sum_t = np.concatenate([[0.0], np.cumsum(np.where(good, target, 0).astype(np.float64))])
+            bad_s = np.concatenate([[0], np.cumsum(~ce)])
+            a, b = at[:-1], at[1:]
+            ta, tb = p[a], p[b]
+            ok = (tb > ta) & (bad_t[tb] == bad_t[ta]) & (bad_s[b] == bad_s[a])
+            chunk_len[a[ok]] = (b - a)[ok]
+            chunk_lp[a[ok]] = (sum_t[tb] - sum_t[ta])[ok]
+        return {"chunk_len": torch.from_numpy(chunk_len), "chunk_logprob": torch.from_numpy(chunk_lp)}
 
 
 def attach(datasets: list[Any], labels: LabelSet, tokenizer: Any, where: str,

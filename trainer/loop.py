@@ -150,6 +150,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     if cfg.loss == "tail-sampled" and not train_ds.manifest.tail_samples:
         raise UserError(f"--loss tail-sampled: the label set {cfg.labels} has no tail samples (label it with --tail-samples S)")
+    if cfg.chunk_weight > 0 and not train_ds.manifest.target_logprobs:
+        raise UserError(f"--chunk-weight: the label set {cfg.labels} holds no target log-probs (labeled before "
+                        "softlabels 0.8.0, schema v{}); relabel it, or train with --chunk-weight 0".format(
+                            train_ds.manifest.schema_version))
     spec, trained_with = (cfg.student, None) if cfg.init_from is None else _init_from(cfg.init_from)
     model, tokenizer = build_student(spec, train_ds.labels, cfg.seed, allow_vocab_mismatch=cfg.allow_vocab_mismatch,
                                      trust_remote_code=cfg.trust_remote_code,

@@ -154,6 +154,49 @@ def _cross_tokenizer(logits: torch.Tensor, kind: str, topk_ids: torch.Tensor, to
     return loss * temperature**2
 
 
+def binary_kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(Bernoulli(a) || Bernoulli(b)) from ``log a`` and ``log b`` (both <= 0), elementwise: the distance
+    approximate likelihood matching puts between two probabilities of one event (here, a chunk of text)."""
+    log_a = log_a.clamp(max=-1e-7)
+    log_b = log_b.clamp(max=-1e-7)
+    a = log_a.exp()
+    return a * (log_a - log_b) + (1 - a) * (log1mexp(log_a) - log1mexp(log_b))
+
+
+def chunk_members(chunk_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From ``chunk_len`` (per flat position: a chunk's length at its first position, 0 elsewhere): the chunks'
+    first positions ``[C]``, and every member position ``[M]`` with the chunk it belongs to ``[M]``."""
+    flat = chunk_len.reshape(-1)
+    starts = flat.nonzero().squeeze(-1)
+    lens = flat[starts]
+    which = torch.repeat_interleave(torch.arange(len(starts), device=flat.device), lens)
+    offsets = torch.arange(len(which), device=flat.device) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+    return starts, starts[which] + offsets, which
+
+
+def chunk_likelihood(student_logq: torch.Tensor, positions: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """The chunk term: ``sum over chunks of KL(Bernoulli(P_teacher(chunk)) || Bernoulli(P_student(chunk)))``.
+
+    A chunk is a span of the text where both tokenizations have a boundary at both ends (with one tokenizer:
+    one token); ``batch["chunk_len"]`` marks each at its first position with its number of student positions,
+    ``batch["chunk_logprob"]`` holds there the teacher's log-probability of the chunk (the sum of the stored
+    ``target_logprob`` along it). The student's is the sum of its own log-probs of its next tokens along it:
+    ``student_logq`` at the flat ``positions`` it was computed for (which hold every chunk's members).
+    Returns the sum over chunks and their number."""
+    starts, members, which = chunk_members(batch["chunk_len"])
+    if not len(starts):
+        return student_logq.new_zeros(()), 0
+    where = torch.full((batch["chunk_len"].numel(),), -1, dtype=torch.long, device=student_logq.device)
+    where[positions] = torch.arange(len(positions), device=student_logq.device)
+    at = where[members]
+    if bool((at < 0).any()):
+        raise ValueError("a chunk covers a position without a label (the batch's chunks and masks disagree)")
+    student = torch.zeros(len(starts), dtype=student_logq.dtype, device=student_logq.device).index_add(
+        0, which, student_logq[at])
+    teacher = batch["chunk_logprob"].reshape(-1)[starts].to(student.dtype)
+    return binary_kl(teacher, student).sum(), len(starts)
+
+
 def label_positions(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[Any, ...]:
     """Flatten a batch to its labeled positions.
 
@@ -192,6 +235,7 @@ def chunked_loss(
     temperature: float = 1.0,
     alpha: float = 1.0,
     chunk: int = 1024,
+    chunk_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of a batch from student hidden states ``[B, T, H]``.
 
@@ -199,8 +243,10 @@ def chunked_loss(
     ``alpha * KD + (1 - alpha) * CE`` (ignored for ``kind="ce"``). A student with another tokenizer
     (a batch with ``kd_mask``) has teacher labels at its aligned positions only: its KD term takes the
     true next token's CE at the others (the only label there), so no trained position goes untrained.
+    ``chunk_weight`` adds that weight times the chunk likelihood term (:func:`chunk_likelihood`, mean over
+    chunks): it needs a batch with ``chunk_len``/``chunk_logprob`` (a label set with ``target_logprob``).
     Returns the scalar loss and its parts (KD over label positions, CE over
-    positions with a true next token), for logging.
+    positions with a true next token, the chunk term), for logging.
     """
     h, ids, lps, tail, targets, drawn, extra = label_positions(hidden, batch)
     mapped, kd_at = extra.get("mapped"), extra.get("kd")
@@ -210,12 +256,16 @@ def chunked_loss(
     use_ce = kind == "ce" or alpha < 1
     kd_sum = h.new_zeros((), dtype=torch.float32)
     ce_sum = h.new_zeros((), dtype=torch.float32)
+    use_chunks = chunk_weight > 0
+    if use_chunks and "chunk_len" not in batch:
+        raise ValueError("a chunk term needs batches with chunk_len and chunk_logprob (a label set with target_logprob)")
+    logq = []  # the student's log-prob of each position's next token, for the chunk term
 
     def piece(hc: torch.Tensor, ic: torch.Tensor, lc: torch.Tensor, tc: torch.Tensor, tg: torch.Tensor,
               di: torch.Tensor | None, dc: torch.Tensor | None, mc: torch.Tensor | None, kc: torch.Tensor | None):
         logits = head(hc)
         ts = (di, dc) if di is not None else None
-        ce_at = position_loss(logits, "ce", targets=tg) if use_ce or (use_kd and kc is not None) else None
+        ce_at = position_loss(logits, "ce", targets=tg) if use_ce or use_chunks or (use_kd and kc is not None) else None
         if use_kd:
             per = position_loss(logits, kind, ic, lc, tc, temperature=temperature, tail_samples=ts, mapped=mc)
             if kc is not None:  # across tokenizers: the teacher's label where aligned, the true next token elsewhere
@@ -224,7 +274,7 @@ def chunked_loss(
         else:
             kd = hc.new_zeros(())
         ce = ce_at.sum() if use_ce else hc.new_zeros(())
-        return kd.float(), ce.float()
+        return kd.float(), ce.float(), (-ce_at.float() if use_chunks else hc.new_zeros((0,)))
 
     # Several chunks: each chunk's logits are recomputed in the backward (checkpoint), so one chunk's [chunk, V]
     # logits live at a time. One chunk: nothing to save by recomputing (its logits are rebuilt while the model's
@@ -237,11 +287,12 @@ def chunked_loss(
                 *((drawn[0][s:e], drawn[1][s:e]) if drawn is not None else (None, None)),
                 None if mapped is None else mapped[s:e], None if kd_at is None else kd_at[s:e])
         if recompute:
-            kd, ce = checkpoint(piece, *args, use_reentrant=False)
+            kd, ce, lq = checkpoint(piece, *args, use_reentrant=False)
         else:
-            kd, ce = piece(*args)
+            kd, ce, lq = piece(*args)
         kd_sum = kd_sum + kd
         ce_sum = ce_sum + ce
+        logq.append(lq)
     n_kd = max(1, h.shape[0] if kd_at is None else int((kd_at | (targets != -100)).sum()))
     n_ce = max(1, int((targets != -100).sum()))
     kd_mean, ce_mean = kd_sum / n_kd, ce_sum / n_ce
@@ -252,4 +303,9 @@ def chunked_loss(
     parts = {"ce": float(ce_mean.detach()) if use_ce else float("nan")}
     if use_kd:
         parts["kd"] = float(kd_mean.detach())
+    if use_chunks:
+        chunk_sum, n_chunks = chunk_likelihood(torch.cat(logq), batch["label_mask"].reshape(-1).nonzero().squeeze(-1), batch)
+        chunk_mean = chunk_sum / max(1, n_chunks)
+        total = total + chunk_weight * chunk_mean
+        parts["chunk"] = float(chunk_mean.detach())
     return total, parts

@@ -42,7 +42,7 @@ class KDModule(torch.nn.Module):
         hidden = body(**model_inputs(batch, self.model)).last_hidden_state
         # train() resolves the loss; built directly, an unset one is the default (another tokenizer's: its batches say)
         loss = cfg.loss or resolve_loss(None, "kd_mask" in batch)
-        return chunked_loss(hidden, head, loss, batch, cfg.temperature, cfg.alpha, cfg.head_chunk)
+        return chunked_loss(hidden, head, loss, batch, cfg.temperature, cfg.alpha, cfg.head_chunk, cfg.chunk_weight)
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
