@@ -10,6 +10,9 @@ same teacher sequences, steps, batch and seed each), are trained by ``softlabels
   xtok-kl   KD across tokenizers without the ULD term
   ce        the student's own next tokens only (no teacher)
 
+A method may carry its own weights: ``LOSS@A`` trains with ``--alpha A``, ``LOSS+cW`` adds the chunk likelihood
+term with ``--chunk-weight W`` (a set with target log-probs: labeled by softlabels >= 0.8), e.g. ``xtok-uld@0.5+c1``.
+
 and, for reference, the ``tiny`` student with the teacher's tokenizer (``tail-kl`` and ``ce``). Every
 model is scored on the same held-out sequences in bits per byte of their text (comparable across
 tokenizers), the teacher model too. Also reported: the share of the teacher's labeled positions
@@ -57,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def ensure_labels(url: str) -> Any:
+def ensure_labels(url: str, chunks: bool = False) -> Any:
     from softlabels.schemas import open_label_set
     from softlabels.schemas.errors import MissingManifestError
 
@@ -69,6 +72,9 @@ def ensure_labels(url: str) -> Any:
         ls = open_label_set(url)
     if not ls.manifest.spans:
         sys.exit(f"{url} has no token spans: label it with --store-spans")
+    if chunks and not ls.manifest.target_logprobs:
+        sys.exit(f"{url} holds no target log-probs (labeled before softlabels 0.8): remove it to label it again, "
+                 "or pass --labels with another location")
     return ls
 
 
@@ -106,14 +112,22 @@ def spans_cost(ls: Any) -> tuple[int, int, int]:
     return with_spans, without, m.totals.tokens
 
 
+def parse_method(method: str, alpha: float) -> tuple[bool, str, float, float]:
+    """``[same:]LOSS[@ALPHA][+cWEIGHT]`` -> (the teacher's tokenizer?, loss, alpha, chunk weight)."""
+    same, rest = method.startswith("same:"), method.removeprefix("same:")
+    rest, _, chunk = rest.partition("+c")
+    loss, _, a = rest.partition("@")
+    return same, loss, float(a) if a else alpha, float(chunk) if chunk else 0.0
+
+
 def run_student(args: argparse.Namespace, method: str, tokenizer: str, out: Path) -> dict[str, Any]:
     from softlabels.trainer.loop import TrainConfig, train
 
-    same, loss = method.startswith("same:"), method.removeprefix("same:")
+    same, loss, alpha, chunk_weight = parse_method(method, args.alpha)
     cfg = TrainConfig(labels=args.labels, output=str(out), student="tiny", student_tokenizer=None if same else tokenizer,
                       steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=10, loss=loss,
-                      alpha=args.alpha, seed=args.seed, eval_fraction=args.eval_fraction, eval_batches=None,
-                      token_map=args.token_map)
+                      alpha=alpha, chunk_weight=chunk_weight, seed=args.seed, eval_fraction=args.eval_fraction,
+                      eval_batches=None, token_map=args.token_map)
     summary = train(cfg)
     return {"after": summary["after"], "params": summary["parameters"], "train_s": summary["train_s"],
             "tokens": summary["train_tokens"]}
@@ -142,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     t0 = time.time()
-    ls = ensure_labels(args.labels)
+    ls = ensure_labels(args.labels, any(parse_method(m, args.alpha)[3] > 0 for m in args.methods.split(",")))
     with_spans, without, tokens = spans_cost(ls)
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="softlabels-xtok-") as tmp:
@@ -157,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         map_s = time.time() - t
         for method in args.methods.split(","):
             t = time.time()
-            results[method] = run_student(args, method, tok_dir, Path(tmp) / method.replace(":", "-"))
+            results[method] = run_student(args, method, tok_dir, Path(tmp) / method.replace(":", "-").replace("@", "-a"))
             a = results[method]["after"]
             print(f"{method}: held-out bits/byte {a['bpb']:.4f}, CE {a['ce']:.4f}/token ({time.time() - t:.0f} s)", flush=True)
     teacher = None if args.no_teacher else score_teacher(args, ls)
