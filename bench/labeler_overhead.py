@@ -96,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_teacher(args: argparse.Namespace, workdir: Path) -> tuple[Any, str, str]:
     """Return ``(TeacherRunner, tokenizer fingerprint, description)``."""
+    from softlabels.labeler.seams import LabelSettings
     from softlabels.labeler.teacher import TeacherRunner, load_tokenizer, pick_device_dtype, resolve_teacher
     from softlabels.schemas import tokenizer_fingerprint
 
@@ -110,7 +111,7 @@ def load_teacher(args: argparse.Namespace, workdir: Path) -> tuple[Any, str, str
     else:
         source = resolve_teacher(args.teacher)
         fp, desc = tokenizer_fingerprint(load_tokenizer(source)), source.display_name
-    runner = TeacherRunner(source, dtype, device, args.top_k, 1.0, args.batch_tokens, args.head_chunk)
+    runner = TeacherRunner(source, dtype, device, LabelSettings(args.top_k, 1.0, args.batch_tokens, args.head_chunk))
     params = sum(p.numel() for p in runner.model.parameters())
     return runner, fp, f"{desc}; {params / 1e6:.1f}M parameters, vocab {runner.vocab:,}"
 

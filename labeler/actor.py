@@ -13,7 +13,7 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-from softlabels.labeler.seams import UnitInput, UnitLabels
+from softlabels.labeler.seams import LabelSettings, UnitInput, UnitLabels
 from softlabels.labeler.teacher import TeacherRunner, TeacherSource, resolve_teacher
 from softlabels.schemas import Encoding, Sample, encode_samples, sample_id, table_to_parquet_bytes
 
@@ -28,19 +28,15 @@ class TeacherActor:
         source: TeacherSource,
         dtype: str,
         device: str,
-        top_k: int,
-        temperature: float,
-        batch_tokens: int,
-        head_chunk: int,
+        settings: LabelSettings,
         trust_remote_code: bool,
         threads: int | None,
-        tail_samples: int = 0,
         gpus: int = 1,
     ) -> None:
         # Nothing heavy here: the driver learns the replica's node from a started process at once and
         # starts the shard writers beside it while the teacher loads (:meth:`load`).
-        self.args = (dtype, device, top_k, temperature, batch_tokens, head_chunk, trust_remote_code, tail_samples)
-        self.source, self.threads, self.gpus = source, threads, gpus
+        self.source, self.dtype, self.device, self.settings = source, dtype, device, settings
+        self.trust_remote_code, self.threads, self.gpus = trust_remote_code, threads, gpus
         self.runner: TeacherRunner | None = None
         self.loaded_at: float | None = None  # epoch seconds: the teacher is ready (the summary's start-up split)
 
@@ -58,7 +54,8 @@ class TeacherActor:
             if source.is_builtin:
                 # The driver's cache path may not exist on this node: fetch/convert here.
                 source = resolve_teacher(source.spec, source.revision)
-            self.runner = TeacherRunner(source, *self.args, spread=self.gpus > 1)
+            self.runner = TeacherRunner(source, self.dtype, self.device, self.settings, self.trust_remote_code,
+                                        spread=self.gpus > 1)
             import time
 
             self.loaded_at = time.time()
@@ -72,13 +69,12 @@ class TeacherActor:
         crash_point("labeler.labeled")  # the unit is labeled, nothing of it written yet
         return labels
 
-    def new_run(self, top_k: int, temperature: float, batch_tokens: int, head_chunk: int, tail_samples: int) -> None:
-        """A kept replica starts another run (labeler.pipeline.KEEP_TEACHERS_ENV) with that run's label settings
+    def new_run(self, settings: LabelSettings) -> None:
+        """A kept replica starts another run (labeler.replicas.KEEP_TEACHERS_ENV) with that run's label settings
         (the loaded model stays); its first batch is to come."""
-        dtype, device, _, _, _, _, trust_remote_code, _ = self.args
-        self.args = (dtype, device, top_k, temperature, batch_tokens, head_chunk, trust_remote_code, tail_samples)
+        self.settings = settings
         if self.runner is not None:
-            self.runner.configure(top_k, temperature, batch_tokens, head_chunk, tail_samples)
+            self.runner.configure(settings)
             self.runner.first_batch_at = None
 
     def first_batch_at(self) -> tuple[float | None, float | None]:

@@ -23,7 +23,8 @@ from typing import Any
 from softlabels.labeler.config import LabelConfig
 from softlabels.labeler.corpus import Corpus, RowFormat
 from softlabels.labeler.plan import Rendering, tokenizer_bos
-from softlabels.labeler.pipeline import NothingToLabel, Pipeline, Replicas, start_replicas
+from softlabels.labeler.pipeline import NothingToLabel, Pipeline
+from softlabels.labeler.replicas import Replicas, start_replicas
 from softlabels.labeler.raysession import cluster_gpus, ray_session
 from softlabels.labeler.teacher import TeacherSource, load_tokenizer, pick_device_dtype, resolve_teacher, teacher_info
 from softlabels.schemas import (
@@ -276,7 +277,7 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
     tok_info = TokenizerInfo(name=source.display_name, vocab_size=len(tokenizer), fingerprint=tokenizer_fingerprint(tokenizer),
                              id_space=id_space)
 
-    device, dtype = replicas.device, replicas.dtype
+    dtype = replicas.dtype
     try:
         t_info = teacher_info(source, dtype)
         identity = {
@@ -304,8 +305,8 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
             log.info("resuming: %d committed unit(s) verified", len(done))
         tok_info = dataclasses.replace(tok_info, checksums=writer.write_tokenizer(tokenizer))
         try:
-            out = Pipeline(ray, cfg, source, device, dtype, tokenizer, tok_info.fingerprint, corpus, seq_cfg, done,
-                           id_space, writer.owner(), writer.record, rendering, replicas).run()
+            out = Pipeline(ray, cfg, replicas, tokenizer, tok_info.fingerprint, corpus, seq_cfg, done,
+                           id_space, writer.owner(), writer.record, rendering).run()
         except NothingToLabel:
             if status == "new":
                 writer.abandon()  # leave the output as it was: a fixed corpus can then use it

@@ -18,6 +18,17 @@ EXTRAS = ("tail_sample_ids", "tail_sample_counts", "target_logprob")
 
 
 @dataclass(frozen=True)
+class LabelSettings:
+    """How a teacher labels one run: what a kept replica takes anew for each run (the model stays loaded)."""
+
+    top_k: int
+    temperature: float = 1.0
+    batch_tokens: int = 4096  # padded tokens per forward
+    head_chunk: int = 1024  # positions per LM-head application (bounds memory, not results)
+    tail_samples: int = 0  # draws per position from the tail (0: none)
+
+
+@dataclass(frozen=True)
 class UnitInput:
     """One unit's sequences, in plan order: what a teacher labels."""
 

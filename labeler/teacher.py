@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 from softlabels.labeler.builtin import BUILTIN_TEACHERS, builtin_teacher_dir, cache_dir
-from softlabels.labeler.seams import UnitLabels
+from softlabels.labeler.seams import LabelSettings, UnitLabels
 from softlabels.schemas import TeacherInfo
 from softlabels.schemas.errors import UserError
 
@@ -141,12 +141,8 @@ class TeacherRunner:
         source: TeacherSource,
         dtype: str,
         device: str,
-        top_k: int,
-        temperature: float = 1.0,
-        batch_tokens: int = 4096,
-        head_chunk: int = 1024,
+        settings: LabelSettings,
         trust_remote_code: bool = False,
-        tail_samples: int = 0,
         spread: bool = False,
     ) -> None:
         """``spread``: place the teacher's layers over every GPU this process sees (``device_map="auto"``;
@@ -173,16 +169,16 @@ class TeacherRunner:
         self.head_device = self.head.weight.device
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self.vocab = self.head.weight.shape[0]
-        self.configure(top_k, temperature, batch_tokens, head_chunk, tail_samples)
+        self.configure(settings)
         self.first_batch_at: float | None = None  # epoch seconds
 
-    def configure(self, top_k: int, temperature: float, batch_tokens: int, head_chunk: int, tail_samples: int) -> None:
+    def configure(self, settings: LabelSettings) -> None:
         """The label settings (a loaded teacher can take another run's)."""
-        if top_k > self.vocab:
-            raise UserError(f"--top-k {top_k} exceeds the teacher's vocabulary of {self.vocab}")
-        self.top_k, self.temperature = top_k, temperature
-        self.batch_tokens, self.head_chunk = batch_tokens, head_chunk
-        self.tail_samples = tail_samples
+        if settings.top_k > self.vocab:
+            raise UserError(f"--top-k {settings.top_k} exceeds the teacher's vocabulary of {self.vocab}")
+        self.top_k, self.temperature = settings.top_k, settings.temperature
+        self.batch_tokens, self.head_chunk = settings.batch_tokens, settings.head_chunk
+        self.tail_samples = settings.tail_samples
 
     def batches(self, lengths: list[int], lead: bool = False) -> list[list[int]]:
         """Length-bucketed batches (indices), each with padded size <= batch_tokens; with ``lead`` the

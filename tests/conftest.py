@@ -140,11 +140,11 @@ def ray_local():
         (_ray_init or ray.init)(address="local", num_cpus=2, include_dashboard=False,
                                 object_store_memory=300 * 1024**2, configure_logging=False)
     yield ray
-    from softlabels.labeler import pipeline
+    from softlabels.labeler import replicas
 
-    for actors in pipeline._KEPT.values():  # the kept teachers (SOFTLABELS_KEEP_TEACHERS): killed, not drained
-        pipeline._release(ray, actors)
-    pipeline._KEPT.clear()
+    for actors in replicas._KEPT.values():  # the kept teachers (SOFTLABELS_KEEP_TEACHERS): killed, not drained
+        replicas._release(ray, actors)
+    replicas._KEPT.clear()
     ray.shutdown()
 
 

@@ -214,9 +214,10 @@ def test_spans_of_chat_and_prompt_completion_rows_give_back_their_text(chatml_to
 
 @pytest.fixture(scope="module")
 def runner(tiny_teacher):
+    from softlabels.labeler.seams import LabelSettings
     from softlabels.labeler.teacher import TeacherRunner, resolve_teacher
 
-    return TeacherRunner(resolve_teacher(tiny_teacher), "float32", "cpu", top_k=8, batch_tokens=512)
+    return TeacherRunner(resolve_teacher(tiny_teacher), "float32", "cpu", LabelSettings(top_k=8, batch_tokens=512))
 
 
 def test_labels_exist_only_at_trained_positions_and_equal_a_full_softmax(runner):
