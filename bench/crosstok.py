@@ -10,8 +10,10 @@ same teacher sequences, steps, batch and seed each), are trained by ``softlabels
   xtok-kl   KD across tokenizers without the ULD term
   ce        the student's own next tokens only (no teacher)
 
-A method may carry its own weights: ``LOSS@A`` trains with ``--alpha A``, ``LOSS+cW`` adds the chunk likelihood
-term with ``--chunk-weight W`` (a set with target log-probs: labeled by softlabels >= 0.8), e.g. ``xtok-uld@0.5+c1``.
+A method may carry its own weights: ``LOSS@A`` trains with ``--alpha A``, ``LOSS+cW`` with the chunk likelihood
+term at ``--chunk-weight W`` (a set with target log-probs: labeled by softlabels >= 0.8), e.g. ``xtok-uld@0.5+c1``
+(the default across tokenizers since 0.8) or ``xtok-uld@1+c0`` (the default before). Without them: ``--alpha`` (1)
+and no chunk term.
 
 and, for reference, the ``tiny`` student with the teacher's tokenizer (``tail-kl`` and ``ce``). Every
 model is scored on the same held-out sequences in bits per byte of their text (comparable across
@@ -54,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--token-map", default="first", choices=["first", "exact"], help="default: %(default)s")
-    p.add_argument("--methods", default="xtok-uld,xtok-kl,ce,same:tail-kl,same:ce",
+    p.add_argument("--methods", default="xtok-uld@0.5+c1,xtok-uld@1+c0,ce,same:tail-kl,same:ce",
                    help="comma-separated; same:LOSS trains the teacher-tokenizer student (default: %(default)s)")
     p.add_argument("--no-teacher", action="store_true", help="skip scoring the teacher model")
     return p.parse_args(argv)
@@ -198,12 +200,14 @@ def main(argv: list[str] | None = None) -> int:
                      f"{teacher['kl']:.4f}", f"{teacher['top1']:.3f}"])
     print(common.markdown_table(["student", "params", "held-out bits/byte", "CE/token (own tokens)", "aligned",
                                  "teacher mass mapped", "KL (aligned)", "top-1"], rows))
-    if "ce" in results:
-        base = results["ce"]["after"]["bpb"]
-        for method in ("xtok-uld", "xtok-kl"):
-            if method in results:
+    for side, base_name in (("", "ce"), ("same:", "same:ce")):  # each KD student against CE-only, same tokenizer
+        if base_name not in results:
+            continue
+        base = results[base_name]["after"]["bpb"]
+        for method in results:
+            if method != base_name and method.startswith("same:") == bool(side):
                 got = results[method]["after"]["bpb"]
-                print(f"\n{method} vs ce (same tokenizer, same budget): {got:.4f} vs {base:.4f} bits/byte "
+                print(f"\n{method} vs {base_name} (same tokenizer, same budget): {got:.4f} vs {base:.4f} bits/byte "
                       f"({100 * (got / base - 1):+.2f}%): {'KD beats CE-only' if got < base else 'KD does NOT beat CE-only'}")
     print(f"\nwall time {time.time() - t0:.0f} s")
     return 0

@@ -316,6 +316,7 @@ def test_student_with_another_tokenizer_trains_and_resumes(label_set, byte_level
     run = json.loads((tmp_path / "a" / "checkpoints" / "step-000004" / "run.json").read_text())
     assert run["loss"] == "xtok-uld" and run["student_tokenizer"] == byte_level and run["token_map"] == "first"
     assert run["chunk_weight"] == 0.5  # the chunk term trained here (and a resume keeps it)
+    assert run["alpha"] == 0.5  # unset: the default across tokenizers
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["chunk"] > 0 for r in rows if "loss" in r) and any("loss" in r for r in rows)
     code, _, err = cli_in_process(*args(tmp_path / "b", steps="2"))
@@ -369,3 +370,19 @@ def test_bad_input_across_tokenizers(label_set, tmp_path):
     assert_one_line_error(code, err, "train", "--chunk-weight", "holds no target log-probs", "schema v5")
     code, _, err = cli_in_process("train", "--labels", label_set, "--output", str(tmp_path / "s"), "--chunk-weight", "-1")
     assert_one_line_error(code, err, "train", "chunk_weight must be a finite number in [0, inf)")
+
+
+def test_weights_default_by_tokenizer_and_a_resume_keeps_what_its_checkpoint_recorded():
+    """--alpha / --chunk-weight unset: 1 and 0 with the set's tokenizer; 0.5 and 1 with another one on a set with
+    target log-probs (0 without); a resumed run takes what its checkpoint recorded, and a checkpoint written before
+    0.8.0 (no chunk weight recorded) continues without the chunk term; set values always win."""
+    from softlabels.trainer.config import resolve_weights
+
+    assert resolve_weights(None, None, cross=False, has_targets=True) == {"alpha": 1.0, "chunk_weight": 0.0}
+    assert resolve_weights(None, None, cross=True, has_targets=True) == {"alpha": 0.5, "chunk_weight": 1.0}
+    assert resolve_weights(None, None, cross=True, has_targets=False) == {"alpha": 0.5, "chunk_weight": 0.0}
+    old = {"alpha": 1.0, "loss": "xtok-uld"}  # a 0.7 checkpoint across tokenizers
+    assert resolve_weights(None, None, True, True, recorded=old) == {"alpha": 1.0, "chunk_weight": 0.0}
+    assert resolve_weights(None, None, True, True, recorded={"alpha": 0.5, "chunk_weight": 1.0}) == {
+        "alpha": 0.5, "chunk_weight": 1.0}
+    assert resolve_weights(0.3, 2.0, True, True, recorded=old) == {"alpha": 0.3, "chunk_weight": 2.0}

@@ -107,6 +107,15 @@ class CheckpointStore:
             self._write(f"{name}/model.safetensors", save(_unique_tensors(model)))
         self._write(f"{name}/optimizer.pt", _torch_bytes(optimizer_state))
 
+    def recorded(self, name: str) -> dict[str, Any]:
+        """The settings checkpoint ``name`` recorded (``{}`` where it records none or they cannot be read:
+        :meth:`check_resume` says why)."""
+        try:
+            stored = json.loads(self._read(f"{name}/run.json"))
+        except (FileNotFoundError, ValueError):
+            return {}
+        return stored if isinstance(stored, dict) else {}
+
     def check_resume(self, name: str, run: dict[str, Any], allow_changed: tuple[str, ...] = (),
                      changeable: tuple[str, ...] = ()) -> None:
         """Refuse to resume checkpoint ``name`` with settings other than those it recorded (each named).

@@ -35,7 +35,9 @@ def _common(p: argparse.ArgumentParser, suppress: bool = False) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``train``, ``eval``, ``export``, ``compare`` and ``plot`` to the ``softlabels`` command."""
-    from softlabels.trainer.config import CHANGEABLE, DEFAULT_CROSS_LOSS, DEFAULT_LOSS, LOSSES, TrainConfig
+    from softlabels.trainer.config import (CHANGEABLE, DEFAULT_ALPHA, DEFAULT_CHUNK_WEIGHT, DEFAULT_CROSS_ALPHA,
+                                           DEFAULT_CROSS_CHUNK_WEIGHT, DEFAULT_CROSS_LOSS, DEFAULT_LOSS, LOSSES,
+                                           TrainConfig)
 
     d = argparse.Namespace(**{f.name: f.default for f in fields(TrainConfig)})  # defaults for the help text
     r = sub.add_parser(
@@ -81,11 +83,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--loss", default=S, choices=list(LOSSES),
                    help=f"training loss; tail-sampled needs a set labeled with --tail-samples; xtok-kl and xtok-uld are for "
                    f"students with another tokenizer (default: {DEFAULT_LOSS}, or {DEFAULT_CROSS_LOSS} with another tokenizer)")
-    r.add_argument("--alpha", type=float, default=S, help=f"KD weight; 1 - alpha goes to CE on true tokens (default: {d.alpha})")
+    r.add_argument("--alpha", type=float, default=S, help="KD weight; 1 - alpha goes to CE on true tokens (default: "
+                   f"{DEFAULT_ALPHA:g}, or {DEFAULT_CROSS_ALPHA:g} with another tokenizer)")
     r.add_argument("--chunk-weight", type=float, default=S,
                    help="weight of the chunk likelihood term: the teacher's and the student's probabilities of each "
                    "span of text both tokenizations split at (one token with one tokenizer) matched; needs a set "
-                   f"labeled by softlabels >= 0.8 (default: {d.chunk_weight}, off)")
+                   f"labeled by softlabels >= 0.8 (default: {DEFAULT_CHUNK_WEIGHT:g}, or {DEFAULT_CROSS_CHUNK_WEIGHT:g} "
+                   "with another tokenizer on such a set)")
     r.add_argument("--temperature", type=float, default=S, help=f"student-side temperature for KD (default: {d.temperature})")
     r.add_argument("--seed", type=int, default=S, help=f"seed for init, data order and dropout (default: {d.seed})")
     r.add_argument("--eval-every", type=int, default=S, help="evaluate every N steps (default: 0, before and after only)")

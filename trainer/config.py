@@ -18,6 +18,12 @@ from softlabels.trainer.tracking import parse_report_to
 LOSSES = ("tail-kl", "topk-kl", "reverse-kl", "tail-sampled", "xtok-kl", "xtok-uld", "ce")
 # What a student with the set's tokenizer, and one with another (trainer.crosstok), trains with by default.
 DEFAULT_LOSS, DEFAULT_CROSS_LOSS = "tail-kl", "xtok-uld"
+# --alpha and --chunk-weight left unset: with the set's tokenizer, and with another one (the chunk term only on sets
+# with target log-probs); chosen from bench/crosstok.py (docs/benchmarks.md, issue 33)
+DEFAULT_ALPHA, DEFAULT_CROSS_ALPHA = 1.0, 0.5
+DEFAULT_CHUNK_WEIGHT, DEFAULT_CROSS_CHUNK_WEIGHT = 0.0, 1.0
+# what an unset weight meant before 0.8.0: a resumed run whose checkpoint does not record it continues with it
+EARLIER_DEFAULTS = {"alpha": 1.0, "chunk_weight": 0.0}
 # The losses that need no tokenizer mapping to mean something with another tokenizer.
 CROSS_LOSSES = ("xtok-kl", "xtok-uld", "ce")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -48,10 +54,12 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     clip: float = 1.0
     loss: str | None = None  # None: DEFAULT_LOSS, or DEFAULT_CROSS_LOSS for a student with another tokenizer
-    alpha: float = 1.0  # weight of the KD term; (1 - alpha) goes to CE on true tokens
+    # weight of the KD term; (1 - alpha) goes to CE on true tokens. None: DEFAULT_ALPHA, or DEFAULT_CROSS_ALPHA for a
+    # student with another tokenizer (resolve_weights)
+    alpha: float | None = None
     # weight of the chunk likelihood term (the teacher's and the student's probabilities of each chunk of text
-    # matched; needs a set with target_logprob, schema v6): 0 turns it off
-    chunk_weight: float = 0.0
+    # matched; needs a set with target_logprob, schema v6): 0 turns it off. None: as alpha (resolve_weights)
+    chunk_weight: float | None = None
     temperature: float = 1.0
     seed: int = 0
     eval_fraction: float = 0.05
@@ -106,8 +114,10 @@ class TrainConfig:
         _check_float(self, "lr", 0, None, low_open=True)
         _check_float(self, "weight_decay", 0, None)
         _check_float(self, "min_lr_ratio", 0, 1)
-        _check_float(self, "alpha", 0, 1)
-        _check_float(self, "chunk_weight", 0, None)
+        if self.alpha is not None:
+            _check_float(self, "alpha", 0, 1)
+        if self.chunk_weight is not None:
+            _check_float(self, "chunk_weight", 0, None)
         _check_float(self, "temperature", 0, None, low_open=True)
         _check_float(self, "eval_fraction", 0, 1, high_open=True)
         if not (isinstance(self.clip, (int, float)) and not isinstance(self.clip, bool) and self.clip > 0):
@@ -152,6 +162,21 @@ def _check_float(cfg: TrainConfig, name: str, low: float, high: float | None, lo
     if not ok:
         lo, hi = "(" if low_open else "[", ")" if high_open or high is None else "]"
         raise UserError(f"{name} must be a finite number in {lo}{low}, {'inf' if high is None else high}{hi}, got {short_repr(v)}")
+
+
+def resolve_weights(alpha: float | None, chunk_weight: float | None, cross: bool, has_targets: bool,
+                    recorded: dict[str, Any] | None = None) -> dict[str, float]:
+    """``--alpha`` and ``--chunk-weight`` as they apply: as given when set; when unset, as the checkpoint a resume
+    continues recorded them (``recorded``; one written before 0.8.0 records no chunk weight: 0), else the defaults
+    for a student with the set's tokenizer or another one (the chunk term only on a set with target log-probs)."""
+    defaults = {"alpha": DEFAULT_CROSS_ALPHA if cross else DEFAULT_ALPHA,
+                "chunk_weight": (DEFAULT_CROSS_CHUNK_WEIGHT if cross else DEFAULT_CHUNK_WEIGHT) if has_targets else 0.0}
+    out = {}
+    for name, value in (("alpha", alpha), ("chunk_weight", chunk_weight)):
+        if value is None:
+            value = recorded.get(name, EARLIER_DEFAULTS[name]) if recorded is not None else defaults[name]
+        out[name] = float(value)
+    return out
 
 
 def resolve_loss(loss: str | None, cross: bool) -> str:

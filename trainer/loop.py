@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from softlabels.schemas.errors import UserError
 from softlabels.trainer.checkpoint import CheckpointStore, rng_state, set_rng_state
-from softlabels.trainer.config import CHANGEABLE, TrainConfig, resolve_loss
+from softlabels.trainer.config import CHANGEABLE, TrainConfig, resolve_loss, resolve_weights
 from softlabels.trainer.crosstok import attach
 from softlabels.trainer.data import LabelDataset, StatefulLoader, merge_states
 from softlabels.trainer.evaluate import _move, evaluate
@@ -150,7 +150,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     if cfg.loss == "tail-sampled" and not train_ds.manifest.tail_samples:
         raise UserError(f"--loss tail-sampled: the label set {cfg.labels} has no tail samples (label it with --tail-samples S)")
-    if cfg.chunk_weight > 0 and not train_ds.manifest.target_logprobs:
+    if (cfg.chunk_weight or 0) > 0 and not train_ds.manifest.target_logprobs:
         raise UserError(f"--chunk-weight: the label set {cfg.labels} holds no target log-probs (labeled before "
                         "softlabels 0.8.0, schema v{}); relabel it, or train with --chunk-weight 0".format(
                             train_ds.manifest.schema_version))
@@ -167,8 +167,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_ds.max_id = eval_ds.max_id = embedding_rows(model)  # a stored id the student has no row for: one line
     cross = attach([train_ds, eval_ds], train_ds.labels, tokenizer, cfg.student_tokenizer or spec,
                    cfg.allow_vocab_mismatch, cfg.top_k, cfg.token_map or "first")
-    # As they apply (and are recorded for a resume): the loss always, the token map across tokenizers
-    cfg = dataclasses.replace(cfg, loss=resolve_loss(cfg.loss, cross is not None),
+    out = Path(cfg.output)
+    make_dir(out, "--output")
+    store = CheckpointStore(cfg.checkpoint_dir or str(out / "checkpoints"), cfg.storage_options)
+    latest = store.latest()
+    if latest and not cfg.resume:
+        raise UserError(
+            f"{store.url} holds checkpoint {latest}: pass --resume to continue that run, or use another --output"
+        )
+    # As they apply (and are recorded for a resume): the loss and weights always (unset weights of a resumed run as
+    # its checkpoint recorded them), the token map across tokenizers
+    weights = resolve_weights(cfg.alpha, cfg.chunk_weight, cross is not None, train_ds.manifest.target_logprobs,
+                              store.recorded(latest) if latest else None)
+    if rank == 0 and cfg.chunk_weight is None and cross is not None and not train_ds.manifest.target_logprobs:
+        log.warning("the chunk likelihood term (on by default with another tokenizer) is off: the label set holds no "
+                    "target log-probs (labeled before softlabels 0.8); relabel it for the default")
+    cfg = dataclasses.replace(cfg, loss=resolve_loss(cfg.loss, cross is not None), **weights,
                               token_map=(cfg.token_map or "first") if cross is not None else cfg.token_map)
     model.to(device)
     if cfg.gradient_checkpointing:
@@ -182,15 +196,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if rank == 0:
         log.info("student %s: %.1fM parameters on %s%s", cfg.student, n_params / 1e6, device,
                  f", {world} ranks" if world > 1 else "")
-
-    out = Path(cfg.output)
-    make_dir(out, "--output")
-    store = CheckpointStore(cfg.checkpoint_dir or str(out / "checkpoints"), cfg.storage_options)
-    latest = store.latest()
-    if latest and not cfg.resume:
-        raise UserError(
-            f"{store.url} holds checkpoint {latest}: pass --resume to continue that run, or use another --output"
-        )
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from softlabels.schemas import resolve_url
 from softlabels.schemas.errors import UserError
-from softlabels.trainer.config import TrainConfig, resolve_loss
+from softlabels.trainer.config import TrainConfig, resolve_loss, resolve_weights
 from softlabels.trainer.data import model_inputs
 from softlabels.trainer.evaluate import score_batch
 from softlabels.trainer.losses import chunked_loss
@@ -42,7 +42,8 @@ class KDModule(torch.nn.Module):
         hidden = body(**model_inputs(batch, self.model)).last_hidden_state
         # train() resolves the loss; built directly, an unset one is the default (another tokenizer's: its batches say)
         loss = cfg.loss or resolve_loss(None, "kd_mask" in batch)
-        return chunked_loss(hidden, head, loss, batch, cfg.temperature, cfg.alpha, cfg.head_chunk, cfg.chunk_weight)
+        w = resolve_weights(cfg.alpha, cfg.chunk_weight, "kd_mask" in batch, "chunk_len" in batch)
+        return chunked_loss(hidden, head, loss, batch, cfg.temperature, w["alpha"], cfg.head_chunk, w["chunk_weight"])
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
