@@ -64,9 +64,10 @@ def test_compact_to_fp16_to_compact_keeps_the_labels_within_each_encodings_error
         assert Path(back, "tokenizer", f.name).read_bytes() == f.read_bytes()
 
 
-@pytest.mark.parametrize("fixture", ["v1-set", "v2-sets/compact", "v2-sets/packed-q8", "v3-sets/compact"])
+@pytest.mark.parametrize("fixture", ["v1-set", "v2-sets/compact", "v2-sets/packed-q8", "v3-sets/compact", "v5-sets/compact"])
 def test_sets_of_earlier_versions_convert(fixture, tmp_path):
-    """A v1, v2 or v3 set (written by the old writers) becomes a v4 set holding the same labels."""
+    """A v1, v2, v3 or v5 set (written by the old writers) becomes a set of today's version holding the same labels
+    (a v5 set keeps its spans; none gains target log-probs)."""
     src = str(Path(__file__).parent / "fixtures" / fixture)
     out = str(tmp_path / "v4")
     convert(src, out, "fp16")
@@ -76,6 +77,8 @@ def test_sets_of_earlier_versions_convert(fixture, tmp_path):
     for x, y in zip(samples(src), samples(out)):
         np.testing.assert_array_equal(x.topk_ids, y.topk_ids)
         np.testing.assert_array_equal(y.topk_logprobs, x.topk_logprobs.astype(np.float16).astype(np.float32))
+        assert y.target_logprob is None and (x.spans is None) == (y.spans is None)
+    assert not new.manifest.target_logprobs and new.manifest.spans == fixture.startswith("v5")
 
 
 def test_to_hf_dataset_gives_the_decoded_columns(label_set, tmp_path, monkeypatch):
