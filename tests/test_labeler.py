@@ -40,7 +40,7 @@ def direct_labels(teacher_dir: str, ids: np.ndarray, k: int, follows: bool = Fal
     if not follows:
         return top.numpy(), vals.numpy(), rest.numpy()
     nxt = np.full(len(ids), np.nan)
-    nxt[:-1] = logp[torch.arange(len(ids) - 1), torch.as_tensor(ids[1:], dtype=torch.long)].numpy()
+    nxt[:-1] = logp[torch.arange(len(ids) - 1), torch.tensor(np.array(ids[1:]), dtype=torch.long)].numpy()
     return top.numpy(), vals.numpy(), rest.numpy(), nxt
 
 
