@@ -373,12 +373,13 @@ def test_bad_input_across_tokenizers(label_set, tmp_path):
 
 
 def test_weights_default_by_tokenizer_and_a_resume_keeps_what_its_checkpoint_recorded():
-    """--alpha / --chunk-weight unset: 1 and 0 with the set's tokenizer; 0.5 and 1 with another one on a set with
-    target log-probs (0 without); a resumed run takes what its checkpoint recorded, and a checkpoint written before
-    0.8.0 (no chunk weight recorded) continues without the chunk term; set values always win."""
+    """--alpha / --chunk-weight unset: 0.5 and 1 with either tokenizer on a set with target log-probs (no chunk
+    term without); a resumed run takes what its checkpoint recorded, and a checkpoint written before 0.8.0 (no chunk
+    weight recorded) continues with alpha 1 and without the chunk term; set values always win."""
     from softlabels.trainer.config import resolve_weights
 
-    assert resolve_weights(None, None, cross=False, has_targets=True) == {"alpha": 1.0, "chunk_weight": 0.0}
+    assert resolve_weights(None, None, cross=False, has_targets=True) == {"alpha": 0.5, "chunk_weight": 1.0}
+    assert resolve_weights(None, None, cross=False, has_targets=False) == {"alpha": 0.5, "chunk_weight": 0.0}
     assert resolve_weights(None, None, cross=True, has_targets=True) == {"alpha": 0.5, "chunk_weight": 1.0}
     assert resolve_weights(None, None, cross=True, has_targets=False) == {"alpha": 0.5, "chunk_weight": 0.0}
     old = {"alpha": 1.0, "loss": "xtok-uld"}  # a 0.7 checkpoint across tokenizers

@@ -19,9 +19,10 @@ LOSSES = ("tail-kl", "topk-kl", "reverse-kl", "tail-sampled", "xtok-kl", "xtok-u
 # What a student with the set's tokenizer, and one with another (trainer.crosstok), trains with by default.
 DEFAULT_LOSS, DEFAULT_CROSS_LOSS = "tail-kl", "xtok-uld"
 # --alpha and --chunk-weight left unset: with the set's tokenizer, and with another one (the chunk term only on sets
-# with target log-probs); chosen from bench/crosstok.py (docs/benchmarks.md, issue 33)
-DEFAULT_ALPHA, DEFAULT_CROSS_ALPHA = 1.0, 0.5
-DEFAULT_CHUNK_WEIGHT, DEFAULT_CROSS_CHUNK_WEIGHT = 0.0, 1.0
+# with target log-probs); chosen from bench/crosstok.py (docs/benchmarks.md, issue 33: at 1, 3 and 7 passes, with
+# either tokenizer, half KD + half CE + the chunk term beat CE-only and pure KD in held-out bits per byte)
+DEFAULT_ALPHA, DEFAULT_CROSS_ALPHA = 0.5, 0.5
+DEFAULT_CHUNK_WEIGHT, DEFAULT_CROSS_CHUNK_WEIGHT = 1.0, 1.0
 # what an unset weight meant before 0.8.0: a resumed run whose checkpoint does not record it continues with it
 EARLIER_DEFAULTS = {"alpha": 1.0, "chunk_weight": 0.0}
 # The losses that need no tokenizer mapping to mean something with another tokenizer.
