@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--token-map", default="first", choices=["first", "exact"], help="default: %(default)s")
-    p.add_argument("--methods", default="xtok-uld@0.5+c1,xtok-uld@1+c0,ce,same:tail-kl,same:ce",
+    p.add_argument("--methods", default="xtok-uld@0.5+c1,xtok-uld@1+c0,ce,same:tail-kl@0.5+c1,same:tail-kl@1+c0,same:ce",
                    help="comma-separated; same:LOSS trains the teacher-tokenizer student (default: %(default)s)")
     p.add_argument("--no-teacher", action="store_true", help="skip scoring the teacher model")
     return p.parse_args(argv)
