@@ -234,7 +234,6 @@ class CrossTokenizer:
             "xtok_stats": torch.tensor([len(tail), int(kd.sum()), mapped_mass], dtype=torch.float64),
         }
 
-
     @staticmethod
     def _chunks(s: Sample, aligned: np.ndarray, p: np.ndarray, row_of: np.ndarray, ce: np.ndarray) -> dict[str, torch.Tensor]:
         """The text between consecutive aligned positions (both tokenizations have a boundary at both ends) as
