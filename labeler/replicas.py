@@ -23,7 +23,6 @@ class JobFailed(RuntimeError):
     """The job cannot go on (e.g. a teacher replica died past its restarts); rerun to resume."""
 
 
-
 @dataclass
 class Replicas:
     """Teacher replicas asked to load (``loading``: their load calls), not yet waited for."""
@@ -119,6 +118,12 @@ def _kept_replicas(ray: Any, key: str, settings: LabelSettings) -> tuple[list[An
     while _KEPT and len(_KEPT) >= max(1, _keep_count()):  # room for the replicas about to start
         _release(ray, _KEPT.pop(next(iter(_KEPT))))
     return [], [], []
+
+
+def release_kept(ray: Any) -> None:
+    """Kill every kept replica now (not drained: their runs are over), e.g. before ``ray.shutdown()``."""
+    while _KEPT:
+        _release(ray, _KEPT.popitem()[1])
 
 
 def _release(ray: Any, actors: list[Any]) -> None:

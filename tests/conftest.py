@@ -140,11 +140,9 @@ def ray_local():
         (_ray_init or ray.init)(address="local", num_cpus=2, include_dashboard=False,
                                 object_store_memory=300 * 1024**2, configure_logging=False)
     yield ray
-    from softlabels.labeler import replicas
+    from softlabels.labeler.replicas import release_kept
 
-    for actors in replicas._KEPT.values():  # the kept teachers (SOFTLABELS_KEEP_TEACHERS): killed, not drained
-        replicas._release(ray, actors)
-    replicas._KEPT.clear()
+    release_kept(ray)  # the kept teachers (SOFTLABELS_KEEP_TEACHERS): killed, not drained
     ray.shutdown()
 
 
