@@ -19,6 +19,7 @@ from softlabels.schemas import Encoding, Sample, encode_samples, sample_id, tabl
 
 from softlabels.common.commit import LabelSetWriter
 from softlabels.common.crash import crash_point
+from softlabels.common.malloc import keep_freed_memory
 
 class TeacherActor:
     """Plain class; :mod:`labeler.pipeline` wraps it with ``ray.remote``."""
@@ -46,6 +47,7 @@ class TeacherActor:
             import torch
             from transformers.utils import logging as hf_logging
 
+            keep_freed_memory()  # this worker process is the replica's own (common/malloc.py)
             # Ray sets OMP_NUM_THREADS=1 in workers; give torch the cores we planned for.
             if self.threads:
                 torch.set_num_threads(self.threads)

@@ -26,6 +26,7 @@ import sys
 
 from softlabels import __version__
 from softlabels.common.cli import run_main, setup_logging
+from softlabels.common.malloc import keep_freed_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
+    keep_freed_memory()  # a CPU step's large tensors are reused, not page-faulted afresh (common/malloc.py)
     prog = f"softlabels {args.command}"
     terminated: list[int] = []
 

@@ -41,6 +41,10 @@ os.environ.update(
     # processes the tests start run once and exit, as users' do.
     SOFTLABELS_KEEP_TEACHERS="2",
 )
+# The test process trains in process as `softlabels train` does in its own: large freed buffers kept.
+from softlabels.common.malloc import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()
 BUCKET = "softlabels-test"
 REPO = Path(__file__).resolve().parents[1]
 

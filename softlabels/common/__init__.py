@@ -6,6 +6,7 @@
 * :mod:`softlabels.common.files`: publishing files whole; file modes on shared volumes.
 * :mod:`softlabels.common.crash`: named crash points for fault-injection tests.
 * :mod:`softlabels.common.plot`: matplotlib on the file backend, imported lazily.
+* :mod:`softlabels.common.malloc`: large freed buffers kept in the process (glibc), not page-faulted afresh.
 
 :mod:`softlabels.schemas` never imports this package.
 """
