@@ -26,7 +26,7 @@ def _common(p: argparse.ArgumentParser, suppress: bool = False) -> None:
                    help="held-out share of samples, by sample_id hash (default: train 0.05; eval and compare: what the "
                    "student was trained with, from its softlabels_train.json, else 0.05; a larger share is refused)")
     p.add_argument("--batch-size", type=int, default=dflt(8), help="sequences per batch (default: 8)")
-    p.add_argument("--head-chunk", type=int, default=dflt(1024), help="positions per LM-head chunk in the loss (default: 1024)")
+    p.add_argument("--head-chunk", type=int, default=dflt(2048), help="positions per LM-head chunk in the loss: bounds its memory, about 3 x chunk x vocab x 4 bytes; a batch of one chunk is not recomputed in backward (default: 2048)")
     p.add_argument("--device", default=dflt(None), help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--storage-option", action="append", default=dflt(None), metavar="KEY=VALUE", help="fsspec storage option (repeatable)")
     p.add_argument("--trust-remote-code", action=BOOL, default=dflt(False), help="allow a hub student's own modeling code (default: off)")

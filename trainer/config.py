@@ -66,7 +66,7 @@ class TrainConfig:
     eval_fraction: float = 0.05
     eval_every: int = 0  # 0: only before and after training
     eval_batches: int | None = 50
-    head_chunk: int = 1024
+    head_chunk: int = 2048  # positions per LM-head chunk in the loss (docs/trainer.md, "Precision, memory")
     num_workers: int = 0
     device: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)

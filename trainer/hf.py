@@ -19,7 +19,7 @@ class DistillationTrainer(Trainer):
     """``transformers.Trainer`` whose loss is offline KD from stored soft labels."""
 
     def __init__(self, *args: Any, loss: str = "tail-kl", alpha: float = 1.0, temperature: float = 1.0,
-                 head_chunk: int = 1024, chunk_weight: float = 0.0, **kwargs: Any) -> None:
+                 head_chunk: int = 2048, chunk_weight: float = 0.0, **kwargs: Any) -> None:
         if loss not in LOSSES:
             raise UserError(f"loss must be one of {LOSSES}, got {loss!r}")
         super().__init__(*args, **kwargs)
