@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--labels", default=str(common.REPO / LABELS), help="label set with spans (default: %(default)s, "
                    "labeled on first use)")
     p.add_argument("--vocab", type=int, default=8192, help="the student tokenizer's vocabulary (default: %(default)s)")
+    p.add_argument("--student-tok", default="bpe-pydoc", choices=sorted(STUDENT_TOKENIZERS),
+                   help="the student tokenizer trained here: bpe-pydoc (byte-level BPE on the pydoc topics) or sp-chat "
+                   "(SentencePiece-style with byte fallback, on the built-in chat corpus's text) (default: %(default)s)")
     p.add_argument("--steps", type=int, default=240,
                    help="optimizer steps per student: ~5 passes over the train split (default: %(default)s; 30-60 min "
                    "for the five students on 2 CPU cores)")
@@ -94,6 +97,47 @@ def train_tokenizer(vocab: int, out: Path) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>").save_pretrained(out)
     return str(out)
+
+
+def chat_text() -> list[str]:
+    """Every turn of the built-in chat corpus (``pydoc-chat``): the topics' prose and short questions, no code."""
+    from pydoc_data.topics import topics
+
+    from softlabels.labeler.builtin_chat import conversations
+
+    return [m["content"] for k in sorted(topics) for conv in conversations(k, topics[k]) for m in conv]
+
+
+def train_sp_tokenizer(vocab: int, out: Path) -> str:
+    """A SentencePiece-style BPE with byte fallback (as Llama 2's and Mistral's): ``▁`` for spaces, a piece per
+    frequent string of the chat corpus's text, and ``<0x00>``..``<0xFF>`` for any byte no piece covers (code,
+    symbols and characters the chat text lacks), trained by ``tokenizers`` (no ``sentencepiece`` needed)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")  # pieces start at a "▁"
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.train_from_iterator(chat_text(), trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>", *pieces], show_progress=False))
+    # The byte pieces go in as the trainer's special tokens (so they get ids 3-258, as in SentencePiece); they
+    # are ordinary pieces of the vocabulary in a SentencePiece model, not added tokens.
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in set(pieces)]
+    tok = Tokenizer.from_str(json.dumps(spec))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<unk>").save_pretrained(out)
+    return str(out)
+
+
+STUDENT_TOKENIZERS = {"bpe-pydoc": train_tokenizer, "sp-chat": train_sp_tokenizer}
+TOKENIZER_WORDS = {"bpe-pydoc": "byte-level BPE of {v:,} tokens trained on the pydoc topics",
+                   "sp-chat": "SentencePiece-style BPE with byte fallback, {v:,} tokens, trained on the built-in chat "
+                              "corpus's text"}
 
 
 def spans_cost(ls: Any) -> tuple[int, int, int]:
@@ -162,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     with_spans, without, tokens = spans_cost(ls)
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="softlabels-xtok-") as tmp:
-        tok_dir = train_tokenizer(args.vocab, Path(tmp) / "tokenizer")
+        tok_dir = STUDENT_TOKENIZERS[args.student_tok](args.vocab, Path(tmp) / "tokenizer")
         from softlabels.schemas import open_label_set
         from softlabels.trainer.crosstok import CrossTokenizer
         from softlabels.trainer.student import _own_tokenizer, load_label_tokenizer
@@ -171,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         cross = CrossTokenizer(open_label_set(args.labels), load_label_tokenizer(ls), _own_tokenizer(tok_dir), tok_dir,
                                token_map=args.token_map)
         map_s = time.time() - t
+        samples = list(ls.iter_samples())
+        mass = {mode: CrossTokenizer(ls, load_label_tokenizer(ls), _own_tokenizer(tok_dir), tok_dir, token_map=mode)
+                .mass_report(samples) for mode in ("exact", "first")}
         for method in args.methods.split(","):
             t = time.time()
             results[method] = run_student(args, method, tok_dir, Path(tmp) / method.replace(":", "-").replace("@", "-a"))
@@ -180,14 +227,19 @@ def main(argv: list[str] | None = None) -> int:
     m = ls.manifest
     print(f"\n## Cross-tokenizer distillation ({common.cpu_name()}, {common.versions()})\n")
     print(f"label set {args.labels}: teacher {m.teacher.id} ({m.tokenizer.vocab_size:,} tokens), {m.totals.sequences} "
-          f"sequences, {tokens:,} tokens, k={m.top_k}, {m.label_encoding.name}; student tokenizer: byte-level BPE of "
-          f"{args.vocab:,} tokens trained on the pydoc topics ({100 * cross.coverage():.1f}% of the teacher's ordinary "
+          f"sequences, {tokens:,} tokens, k={m.top_k}, {m.label_encoding.name}; student tokenizer: "
+          f"{TOKENIZER_WORDS[args.student_tok].format(v=args.vocab)} ({100 * cross.coverage():.1f}% of the teacher's ordinary "
           f"tokens map to one of its tokens with --token-map {args.token_map}; tokenizers read and id map built in "
           f"{map_s:.2f} s). Budget per student: {args.steps} steps x "
           f"{args.batch_size} teacher sequences, lr {args.lr}, alpha {args.alpha}, seed {args.seed}; held-out "
           f"{args.eval_fraction:.0%} of the sequences.\n")
     print(f"spans: {with_spans - without:,} bytes of {with_spans:,} ({100 * (with_spans - without) / without:.2f}% "
           f"more), {(with_spans - without) / tokens:.3f} bytes per token (labels and the rest: {without / tokens:.1f})\n")
+    print("Where the teacher's probability goes (shares of its whole distribution at every labeled position, top-k "
+          "+ tail; `CrossTokenizer.mass_report`):\n")
+    kinds = ("exact", "prefix", "tail", "special", "split_utf8", "no_token", "unaligned")
+    print(common.markdown_table(["--token-map", *kinds], [[mode, *(f"{100 * r[k]:.2f}%" for k in kinds)]
+                                                          for mode, r in mass.items()]) + "\n")
     rows = []
     for method, r in results.items():
         a = r["after"]

@@ -201,6 +201,28 @@ def test_another_tokenizer_aligns_where_both_have_a_boundary(label_set, byte_lev
             # CE targets: the student's own next tokens (no -100 but the last position: plain text trains all)
             assert int(item["ce_mask"].sum()) == len(ids) - 1
         assert 0.2 < aligned / total < 1
+        # Where the teacher's mass goes, entry by entry, against CrossTokenizer.mass_report
+        want = dict.fromkeys(("exact", "prefix", "tail", "special", "split_utf8", "no_token", "unaligned"), 0.0)
+        for s in samples[:8]:
+            text = text_of(t_tb, s.input_ids, s.spans)
+            ends_s = set(np.cumsum(spans_for(s_tb, student(text.decode("utf-8"), add_special_tokens=False)["input_ids"],
+                                             text)).tolist())
+            for p, end in enumerate(np.cumsum(s.spans.astype(int)).tolist()):
+                if end not in ends_s:
+                    want["unaligned"] += 1
+                    continue
+                whole = np.exp(s.topk_logprobs[p].astype(float)).sum() + np.exp(float(s.tail_logprob[p]))
+                want["tail"] += np.exp(float(s.tail_logprob[p])) / whole
+                for t_id, lp in zip(s.topk_ids[p].tolist(), s.topk_logprobs[p].tolist()):
+                    b, to = t_tb.table[t_id], int(cross.map[t_id])
+                    kind = ("exact" if s_tb.table[to] == b else "prefix") if to >= 0 else \
+                        "special" if t_tb.special[t_id] else "no_token" if b.decode("utf-8", "replace") == \
+                        b.decode("utf-8", "ignore") else "split_utf8"
+                    want[kind] += np.exp(lp) / whole
+        got = cross.mass_report(samples[:8])
+        assert got["positions"] == total and abs(got["aligned"] - aligned / total) < 1e-12
+        assert all(abs(got[k] - v / total) < 1e-6 for k, v in want.items()), (got, want)
+        assert abs(sum(want.values()) / total - 1) < 1e-4 and (got["prefix"] > 0) == (token_map == "first")
 
 
 def _direct_chunk_term(hidden, head, batch):

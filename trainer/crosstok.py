@@ -158,7 +158,63 @@ class CrossTokenizer:
         ordinary = ~self.teacher.special & (self.teacher.lengths > 0)
         return float((self.map[ordinary] >= 0).mean()) if ordinary.any() else 0.0
 
-    def __call__(self, s: Sample) -> dict[str, torch.Tensor] | None:
+    def mass_report(self, samples: Any) -> dict[str, float]:
+        """Where the teacher's probability goes on the way to the student, over ``samples`` (teacher
+        :class:`Sample` s): each labeled teacher position's whole distribution (top-k + tail, 1 in all) lands in one
+        of these, as shares of all of it (they sum to 1):
+
+        * ``exact``: on the student token of the same bytes; ``prefix``: on the student token those bytes begin
+          with (``--token-map first``; 0 with ``exact``);
+        * ``tail``: the teacher's mass outside its top-k (a bucket of its own; on no student id);
+        * ``special``, ``split_utf8``, ``no_token``: on teacher tokens that map nowhere: special tokens, tokens
+          holding part of a multi-byte character (byte-level BPE splits them; a student without a token of those
+          bytes has nowhere to put them), and the rest (no student token of the same bytes, nor one they begin with);
+        * ``unaligned``: at positions where the student's tokenization has no boundary (the teacher predicts from
+          inside a student token): the per-position KL never sees it; the chunk term covers that text.
+
+        Also ``positions`` (labeled teacher positions) and ``aligned`` (their aligned share)."""
+        exact = id_map(self.teacher, self.student, mode="exact")
+        unmapped_kind = np.full(len(self.teacher.table), 2, np.int64)  # 0 special, 1 split UTF-8, 2 no token
+        for i, b in enumerate(self.teacher.table):
+            if self.teacher.special[i]:
+                unmapped_kind[i] = 0
+            else:
+                try:
+                    b.decode("utf-8")
+                except UnicodeDecodeError:
+                    unmapped_kind[i] = 1
+        sums = dict.fromkeys(("exact", "prefix", "tail", "special", "split_utf8", "no_token", "unaligned"), 0.0)
+        positions = aligned_n = 0
+        for s in samples:
+            got = self._align(s)
+            top, lp, tail = self._labels(s)
+            rows_all = np.flatnonzero(s.trained) if s.trained is not None else np.arange(len(s.input_ids))
+            positions += len(rows_all)
+            if got is None:
+                sums["unaligned"] += len(rows_all)
+                continue
+            _, _, _, p, aligned, row_of = got
+            rows = np.unique(row_of[p[aligned]])
+            rows = rows[rows >= 0]
+            aligned_n += len(rows)
+            sums["unaligned"] += len(rows_all) - len(rows)
+            ids, prob = top[rows], np.exp(lp[rows].astype(np.float64))
+            total = prob.sum(1) + np.exp(tail[rows].astype(np.float64))  # 1 up to the encoding's rounding
+            prob, t = prob / total[:, None], np.exp(tail[rows].astype(np.float64)) / total
+            to = self.map[ids]
+            sums["exact"] += float(prob[(to >= 0) & (to == exact[ids])].sum())
+            sums["prefix"] += float(prob[(to >= 0) & (to != exact[ids])].sum())
+            sums["tail"] += float(t.sum())
+            kind = unmapped_kind[ids]
+            for name, code in (("special", 0), ("split_utf8", 1), ("no_token", 2)):
+                sums[name] += float(prob[(to < 0) & (kind == code)].sum())
+        out = {k: v / max(1, positions) for k, v in sums.items()}
+        return {**out, "positions": float(positions), "aligned": aligned_n / max(1, positions)}
+
+    def _align(self, s: Sample) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """A teacher sample's text in student tokens, lined up with the teacher's: ``(student ids, their byte
+        spans, teacher token ends in bytes, each student position's teacher position p, aligned, the teacher's
+        label row per teacher position (-1: none))``; None for a sequence without text."""
         if s.spans is None:
             raise UserError(f"sample {s.sample_id} ({s.source}) has no token spans")
         text = text_of(self.teacher, s.input_ids, s.spans)
@@ -183,12 +239,29 @@ class CrossTokenizer:
             return None
         ends_t = np.cumsum(s.spans.astype(np.int64)) - lead
         ends_s = np.cumsum(spans)
-        n = len(ids)
         # Teacher label rows per position (-1: none there).
         trained_t = np.ones(len(s.input_ids), bool) if s.trained is None else s.trained
         row_of = np.where(trained_t, np.cumsum(trained_t) - 1, -1)
         p = np.searchsorted(ends_t, ends_s, "left").clip(max=len(ends_t) - 1)
         aligned = (ends_t[p] == ends_s) & (ends_t[p] >= 0)
+        return ids, spans, ends_t, p, aligned, row_of
+
+    def _labels(self, s: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The sample's top-k ids, log-probs and tails, cut to ``top_k`` when set."""
+        lp, tail, top = s.topk_logprobs, s.tail_logprob, s.topk_ids
+        if self.top_k is not None:
+            lp, tail = truncate_topk(lp, tail, self.top_k)
+            top = top[:, :self.top_k]
+        return top, lp, tail
+
+    def __call__(self, s: Sample) -> dict[str, torch.Tensor] | None:
+        got = self._align(s)
+        if got is None:
+            return None
+        ids, spans, ends_t, p, aligned, row_of = got
+        trained_t = row_of >= 0
+        n = len(ids)
+        ends_s = np.cumsum(spans)
         kd = aligned & (row_of[p] >= 0)
         # CE: the student's next token starts at byte ends_s[q]; trained if the teacher token there is.
         nxt = np.searchsorted(ends_t, ends_s[:-1], "right")
@@ -198,10 +271,7 @@ class CrossTokenizer:
             ce_head = (nxt >= 1) & (nxt < len(ends_t)) & trained_t[(nxt - 1).clip(0)]
         ce = np.zeros(n, bool)
         ce[:-1] = ce_head
-        lp, tail, top = s.topk_logprobs, s.tail_logprob, s.topk_ids
-        if self.top_k is not None:
-            lp, tail = truncate_topk(lp, tail, self.top_k)
-            top = top[:, :self.top_k]
+        top, lp, tail = self._labels(s)
         k = top.shape[1]
         rows = row_of[p[kd]]
         # teacher entries that map to one student id (several teacher tokens beginning with it) are summed
