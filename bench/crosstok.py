@@ -2,8 +2,9 @@
 
 The built-in teacher (SmolLM2-135M, 49,152 tokens) labels the built-in corpus once, with token spans
 (``runs/bench-labels-xtok``, built on first use: 2-3 min on CPU). A second tokenizer is trained here
-with the ``tokenizers`` library on the same pydoc text (byte-level BPE, ``--vocab`` tokens: other
-merges, another size). Tiny students built for it (``--student-tokenizer``), one fixed budget (the
+with the ``tokenizers`` library (``--vocab`` tokens): by default a byte-level BPE on the same pydoc text (other
+merges, another size); ``--student-tok sp-chat`` a SentencePiece-style BPE with byte fallback (``▁`` for spaces,
+``<0xNN>`` pieces) on the built-in chat corpus's text (prose and questions, no code: other text). Tiny students built for it (``--student-tokenizer``), one fixed budget (the
 same teacher sequences, steps, batch and seed each), are trained by ``softlabels.trainer.loop.train``:
 
   xtok-uld  KD across tokenizers, the default loss (mapped ids + tail bucket, ULD on the unmapped mass)
@@ -18,7 +19,8 @@ and no chunk term.
 and, for reference, the ``tiny`` student with the teacher's tokenizer (``tail-kl`` and ``ce``). Every
 model is scored on the same held-out sequences in bits per byte of their text (comparable across
 tokenizers), the teacher model too. Also reported: the share of the teacher's labeled positions
-aligned with a student position, the teacher's mass on ids that map there, and what the spans cost
+aligned with a student position, the teacher's mass on ids that map there, where the rest of it goes
+(``CrossTokenizer.mass_report``, with both ``--token-map`` rules), and what the spans cost
 (every shard written again without its ``spans`` column by the same writer: the bytes that go).
 
 Issue expectation: cross-tokenizer KD beats CE-only on held-out bits per byte.
