@@ -5,7 +5,7 @@ and unmaps it on ``free``. PyTorch on CPU allocates a step's large tensors afres
 head chunk of a 49,152-row head are 200 MB, and their gradient as much again), so every step page-faults and
 zeroes them anew in the kernel. On the 2-core host, ten steps of the tiny student took 14.2 s with 11.5 s of
 system time; with the thresholds raised, 8.3 s and 1.8 s, the same losses to the last digit, peak memory
-1.66 -> 2.01 GB (docs/benchmarks.md, "Trainer: freed memory kept"). This is what a CUDA caching allocator does
+1.66 -> 2.01 GB (docs/benchmarks.md, "A student's step on the CPU"). This is what a CUDA caching allocator does
 on a GPU; on the host it is one ``mallopt`` call per process.
 
 ``softlabels`` commands call :func:`keep_freed_memory` first, and so does a teacher replica's process. A library
