@@ -218,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                                token_map=args.token_map)
         map_s = time.time() - t
         samples = list(ls.iter_samples())
-        mass = {mode: CrossTokenizer(ls, load_label_tokenizer(ls), _own_tokenizer(tok_dir), tok_dir, token_map=mode)
-                .mass_report(samples) for mode in ("exact", "first")}
+        mass = {mode: (cross if mode == args.token_map else CrossTokenizer(
+            ls, load_label_tokenizer(ls), _own_tokenizer(tok_dir), tok_dir, token_map=mode)).mass_report(samples)
+            for mode in ("exact", "first")}
         for method in args.methods.split(","):
             t = time.time()
             results[method] = run_student(args, method, tok_dir, Path(tmp) / method.replace(":", "-").replace("@", "-a"))

@@ -150,8 +150,8 @@ class CrossTokenizer:
         bos = getattr(student_tokenizer, "bos_token_id", None)
         with_special = student_tokenizer("x", add_special_tokens=True)["input_ids"]
         self.bos = bos if bos is not None and with_special[:1] == [bos] else None
-        self.map = id_map(self.teacher, self.student, labels.manifest.tokenizer.fingerprint,
-                          tokenizer_fingerprint(student_tokenizer), token_map)
+        self.fingerprints = (labels.manifest.tokenizer.fingerprint, tokenizer_fingerprint(student_tokenizer))
+        self.map = id_map(self.teacher, self.student, *self.fingerprints, token_map)
 
     def coverage(self) -> float:
         """Share of the teacher's ordinary tokens that map to a student token."""
@@ -173,7 +173,7 @@ class CrossTokenizer:
           inside a student token): the per-position KL never sees it; the chunk term covers that text.
 
         Also ``positions`` (labeled teacher positions) and ``aligned`` (their aligned share)."""
-        exact = id_map(self.teacher, self.student, mode="exact")
+        exact = id_map(self.teacher, self.student, *self.fingerprints, "exact")
         unmapped_kind = np.full(len(self.teacher.table), 2, np.int64)  # 0 special, 1 split UTF-8, 2 no token
         for i, b in enumerate(self.teacher.table):
             if self.teacher.special[i]:
@@ -188,16 +188,15 @@ class CrossTokenizer:
         for s in samples:
             got = self._align(s)
             top, lp, tail = self._labels(s)
-            rows_all = np.flatnonzero(s.trained) if s.trained is not None else np.arange(len(s.input_ids))
-            positions += len(rows_all)
+            positions += len(tail)  # a label row per labeled position
             if got is None:
-                sums["unaligned"] += len(rows_all)
+                sums["unaligned"] += len(tail)
                 continue
             _, _, _, p, aligned, row_of = got
             rows = np.unique(row_of[p[aligned]])
             rows = rows[rows >= 0]
             aligned_n += len(rows)
-            sums["unaligned"] += len(rows_all) - len(rows)
+            sums["unaligned"] += len(tail) - len(rows)
             ids, prob = top[rows], np.exp(lp[rows].astype(np.float64))
             total = prob.sum(1) + np.exp(tail[rows].astype(np.float64))  # 1 up to the encoding's rounding
             prob, t = prob / total[:, None], np.exp(tail[rows].astype(np.float64)) / total
