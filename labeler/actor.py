@@ -71,6 +71,13 @@ class TeacherActor:
         crash_point("labeler.labeled")  # the unit is labeled, nothing of it written yet
         return labels
 
+    def generate(self, unit: UnitInput, job: Any) -> UnitInput:
+        """``--generate-with teacher``: the unit's prompts completed by this teacher (labeler.generation)."""
+        from softlabels.labeler.generation import complete_unit
+
+        self.load()
+        return complete_unit(self.runner.model, unit, job)
+
     def new_run(self, settings: LabelSettings) -> None:
         """A kept replica starts another run (labeler.replicas.KEEP_TEACHERS_ENV) with that run's label settings
         (the loaded model stays); its first batch is to come."""
@@ -98,7 +105,7 @@ def encode_shard(
     samples = [
         Sample(sample_id(tokenizer_fp, ids), src, np.asarray(ids, dtype=np.int32), **labels.sequence(i),
                trained=unit.mask(i), doc_lengths=None if unit.docs(i) is None else np.asarray(unit.docs(i), np.int32),
-               spans=unit.span(i))
+               spans=unit.span(i), sampler_logprob=unit.sampler(i))
         for i, (src, ids) in enumerate(zip(unit.sources, unit.input_ids))
     ]
     return table_to_parquet_bytes(encode_samples(samples, top_k, encoding, vocab_size))

@@ -76,8 +76,9 @@ def conversations(topic: str, text: str) -> list[list[dict[str, str]]]:
     return out
 
 
-def builtin_documents(name: str, start: int, stop: int) -> Iterator[Any]:
-    """Documents of a built-in corpus, topics ``[start, stop)`` in sorted order."""
+def builtin_documents(name: str, start: int, stop: int, prompts: bool = False) -> Iterator[Any]:
+    """Documents of a built-in corpus, topics ``[start, stop)`` in sorted order. ``prompts`` (``label
+    --generate-with``): each conversation of ``pydoc-chat`` as its first question alone, a prompt."""
     from pydoc_data.topics import topics
 
     from softlabels.labeler.corpus import Document
@@ -87,7 +88,7 @@ def builtin_documents(name: str, start: int, stop: int) -> Iterator[Any]:
             yield Document(f"pydoc:{topic}", topics[topic])
             continue
         for j, messages in enumerate(conversations(topic, topics[topic])):
-            yield Document(f"pydoc-chat:{topic}:{j}", "", messages)
+            yield Document(f"pydoc-chat:{topic}:{j}", "", messages[:1] if prompts else messages)
 
 
 def hub_dataset_files(name: str, split: str) -> list[str]:

@@ -31,8 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--revision", default=S, help="hub revision of the teacher (HF ids only)")
     r.add_argument("--corpus", default=S, help=f"'pydoc' or 'pydoc-chat' (built-in), hf:NAME (an HF hub dataset in the local cache), or a .txt/.jsonl[.gz|.zst]/.json/.parquet/.arrow path, URL, folder (save_to_disk too) or glob (default: {d.corpus})")
     r.add_argument("--text-field", default=S, help=f"field/column holding the text in .jsonl/.parquet (default: {d.text_field})")
-    r.add_argument("--format", choices=["auto", "text", "chat", "prompt-completion"], default=S,
-                   help="what corpus rows are; auto decides from the first row and says so (default: auto)")
+    r.add_argument("--format", choices=["auto", "text", "chat", "prompt-completion", "prompt"], default=S,
+                   help="what corpus rows are; auto decides from the first row and says so; prompt: plain-text prompts "
+                   "(with --generate-with) (default: auto)")
     r.add_argument("--messages-field", default=S, help="chat rows: field of the turns (default: messages, else ShareGPT conversations)")
     r.add_argument("--prompt-field", default=S, help="prompt-completion rows: field of the prompt (default: prompt)")
     r.add_argument("--completion-field", default=S, help="prompt-completion rows: field of the completion (default: completion, else response)")
@@ -63,6 +64,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--store-spans", action=BOOL, default=S,
                    help="store each token's byte span in the text (about 0.6%% more bytes), so students with another "
                    "tokenizer can distill from the set (default: on when the teacher's tokenizer reproduces text exactly)")
+    g = r.add_argument_group("responses written by a model (a corpus of prompts: chat rows ending with a user turn, "
+                             "'prompt' rows, plain text with --format prompt; docs/labeler.md)")
+    g.add_argument("--generate-with", default=S, metavar="teacher|DIR",
+                   help="write the responses first: 'teacher' (sequence-level KD), or a causal LM directory sharing the "
+                   "teacher's tokenizer, e.g. a student saved by `softlabels train` (on-policy rounds); then label them")
+    g.add_argument("--max-new-tokens", type=int, default=S, help=f"most tokens per response (default: {d.max_new_tokens})")
+    g.add_argument("--sampling-temperature", type=float, default=S,
+                   help=f"the generator's temperature, 0 for greedy (--temperature is the labels') (default: {d.sampling_temperature})")
+    g.add_argument("--top-p", type=float, default=S, help=f"nucleus sampling: the smallest set of ids holding this mass (default: {d.top_p})")
+    g.add_argument("--samples-per-prompt", type=int, default=S, help=f"responses per prompt (default: {d.samples_per_prompt})")
+    g.add_argument("--seed", type=int, default=S,
+                   help="each response is a function of (seed, prompt id, sample index) alone, whatever the batching, "
+                   f"workers and replicas (default: {d.seed})")
     r.add_argument("--shard-tokens", type=int, default=S, help=f"tokens per unit/shard (default: {d.shard_tokens})")
     r.add_argument("--batch-tokens", type=int, default=S, help=f"padded tokens per teacher batch (default: {d.batch_tokens})")
     r.add_argument("--head-chunk", type=int, default=S, help=f"positions per LM-head chunk; bounds memory (default: {d.head_chunk})")

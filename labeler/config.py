@@ -64,6 +64,14 @@ class LabelConfig:
     # token byte spans (cross-tokenizer students): None stores them when the teacher's tokenizer reproduces
     # text exactly (checked on a probe text), True insists (one line if it cannot), False never
     store_spans: bool | None = None
+    # prompts-only corpora (labeler.generation): "teacher" (the labeling teacher writes the responses) or a causal
+    # LM's directory sharing the teacher's tokenizer (a student saved by `softlabels train`); None: label rows as they are
+    generate_with: str | None = None
+    max_new_tokens: int = 128
+    sampling_temperature: float = 1.0  # of the generator (0: greedy); --temperature is the labels' own
+    top_p: float = 1.0
+    samples_per_prompt: int = 1
+    seed: int = 0  # each response is a function of (seed, prompt id, sample index)
 
     def __post_init__(self) -> None:
         for name in ("output", "teacher", "corpus"):
@@ -85,8 +93,8 @@ class LabelConfig:
                 raise UserError(f"--ray-address {short_repr(address)}: expected host:port, 'auto' or ray://host:port")
         if self.train_on not in (None, "auto", "all", "assistant", "completion"):
             raise UserError(f"train_on must be all, assistant or completion, got {short_repr(self.train_on)}")
-        if self.format not in ("auto", "text", "chat", "prompt-completion"):
-            raise UserError(f"format must be auto, text, chat or prompt-completion, got {short_repr(self.format)}")
+        if self.format not in ("auto", "text", "chat", "prompt-completion", "prompt"):
+            raise UserError(f"format must be auto, text, chat, prompt-completion or prompt, got {short_repr(self.format)}")
         if self.on_error not in ("fail", "skip"):
             raise UserError(f"on_error must be 'fail' or 'skip', got {short_repr(self.on_error)}")
         if not isinstance(self.tail_samples, int) or isinstance(self.tail_samples, bool) or not 0 <= self.tail_samples <= 255:
@@ -106,11 +114,32 @@ class LabelConfig:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t < float("inf")):
             raise UserError(f"temperature must be a finite number > 0, got {short_repr(t)}")
         object.__setattr__(self, "temperature", float(t))  # YAML may give 1
+        gen = self.generation  # bad sampling settings are refused even when nothing is generated
+        if self.generate_with is not None:
+            if not isinstance(self.generate_with, str) or not self.generate_with.strip():
+                raise UserError(f"generate_with must be 'teacher' or a model directory, got {short_repr(self.generate_with)}")
+            if self.packing:
+                raise UserError("--packing cannot be used with --generate-with: each response is a sequence of its own")
+            if self.train_on not in (None, "auto"):
+                raise UserError("--train-on cannot be used with --generate-with: the responses are trained, the prompts not")
+            if self.format == "text":
+                raise UserError("--format text cannot be used with --generate-with: plain-text prompts are --format prompt")
+        elif self.format == "prompt":
+            raise UserError("--format prompt reads prompts to generate responses for: give --generate-with teacher or DIR")
+        del gen
         if self.batch_tokens < self.max_length:
             raise UserError(
                 f"batch_tokens ({short_repr(self.batch_tokens)}) must be >= max_length ({short_repr(self.max_length)}) "
                 "so that one full sequence fits in a batch"
             )
+
+    @property
+    def generation(self) -> Any:
+        """The sampling settings (:class:`softlabels.common.generate.GenerationSettings`; one line if bad)."""
+        from softlabels.common.generate import GenerationSettings
+
+        return GenerationSettings(self.max_new_tokens, self.sampling_temperature, self.top_p, self.samples_per_prompt,
+                                  self.seed)
 
     @property
     def label_encoding(self) -> Encoding:

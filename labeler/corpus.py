@@ -145,7 +145,7 @@ class BlockReader:
             body = doc.text if doc.messages is None else json.dumps(doc.messages, ensure_ascii=False, sort_keys=True)
             sha.update(doc.doc_id.encode("utf-8") + b"\x00" + body.encode("utf-8") + b"\x00")
             stats.sha256 = sha.hexdigest()
-            if doc.messages is None and not doc.text.strip():
+            if doc.messages is None and not doc.text.strip() and self.rows.format != "prompt":  # prompts: refused
                 stats.empty += 1
                 continue
             yield doc
@@ -160,7 +160,7 @@ class BlockReader:
         if block.path in BUILTIN:
             from softlabels.labeler.builtin_chat import builtin_documents
 
-            yield from builtin_documents(block.path, block.start, block.stop)
+            yield from builtin_documents(block.path, block.start, block.stop, self.rows.prompts)
             return
         path = block.path
         expanded = Expanded(path, self.max_expand, block.weight)
@@ -211,6 +211,11 @@ class BlockReader:
                 time.sleep(delay)
 
     def _document(self, where: str, value: Any) -> Document:
+        if self.rows.format == "prompt":  # plain-text prompts: a .txt line, or a row's prompt (else text) field
+            if isinstance(value, str):
+                return Document(where, value)
+            field = self.rows.prompt_field if isinstance(value, dict) and self.rows.prompt_field in value else self.text_field
+            return Document(where, text_field(value, field, where))
         if self.rows.format == "text":
             return Document(where, value if isinstance(value, str) else text_field(value, self.text_field, where))
         if isinstance(value, str):
@@ -218,11 +223,20 @@ class BlockReader:
         return Document(where, "", self.rows.messages(value, where))
 
 
+def _prompt_format(rows: RowFormat, fmt: str, where: str) -> None:
+    """With --generate-with rows are prompts: plain text only when --format prompt says so."""
+    if rows.prompts and fmt == "text":
+        raise UserError(f"corpus {where}: text rows; with --generate-with the rows are prompts (chat rows ending with "
+                        "a user turn, 'prompt' rows, or plain text with --format prompt)")
+
+
 def _detect(row: Any, rows: RowFormat) -> str:
     """``--format auto``: the format of a row, the field-name flags counting as the fields they name."""
     if isinstance(row, dict):
         if rows.messages_field and rows.messages_field in row:
             return "chat"
+        if rows.prompts and rows.prompt_field in row:  # prompts to generate for: no completion needed
+            return "prompt-completion"
         if rows.prompt_field in row and (rows.completion_field in row if rows.completion_field else
                                          any(f in row for f in chat.COMPLETION_FIELDS)):
             return "prompt-completion"
@@ -253,6 +267,9 @@ class Corpus:
             fmt = "chat" if spec == "pydoc-chat" else "text"
             if rows.format not in ("auto", fmt):
                 raise UserError(f"--format {rows.format}: the built-in corpus {spec!r} holds {fmt} rows")
+            if rows.prompts and fmt != "chat":
+                raise UserError(f"--generate-with needs prompts; the built-in corpus {spec!r} is plain text (its "
+                                "conversations, pydoc-chat, serve as prompts: each one's first question)")
             self.rows = replace(rows, format=fmt, train_on=default_train_on(fmt, rows.train_on))
             self.reader = BlockReader(spec, self.rows, storage_options, on_error, max_expand)
             return
@@ -349,9 +366,10 @@ class Corpus:
                             "(text, chat or prompt-completion)")
         if row is None:  # .txt, or a first row that is reported (and counted) when its block is read
             fmt = "text" if rows.format == "auto" else rows.format
-            if fmt != "text" and any(file_format(f) == ".txt" for f in self.files):
+            if fmt not in ("text", "prompt") and any(file_format(f) == ".txt" for f in self.files):
                 raise UserError(f"--format {fmt}: .txt files hold plain text; {fmt} rows come in .jsonl, .json, "
                                 ".parquet or .arrow files")
+            _prompt_format(rows, fmt, first)
             return replace(rows, format=fmt, train_on=default_train_on(fmt, rows.train_on))
         where, value = row if names is None else (first, row)
         if rows.format == "auto":
@@ -366,10 +384,15 @@ class Corpus:
             log.info("corpus format: %s (detected from %s; --format says otherwise)", fmt, where)
         else:
             fmt = rows.format
+        _prompt_format(rows, fmt, first)
         out = replace(rows, format=fmt, train_on=default_train_on(fmt, rows.train_on))
         if names is not None:  # a table: its columns
             need = [out.text_field] if fmt == "text" else []
-            if fmt == "prompt-completion":
+            if fmt == "prompt":
+                need = [out.prompt_field if out.prompt_field in row else out.text_field]
+            if fmt == "prompt-completion" and out.prompts:
+                need = [out.prompt_field]
+            elif fmt == "prompt-completion":
                 need = [out.prompt_field, out.completion_field or next((f for f in chat.COMPLETION_FIELDS if f in row),
                                                                        "completion")]
             if fmt == "chat":
@@ -379,6 +402,10 @@ class Corpus:
                 raise UserError(f"{first}: no column {missing[0]!r} (columns: {names}); use the field-name flags")
         elif fmt == "text":
             text_field(value, out.text_field, where)
+        elif fmt == "prompt":
+            if not isinstance(value, str):
+                text_field(value, out.prompt_field if isinstance(value, dict) and out.prompt_field in value
+                           else out.text_field, where)
         else:
             out.messages(value, where)
         return out

@@ -76,6 +76,8 @@ class Summary:
     truncated: int = 0  # conversations cut after their last assistant turn that fits --max-length
     too_long: int = 0  # conversations skipped: not even their first trained turn fits
     untrained: int = 0  # documents skipped: no token to train on
+    generated_tokens: int = 0  # --generate-with: response tokens written by this run (excludes resumed units)
+    generator: str | None = None
 
     @property
     def bytes_per_token(self) -> float:
@@ -142,7 +144,8 @@ def run(cfg: LabelConfig, started: float | None = None) -> Summary:
     log.info("labeling config: %s", cfg.redacted())
     writer = LabelSetWriter(cfg.output, cfg.storage_options)
     writer.check_reachable(cfg.overwrite)
-    rows = RowFormat(cfg.format, cfg.text_field, cfg.messages_field, cfg.prompt_field, cfg.completion_field, cfg.train_on)
+    rows = RowFormat(cfg.format, cfg.text_field, cfg.messages_field, cfg.prompt_field, cfg.completion_field, cfg.train_on,
+                     prompts=cfg.generate_with is not None)
     corpus = Corpus(cfg.corpus, rows, cfg.storage_options, cfg.on_error, exclude=cfg.output, split=cfg.split,
                     max_expand=cfg.max_expand_bytes)
     template = _chat_template(cfg.chat_template)
@@ -183,9 +186,19 @@ def run(cfg: LabelConfig, started: float | None = None) -> Summary:
             rendering = Rendering(corpus.rows.format, corpus.rows.train_on or "all", template,
                                   tokenizer_bos(tokenizer) if corpus.rows.format != "chat" else None,
                                   tokenizer.eos_token_id if corpus.rows.format == "prompt-completion" else None,
-                                  span_bytes, cfg.max_length, cfg.chat_date, *render_limits)
+                                  span_bytes, cfg.max_length, cfg.chat_date, *render_limits,
+                                  prompts=cfg.generate_with is not None)
+            generation = None
+            if cfg.generate_with is not None:
+                from softlabels.labeler.generation import start_generators
+
+                try:
+                    generation = start_generators(ray, cfg, tokenizer, rendering, replicas)
+                except BaseException:
+                    writer.finish(forget=True)
+                    raise
             return _run(cfg, ray, writer, corpus, source, tokenizer, id_space, (started, t0, t_ray), rendering,
-                        replicas)
+                        replicas, generation)
     finally:
         checks.cancel()
         writer.finish()
@@ -268,7 +281,8 @@ def _span_bytes(cfg: LabelConfig, tokenizer: Any) -> Any:
 
 
 def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, source: TeacherSource, tokenizer: Any,
-         id_space: int, marks: tuple[float, float, float], rendering: Rendering, replicas: Replicas) -> Summary:
+         id_space: int, marks: tuple[float, float, float], rendering: Rendering, replicas: Replicas,
+         generation: Any = None) -> Summary:
     """The job once Ray is up, the output claimed and every input checked: label, publish.
 
     ``marks``: when the command started, run() was called, and Ray was ready (epoch seconds)."""
@@ -296,6 +310,7 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
             "tail_samples": cfg.tail_samples,
             "spans": rendering.spans is not None,
             "target_logprobs": True,  # since 0.8.0 (schema v6): a set begun without them is not resumed with them
+            **({"generation": generation.record} if generation is not None else {}),
         }
         status = writer.begin(identity, cfg.overwrite)
         if status == "complete":
@@ -306,7 +321,7 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
         tok_info = dataclasses.replace(tok_info, checksums=writer.write_tokenizer(tokenizer))
         try:
             out = Pipeline(ray, cfg, replicas, tokenizer, tok_info.fingerprint, corpus, seq_cfg, done,
-                           id_space, writer.owner(), writer.record, rendering).run()
+                           id_space, writer.owner(), writer.record, rendering, generation).run()
         except NothingToLabel:
             if status == "new":
                 writer.abandon()  # leave the output as it was: a fixed corpus can then use it
@@ -334,6 +349,8 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
             tail_samples=cfg.tail_samples,
             spans=rendering.spans is not None,
             target_logprobs=True,
+            generation=None if generation is None else generation.record,
+            sampler_logprobs=generation is not None,
             created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         )
         writer.write_manifest(manifest)
@@ -362,6 +379,8 @@ def _run(cfg: LabelConfig, ray: Any, writer: LabelSetWriter, corpus: Corpus, sou
         truncated=out.plan.truncated,
         too_long=out.plan.too_long,
         untrained=out.plan.untrained,
+        generated_tokens=out.generated_tokens,
+        generator=None if generation is None else generation.name,
     )
 
 
@@ -442,6 +461,10 @@ def print_summary(s: Summary, file: Any = sys.stdout) -> None:
                         if s.startup_split else "") + ")"),
         ("labeling", f"{s.labeled_tokens:,} tokens in {s.label_s:.1f} s ({s.tokens_per_s:,.0f} tokens/s)"),
     ]
+    if s.generator is not None:
+        rows.append(("generation", f"{s.generated_tokens:,} response tokens written by {s.generator} "
+                                   f"({s.generated_tokens / s.label_s if s.label_s > 0 else 0:,.1f} tokens/s, "
+                                   "generation and labeling together)"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}", file=file)

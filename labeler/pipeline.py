@@ -67,6 +67,7 @@ class Outcome:
     first_batch: float | None = None  # when a teacher first finished a batch (epoch seconds)
     teacher_loaded: float | None = None  # when that teacher had loaded
     plan: PlanCounts = field(default_factory=PlanCounts)
+    generated_tokens: int = 0  # --generate-with: response tokens of the units this run committed
 
 
 class _Failed:
@@ -94,6 +95,7 @@ class Pipeline:
         owner: tuple[int, str] | None = None,
         record: Callable[..., None] | None = None,
         rendering: Rendering | None = None,
+        generation: Any = None,
     ) -> None:
         self.ray, self.cfg = ray, cfg
         self.replicas = replicas  # started by the job as soon as Ray was up (:func:`~softlabels.labeler.replicas.start_replicas`)
@@ -107,6 +109,7 @@ class Pipeline:
         self.corpus, self.seq_cfg, self.done = corpus, seq_cfg, done
         self.totals = CorpusTotals()
         self.rendering = rendering or Rendering()
+        self.generation = generation  # labeler.generation.Generation: prompts are completed before labeling
         self.counts = PlanCounts()
         self.read_fraction = 0.0
         self.stop = threading.Event()
@@ -161,7 +164,12 @@ class Pipeline:
 
     def _plan(self) -> None:
         try:
-            sequences = build_sequences(self._documents(), self.tokenizer.eos_token_id, self.seq_cfg, self.counts)
+            if self.generation is not None:
+                from softlabels.labeler.generation import prompt_sequences
+
+                sequences = prompt_sequences(self._documents(), self.cfg.samples_per_prompt, self.cfg.limit)
+            else:
+                sequences = build_sequences(self._documents(), self.tokenizer.eos_token_id, self.seq_cfg, self.counts)
             for unit in iter_units(sequences, self.cfg.shard_tokens):
                 if self.stop.is_set():
                     return
@@ -212,14 +220,16 @@ class Pipeline:
         planner.start()  # tokenizing starts while the teachers load
         try:
             actors, node_ids = self._actors()
-            progress = Progress()
+            progress = Progress(what="tokens" if self.generation is None else "responses")
+            count = (lambda u, t: t) if self.generation is None else (lambda u, t: len(u.sequences))
             t0 = time.time()
             shards: dict[int, ShardInfo] = {}
             labeling: dict[Any, int] = {}  # label ref -> replica
             writing: dict[Any, tuple[Unit, int, str]] = {}  # commit ref -> (unit, replica, input digest)
             load = [0] * len(actors)
             per_node: dict[str, int] = {}
-            planning, resumed, labeled = True, 0, 0
+            planning, resumed, labeled, generated = True, 0, 0, 0
+            gen_job = None if self.generation is None else ray.put(self.generation.job)
             try:
                 while planning or labeling or writing:
                     while planning and min(load) < IN_FLIGHT:
@@ -234,14 +244,14 @@ class Pipeline:
                         if isinstance(item, _Failed):
                             raise item.error
                         unit: Unit = item
-                        progress.planned(unit.tokens, self.read_fraction)
+                        progress.planned(count(unit, unit.tokens), self.read_fraction)
                         digest = unit_digest(unit)
                         commit = self.done.get(unit.name)
                         if commit is not None and commit.inputs == digest:
                             shards[unit.index] = commit.info
                             self.record(unit.index, unit.name, commit.info, digest, resumed=True)
                             resumed += 1
-                            progress.done(unit.tokens, resumed=True)
+                            progress.done(count(unit, unit.tokens), resumed=True)
                             continue
                         if commit is not None and commit.inputs is not None:
                             raise OutputError(
@@ -250,6 +260,8 @@ class Pipeline:
                             )
                         r = load.index(min(load))
                         payload = ray.put(UnitInput.of(unit.sequences, lead=unit.index == 0))
+                        if self.generation is not None:  # the unit's prompts completed, then labeled as any unit
+                            payload = self.generation.actors[r].generate.remote(payload, gen_job)
                         label_ref = actors[r].label.remote(payload)
                         commit_ref = self.writers[r].write.remote(unit.name, payload, label_ref, digest)
                         labeling[label_ref] = r
@@ -265,9 +277,12 @@ class Pipeline:
                         unit, r, digest = writing.pop(ref)
                         shards[unit.index] = ShardInfo(**_get(ray, ref, unit.name))
                         self.record(unit.index, unit.name, shards[unit.index], digest)
-                        labeled += unit.tokens
+                        labeled += shards[unit.index].tokens
+                        if self.generation is not None:
+                            generated += shards[unit.index].trained or 0
                         per_node[node_ids[r]] = per_node.get(node_ids[r], 0) + 1
-                        progress.done(unit.tokens)
+                        progress.done(count(unit, shards[unit.index].tokens), generated=self.generation is not None
+                                      and shards[unit.index].trained or 0)
             finally:
                 progress.close()
             label_s = time.time() - t0
@@ -290,6 +305,7 @@ class Pipeline:
                 units_per_node=per_node,
                 **dict(zip(("teacher_loaded", "first_batch"), _first_batch(ray, actors))),
                 plan=self.counts,
+                generated_tokens=generated,
             )
         finally:
             self.stop.set()

@@ -27,6 +27,7 @@ class Sequence:
     trained: np.ndarray | None = None  # [L] bool: label positions trained (the token after is); None: all
     doc_lengths: tuple[int, ...] | None = None  # documents packed into it, when more than one
     spans: np.ndarray | None = None  # [L] bytes of the text each token covers (--store-spans)
+    sample: int | None = None  # --generate-with: a prompt, to become its sample-th response (labeler.generation)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Rendering:
     date: str = "2024-07-26"  # what a chat template's strftime_now() sees (--chat-date)
     render_steps: int = 50_000_000  # what rendering one conversation may take (labeler.chattemplate.render_bounds)
     render_seconds: float = 300.0
+    prompts: bool = False  # --generate-with: documents are prompts (labeler.generation.render_prompts)
 
 
 def tokenizer_bos(tokenizer: Any) -> int | None:
@@ -145,6 +147,10 @@ def render(docs: list[Document], tokenizer: Any, rendering: Rendering, max_token
             raise e
         on_bad(e)
 
+    if rendering.prompts:
+        from softlabels.labeler.generation import render_prompts
+
+        return render_prompts(docs, tokenizer, rendering, refused)
     if rendering.format == "text":
         out = []
         for (doc_id, ids), d in zip(tokenize(docs, tokenizer, max_tokens), docs):

@@ -23,11 +23,12 @@ def _duration(s: float) -> str:
 
 
 class Progress:
-    def __init__(self, every_s: float = 15.0, tty: bool | None = None) -> None:
+    def __init__(self, every_s: float = 15.0, tty: bool | None = None, what: str = "tokens") -> None:
+        self.what = what  # what is counted: tokens, or (--generate-with) responses
         self.units_planned = self.tokens_planned = 0
         self.read_fraction = 0.0
         self.plan_final = False
-        self.units_done = self.tokens_done = self.resumed = self.labeled = 0
+        self.units_done = self.tokens_done = self.resumed = self.labeled = self.generated = 0
         self.t0 = self.last = time.time()
         self.every_s = every_s
         self.bar = None
@@ -36,7 +37,8 @@ class Progress:
 
             self.bar = tqdm(
                 total=1, unit="tok", unit_scale=True, desc="labeling", dynamic_ncols=True,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tok [{elapsed}{postfix}]",
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} " + ("tok" if what == "tokens" else what)
+                + " [{elapsed}{postfix}]",
             )
 
     # -- events --------------------------------------------------------------
@@ -49,8 +51,10 @@ class Progress:
         self.plan_final = True
         self._show(force=True)
 
-    def done(self, tokens: int, resumed: bool = False) -> None:
+    def done(self, tokens: int, resumed: bool = False, generated: int = 0) -> None:
+        """A unit committed (``tokens`` labeled; ``generated``: of them, response tokens a generator wrote)."""
         self.units_done += 1
+        self.generated += generated
         self.tokens_done += tokens
         if resumed:
             self.resumed += 1
@@ -78,7 +82,9 @@ class Progress:
     def status(self) -> str:
         units = f"{self.units_done}/{self.units_planned}{'' if self.plan_final else '+'} units"
         resumed = f", {self.resumed} resumed" if self.resumed else ""
-        return f"{units}{resumed}, {self.rate:,.0f} tokens/s, ETA {_duration(self.eta_s)}"
+        generated = (f", {self.generated / max(1e-9, time.time() - self.t0):,.1f} generated tokens/s"
+                     if self.generated else "")
+        return f"{units}{resumed}, {self.rate:,.{0 if self.what == 'tokens' else 2}f} {self.what}/s{generated}, ETA {_duration(self.eta_s)}"
 
     def _show(self, force: bool = False) -> None:
         if self.bar is not None:
@@ -90,7 +96,8 @@ class Progress:
         if force or now - self.last >= self.every_s:
             self.last = now
             approx = "" if self.plan_final else "~"
-            log.info("labeled %s/%s%s tokens: %s", f"{self.tokens_done:,}", approx, f"{self.total_tokens:,}", self.status())
+            log.info("labeled %s/%s%s %s: %s", f"{self.tokens_done:,}", approx, f"{self.total_tokens:,}", self.what,
+                     self.status())
 
     def close(self) -> None:
         if self.bar is not None:

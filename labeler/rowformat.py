@@ -8,7 +8,7 @@ from typing import Any
 from softlabels.labeler import chat
 from softlabels.schemas.errors import UserError
 
-ROW_FORMATS = ("auto", *chat.FORMATS)
+ROW_FORMATS = ("auto", *chat.FORMATS, "prompt")  # prompt: plain-text prompts (label --generate-with)
 
 
 class BadRow(UserError):
@@ -25,6 +25,7 @@ class RowFormat:
     prompt_field: str = "prompt"
     completion_field: str | None = None  # default 'completion', else 'response'
     train_on: str | None = None  # all, assistant (chat), completion (prompt-completion); None: the format's default
+    prompts: bool = False  # --generate-with: rows are prompts (chat rows end with a user turn, no completion needed)
 
     def __post_init__(self) -> None:
         if self.format not in ROW_FORMATS:
@@ -34,6 +35,10 @@ class RowFormat:
         """A chat or prompt-completion row as checked messages (UserError naming ``where`` if not usable)."""
         if not isinstance(obj, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        if self.format == "prompt-completion" and self.prompts:  # the prompt only: the generator writes the rest
+            if self.prompt_field not in obj:
+                raise UserError(f"{where}: no field {self.prompt_field!r} (found {sorted(obj)[:12]}); use --prompt-field")
+            return chat.check_messages([{"role": "user", "content": obj[self.prompt_field]}], where)
         if self.format == "prompt-completion":
             key = self.completion_field or next((f for f in chat.COMPLETION_FIELDS if f in obj), "completion")
             view = {k: obj[f] for k, f in (("prompt", self.prompt_field), ("completion", key)) if f in obj}
@@ -44,7 +49,7 @@ class RowFormat:
         turns = obj[key]
         sharegpt = isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "from" in turns[0]
         msgs = chat.row_messages({"conversations" if sharegpt else "messages": turns}, "chat", where)
-        if self.train_on == "assistant" and not any(chat.trained_turn(m) for m in msgs):
+        if self.train_on == "assistant" and not self.prompts and not any(chat.trained_turn(m) for m in msgs):
             weighted = any(m["role"] == "assistant" for m in msgs)
             raise UserError(f"{where}: no assistant turn to train on (--train-on assistant)"
                             + (" (every one has weight 0)" if weighted else ""))
@@ -53,7 +58,7 @@ class RowFormat:
 
 def default_train_on(fmt: str, train_on: str | None) -> str:
     """``--train-on`` for a format: its default when not given; one line when it does not fit."""
-    default = {"text": "all", "chat": "assistant", "prompt-completion": "completion"}[fmt]
+    default = {"text": "all", "chat": "assistant", "prompt-completion": "completion", "prompt": "completion"}[fmt]
     if train_on in (None, "auto"):
         return default
     if train_on != "all" and train_on != default:

@@ -43,12 +43,17 @@ class UnitInput:
     # Label the longest sequence alone before the others (the job's first unit: its first labels, or a teacher that
     # cannot label, show within a second instead of after a whole batch); the batching stays a function of the unit.
     lead: bool = False
+    # --generate-with: each sequence is a prompt, and which sample of it (0..N-1) it is to become (the response's
+    # noise is seeded by the prompt id, its source before "#", and this index); None: labeled as it is
+    samples: tuple[int, ...] | None = None
+    # after generation: per sequence, the generator's log-prob of each token it sampled ([T_i], one per label row)
+    sampler_logprob: tuple[np.ndarray, ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.input_ids)
         if len(self.sources) != n:
             raise ValueError(f"{len(self.sources)} sources for {n} sequences")
-        for name in ("trained", "doc_lengths", "spans"):
+        for name in ("trained", "doc_lengths", "spans", "samples", "sampler_logprob"):
             v = getattr(self, name)
             if v is not None and len(v) != n:
                 raise ValueError(f"{len(v)} {name} entries for {n} sequences")
@@ -59,10 +64,12 @@ class UnitInput:
         trained = tuple(getattr(s, "trained", None) for s in sequences)
         docs = tuple(getattr(s, "doc_lengths", None) for s in sequences)
         spans = tuple(getattr(s, "spans", None) for s in sequences)
+        samples = tuple(getattr(s, "sample", None) for s in sequences)
         return cls(tuple(s.source for s in sequences), tuple(s.input_ids for s in sequences),  # type: ignore[attr-defined]
                    trained if any(t is not None for t in trained) else None,
                    docs if any(d is not None for d in docs) else None,
-                   spans if all(sp is not None for sp in spans) else None, lead)
+                   spans if all(sp is not None for sp in spans) else None, lead,
+                   samples if all(x is not None for x in samples) else None)
 
     def mask(self, i: int) -> np.ndarray | None:
         return None if self.trained is None else self.trained[i]
@@ -72,6 +79,9 @@ class UnitInput:
 
     def span(self, i: int) -> np.ndarray | None:
         return None if self.spans is None else self.spans[i]
+
+    def sampler(self, i: int) -> np.ndarray | None:
+        return None if self.sampler_logprob is None else self.sampler_logprob[i]
 
     @property
     def lengths(self) -> tuple[int, ...]:

@@ -9,6 +9,8 @@ Schema v5 adds ``spans`` (list<uint16>, optional): how many bytes of the sequenc
 each position's token covers (the deltas of the tokens' end offsets).
 Schema v6 adds ``target_logprob`` (list<float32>, one per trained position, optional): the
 teacher's log-prob of the token that actually follows (NaN where none of the same document does).
+Schema v7 adds ``sampler_logprob`` (list<float32>, one per trained position, optional): in a set whose responses a
+model wrote (``label --generate-with``), the generator's log-prob of the token it sampled there.
 Schema v1 shards (the columns of today's ``fp16`` encoding: ``topk_ids``,
 ``topk_logprobs`` as float16, ``tail_logprob``) keep reading.
 """
@@ -34,10 +36,10 @@ from softlabels.schemas.encodings import (
 )
 from softlabels.schemas.errors import LabelSetError, ShardFormatError, UnsupportedSchemaVersion
 
-# 6: the teacher's log-prob of the token that follows (optional); 5: token spans (optional); 4: trained-position masks (labels only where trained) and packed-document boundaries;
+# 7: the generator's log-prob of each sampled token (optional); 6: the teacher's log-prob of the token that follows (optional); 5: token spans (optional); 4: trained-position masks (labels only where trained) and packed-document boundaries;
 # 3: every footer value is UTF-8 text (compact's vocabulary buckets in base64); 2: encodings; 1: fp16 only.
-SCHEMA_VERSION = 6
-SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6)
+SCHEMA_VERSION = 7
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 
 _META_VERSION = b"softlabels.schema_version"
 _META_TOPK = b"softlabels.top_k"
@@ -71,6 +73,9 @@ class Sample:
     # v6: at each trained position, the teacher's log-prob (at the labeling temperature) of the token that follows
     # it in the row, in or out of the top-k; NaN where no token of the same document follows.
     target_logprob: np.ndarray | None = None  # [T] float32
+    # v7 (label --generate-with): at each trained position, the generator's log-prob of the token it sampled
+    # there (under the distribution it drew from: its sampling temperature and top-p), for importance weights.
+    sampler_logprob: np.ndarray | None = None  # [T] float32
 
     @property
     def label_positions(self) -> np.ndarray:
@@ -97,8 +102,10 @@ class Sample:
                 f"sample {self.sample_id}: topk_ids {self.topk_ids.shape} and "
                 f"topk_logprobs {self.topk_logprobs.shape} must both be [L, k]"
             )
-        if self.target_logprob is not None and self.target_logprob.shape != (n,):
-            raise ValueError(f"sample {self.sample_id}: target_logprob {self.target_logprob.shape} for {n} trained positions")
+        for name in ("target_logprob", "sampler_logprob"):
+            v = getattr(self, name)
+            if v is not None and v.shape != (n,):
+                raise ValueError(f"sample {self.sample_id}: {name} {v.shape} for {n} trained positions")
         if self.topk_ids.shape[0] != n or self.tail_logprob.shape != (n,):
             raise ValueError(
                 f"sample {self.sample_id}: {n} trained positions but labels for "
@@ -177,11 +184,12 @@ def encode_samples(
     elif len(with_spans) > 1:
         raise ValueError("either every sample of a shard has spans or none has")
     columns += label_cols
-    with_target = {s.target_logprob is not None for s in samples}
-    if with_target == {True}:
-        columns.append(("target_logprob", rows_list(cat("target_logprob", "float32"), label_lengths, pa.float32())))
-    elif len(with_target) > 1:
-        raise ValueError("either every sample of a shard has target log-probs or none has")
+    for name in ("target_logprob", "sampler_logprob"):
+        present = {getattr(s, name) is not None for s in samples}
+        if present == {True}:
+            columns.append((name, rows_list(cat(name, "float32"), label_lengths, pa.float32())))
+        elif len(present) > 1:
+            raise ValueError(f"either every sample of a shard has a {name} column or none has")
     with_tail = {s.tail_sample_ids is not None for s in samples}
     if with_tail == {True}:
         draws = samples[0].tail_sample_ids.shape[1]
@@ -264,11 +272,12 @@ def _decode_flat(table: pa.Table) -> tuple[dict[str, np.ndarray], dict[str, np.n
         flat["tail_sample_ids"] = flat_list(table.column("tail_sample_ids"), 2).astype(np.int32, copy=False).reshape(counts.shape)
         flat["tail_sample_counts"] = counts
         lengths["tail_sample_ids"] = lengths["tail_sample_counts"] = labels
-    if "target_logprob" in table.column_names:  # v6
-        target = flat_list(table.column("target_logprob")).astype(np.float32, copy=False)
-        if len(target) != len(tail) or not np.array_equal(_row_lengths(table.column("target_logprob")), labels):
-            raise ShardFormatError("the target_logprob column does not cover every trained position of its rows")
-        flat["target_logprob"], lengths["target_logprob"] = target, labels
+    for name in ("target_logprob", "sampler_logprob"):  # v6, v7
+        if name in table.column_names:
+            values = flat_list(table.column(name)).astype(np.float32, copy=False)
+            if len(values) != len(tail) or not np.array_equal(_row_lengths(table.column(name)), labels):
+                raise ShardFormatError(f"the {name} column does not cover every trained position of its rows")
+            flat[name], lengths[name] = values, labels
     if "trained" in table.column_names:  # v4
         trained = flat_list(table.column("trained")).astype(bool, copy=False)
         per_row = _row_lengths(table.column("trained"))
@@ -324,6 +333,7 @@ DECODED_TYPES = {
     "doc_lengths": pa.int32(),
     "spans": pa.uint16(),
     "target_logprob": pa.float32(),
+    "sampler_logprob": pa.float32(),
 }
 
 
@@ -353,11 +363,12 @@ _MALFORMED = (pa.ArrowException, ValueError, KeyError, IndexError, TypeError, Ov
 
 def decode_shard(data: bytes, top_k: int, where: str, rows: int | None = None, tokens: int | None = None,
                  tail_samples: int | None = None, trained: int | None = None, spans: bool | None = None,
-                 target_logprobs: bool | None = None) -> list[Sample]:
+                 target_logprobs: bool | None = None, sampler_logprobs: bool | None = None) -> list[Sample]:
     """Parse and decode the bytes of a shard of an untrusted label set, checked against its manifest.
 
     Args:
-        top_k, rows, tokens, tail_samples, trained, spans, target_logprobs: what the manifest says the shard holds.
+        top_k, rows, tokens, tail_samples, trained, spans, target_logprobs, sampler_logprobs: what the manifest says
+            the shard holds.
         where: the shard's URL, for messages.
 
     Raises:
@@ -383,11 +394,12 @@ def decode_shard(data: bytes, top_k: int, where: str, rows: int | None = None, t
         if spans is not None and spans != ("spans" in flat):
             raise ShardFormatError(f"{'lacks' if spans else 'has'} a spans column; the manifest says it "
                                    f"{'has' if spans else 'has none'}")
-        if target_logprobs is not None and target_logprobs != ("target_logprob" in flat):
-            raise ShardFormatError(f"{'lacks' if target_logprobs else 'has'} a target_logprob column; the manifest says it "
-                                   f"{'has' if target_logprobs else 'has none'}")
-        if "target_logprob" in flat and np.any(flat["target_logprob"] > 0):  # NaN compares false: allowed
-            raise ShardFormatError("a target_logprob is above 0 (log-probs are at most 0)")
+        for name, said in (("target_logprob", target_logprobs), ("sampler_logprob", sampler_logprobs)):
+            if said is not None and said != (name in flat):
+                raise ShardFormatError(f"{'lacks' if said else 'has'} a {name} column; the manifest says it "
+                                       f"{'has' if said else 'has none'}")
+            if name in flat and np.any(flat[name] > 0):  # NaN compares false: allowed
+                raise ShardFormatError(f"a {name} is above 0 (log-probs are at most 0)")
         draws = flat["tail_sample_ids"].shape[1] if "tail_sample_ids" in flat else 0
         if tail_samples is not None and draws != tail_samples:
             raise ShardFormatError(f"holds {draws} tail samples per position, the manifest says {tail_samples}")

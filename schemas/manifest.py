@@ -170,6 +170,10 @@ class Manifest:
     rendering: dict[str, Any] | None = None
     spans: bool = False  # v5: every shard has a `spans` column (each position's token's bytes of the text)
     target_logprobs: bool = False  # v6: every shard has a `target_logprob` column (the next token's teacher log-prob)
+    # v7 (label --generate-with): who wrote the responses and how (generator id and weights sha256, the sampling
+    # settings, seed, stop ids); every shard then has a `sampler_logprob` column
+    generation: dict[str, Any] | None = None
+    sampler_logprobs: bool = False
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -195,8 +199,9 @@ class Manifest:
             raise ManifestError(f"tail_samples must be an int in 0..255, got {self.tail_samples!r}")
         if not isinstance(self.spans, bool):
             raise ManifestError(f"spans must be true or false, got {self.spans!r:.80}")
-        if not isinstance(self.target_logprobs, bool):
-            raise ManifestError(f"target_logprobs must be true or false, got {self.target_logprobs!r:.80}")
+        for name in ("target_logprobs", "sampler_logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ManifestError(f"{name} must be true or false, got {getattr(self, name)!r:.80}")
         try:
             Encoding.from_dict(self.encoding)
         except (ValueError, TypeError) as e:
@@ -213,6 +218,7 @@ class Manifest:
         _check_flat("converted_from", self.converted_from)
         _check_flat("rendering", self.rendering, depth=1)
         _check_flat("encoding", self.encoding)
+        _check_flat("generation", self.generation)
         _check_shards(self.shards, self.totals)
 
     @property
@@ -228,13 +234,12 @@ class Manifest:
     def to_json(self) -> str:
         """Serialize (stable key order, human-readable)."""
         d = asdict(self)
-        for name in ("converted_from", "rendering"):
+        for name in ("converted_from", "rendering", "generation"):
             if d[name] is None:
                 del d[name]  # nothing to say
-        if not d["spans"]:
-            del d["spans"]
-        if not d["target_logprobs"]:
-            del d["target_logprobs"]
+        for name in ("spans", "target_logprobs", "sampler_logprobs"):
+            if not d[name]:
+                del d[name]
         ordered = {"schema_version": d.pop("schema_version"), **d}
         return json.dumps(ordered, indent=2, sort_keys=False) + "\n"
 
@@ -281,6 +286,8 @@ class Manifest:
                 rendering=d.get("rendering"),
                 spans=d.get("spans", False),
                 target_logprobs=d.get("target_logprobs", False),
+                generation=d.get("generation"),
+                sampler_logprobs=d.get("sampler_logprobs", False),
             )
         except KeyError as e:
             raise ManifestError(f"{where}: missing field {e.args[0]!r}") from e

@@ -151,7 +151,7 @@ class LabelSet:
         m = self.manifest
         return decode_shard(self.read_shard_bytes(shard, verify), m.top_k, join_url(self.url, shard.path),
                             shard.rows, shard.tokens, m.tail_samples, shard.trained, m.spans,
-                            m.target_logprobs)
+                            m.target_logprobs, m.sampler_logprobs)
 
     def iter_samples(self, shards: Iterable[ShardInfo] | None = None, verify: bool = True) -> Iterator[Sample]:
         """Yield samples shard by shard, in manifest order unless ``shards`` is given."""
