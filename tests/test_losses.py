@@ -168,3 +168,58 @@ def test_tail_sampled_without_draws_is_tail_kl_and_refuses_missing_samples():
                                position_loss(s_logits, "tail-kl", ids, lp, tail))
     with pytest.raises(ValueError, match="needs tail samples"):
         position_loss(s_logits, "tail-sampled", ids, lp, tail)
+
+
+def _with_targets(batch, t_logits_seed=0, v=40):
+    """The batch with the teacher's exact log-prob of each next token (a set with target_logprob, one tokenizer)."""
+    g = torch.Generator().manual_seed(t_logits_seed + 100)
+    b, t = batch["targets"].shape
+    teacher = torch.log_softmax(torch.randn(b, t, v, generator=g) * 2, -1)
+    ok = batch["targets"] != -100
+    target = teacher.gather(-1, batch["targets"].clamp_min(0)[..., None]).squeeze(-1)
+    ok[0, 2] = False  # a position the teacher did not score (NaN in the set): no estimate there
+    return {**batch, "chunk_len": ok.long(), "chunk_logprob": torch.where(ok, target, torch.zeros_like(target))}, ok, target
+
+
+def test_sampled_reverse_kl_is_the_estimate_with_the_score_function_gradient():
+    torch.manual_seed(5)
+    batch, ok, target = _with_targets(_batch())
+    head = torch.nn.Linear(8, 40, bias=False)
+    hidden = torch.randn(3, 9, 8, requires_grad=True)
+    loss, parts = chunked_loss(hidden, head, "reverse-kl-sampled", batch, alpha=1.0, chunk=5)
+    grad = torch.autograd.grad(loss, hidden)[0]
+    # direct: value mean over scored positions of log q(y) - log p(y); gradient (log q - log p) grad log q, averaged
+    h = hidden.detach().clone().requires_grad_(True)
+    logq = torch.log_softmax(head(h), -1).gather(-1, batch["targets"].clamp_min(0)[..., None]).squeeze(-1)
+    est = (logq - target)[ok]
+    torch.testing.assert_close(loss.detach(), est.mean().detach())
+    surrogate = (est.detach() * logq[ok]).sum() / ok.sum()
+    torch.testing.assert_close(grad, torch.autograd.grad(surrogate, h)[0])
+    assert grad[~ok].abs().max() == 0 and parts["kd"] == pytest.approx(float(est.mean().detach()))
+    # its expectation over y ~ q is the gradient of KL(q || p): checked exactly by summing over every y of one position
+    z = torch.randn(40, requires_grad=True)
+    p = torch.log_softmax(torch.randn(40), -1)
+    q = torch.log_softmax(z, -1)
+    from softlabels.trainer.losses import sampled_reverse_kl
+
+    expected = sum(q[y].exp().detach() * sampled_reverse_kl(q[y], p[y]) for y in range(40))
+    exact = (q.exp() * (q - p)).sum()
+    g_expected = torch.autograd.grad(expected, z, retain_graph=True)[0]
+    torch.testing.assert_close(g_expected, torch.autograd.grad(exact, z)[0])
+
+
+def test_kl_mix_mixes_forward_and_reverse_and_reverse_losses_refuse_sets_without_targets():
+    torch.manual_seed(6)
+    batch = _batch()
+    head = torch.nn.Linear(8, 40, bias=False)
+    hidden = torch.randn(3, 9, 8)
+    fwd, _ = chunked_loss(hidden, head, "tail-kl", batch)
+    rev, _ = chunked_loss(hidden, head, "reverse-kl", batch)
+    mix, _ = chunked_loss(hidden, head, "kl-mix", batch, reverse_weight=0.3)
+    torch.testing.assert_close(mix, 0.7 * fwd + 0.3 * rev)
+    with pytest.raises(ValueError, match="target_logprob"):
+        chunked_loss(hidden, head, "reverse-kl-sampled", batch)
+    from softlabels.trainer.config import resolve_weights
+
+    assert resolve_weights(None, None, False, True, loss="reverse-kl-sampled") == {"alpha": 1.0, "chunk_weight": 0.0}
+    assert resolve_weights(None, None, False, True, loss="tail-kl") == {"alpha": 0.5, "chunk_weight": 1.0}

@@ -82,7 +82,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--clip", type=float, default=S, help=f"gradient-norm clip (default: {d.clip})")
     r.add_argument("--loss", default=S, choices=list(LOSSES),
                    help=f"training loss; tail-sampled needs a set labeled with --tail-samples; xtok-kl and xtok-uld are for "
-                   f"students with another tokenizer (default: {DEFAULT_LOSS}, or {DEFAULT_CROSS_LOSS} with another tokenizer)")
+                   "students with another tokenizer; reverse-kl, reverse-kl-sampled (the per-token estimate of on-policy "
+                   "distillation) and kl-mix are for responses a student wrote (label --generate-with; their unset "
+                   f"--alpha is 1 and --chunk-weight 0) (default: {DEFAULT_LOSS}, or {DEFAULT_CROSS_LOSS} with another tokenizer)")
+    r.add_argument("--reverse-weight", type=float, default=S, metavar="W",
+                   help=f"--loss kl-mix: (1 - W) KL(teacher || student) + W KL(student || teacher) (default: {d.reverse_weight})")
     r.add_argument("--alpha", type=float, default=S, help="KD weight; 1 - alpha goes to CE on true tokens (default: "
                    f"{DEFAULT_ALPHA:g}, or {DEFAULT_CROSS_ALPHA:g} with another tokenizer)")
     r.add_argument("--chunk-weight", type=float, default=S,

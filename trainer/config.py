@@ -15,7 +15,10 @@ from softlabels.common.settings import clip, short_repr
 from softlabels.schemas.errors import UserError
 from softlabels.trainer.tracking import parse_report_to
 
-LOSSES = ("tail-kl", "topk-kl", "reverse-kl", "tail-sampled", "xtok-kl", "xtok-uld", "ce")
+LOSSES = ("tail-kl", "topk-kl", "reverse-kl", "reverse-kl-sampled", "kl-mix", "tail-sampled", "xtok-kl", "xtok-uld", "ce")
+# The losses for responses a student wrote (on-policy rounds): their unset --alpha is 1 and --chunk-weight 0 (CE on
+# a student's own samples would reinforce them, whatever the teacher thinks of them)
+REVERSE_LOSSES = ("reverse-kl", "reverse-kl-sampled", "kl-mix")
 # What a student with the set's tokenizer, and one with another (trainer.crosstok), trains with by default.
 DEFAULT_LOSS, DEFAULT_CROSS_LOSS = "tail-kl", "xtok-uld"
 # --alpha and --chunk-weight left unset: with the set's tokenizer, and with another one (the chunk term only on sets
@@ -30,7 +33,7 @@ CROSS_LOSSES = ("xtok-kl", "xtok-uld", "ce")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # A resumed run continues one run: these must be what its checkpoint recorded ...
 KEEP_ON_RESUME = ("student", "student_tokenizer", "token_map", "init_from", "fsdp", "loss", "alpha", "chunk_weight",
-                  "temperature", "top_k", "seed", "batch_size", "grad_accum", "eval_fraction", "shuffle_window", "precision")
+                  "reverse_weight", "temperature", "top_k", "seed", "batch_size", "grad_accum", "eval_fraction", "shuffle_window", "precision")
 # ... and these too, unless named in --allow-changed (deliberate changes to the optimizer's course).
 CHANGEABLE = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "clip")
 
@@ -61,6 +64,7 @@ class TrainConfig:
     # weight of the chunk likelihood term (the teacher's and the student's probabilities of each chunk of text
     # matched; needs a set with target_logprob, schema v6): 0 turns it off. None: as alpha (resolve_weights)
     chunk_weight: float | None = None
+    reverse_weight: float = 0.5  # --loss kl-mix: (1 - w) KL(teacher || student) + w KL(student || teacher)
     temperature: float = 1.0
     seed: int = 0
     eval_fraction: float = 0.05
@@ -119,6 +123,7 @@ class TrainConfig:
             _check_float(self, "alpha", 0, 1)
         if self.chunk_weight is not None:
             _check_float(self, "chunk_weight", 0, None)
+        _check_float(self, "reverse_weight", 0, 1)
         _check_float(self, "temperature", 0, None, low_open=True)
         _check_float(self, "eval_fraction", 0, 1, high_open=True)
         if not (isinstance(self.clip, (int, float)) and not isinstance(self.clip, bool) and self.clip > 0):
@@ -166,12 +171,14 @@ def _check_float(cfg: TrainConfig, name: str, low: float, high: float | None, lo
 
 
 def resolve_weights(alpha: float | None, chunk_weight: float | None, cross: bool, has_targets: bool,
-                    recorded: dict[str, Any] | None = None) -> dict[str, float]:
+                    recorded: dict[str, Any] | None = None, loss: str | None = None) -> dict[str, float]:
     """``--alpha`` and ``--chunk-weight`` as they apply: as given when set; when unset, as the checkpoint a resume
     continues recorded them (``recorded``; one written before 0.8.0 records no chunk weight: 0), else the defaults
     for a student with the set's tokenizer or another one (the chunk term only on a set with target log-probs)."""
     defaults = {"alpha": DEFAULT_CROSS_ALPHA if cross else DEFAULT_ALPHA,
                 "chunk_weight": (DEFAULT_CROSS_CHUNK_WEIGHT if cross else DEFAULT_CHUNK_WEIGHT) if has_targets else 0.0}
+    if loss in REVERSE_LOSSES:
+        defaults = {"alpha": 1.0, "chunk_weight": 0.0}
     out = {}
     for name, value in (("alpha", alpha), ("chunk_weight", chunk_weight)):
         if value is None:

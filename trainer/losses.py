@@ -13,7 +13,13 @@ Per position, with teacher buckets ``t = [log p_1..log p_k, log p_tail]``:
   full-vocabulary KL when k = |V|.
 - ``topk-kl``: KL over the top-k only, both sides renormalized (drops the
   tail; biased, kept for comparison).
-- ``reverse-kl``: KL(q || p) over the k+1 buckets.
+- ``reverse-kl``: KL(q || p) over the k+1 buckets (exact over them, gradient included).
+- ``reverse-kl-sampled``: the per-token reverse-KL estimate of on-policy distillation on responses a model
+  wrote: at each position, ``log q(y) - log p(y)`` for the token ``y`` that follows (``p`` from the stored
+  ``target_logprob``, exact even outside the top-k), with the score-function gradient
+  ``(log q(y) - log p(y)) * grad log q(y)``, whose expectation over ``y ~ q`` is the gradient of KL(q || p)
+  at that position. The value is the estimate; positions without a target log-prob carry none.
+- ``kl-mix``: ``(1 - w) KL(p || q) + w KL(q || p)`` over the k+1 buckets (``--reverse-weight w``).
 - ``tail-sampled``: ``tail-kl`` plus an unbiased estimate of what the tail
   bucket hides, from S tokens the labeler drew from the teacher's tail
   (``--tail-samples``): ``p_tail * sum_j c_j/S * -log(q_j / q_tail)``, the
@@ -93,6 +99,7 @@ def position_loss(
     temperature: float = 1.0,
     tail_samples: tuple[torch.Tensor, torch.Tensor] | None = None,
     mapped: torch.Tensor | None = None,
+    reverse_weight: float = 0.5,
 ) -> torch.Tensor:
     """Per-position loss ``[N]`` for student logits ``[N, V]``.
 
@@ -107,6 +114,8 @@ def position_loss(
         raise ValueError(f"unknown loss {kind!r}; choose from {LOSSES}")
     if kind == "tail-sampled" and tail_samples is None:
         raise ValueError("loss 'tail-sampled' needs tail samples (label with --tail-samples S)")
+    if kind == "reverse-kl-sampled":
+        raise ValueError("reverse-kl-sampled is a per-token estimate over whole batches: use chunked_loss")
     if kind.startswith("xtok-"):
         return _cross_tokenizer(student_logits, kind, topk_ids, topk_logprobs, tail_logprob, temperature, mapped)
     top, rest, drawn = _buckets(student_logits, topk_ids, temperature, tail_samples[0] if kind == "tail-sampled" else None)
@@ -118,7 +127,10 @@ def position_loss(
     else:
         t = _teacher_buckets(topk_logprobs, tail_logprob)
         s = torch.cat([top, rest.unsqueeze(-1)], dim=-1).clamp_min(_NEG)
-        loss = _kl(s, t) if kind == "reverse-kl" else _kl(t, s)
+        if kind == "kl-mix":
+            loss = (1 - reverse_weight) * _kl(t, s) + reverse_weight * _kl(s, t)
+        else:
+            loss = _kl(s, t) if kind == "reverse-kl" else _kl(t, s)
         if kind == "tail-sampled":
             counts = tail_samples[1].float()
             weights = counts / counts.sum(-1, keepdim=True).clamp_min(1)  # rows without a tail: all 0
@@ -152,6 +164,13 @@ def _cross_tokenizer(logits: torch.Tensor, kind: str, topk_ids: torch.Tensor, to
         within = torch.arange(k, device=q.device).expand_as(q) < n_unmapped
         loss = loss + torch.where(within, (unmapped - q).abs(), torch.zeros_like(q)).sum(-1)
     return loss * temperature**2
+
+
+def sampled_reverse_kl(student_logq: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Per position, the reverse-KL estimate ``log q(y) - log p(y)`` as the value, with the score-function gradient
+    ``(log q(y) - log p(y)) * grad log q(y)`` (see the module doc); ``y`` is the token that follows."""
+    advantage = (student_logq - teacher_logp).detach()
+    return advantage + advantage * (student_logq - student_logq.detach())
 
 
 def binary_kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -212,7 +231,8 @@ def label_positions(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> tup
         draws = batch["tail_sample_ids"].shape[-1]
         samples = (batch["tail_sample_ids"].reshape(-1, draws)[idx], batch["tail_sample_counts"].reshape(-1, draws)[idx])
     extra = {}
-    for key, name in (("topk_mapped", "mapped"), ("kd_mask", "kd"), ("target_bytes", "bytes")):
+    for key, name in (("topk_mapped", "mapped"), ("kd_mask", "kd"), ("target_bytes", "bytes"), ("chunk_len", "chunk"),
+                      ("chunk_logprob", "target")):
         if key in batch:
             v = batch[key]
             extra[name] = (v.reshape(-1, k) if key == "topk_mapped" else v.reshape(-1))[idx]
@@ -236,6 +256,7 @@ def chunked_loss(
     alpha: float = 1.0,
     chunk: int = 1024,
     chunk_weight: float = 0.0,
+    reverse_weight: float = 0.5,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of a batch from student hidden states ``[B, T, H]``.
 
@@ -250,6 +271,14 @@ def chunked_loss(
     """
     h, ids, lps, tail, targets, drawn, extra = label_positions(hidden, batch)
     mapped, kd_at = extra.get("mapped"), extra.get("kd")
+    sampled = kind == "reverse-kl-sampled"
+    if sampled:
+        if "target" not in extra or kd_at is not None:
+            raise ValueError("loss 'reverse-kl-sampled' needs the teacher's log-prob of each next token (a label set "
+                             "with target_logprob) and the set's tokenizer")
+        # one tokenizer: a position whose next token the teacher scored is a chunk of one token
+        kd_at = (extra["chunk"] == 1) & (targets != -100)
+        target_lp = extra["target"]
     if kind == "tail-sampled" and drawn is None:
         raise ValueError("loss 'tail-sampled' needs a label set with tail samples (labeler --tail-samples S)")
     use_kd = kind != "ce" and alpha > 0
@@ -262,12 +291,17 @@ def chunked_loss(
     logq = []  # the student's log-prob of each position's next token, for the chunk term
 
     def piece(hc: torch.Tensor, ic: torch.Tensor, lc: torch.Tensor, tc: torch.Tensor, tg: torch.Tensor,
-              di: torch.Tensor | None, dc: torch.Tensor | None, mc: torch.Tensor | None, kc: torch.Tensor | None):
+              di: torch.Tensor | None, dc: torch.Tensor | None, mc: torch.Tensor | None, kc: torch.Tensor | None,
+              tl: torch.Tensor | None):
         logits = head(hc)
         ts = (di, dc) if di is not None else None
-        ce_at = position_loss(logits, "ce", targets=tg) if use_ce or use_chunks or (use_kd and kc is not None) else None
-        if use_kd:
-            per = position_loss(logits, kind, ic, lc, tc, temperature=temperature, tail_samples=ts, mapped=mc)
+        ce_at = (position_loss(logits, "ce", targets=tg) if use_ce or use_chunks or sampled or (use_kd and kc is not None)
+                 else None)
+        if use_kd and sampled:  # the reverse-KL estimate where the teacher scored the next token, nothing elsewhere
+            kd = torch.where(kc, sampled_reverse_kl(-ce_at.float(), tl), torch.zeros_like(tl)).sum()
+        elif use_kd:
+            per = position_loss(logits, kind, ic, lc, tc, temperature=temperature, tail_samples=ts, mapped=mc,
+                                reverse_weight=reverse_weight)
             if kc is not None:  # across tokenizers: the teacher's label where aligned, the true next token elsewhere
                 per = torch.where(kc, per, ce_at)
             kd = per.sum()
@@ -285,7 +319,8 @@ def chunked_loss(
         e = min(h.shape[0], s + chunk)
         args = (h[s:e], ids[s:e], lps[s:e], tail[s:e], targets[s:e],
                 *((drawn[0][s:e], drawn[1][s:e]) if drawn is not None else (None, None)),
-                None if mapped is None else mapped[s:e], None if kd_at is None else kd_at[s:e])
+                None if mapped is None else mapped[s:e], None if kd_at is None else kd_at[s:e],
+                target_lp[s:e] if sampled else None)
         if recompute:
             kd, ce, lq = checkpoint(piece, *args, use_reentrant=False)
         else:
@@ -293,7 +328,7 @@ def chunked_loss(
         kd_sum = kd_sum + kd
         ce_sum = ce_sum + ce
         logq.append(lq)
-    n_kd = max(1, h.shape[0] if kd_at is None else int((kd_at | (targets != -100)).sum()))
+    n_kd = max(1, h.shape[0] if kd_at is None else int(kd_at.sum() if sampled else (kd_at | (targets != -100)).sum()))
     n_ce = max(1, int((targets != -100).sum()))
     kd_mean, ce_mean = kd_sum / n_kd, ce_sum / n_ce
     if kind == "ce":

@@ -42,8 +42,9 @@ class KDModule(torch.nn.Module):
         hidden = body(**model_inputs(batch, self.model)).last_hidden_state
         # train() resolves the loss; built directly, an unset one is the default (another tokenizer's: its batches say)
         loss = cfg.loss or resolve_loss(None, "kd_mask" in batch)
-        w = resolve_weights(cfg.alpha, cfg.chunk_weight, "kd_mask" in batch, "chunk_len" in batch)
-        return chunked_loss(hidden, head, loss, batch, cfg.temperature, w["alpha"], cfg.head_chunk, w["chunk_weight"])
+        w = resolve_weights(cfg.alpha, cfg.chunk_weight, "kd_mask" in batch, "chunk_len" in batch, loss=loss)
+        return chunked_loss(hidden, head, loss, batch, cfg.temperature, w["alpha"], cfg.head_chunk, w["chunk_weight"],
+                            cfg.reverse_weight)
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
