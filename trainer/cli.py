@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from dataclasses import fields
+from typing import Any
 
 from softlabels.common.cli import debug_flag, given_flags, parse_storage_options, require_extra
 from softlabels.schemas.errors import UserError
@@ -121,7 +122,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--model", required=True, help="trained student directory, HF id, or 'tiny' (a fresh, untrained init)")
     e.add_argument("--split", default="eval", choices=["eval", "train", "all"], help="which samples to score (default: %(default)s)")
     e.add_argument("--max-batches", type=int, default=None, help="score at most this many batches")
-    e.add_argument("--seed", type=int, default=0, help="init seed for 'tiny' (default: %(default)s)")
+    e.add_argument("--seed", type=int, default=0, help="init seed for 'tiny', and of the on-policy responses (default: %(default)s)")
+    _onpolicy_flags(e)
     e.set_defaults(handler=_eval)
 
     x = sub.add_parser("export", help="quantize a trained student to an ONNX model for CPUs (int8 by default)")
@@ -185,14 +187,35 @@ def _train(args: argparse.Namespace) -> int:
 
 
 
+def _onpolicy_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("on-policy metric (needs the teacher: the only place the trainer loads it)")
+    g.add_argument("--teacher", default=None, metavar="DIR|ID",
+                   help="the set's teacher (a directory, an HF id, or a built-in alias `label` has fetched): the model "
+                   "writes responses to held-out prompts and the teacher scores every token: per-token KL(model || "
+                   "teacher) over the vocabulary and the teacher's mean log-prob of the model's tokens")
+    g.add_argument("--prompts", type=int, default=16, help="held-out prompts to respond to (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="most tokens per response (default: %(default)s)")
+    g.add_argument("--sampling-temperature", type=float, default=1.0, help="the model's sampling temperature (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+
+
+def _onpolicy_settings(args: argparse.Namespace) -> Any:
+    from softlabels.common.generate import GenerationSettings
+
+    if args.prompts < 1:
+        raise UserError(f"--prompts must be at least 1, got {args.prompts}")
+    return GenerationSettings(args.max_new_tokens, args.sampling_temperature, args.top_p, 1, args.seed)
+
+
 def _eval(args: argparse.Namespace) -> int:
     require_extra("trainer", "torch", "transformers")
     for name, value in (("--batch-size", args.batch_size), ("--head-chunk", args.head_chunk),
                         ("--max-batches", args.max_batches)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
+    settings = _onpolicy_settings(args) if args.teacher else None  # bad sampling settings: one line, before any work
     import torch
-    from softlabels.trainer.data import LabelDataset
+    from softlabels.trainer.data import LabelDataset, in_eval_split
     from softlabels.trainer.evaluate import evaluate
     from softlabels.trainer.crosstok import attach
     from softlabels.trainer.student import build_student, embedding_rows, held_out_fraction
@@ -210,6 +233,13 @@ def _eval(args: argparse.Namespace) -> int:
     attach([ds], ds.labels, tokenizer, args.model)  # bits per byte; another tokenizer: aligned by the set's spans
     model.to(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     result = evaluate(model, ds, args.batch_size, args.max_batches, args.head_chunk)
+    if settings is not None:
+        from softlabels.trainer.onpolicy import evaluate_onpolicy
+
+        held = (s for s in ds.labels.iter_samples()
+                if args.split == "all" or in_eval_split(s.sample_id, fraction) == (args.split == "eval"))
+        result.update(evaluate_onpolicy(model, ds.labels, args.teacher, held, settings, args.prompts,
+                                        args.trust_remote_code))
     print(json.dumps({"model": args.model, "labels": args.labels, "split": args.split, "eval_fraction": fraction,
                       **result}))
     return 0
