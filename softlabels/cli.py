@@ -10,6 +10,7 @@ train      train a student from a label set                            ``[traine
 eval       held-out CE, KL to the teacher, top-1 agreement             ``[trainer]``
 export     quantize a student to an int8 ONNX model                    ``[export]``
 compare    teacher and students side by side: size, speed, quality     ``[trainer]``
+rounds     on-policy rounds: the student writes, the teacher labels    ``[labeler,trainer]``
 plot       a training run's loss and eval curves                       ``[plot]``
 =========  ==========================================================  ===================
 
@@ -30,7 +31,7 @@ from softlabels.common.malloc import keep_freed_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from softlabels import convert
+    from softlabels import convert, rounds
     from softlabels.labeler import cli as labeler_cli
     from softlabels.trainer import cli as trainer_cli
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     labeler_cli.register(sub)
     convert.register(sub)
     trainer_cli.register(sub)
+    rounds.register(sub)
     return p
 
 
