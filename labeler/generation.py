@@ -128,6 +128,9 @@ def complete_unit(model: Any, unit: UnitInput, job: GenerationJob) -> UnitInput:
             if job.span_lengths is None:
                 raise ValueError("a unit with spans needs the tokenizer's byte lengths to extend them")
             spans.append(np.concatenate([unit.spans[i], job.span_lengths[r.ids]]).astype(np.int64))
+    from softlabels.common.crash import crash_point
+
+    crash_point("labeler.generated")  # the unit's responses written, none of them labeled yet
     return replace(unit, input_ids=tuple(ids), trained=tuple(trained), spans=tuple(spans) if unit.spans is not None else None,
                    sampler_logprob=tuple(logprobs))
 
@@ -197,7 +200,9 @@ def start_generators(ray: Any, cfg: Any, tokenizer: Any, rendering: Rendering, r
 
         gpu = replicas.device.startswith("cuda")
         cls = ray.remote(max_restarts=3, max_task_retries=3)(GeneratorActor)
-        actors = [cls.options(num_gpus=1 if gpu else 0, num_cpus=1 if gpu else CPU_ACTOR_CPUS,
+        # on CPU a quarter CPU (as a shard writer): it and the teacher take turns on a unit, and a 2-core node must
+        # keep room for the read tasks and writers beside them
+        actors = [cls.options(num_gpus=1 if gpu else 0, num_cpus=1 if gpu else CPU_ACTOR_CPUS / 2,
                               scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
                   .remote(spec, replicas.device, replicas.dtype, replicas.threads) for node in replicas.nodes()]
         name = spec

@@ -170,7 +170,8 @@ class Pipeline:
                 sequences = prompt_sequences(self._documents(), self.cfg.samples_per_prompt, self.cfg.limit)
             else:
                 sequences = build_sequences(self._documents(), self.tokenizer.eos_token_id, self.seq_cfg, self.counts)
-            for unit in iter_units(sequences, self.cfg.shard_tokens):
+            grow = 0 if self.generation is None else self.cfg.max_new_tokens
+            for unit in iter_units(sequences, self.cfg.shard_tokens, grow):
                 if self.stop.is_set():
                     return
                 self._put(unit)

@@ -390,14 +390,15 @@ def build_sequences(docs: Iterable[Tokenized], eos: int | None, cfg: SequenceCon
         yield emit_packed()
 
 
-def iter_units(sequences: Iterable[Sequence], shard_tokens: int) -> Iterator[Unit]:
-    """Group sequences, in order, into units of about ``shard_tokens`` tokens (streaming)."""
+def iter_units(sequences: Iterable[Sequence], shard_tokens: int, grow: int = 0) -> Iterator[Unit]:
+    """Group sequences, in order, into units of about ``shard_tokens`` tokens (streaming). ``grow``: tokens each
+    sequence may gain before it is labeled (a prompt's response, at most ``--max-new-tokens``)."""
     index = 0
     cur: list[Sequence] = []
     n = 0
     for s in sequences:
         cur.append(s)
-        n += len(s.input_ids)
+        n += len(s.input_ids) + grow
         if n >= shard_tokens:
             yield Unit(index, tuple(cur))
             index, cur, n = index + 1, [], 0

@@ -145,6 +145,9 @@ def run_rounds(args: argparse.Namespace) -> list[dict[str, Any]]:
             rows.append(row)
             (out / "rounds.json").write_text(json.dumps(rows, indent=2) + "\n")
             generator = str(student.resolve())
+        from softlabels.labeler.replicas import release_kept
+
+        release_kept(__import__("ray"))  # before Ray shuts down: the kept teacher is this command's alone
     return rows
 
 
