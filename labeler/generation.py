@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ class GenerationJob:
     pad_id: int
     batch_tokens: int = 4096
     span_lengths: np.ndarray | None = None
+    model: tuple[str, str] | None = None  # a generator directory and its weights' sha256 (None: the teacher)
 
 
 def render_prompts(docs: list[Document], tokenizer: Any, rendering: Rendering,
@@ -139,12 +141,15 @@ class GeneratorActor:
     """A student (or any causal LM sharing the teacher's tokenizer) that writes responses; placed like a teacher
     replica (:mod:`labeler.replicas`), one beside each. Plain class; the pipeline wraps it with ``ray.remote``."""
 
-    def __init__(self, path: str, device: str, dtype: str, threads: int | None) -> None:
-        self.path, self.device, self.dtype, self.threads = path, device, dtype, threads
+    def __init__(self, device: str, dtype: str, threads: int | None) -> None:
+        self.device, self.dtype, self.threads = device, dtype, threads
         self.model: Any = None
+        self.loaded: tuple[str, str] | None = None  # (directory, weights sha256) of the model loaded
 
-    def load(self) -> bool:
-        if self.model is None:
+    def load(self, which: tuple[str, str]) -> bool:
+        """Load the generator ``(directory, weights sha256)``, unless it is the one loaded (a kept actor serves the
+        next run's generator too: the next round's student)."""
+        if self.loaded != which:
             import torch
             from transformers import AutoModelForCausalLM
             from transformers.utils import logging as hf_logging
@@ -155,12 +160,14 @@ class GeneratorActor:
             if self.threads:
                 torch.set_num_threads(self.threads)
             hf_logging.disable_progress_bar()
-            self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, self.dtype))
+            self.model = None
+            self.model = AutoModelForCausalLM.from_pretrained(which[0], dtype=getattr(torch, self.dtype))
             self.model.to(torch.device(self.device)).eval()
+            self.loaded = which
         return True
 
     def generate(self, unit: UnitInput, job: GenerationJob) -> UnitInput:
-        self.load()
+        self.load(job.model)
         return complete_unit(self.model, unit, job)
 
     def node(self) -> str:
@@ -183,7 +190,6 @@ class Generation:
 def start_generators(ray: Any, cfg: Any, tokenizer: Any, rendering: Rendering, replicas: Any) -> Generation:
     """Check the generator (one line for each refusal) and start it beside each teacher replica."""
     from softlabels.common.generate import stop_ids
-    from softlabels.labeler.replicas import CPU_ACTOR_CPUS
 
     settings = cfg.generation
     chat = rendering.format == "chat"
@@ -196,22 +202,60 @@ def start_generators(ray: Any, cfg: Any, tokenizer: Any, rendering: Rendering, r
         actors, name, weights = replicas.actors, "the teacher", None
     else:
         weights = _check_generator(spec, tokenizer, chat)
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        gpu = replicas.device.startswith("cuda")
-        cls = ray.remote(max_restarts=3, max_task_retries=3)(GeneratorActor)
-        # on CPU a quarter CPU (as a shard writer): it and the teacher take turns on a unit, and a 2-core node must
-        # keep room for the read tasks and writers beside them
-        actors = [cls.options(num_gpus=1 if gpu else 0, num_cpus=1 if gpu else CPU_ACTOR_CPUS / 2,
-                              scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
-                  .remote(spec, replicas.device, replicas.dtype, replicas.threads) for node in replicas.nodes()]
-        name = spec
+        actors, name = _generator_actors(ray, replicas), spec
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     job = GenerationJob(settings, stops, cfg.max_length, len(tokenizer), int(pad), cfg.batch_tokens,
-                        None if rendering.spans is None else rendering.spans.lengths)
+                        None if rendering.spans is None else rendering.spans.lengths,
+                        None if weights is None else (str(Path(spec).resolve()), weights))
     record = {"generator": {"id": spec, "weights_sha256": weights}, **settings.record(),
               "stop_ids": ",".join(str(i) for i in stops)}
     return Generation(actors, job, record, name)
+
+
+# With SOFTLABELS_KEEP_TEACHERS (labeler.replicas), generator actors stay up between runs of one process too, and the
+# next run's generator loads into them (rounds: each round's student generates the next round's responses).
+_KEPT: dict[str, list[Any]] = {}
+
+
+def _generator_actors(ray: Any, replicas: Any) -> list[Any]:
+    """One generator actor beside each teacher replica: kept ones when they are alive, else started."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from softlabels.labeler.replicas import CPU_ACTOR_CPUS, _keep_count
+
+    nodes = replicas.nodes()
+    key = repr((replicas.device, replicas.dtype, replicas.threads, nodes, ray.get_runtime_context().gcs_address))
+    kept = _KEPT.pop(key, None)
+    if kept is not None:
+        try:
+            ray.get([a.node.remote() for a in kept], timeout=60)
+            _KEPT[key] = kept
+            return kept
+        except Exception:  # one died since: start afresh
+            release_generators(ray, kept)
+    gpu = replicas.device.startswith("cuda")
+    cls = ray.remote(max_restarts=3, max_task_retries=3)(GeneratorActor)
+    # on CPU a quarter CPU (as a shard writer): it and the teacher take turns on a unit, and a 2-core node must keep
+    # room for the read tasks and writers beside them
+    actors = [cls.options(num_gpus=1 if gpu else 0, num_cpus=1 if gpu else CPU_ACTOR_CPUS / 2,
+                          scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
+              .remote(replicas.device, replicas.dtype, replicas.threads) for node in nodes]
+    if _keep_count():
+        while _KEPT:
+            release_generators(ray, _KEPT.pop(next(iter(_KEPT))))
+        _KEPT[key] = actors
+    return actors
+
+
+def release_generators(ray: Any, actors: list[Any] | None = None) -> None:
+    """Kill ``actors``, or every kept generator actor (before Ray shuts down)."""
+    groups = [actors] if actors is not None else [_KEPT.pop(k) for k in list(_KEPT)]
+    for group in groups:
+        for a in group:
+            try:
+                ray.kill(a)
+            except Exception:  # gone already
+                pass
 
 
 def _check_generator(path: str, tokenizer: Any, chat: bool) -> str:

@@ -124,6 +124,9 @@ def release_kept(ray: Any) -> None:
     """Kill every kept replica now (not drained: their runs are over), e.g. before ``ray.shutdown()``."""
     while _KEPT:
         _release(ray, _KEPT.popitem()[1])
+    from softlabels.labeler.generation import release_generators
+
+    release_generators(ray)  # and the kept generators (labeler.generation)
 
 
 def _release(ray: Any, actors: list[Any]) -> None:

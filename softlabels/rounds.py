@@ -101,6 +101,7 @@ def run_rounds(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     # A rounds run keeps its teacher loaded between rounds (labeler.replicas.KEEP_TEACHERS_ENV).
+    ours = not os.environ.get("SOFTLABELS_KEEP_TEACHERS")
     os.environ.setdefault("SOFTLABELS_KEEP_TEACHERS", "1")
     label_base = dict(corpus=args.corpus, teacher=args.teacher, max_length=args.max_length, limit=args.limit,
                       max_new_tokens=args.max_new_tokens, sampling_temperature=args.sampling_temperature,
@@ -114,7 +115,10 @@ def run_rounds(args: argparse.Namespace) -> list[dict[str, Any]]:
     resolve_settings(TrainConfig, args.train_config, {**train_base, "labels": "x", "output": "x"},
                      required=("labels", "output"))
     rows: list[dict[str, Any]] = []
+    # a rerun resumes: the figures of rounds already done (same student saved) are kept, not measured again
+    known = {r["round"]: r for r in _read_rows(out / "rounds.json")}
     generator = str(Path(args.student).resolve())
+    scorer = _Scorer(args)
     with ray_session(None):
         for r in range(1, args.rounds + 1):
             where = out / f"round-{r:02d}"
@@ -140,33 +144,56 @@ def run_rounds(args: argparse.Namespace) -> list[dict[str, Any]]:
             if args.eval_prompts:  # every round on the same prompts: round 1's held-out rows'
                 first = out / "round-01" / "labels"
                 if r == 1:
-                    rows.append({"round": 0, "student": generator, **_metric(generator, first, args)})
-                row.update(_metric(str(student), first, args))
+                    before = known.get(0)
+                    rows.append(before if before and before.get("student") == generator
+                                else {"round": 0, "student": generator, **scorer(generator, first)})
+                again = known.get(r)
+                if done and again and again.get("student") == row["student"] and "onpolicy_reverse_kl" in again:
+                    row.update({k: v for k, v in again.items() if k.startswith("onpolicy_")})
+                else:
+                    row.update(scorer(str(student), first))
             rows.append(row)
             (out / "rounds.json").write_text(json.dumps(rows, indent=2) + "\n")
             generator = str(student.resolve())
-        from softlabels.labeler.replicas import release_kept
+        if ours:  # before Ray shuts down: the kept teacher and generators were this command's alone
+            from softlabels.labeler.replicas import release_kept
 
-        release_kept(__import__("ray"))  # before Ray shuts down: the kept teacher is this command's alone
+            release_kept(__import__("ray"))
     return rows
 
 
-def _metric(model_dir: str, labels: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The on-policy metric of a student on the held-out prompts of ``labels`` (trainer.onpolicy)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [r for r in rows if isinstance(r, dict) and "round" in r] if isinstance(rows, list) else []
 
-    from softlabels.common.generate import GenerationSettings
-    from softlabels.schemas import open_label_set
-    from softlabels.trainer.data import in_eval_split
-    from softlabels.trainer.onpolicy import evaluate_onpolicy
 
-    ls = open_label_set(str(labels))
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(torch.device("cpu"))
-    held = (s for s in ls.iter_samples() if in_eval_split(s.sample_id, args.eval_fraction))
-    settings = GenerationSettings(args.max_new_tokens, args.sampling_temperature, args.top_p, 1, args.seed)
-    m = evaluate_onpolicy(model, ls, args.teacher, held, settings, args.eval_prompts)
-    return {k: m[k] for k in ("onpolicy_reverse_kl", "onpolicy_teacher_logprob", "onpolicy_tokens", "onpolicy_prompts")}
+class _Scorer:
+    """The on-policy metric of a student on the held-out prompts of a label set (trainer.onpolicy); the teacher is
+    loaded once, on first use."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.teacher = args, None
+
+    def __call__(self, model_dir: str, labels: Path) -> dict[str, Any]:
+        from transformers import AutoModelForCausalLM
+
+        from softlabels.common.generate import GenerationSettings
+        from softlabels.schemas import open_label_set
+        from softlabels.trainer.data import in_eval_split
+        from softlabels.trainer.onpolicy import evaluate_onpolicy, load_teacher
+
+        a = self.args
+        if self.teacher is None:
+            self.teacher = load_teacher(a.teacher)
+        ls = open_label_set(str(labels))
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        held = (s for s in ls.iter_samples() if in_eval_split(s.sample_id, a.eval_fraction))
+        settings = GenerationSettings(a.max_new_tokens, a.sampling_temperature, a.top_p, 1, a.seed)
+        m = evaluate_onpolicy(model, ls, self.teacher, held, settings, a.eval_prompts)
+        return {k: m[k] for k in ("onpolicy_reverse_kl", "onpolicy_teacher_logprob", "onpolicy_tokens", "onpolicy_prompts")}
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -85,20 +85,15 @@ def test_teacher_written_responses_are_labeled_as_a_direct_softmax_and_sampled_a
     assert len(responses) > len(PROMPTS)  # the two samples of a prompt differ (mostly)
 
 
-def test_responses_depend_on_seed_prompt_and_index_only_not_on_batching_or_replicas(written, ray_local, tiny_teacher,
+def test_responses_depend_on_seed_prompt_and_index_only_not_on_batching(written, ray_local, tiny_teacher,
                                                                                    prompts, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from softlabels.labeler.job import run
 
-    # the same run with two replicas, other batches and other units: the same responses
+    # the same run in other batches and other units: the same responses (other replicas: the kill -9 test below)
     other = str(tmp_path / "other")
-    from softlabels.labeler.replicas import release_kept
-
-    try:
-        run(gen_config(tiny_teacher, prompts, other, num_replicas=2, batch_tokens=64, shard_tokens=200))
-    finally:
-        release_kept(ray_local)  # two more kept replicas would leave a 2-CPU Ray no room for the next test's writers
+    run(gen_config(tiny_teacher, prompts, other, batch_tokens=64, shard_tokens=200))
     a, b = samples_by_source(written), samples_by_source(other)
     assert a.keys() == b.keys()
     for src in a:
@@ -203,7 +198,7 @@ def test_bad_generation_input_is_one_line(case, flags, fragment, bad, tiny_teach
 
 def _label_args(teacher: str, corpus: Path, url: str) -> list[str]:
     return ["--teacher", teacher, "--corpus", str(corpus), "--output", url, "--top-k", "8", "--max-length", "40",
-            "--generate-with", "teacher", "--max-new-tokens", "12", "--samples-per-prompt", "2", "--shard-tokens", "80",
+            "--generate-with", "teacher", "--max-new-tokens", "12", "--samples-per-prompt", "3", "--shard-tokens", "40",
             "--batch-tokens", "512", "--threads", "1"]
 
 
@@ -213,18 +208,23 @@ def test_generation_killed_mid_run_resumes_byte_identically(ray_local, tiny_teac
 
     import os
 
+    from softlabels.labeler.replicas import release_kept
+
+    release_kept(ray_local)  # room on the 2-CPU Ray for the killed run's two replicas (kept ones hold CPUs)
     ref = str(tmp_path / "reference")
     code, _, err = cli_in_process("label", *_label_args(tiny_teacher, prompts, ref))
     assert code == 0, err[-2000:]
     url = str(tmp_path / "killed")
+    # the killed run writes with two teacher replicas, the reference and the resume with one: same bytes
     proc = subprocess.Popen([sys.executable, "-m", "softlabels", "label", *_label_args(tiny_teacher, prompts, url),
-                             "--ray-address", ray_address()], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "SOFTLABELS_CRASH_AT": "labeler.generated@4",
+                             "--ray-address", ray_address(), "--num-replicas", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "SOFTLABELS_CRASH_AT": "labeler.generated@6",
                                             "SOFTLABELS_CRASH_ONCE": str(tmp_path / "fired")})
     settle(proc)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
     before = markers(url)
-    assert (tmp_path / "fired").exists() and 0 < len(before) < len(json.loads(Path(ref, "manifest.json").read_text())["shards"])
+    # generation runs ahead of the shard writers: how many units were committed when it died varies, never all
+    assert (tmp_path / "fired").exists() and len(before) < len(json.loads(Path(ref, "manifest.json").read_text())["shards"])
     code, _, err = cli_in_process("label", *_label_args(tiny_teacher, prompts, url))
     assert code == 0, err[-2000:]
     after = markers(url)
@@ -235,18 +235,16 @@ def test_generation_killed_mid_run_resumes_byte_identically(ray_local, tiny_teac
 @pytest.mark.slow
 def test_two_on_policy_rounds_with_the_builtin_teacher(builtin_teacher, ray_local, tmp_path):
     """`softlabels rounds` on the built-in teacher's chat prompts from a tiny student: each round's set is written by
-    the student of the round before, and a rerun of the same command resumes to the same table."""
-    from softlabels.trainer.config import TrainConfig
-    from softlabels.trainer.loop import train
+    the student of the round before, and a rerun of the same command resumes to the same table (nothing redone)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    start = tmp_path / "start"
-    first = tmp_path / "seed-labels"
-    from softlabels.labeler.config import LabelConfig
-    from softlabels.labeler.job import run
-
-    run(LabelConfig(teacher="smollm2-135m", corpus="pydoc-chat", output=str(first), generate_with="teacher",
-                    max_new_tokens=8, max_length=64, limit=24, top_k=16))
-    train(TrainConfig(labels=str(first), output=str(start), steps=2, batch_size=4, eval_fraction=0.2, warmup_steps=0))
+    start = tmp_path / "start"  # a tiny untrained student with the teacher's tokenizer (chat template included)
+    tok = AutoTokenizer.from_pretrained(builtin_teacher)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                                 eos_token_id=tok.eos_token_id, tie_word_embeddings=True)).save_pretrained(start)
+    tok.save_pretrained(start)
     args = ["rounds", "--output", str(tmp_path / "rounds"), "--corpus", "pydoc-chat", "--student", str(start),
             "--rounds", "2", "--steps", "2", "--batch-size", "4", "--limit", "24", "--max-new-tokens", "8",
             "--max-length", "64", "--eval-prompts", "2", "--eval-fraction", "0.2", "--json"]

@@ -234,12 +234,12 @@ def _eval(args: argparse.Namespace) -> int:
     model.to(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     result = evaluate(model, ds, args.batch_size, args.max_batches, args.head_chunk)
     if settings is not None:
-        from softlabels.trainer.onpolicy import evaluate_onpolicy
+        from softlabels.trainer.onpolicy import evaluate_onpolicy, load_teacher
 
         held = (s for s in ds.labels.iter_samples()
                 if args.split == "all" or in_eval_split(s.sample_id, fraction) == (args.split == "eval"))
-        result.update(evaluate_onpolicy(model, ds.labels, args.teacher, held, settings, args.prompts,
-                                        args.trust_remote_code))
+        teacher = load_teacher(args.teacher, next(model.parameters()).device, args.trust_remote_code)
+        result.update(evaluate_onpolicy(model, ds.labels, teacher, held, settings, args.prompts))
     print(json.dumps({"model": args.model, "labels": args.labels, "split": args.split, "eval_fraction": fraction,
                       **result}))
     return 0

@@ -89,20 +89,23 @@ def onpolicy_metric(student: Any, teacher: Any, prompts: list[tuple[str, np.ndar
             "onpolicy_settings": settings.record()}
 
 
-def evaluate_onpolicy(model: Any, labels: Any, teacher_spec: str, split_samples: Any, settings: GenerationSettings,
-                      prompts: int, trust_remote_code: bool = False) -> dict[str, Any]:
-    """Load the teacher and compute :func:`onpolicy_metric` for ``model`` on ``prompts`` held-out prompts."""
+def load_teacher(spec: str, device: Any = "cpu", trust_remote_code: bool = False) -> Any:
+    """The teacher for the on-policy metric (one line if it cannot be loaded)."""
     from transformers import AutoModelForCausalLM
 
+    try:
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_path(spec), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"--teacher {spec}: cannot be loaded ({str(e).splitlines()[0][:160]})") from e
+    return teacher.to(device).eval()
+
+
+def evaluate_onpolicy(model: Any, labels: Any, teacher: Any, split_samples: Any, settings: GenerationSettings,
+                      prompts: int) -> dict[str, Any]:
+    """:func:`onpolicy_metric` of ``model`` on ``prompts`` held-out prompts of ``labels`` (``split_samples``)."""
     from softlabels.common.generate import stop_ids
     from softlabels.trainer.student import load_label_tokenizer
 
-    path = teacher_path(teacher_spec)
-    try:
-        teacher = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UserError(f"--teacher {teacher_spec}: cannot be loaded ({str(e).splitlines()[0][:160]})") from e
-    teacher.to(next(model.parameters()).device).eval()
     tok = load_label_tokenizer(labels)
     m = labels.manifest
     chat = (m.rendering or {}).get("format") == "chat"
