@@ -124,8 +124,6 @@ class LabelConfig:
                 raise UserError("--train-on cannot be used with --generate-with: the responses are trained, the prompts not")
             if self.format == "text":
                 raise UserError("--format text cannot be used with --generate-with: plain-text prompts are --format prompt")
-        elif self.format == "prompt":
-            raise UserError("--format prompt reads prompts to generate responses for: give --generate-with teacher or DIR")
         del gen
         if self.batch_tokens < self.max_length:
             raise UserError(

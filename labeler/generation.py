@@ -221,7 +221,7 @@ def _generator_actors(ray: Any, replicas: Any) -> list[Any]:
     """One generator actor beside each teacher replica: kept ones when they are alive, else started."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from softlabels.labeler.replicas import CPU_ACTOR_CPUS, _keep_count
+    from softlabels.labeler.replicas import _keep_count
 
     nodes = replicas.nodes()
     key = repr((replicas.device, replicas.dtype, replicas.threads, nodes, ray.get_runtime_context().gcs_address))
@@ -235,9 +235,9 @@ def _generator_actors(ray: Any, replicas: Any) -> list[Any]:
             release_generators(ray, kept)
     gpu = replicas.device.startswith("cuda")
     cls = ray.remote(max_restarts=3, max_task_retries=3)(GeneratorActor)
-    # on CPU a quarter CPU (as a shard writer): it and the teacher take turns on a unit, and a 2-core node must keep
-    # room for the read tasks and writers beside them
-    actors = [cls.options(num_gpus=1 if gpu else 0, num_cpus=1 if gpu else CPU_ACTOR_CPUS / 2,
+    # on CPU no CPU of its own in Ray's accounting: it and the teacher replica beside it take turns on a unit (the
+    # teacher labels what it wrote), and a 2-core node must keep room for the read tasks and writers beside them
+    actors = [cls.options(num_gpus=1 if gpu else 0, num_cpus=1 if gpu else 0,
                           scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
               .remote(replicas.device, replicas.dtype, replicas.threads) for node in nodes]
     if _keep_count():

@@ -69,6 +69,8 @@ def inspect_label_set(
         "tail_samples": m.tail_samples,
         "spans": m.spans,  # students with another tokenizer can distill from it
         "target_logprobs": m.target_logprobs,  # the teacher's log-prob of each token that follows (schema v6)
+        "sampler_logprobs": m.sampler_logprobs,  # a generator's log-prob of each token it wrote (schema v7)
+        "generation": m.generation,  # who wrote the responses, and how (label --generate-with)
         "corpus": m.corpus.source,
         "documents": m.corpus.documents,
         "sequences": m.totals.sequences,

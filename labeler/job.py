@@ -142,6 +142,8 @@ def run(cfg: LabelConfig, started: float | None = None) -> Summary:
     started = started or t0
     check_scratch_space(cfg)
     log.info("labeling config: %s", cfg.redacted())
+    if cfg.format == "prompt" and cfg.generate_with is None:
+        raise UserError("--format prompt reads prompts to generate responses for: give --generate-with teacher or DIR")
     writer = LabelSetWriter(cfg.output, cfg.storage_options)
     writer.check_reachable(cfg.overwrite)
     rows = RowFormat(cfg.format, cfg.text_field, cfg.messages_field, cfg.prompt_field, cfg.completion_field, cfg.train_on,

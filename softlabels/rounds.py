@@ -110,6 +110,7 @@ def run_rounds(args: argparse.Namespace) -> list[dict[str, Any]]:
     resolve_settings(LabelConfig, args.label_config, {**label_base, "output": str(out / "check"), "generate_with": "teacher"},
                      required=("output",))
     train_base = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, loss=args.loss,
+                      warmup_steps=min(20, args.steps // 10),  # a round is short: its warm-up a tenth of it at most
                       checkpoint_every=max(1, args.steps // 4), resume=True,
                       eval_fraction=args.eval_fraction)
     resolve_settings(TrainConfig, args.train_config, {**train_base, "labels": "x", "output": "x"},

@@ -97,7 +97,7 @@ def test_target_logprobs_round_trip_exactly_in_every_encoding(name):
     with pytest.raises(ShardFormatError, match="lacks a target_logprob column"):
         decode_shard(table_to_parquet_bytes(encode_samples(peaked_samples(2, 8, 500), 8, Encoding(name), 500)), 8, "x",
                      target_logprobs=True)
-    with pytest.raises(ValueError, match="every sample of a shard has target log-probs or none"):
+    with pytest.raises(ValueError, match="every sample of a shard has a target_logprob column or none"):
         encode_samples([samples[0], peaked_samples(1, 8, 500)[0]], 8, Encoding(name), 500)
     bad = [replace(samples[0], target_logprob=np.abs(samples[0].target_logprob))]
     with pytest.raises(ShardFormatError, match="above 0"):
@@ -286,14 +286,17 @@ def fixture_rows(version: int = 4) -> list[dict]:
     return make.fixture_rows()
 
 
-@pytest.mark.parametrize("version,name", [(4, "fp16"), (4, "compact"), (5, "fp16"), (5, "compact")])
-def test_stored_v4_and_v5_label_sets_still_read(version, name):
+@pytest.mark.parametrize("version,name", [(4, "fp16"), (4, "compact"), (5, "fp16"), (5, "compact"), (6, "fp16"),
+                                          (6, "compact")])
+def test_stored_v4_to_v6_label_sets_still_read(version, name):
     """tests/fixtures/v4-sets/NAME was written by the v4 writer (0.6.0, commit 1ad4051): trained masks (labels
     only at trained positions), packed documents, shards[].trained, totals.trained and rendering; v5-sets by the
-    v5 writer (0.7.0): the same rows with token spans."""
+    v5 writer (0.7.0): the same rows with token spans; v6-sets by the v6 writer (0.8.1): and the teacher's log-prob
+    of each next token. None of them has what v7 added (a generator's log-probs, the manifest's generation)."""
     ls = open_label_set(str(FIXTURES / f"v{version}-sets" / name))
     m = ls.manifest
-    assert m.schema_version == version and m.label_encoding.name == name and m.spans == (version == 5)
+    assert m.schema_version == version and m.label_encoding.name == name and m.spans == (version >= 5)
+    assert m.target_logprobs == (version == 6) and not m.sampler_logprobs and m.generation is None
     expected = fixture_rows(version)
     masks = [np.ones(len(r["input_ids"]), bool) if r["trained"] is None else r["trained"] for r in expected]
     assert any(not mask.all() for mask in masks) and any(r["doc_lengths"] is not None for r in expected)
@@ -313,10 +316,15 @@ def test_stored_v4_and_v5_label_sets_still_read(version, name):
         np.testing.assert_array_equal(s.label_positions, np.flatnonzero(mask))
         docs = [len(ids)] if want["doc_lengths"] is None else want["doc_lengths"]  # absent: one document
         np.testing.assert_array_equal([len(ids)] if s.doc_lengths is None else s.doc_lengths, docs)
-        if version == 5:
+        if version >= 5:
             np.testing.assert_array_equal(s.spans, want["spans"])
         else:
             assert s.spans is None
+        if version == 6:
+            np.testing.assert_array_equal(s.target_logprob, want["target_logprob"])  # float32 as written, NaN too
+        else:
+            assert s.target_logprob is None
+        assert s.sampler_logprob is None
         top, lp, tail = want["topk_ids"], want["topk_logprobs"], want["tail_logprob"]
         assert s.topk_ids.shape == s.topk_logprobs.shape == top.shape == (int(mask.sum()), 4)
         assert s.tail_logprob.shape == tail.shape
@@ -345,7 +353,7 @@ def test_every_footer_value_is_utf8_text(name):
     data = table_to_parquet_bytes(encode_samples(peaked_samples(3, 4, 500), 4, Encoding(name), 500))
     meta = pq.ParquetFile(pa.BufferReader(data)).metadata.metadata
     assert meta and all(isinstance(v.decode("utf-8"), str) for v in meta.values())
-    assert json.loads(meta[b"softlabels.schema_version"]) == SCHEMA_VERSION == 6
+    assert json.loads(meta[b"softlabels.schema_version"]) == SCHEMA_VERSION == 7
 
 
 @pytest.mark.parametrize("name", ["fp16", "packed", "packed-q8", "compact"])

@@ -101,7 +101,7 @@ def test_labels_match_direct_full_softmax(ray_local, tiny_teacher, storage_root)
         np.testing.assert_allclose(s.topk_logprobs, vals, atol=2e-3 + 1e-3 * np.abs(vals).max())  # fp16 storage
         np.testing.assert_allclose(s.tail_logprob, tail, atol=1e-4)
         np.testing.assert_allclose(s.target_logprob, nxt, atol=1e-4)  # float32, in the top-k or not; NaN last
-    assert m.target_logprobs and m.schema_version == 6
+    assert m.target_logprobs and m.schema_version == 7 and not m.sampler_logprobs and m.generation is None
     # the manifest records what was labeled, and never the credentials
     text = json.dumps(json.loads(m.to_json()))
     assert SECRET_KEY not in text and ACCESS_KEY not in text

@@ -141,7 +141,7 @@ def test_manifest_json_round_trip():
     assert Manifest.from_json(m2.to_json()) == m2 and m2.label_encoding.name == "fp16"
 
 
-@pytest.mark.parametrize("version", [0, 7, "1", None])
+@pytest.mark.parametrize("version", [0, 8, "1", None])
 def test_unknown_schema_version_is_refused_naming_it(version):
     d = json.loads(make_manifest(()).to_json())
     d["schema_version"] = version
