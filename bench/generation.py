@@ -10,7 +10,8 @@ conversation's first user turn), split by a hash of the prompt into training and
 
 Then, from seq-kd (the same off-policy start):
 
-  off-policy  R x --round-steps more steps on the teacher's responses (the same set)
+  off-policy  R x --round-steps more steps on the teacher's responses (the same set), default loss, and again with
+              the rounds' loss (``off-policy-rkl``: what the data alone changes)
   on-policy   R rounds of `softlabels rounds`: the current student writes responses to the training prompts, the
               teacher labels them, the student trains --round-steps steps on them (``--loss reverse-kl``)
 
@@ -66,9 +67,9 @@ def split_prompts(n_train: int, n_held: int) -> tuple[list[dict], list[dict], li
 
     train, held, own = [], [], []
     for topic in sorted(topics):
-        for convo in conversations(topic, topics[topic])[:1]:
+        for convo in conversations(topic, topics[topic]):
             ask = convo[0]["content"]
-            if int(hashlib.sha256(f"{topic}:{ask}".encode()).hexdigest()[:8], 16) % 7 == 0:
+            if int(hashlib.sha256(f"{topic}:{ask}".encode()).hexdigest()[:8], 16) % 6 == 0:
                 if len(held) < n_held:
                     held.append({"messages": convo[:1]})
             elif len(train) < n_train:
@@ -102,7 +103,7 @@ def train(labels: Path, out: Path, a: argparse.Namespace, steps: int, **kw: Any)
     if (out / "softlabels_train.json").exists():
         return json.loads((out / "softlabels_train.json").read_text())
     cfg = TrainConfig(labels=str(labels), output=str(out), steps=steps, batch_size=a.batch_size, lr=a.lr,
-                      warmup_steps=min(10, steps // 5), seed=a.seed, eval_fraction=0.05, eval_batches=10, **kw)
+                      warmup_steps=min(10, steps // 5), seed=a.seed, eval_fraction=0.1, eval_batches=10, **kw)
     t = time.time()
     summary = run_train(cfg)
     print(f"  trained {out.name}: {steps} steps in {time.time() - t:.0f} s", flush=True)
@@ -145,9 +146,9 @@ def cost(a: argparse.Namespace, prompts: list[dict]) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(source.path)
-    ids = [np.asarray(tok.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True), np.int32)
-           for p in prompts[:a.cost_prompts]]
-    ids = [np.asarray(x["input_ids"] if isinstance(x, dict) else x, np.int32) for x in ids]
+    texts = [tok.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False)
+             for p in prompts[:a.cost_prompts]]
+    ids = [np.asarray(tok(t, add_special_tokens=False)["input_ids"], np.int32) for t in texts]
     settings = GenerationSettings(a.max_new_tokens, 1.0, 1.0, 1, a.seed)
     stops = stop_ids(tok, tok.chat_template)
     keys = [row_seed(a.seed, str(i), 0) for i in range(len(ids))]
@@ -173,12 +174,20 @@ def cost(a: argparse.Namespace, prompts: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
+    import os
+
+    from softlabels.labeler.raysession import ray_session
+
+    os.environ.setdefault("SOFTLABELS_KEEP_TEACHERS", "1")  # one Ray and one loaded teacher for every label run
+    with ray_session(None):
+        return run(parse_args(argv))
+
+
+def run(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     train_p, held_p, own = split_prompts(a.prompts, a.held_out)
-    print(f"{common.machine_line() if hasattr(common, 'machine_line') else ''}", flush=True)
     print(f"prompts: {len(train_p)} training, {len(held_p)} held out; responses up to {a.max_new_tokens} tokens", flush=True)
     t0 = time.time()
     c = cost(a, train_p)
@@ -200,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         train(labels, out / name, a, a.steps, **kw)
     # from the same start: more steps on the teacher's responses, or rounds on the student's own
     train(teacher_set, out / "off-policy", a, a.rounds * a.round_steps, init_from=str(out / "seq-kd"))
+    # the same loss as the rounds on the teacher's responses: what the data alone changes
+    train(teacher_set, out / "off-policy-rkl", a, a.rounds * a.round_steps, init_from=str(out / "seq-kd"),
+          loss="reverse-kl")
     gen_s = label_s = 0.0
     current = out / "seq-kd"
     prompts_file = str(out / "train-prompts.jsonl")
@@ -216,15 +228,16 @@ def main(argv: list[str] | None = None) -> int:
 
     teacher = load_teacher("smollm2-135m")
     rows = {}
-    for name in ("seq-kd", "seq-ce", "corpus-kd", "off-policy", f"round-{a.rounds}-student"):
+    for name in ("seq-kd", "seq-ce", "corpus-kd", "off-policy", "off-policy-rkl", f"round-{a.rounds}-student"):
         rows[name] = score(out / name, held_set, teacher, a)
     print(f"\n{'student':<18}{'rev KL':>8}{'teacher lp':>11}{'stopped':>9}{'CE':>8}{'KL':>8}{'top-1':>7}")
     for name, r in rows.items():
         print(f"{name:<18}{r['rev_kl']:8.3f}{r['teacher_lp']:11.3f}{r['stopped']:9.2f}{r['ce']:8.3f}{r['kl']:8.3f}"
               f"{r['top1']:7.3f}")
-    on, off = rows[f"round-{a.rounds}-student"], rows["off-policy"]
+    on, off, rkl = rows[f"round-{a.rounds}-student"], rows["off-policy"], rows["off-policy-rkl"]
     print(f"\non-policy vs off-policy, same steps from seq-kd: reverse KL {on['rev_kl']:.3f} vs {off['rev_kl']:.3f} "
-          f"({100 * (on['rev_kl'] / off['rev_kl'] - 1):+.1f}%); target: on-policy lower")
+          f"({100 * (on['rev_kl'] / off['rev_kl'] - 1):+.1f}%), vs {rkl['rev_kl']:.3f} with the same loss "
+          f"({100 * (on['rev_kl'] / rkl['rev_kl'] - 1):+.1f}%); target: on-policy lower")
     seq, ce, own_r = rows["seq-kd"], rows["seq-ce"], rows["corpus-kd"]
     print(f"seq-kd vs seq-ce: reverse KL {seq['rev_kl']:.3f} vs {ce['rev_kl']:.3f}, forward KL {seq['kl']:.3f} vs "
           f"{ce['kl']:.3f}; vs corpus-kd: {own_r['rev_kl']:.3f}, {own_r['kl']:.3f}")

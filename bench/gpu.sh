@@ -5,7 +5,7 @@
 #   bash bench/gpu.sh --cpu-smoke   # tiny sizes on CPU: checks this script end to end (~2 minutes)
 #
 # Runs bench/gpu_pipeline.py (the CLIs end to end: text and chat labeling in bf16, a
-# two-stage student), bench/trainer_gpu.py (trainer step time, tiny and 135M students,
+# two-stage student, the teacher writing responses to the chat prompts and labeling them), bench/trainer_gpu.py (trainer step time, tiny and 135M students,
 # bf16, tail-kl vs ce), bench/labeler_overhead.py (labeler vs bare forward; a random-weight
 # SmolLM2-135M-shaped teacher and a Llama-3.2-1B-shaped one: a GPU machine
 # usually cannot download the real weights, and throughput does not depend on
@@ -87,7 +87,7 @@ else
   DEV=(--device cpu)
   OVERHEAD_RUNS=("tiny --teacher random:tiny --sequences 8 --length 64 --batch-tokens 256 --repeats 2")
   MEMORY_ARGS=(--vocabs 1000,4000 --shapes 1x64,2x128 --head-chunk 64)
-  PIPELINE_ARGS=(--preset tiny --sequences 32 --steps 3)
+  PIPELINE_ARGS=(--preset tiny --sequences 32 --steps 3 --max-new-tokens 8)
   TRAINER_ARGS=(--cpu-smoke)
   STEP_TIMEOUT=${STEP_TIMEOUT:-300}
 fi

@@ -8,7 +8,9 @@ here on the pydoc text, given the ChatML special tokens and template. Steps, eac
 1. ``softlabels label --corpus pydoc`` (plain text, ``--packing``: block-diagonal attention);
 2. ``softlabels label --corpus pydoc-chat`` (assistant tokens only, ``--chat-template``);
 3. ``softlabels train`` on 1, then ``softlabels train --init-from`` it on 2 (``--packing``);
-4. ``softlabels eval`` of the two-stage student on held-out assistant tokens.
+4. ``softlabels eval`` of the two-stage student on held-out assistant tokens;
+5. ``softlabels label --generate-with teacher``: the teacher writes responses to the chat prompts (HF ``generate``,
+   KV cache, ``--max-new-tokens``; random weights rarely stop early) and labels them (issue 31).
 
 Prints each step's summary (tokens/s, trained share, losses) as JSON lines and a table.
 
@@ -74,6 +76,7 @@ def main() -> int:
     p.add_argument("--sequences", type=int, default=512, help="text sequences and conversations (default: %(default)s)")
     p.add_argument("--steps", type=int, default=100, help="steps of each training stage (default: %(default)s)")
     p.add_argument("--out", default=None, help="working folder (default: a temporary one)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="response length of step 5 (default: %(default)s)")
     args = p.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="softlabels-gpu-"))
     teacher = str(teacher_dir(out / "teacher", args.preset))
@@ -92,6 +95,9 @@ def main() -> int:
                str(out / "task"), *budget)
     score = cli("eval", "--labels", str(out / "chat"), "--model", str(out / "task"), "--device", args.device,
                 "--eval-fraction", "0.2")
+    gen = cli("label", "--corpus", "pydoc-chat", "--output", str(out / "generated"), "--max-length", "1024",
+              "--chat-template", str(out / "chatml.jinja"), "--generate-with", "teacher", "--max-new-tokens",
+              str(args.max_new_tokens), *common_label)
     print(f"\n{common.device_name(args.device)}, teacher {args.preset} (random weights), {common.versions()}\n")
     print(common.markdown_table(["step", "tokens", "labeled", "tokens/s", "wall s"], [
         ["label text (packed)", f"{text['tokens']:,}", f"{text['trained_tokens']:,}", f"{text['tokens_per_s']:,.0f}",
@@ -100,6 +106,8 @@ def main() -> int:
          f"{chat['tokens'] / max(chat['label_s'], 1e-9):,.0f}", chat["wall_s"]],
         ["train general", f"{general['train_tokens']:,}", "", "", general["wall_s"]],
         ["train task (--init-from)", f"{task['train_tokens']:,}", "", "", task["wall_s"]],
+        ["generate + label (teacher)", f"{gen['tokens']:,}", f"{gen['generated_tokens']:,} generated",
+         f"{gen['generated_tokens'] / max(gen['label_s'], 1e-9):,.1f} generated", gen["wall_s"]],
     ]))
     print(f"\ntwo-stage student on held-out assistant tokens: KL {score['kl']:.3f}, top-1 {score['top1']:.3f}, "
           f"CE {score['ce']:.3f} ({score['positions']} positions)")

@@ -12,8 +12,9 @@ Re-running reuses complete label sets.
 
 Two sizes: the default takes 4.5-9 minutes on a 2-core CPU (96 sequences, 50 steps, 40 conversations,
 a short speed timing in one round); ``--full`` (`make demo-full`, 15-25 minutes) labels 400
-sequences, trains 100 steps and times speed longer, in two rounds, for steadier figures. Each size has its own
-output folder, so both can be kept.
+sequences, trains 100 steps and times speed longer, in two rounds, for steadier figures, and then lets models
+write the responses (the teacher answers 64 chat prompts and labels its answers; one on-policy round from the chat
+student: ``softlabels rounds``; about 3 minutes more). Each size has its own output folder, so both can be kept.
 """
 
 from __future__ import annotations
@@ -79,6 +80,26 @@ def targets(t: dict, s: dict, c: dict, q: dict) -> list[tuple[bool, str]]:
         (ce_worse <= 2, f"int8 student held-out CE {ce_worse:+.3f}% vs fp32 (target <= +2%)"),
         (qspeed >= 1, f"int8 student {qspeed:.2f}x the fp32 student's CPU tokens/s (target: not slower)"),
     ]
+
+
+def responses_by_models(out: str, ray_address: str, prompts: int = 64, new_tokens: int = 32) -> None:
+    """``make demo-full`` only: the teacher writes answers to the built-in chat prompts and labels them, then one
+    on-policy round from the two-stage chat student (its own answers, graded by the teacher)."""
+    gen = cli("label", "--teacher", "smollm2-135m", "--corpus", "pydoc-chat", "--output", f"{out}/teacher-written",
+              "--generate-with", "teacher", "--max-new-tokens", str(new_tokens), "--max-length", "256", "--limit",
+              str(prompts), "--top-k", "64", "--ray-address", ray_address, step="label: the teacher writes")
+    proc = subprocess.run([sys.executable, "-m", "softlabels", "rounds", "--output", f"{out}/rounds", "--corpus",
+                           "pydoc-chat", "--student", f"{out}/student-chat", "--rounds", "1", "--steps", "20",
+                           "--limit", str(prompts), "--max-new-tokens", str(new_tokens), "--eval-prompts", "8", "--json"],
+                          cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "RAY_ADDRESS": ray_address})
+    if proc.returncode != 0:
+        sys.exit(f"demo: step failed: softlabels rounds (exit {proc.returncode})")
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"\n  responses written by models: the teacher wrote {gen['generated_tokens']:,} tokens for {gen['sequences']} "
+          f"prompts and labeled them ({out}/teacher-written); one on-policy round from the chat student:")
+    for r in rows:
+        print(f"  round {r['round']}: per-token KL(student || teacher) on its own answers to held-out prompts "
+              f"{r['onpolicy_reverse_kl']:.3f}, teacher log-prob of them {r['onpolicy_teacher_logprob']:.3f}")
 
 
 def main() -> int:
@@ -172,6 +193,8 @@ def main() -> int:
     for ok, text in [*targets(t, s, c, q), (chat_ok, f"two-stage chat student vs chat-only, same chat budget: KL "
                                                       f"{two['kl']:.3f} vs {only['kl']:.3f}, top-1 {two['top1']:.3f} vs {only['top1']:.3f}")]:
         print(f"  [{'met' if ok else 'MISSED'}] {text}")
+    if args.full:
+        responses_by_models(args.out, ray_address)
     steps = ", ".join(f"{name} {sec:.0f} s" for name, sec in TIMES)
     print(f"\n  total wall time {time.time() - t0:.0f} s ({steps}); students in {args.out}/student*")
     if not args.full:
