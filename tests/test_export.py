@@ -146,7 +146,8 @@ def test_compare_measures_every_model_and_scores_the_teacher_against_its_own_lab
     code, out, err = cli_in_process(
         "compare", "--labels", label_set, "--models", tiny_teacher, student, exports["int8"],
         "--names", "teacher", "student", "student-int8", "--eval-fraction", "0.2", "--prompt-rows", "2",
-        "--prompt-length", "32", "--seconds", "0.2", "--threads", "1", "--rounds", "1", "--plot", str(png), "--json")
+        "--prompt-length", "32", "--seconds", "0.2", "--threads", "1", "--rounds", "1", "--plot", str(png), "--json",
+        "--teacher", tiny_teacher, "--prompts", "2", "--max-new-tokens", "4")
     assert code == 0, err[-3000:]
     rows = {r["name"]: r for r in json.loads(out)}  # --json: stdout is the JSON and nothing else
     assert "student-int8" in err and "CPU tok/s" in err  # the table went to stderr
@@ -162,6 +163,10 @@ def test_compare_measures_every_model_and_scores_the_teacher_against_its_own_lab
     assert t["ce"] == pytest.approx(direct["ce"], rel=1e-5) and t["kl"] == pytest.approx(direct["kl"], rel=1e-4, abs=1e-7)
     assert t["parameters"] == sum(p.numel() for p in model.parameters())
     assert t["disk_bytes"] == (Path(tiny_teacher) / "model.safetensors").stat().st_size
+    # With --teacher, the on-policy metric: the teacher grading its own responses is 0 exactly; an ONNX model writes none
+    assert t["onpolicy_reverse_kl"] == pytest.approx(0, abs=1e-5) and t["onpolicy_prompts"] == 2
+    assert rows["student"]["onpolicy_reverse_kl"] > 0.01 and "onpolicy_reverse_kl" not in rows["student-int8"]
+    assert "on-policy KL" in err
     q, s = rows["student-int8"], rows["student"]
     assert q["format"] == "onnx int8" and s["format"] == "torch float32"
     assert q["parameters"] == s["parameters"] and q["disk_bytes"] < s["disk_bytes"] / 3

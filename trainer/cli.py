@@ -151,6 +151,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--plot", default="compare.png", metavar="FILE.png", help="bar chart to write; --no-plot for none (default: %(default)s)")
     c.add_argument("--no-plot", dest="plot", action="store_const", const=None, help="draw no chart")
     c.add_argument("--json", action="store_true", help="print the rows as JSON only (no table), for scripts")
+    c.add_argument("--seed", type=int, default=0, help="of the on-policy responses (default: %(default)s)")
+    _onpolicy_flags(c)
     c.set_defaults(handler=_compare)
 
     pl = sub.add_parser("plot", help="draw a run's loss and eval curves (metrics.jsonl) to a PNG")
@@ -265,6 +267,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     require_extra("trainer", "torch", "transformers")
+    settings = _onpolicy_settings(args) if args.teacher else None  # bad sampling settings: one line, before any work
     from softlabels.trainer.compare import compare, plot, ratios, table
 
     if args.plot:
@@ -275,7 +278,8 @@ def _compare(args: argparse.Namespace) -> int:
                    eval_fraction=args.eval_fraction, batch_size=args.batch_size, eval_batches=args.eval_batches,
                    rows=args.prompt_rows, length=args.prompt_length, seconds=args.seconds, threads=args.threads,
                    rounds=args.rounds,
-                   trust_remote_code=args.trust_remote_code)
+                   trust_remote_code=args.trust_remote_code, teacher=args.teacher, prompts=args.prompts,
+                   onpolicy=None if settings is None else settings.record())
     out = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON and nothing else
     print(table(rows), file=out)
     for line in ratios(rows):

@@ -141,9 +141,28 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
     attach([ds], labels, tokenizer, spec)  # bits per byte; another tokenizer: aligned by the set's spans
     with torch.inference_mode():
         row.update(evaluate(model, ds, opts["batch_size"], opts["eval_batches"]))
+    if opts.get("teacher") and not isinstance(model, OnnxCausalLM):
+        row.update(_onpolicy(model, tokenizer, labels, opts))
     if isinstance(model, OnnxCausalLM):
         row["source"] = model.meta.get("source")
     return row
+
+
+def _onpolicy(model: Any, tokenizer: Any, labels: Any, opts: dict[str, Any]) -> dict[str, Any]:
+    """The on-policy metric (trainer.onpolicy) of a model with the set's tokenizer; nothing for another one."""
+    from softlabels.schemas import tokenizer_fingerprint
+    from softlabels.trainer.data import in_eval_split
+    from softlabels.trainer.onpolicy import evaluate_onpolicy, load_teacher
+
+    from softlabels.common.generate import GenerationSettings
+
+    if tokenizer_fingerprint(tokenizer) != labels.manifest.tokenizer.fingerprint:
+        return {}  # its responses would be in other ids than the teacher's
+    settings = GenerationSettings(**opts["onpolicy"])
+    teacher = load_teacher(opts["teacher"], next(model.parameters()).device, opts["trust_remote_code"])
+    held = (s for s in labels.iter_samples() if in_eval_split(s.sample_id, opts["eval_fraction"]))
+    m = evaluate_onpolicy(model, labels, teacher, held, settings, opts["prompts"])
+    return {k: m[k] for k in ("onpolicy_reverse_kl", "onpolicy_teacher_logprob", "onpolicy_prompts")}
 
 
 def _measure_in_child(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
@@ -172,7 +191,7 @@ def compare(
     labels: str, models: list[str], names: list[str] | None = None, *, storage_options: dict[str, Any] | None = None,
     eval_fraction: float | None = None, batch_size: int = 8, eval_batches: int | None = None, rows: int = 8,
     length: int = 128, seconds: float = 5.0, threads: int | None = None, trust_remote_code: bool = False,
-    rounds: int = 2,
+    rounds: int = 2, teacher: str | None = None, prompts: int = 16, onpolicy: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Measure every model (see the module doc); returns one row per model, in order, with ``name`` set.
 
@@ -207,7 +226,8 @@ def compare(
     fraction = held_out_fraction(models, eval_fraction, tokenizer_fingerprint=ls.manifest.tokenizer.fingerprint)
     opts = dict(labels=labels, storage_options=storage_options or {}, eval_fraction=fraction,
                 batch_size=batch_size, eval_batches=eval_batches, rows=rows, length=length, seconds=seconds,
-                threads=threads or os.cpu_count() or 1, trust_remote_code=trust_remote_code)
+                threads=threads or os.cpu_count() or 1, trust_remote_code=trust_remote_code, teacher=teacher,
+                prompts=prompts, onpolicy=onpolicy or {})
     out = []
     for i, spec in enumerate(models):
         name = names[i] if names else Path(spec.rstrip("/")).name or spec
@@ -262,8 +282,9 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     gpu = any(r.get("gpu_tokens_per_s") for r in rows)
+    onpolicy = any("onpolicy_reverse_kl" in r for r in rows)
     head = ["model", "format", "params", "on disk", "peak mem", "CPU tok/s"] + (["GPU tok/s"] if gpu else []) + [
-        "held-out CE", "bits/byte", "KL to teacher", "top-1"]
+        "held-out CE", "bits/byte", "KL to teacher", "top-1"] + (["on-policy KL", "teacher lp"] if onpolicy else [])
     body = []
     for r in rows:
         cells = [r["name"], r["format"], f"{r['parameters'] / 1e6:.1f}M", _mb(r["disk_bytes"]),
@@ -271,6 +292,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         if gpu:
             cells.append(f"{r['gpu_tokens_per_s']:,.0f}" if r.get("gpu_tokens_per_s") else "-")
         cells += [f"{r['ce']:.3f}", "-" if r.get("bpb") is None else f"{r['bpb']:.3f}", f"{r['kl']:.4f}" if r["kl"] < 0.01 else f"{r['kl']:.3f}", f"{r['top1']:.3f}"]
+        if onpolicy:
+            cells += [f"{r['onpolicy_reverse_kl']:.3f}", f"{r['onpolicy_teacher_logprob']:.3f}"] if "onpolicy_reverse_kl" in r \
+                else ["-", "-"]
         body.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     fmt = lambda cells: "  ".join(  # noqa: E731
