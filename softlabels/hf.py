@@ -83,6 +83,15 @@ def in_eval_split(sample_id: str, eval_fraction: float) -> bool:
     return int(sample_id[:8], 16) / 2**32 < eval_fraction
 
 
+def split_key(s: Any, m: Manifest) -> str:
+    """What a row's held-out membership hashes: its content address (``sample_id``), or, in a set whose responses a
+    model wrote (``generation``), its prompt's (sha256 of the prompt id, the ``source`` before ``#``), so every
+    response to a held-out prompt is held out, in every set written from the same prompts (rounds, samples)."""
+    if m.generation is None:
+        return s.sample_id
+    return hashlib.sha256(s.source.rpartition("#")[0].encode("utf-8")).hexdigest()
+
+
 _OPEN: dict[tuple[str, str], Any] = {}  # (url, manifest sha256) -> LabelSet, opened once per process
 
 
@@ -105,7 +114,7 @@ def _rows(url: str, storage_options: dict[str, Any], manifest_sha256: str, shard
     m = ls.manifest
     for index in shards:
         for s in ls.read_shard(ls.shards[index]):
-            if split != "all" and in_eval_split(s.sample_id, eval_fraction) != (split == "eval"):
+            if split != "all" and in_eval_split(split_key(s, m), eval_fraction) != (split == "eval"):
                 continue
             row = {"sample_id": s.sample_id, "source": s.source, "input_ids": s.input_ids, "topk_ids": s.topk_ids,
                    "topk_logprobs": s.topk_logprobs, "tail_logprob": s.tail_logprob}

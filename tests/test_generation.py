@@ -119,6 +119,23 @@ def test_responses_depend_on_seed_prompt_and_index_only_not_on_batching(written,
         assert r.ids.tolist() == want[:len(r.ids)].tolist() and not r.logprobs.any()
 
 
+def test_a_set_a_model_wrote_is_split_by_prompt(written):
+    """Every response to a held-out prompt is held out (and across sets written from the same prompts: rounds)."""
+    from softlabels.trainer.data import LabelDataset, held_out
+
+    ls = open_label_set(written)
+    by_prompt: dict[str, set[bool]] = {}
+    for s in ls.iter_samples():
+        by_prompt.setdefault(s.source.rpartition("#")[0], set()).add(held_out(s, ls.manifest, 0.3))
+    assert all(len(v) == 1 for v in by_prompt.values()) and {True, False} <= set().union(*by_prompt.values())
+    held = {s.sample_id for s in LabelDataset(written, split="eval", eval_fraction=0.3, shuffle=False).labels.iter_samples()
+            if held_out(s, ls.manifest, 0.3)}
+    from softlabels.hf import split_key
+
+    assert held == {s.sample_id for s in ls.iter_samples()
+                    if int(split_key(s, ls.manifest)[:8], 16) / 2**32 < 0.3}
+
+
 def test_training_says_whose_responses_a_set_holds(tmp_path):
     from softlabels.trainer.loop import policy_note
 

@@ -223,3 +223,25 @@ def test_kl_mix_mixes_forward_and_reverse_and_reverse_losses_refuse_sets_without
 
     assert resolve_weights(None, None, False, True, loss="reverse-kl-sampled") == {"alpha": 1.0, "chunk_weight": 0.0}
     assert resolve_weights(None, None, False, True, loss="tail-kl") == {"alpha": 0.5, "chunk_weight": 1.0}
+
+
+def test_sampled_reverse_kl_takes_truncated_importance_weights_from_the_sampler():
+    torch.manual_seed(7)
+    batch, ok, target = _with_targets(_batch())
+    g = torch.Generator().manual_seed(8)
+    sampler = -torch.rand(batch["targets"].shape, generator=g) * 6  # the generator's log-probs of the tokens
+    batch = {**batch, "sampler_logprob": sampler}
+    head = torch.nn.Linear(8, 40, bias=False)
+    hidden = torch.randn(3, 9, 8, requires_grad=True)
+    loss, _ = chunked_loss(hidden, head, "reverse-kl-sampled", batch, alpha=1.0, importance_cap=2.0)
+    grad = torch.autograd.grad(loss, hidden)[0]
+    h = hidden.detach().clone().requires_grad_(True)
+    logq = torch.log_softmax(head(h), -1).gather(-1, batch["targets"].clamp_min(0)[..., None]).squeeze(-1)
+    w = (logq.detach() - sampler).exp().clamp(max=2.0)[ok]
+    assert (w < 2.0).any() and (w == 2.0).any()  # both sides of the cap are exercised
+    est = (logq - target)[ok]
+    torch.testing.assert_close(loss.detach(), (w * est).mean().detach())
+    surrogate = (w * est.detach() * logq[ok]).sum() / ok.sum()
+    torch.testing.assert_close(grad, torch.autograd.grad(surrogate, h)[0])
+    off, _ = chunked_loss(hidden, head, "reverse-kl-sampled", batch, alpha=1.0, importance_cap=0.0)
+    torch.testing.assert_close(off.detach(), est.mean().detach())  # cap 0: no weights

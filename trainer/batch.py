@@ -63,6 +63,8 @@ def sample_to_tensors(s: Sample, top_k: int | None = None, byte_lengths: np.ndar
         ok = np.isfinite(target)
         out["chunk_len"] = _at_positions(ok.astype(np.int64), s.trained, torch.long)
         out["chunk_logprob"] = _at_positions(np.where(ok, target, 0), s.trained, torch.float32)
+    if s.sampler_logprob is not None:  # a set a model wrote: the generator's log-prob of each token it sampled
+        out["sampler_logprob"] = _at_positions(np.asarray(s.sampler_logprob, np.float32), s.trained, torch.float32)
     # Tail draws describe the tail of the stored k; a truncated k' has a larger tail they never saw.
     if s.tail_sample_ids is not None and (top_k is None or top_k >= s.topk_ids.shape[1]):
         out["tail_sample_ids"] = _at_positions(s.tail_sample_ids, s.trained, torch.long)
@@ -87,11 +89,12 @@ def model_inputs(batch: dict[str, torch.Tensor], model: Any = None) -> dict[str,
 
 
 _ROW_KEYS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob", "tail_sample_ids", "tail_sample_counts",
-             "topk_mapped", "kd_mask", "ce_mask", "target_bytes", "chunk_len", "chunk_logprob")  # from topk_mapped: extras
+             "topk_mapped", "kd_mask", "ce_mask", "target_bytes", "chunk_len", "chunk_logprob",
+             "sampler_logprob")  # from topk_mapped: extras
 # Per-position extras, right-padded like the labels: a student with another tokenizer (trainer.crosstok), bytes,
 # chunks of text and the teacher's log-probability of each (a set with target_logprob: the chunk term).
 _EXTRA_KEYS = {"topk_mapped": torch.bool, "kd_mask": torch.bool, "ce_mask": torch.bool, "target_bytes": torch.long,
-               "chunk_len": torch.long, "chunk_logprob": torch.float32}
+               "chunk_len": torch.long, "chunk_logprob": torch.float32, "sampler_logprob": torch.float32}
 
 
 def pack(samples: list[dict[str, torch.Tensor]], length: int) -> list[dict[str, torch.Tensor]]:

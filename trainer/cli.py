@@ -86,6 +86,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "students with another tokenizer; reverse-kl, reverse-kl-sampled (the per-token estimate of on-policy "
                    "distillation) and kl-mix are for responses a student wrote (label --generate-with; their unset "
                    f"--alpha is 1 and --chunk-weight 0) (default: {DEFAULT_LOSS}, or {DEFAULT_CROSS_LOSS} with another tokenizer)")
+    r.add_argument("--importance-cap", type=float, default=S, metavar="C",
+                   help="--loss reverse-kl-sampled on a set a model wrote: weight each token by min(q(y) / "
+                   f"q_sampler(y), C), the stored generator's log-prob; 0: no weights (default: {d.importance_cap})")
     r.add_argument("--reverse-weight", type=float, default=S, metavar="W",
                    help=f"--loss kl-mix: (1 - W) KL(teacher || student) + W KL(student || teacher) (default: {d.reverse_weight})")
     r.add_argument("--alpha", type=float, default=S, help="KD weight; 1 - alpha goes to CE on true tokens (default: "
@@ -217,7 +220,7 @@ def _eval(args: argparse.Namespace) -> int:
             raise UserError(f"{name} must be at least 1, got {value}")
     settings = _onpolicy_settings(args) if args.teacher else None  # bad sampling settings: one line, before any work
     import torch
-    from softlabels.trainer.data import LabelDataset, in_eval_split
+    from softlabels.trainer.data import LabelDataset, held_out
     from softlabels.trainer.evaluate import evaluate
     from softlabels.trainer.crosstok import attach
     from softlabels.trainer.student import build_student, embedding_rows, held_out_fraction
@@ -239,7 +242,7 @@ def _eval(args: argparse.Namespace) -> int:
         from softlabels.trainer.onpolicy import evaluate_onpolicy, load_teacher
 
         held = (s for s in ds.labels.iter_samples()
-                if args.split == "all" or in_eval_split(s.sample_id, fraction) == (args.split == "eval"))
+                if args.split == "all" or held_out(s, ds.manifest, fraction) == (args.split == "eval"))
         teacher = load_teacher(args.teacher, next(model.parameters()).device, args.trust_remote_code)
         result.update(evaluate_onpolicy(model, ds.labels, teacher, held, settings, args.prompts))
     print(json.dumps({"model": args.model, "labels": args.labels, "split": args.split, "eval_fraction": fraction,

@@ -33,7 +33,7 @@ CROSS_LOSSES = ("xtok-kl", "xtok-uld", "ce")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # A resumed run continues one run: these must be what its checkpoint recorded ...
 KEEP_ON_RESUME = ("student", "student_tokenizer", "token_map", "init_from", "fsdp", "loss", "alpha", "chunk_weight",
-                  "reverse_weight", "temperature", "top_k", "seed", "batch_size", "grad_accum", "eval_fraction", "shuffle_window", "precision")
+                  "reverse_weight", "importance_cap", "temperature", "top_k", "seed", "batch_size", "grad_accum", "eval_fraction", "shuffle_window", "precision")
 # ... and these too, unless named in --allow-changed (deliberate changes to the optimizer's course).
 CHANGEABLE = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "clip")
 
@@ -65,6 +65,8 @@ class TrainConfig:
     # matched; needs a set with target_logprob, schema v6): 0 turns it off. None: as alpha (resolve_weights)
     chunk_weight: float | None = None
     reverse_weight: float = 0.5  # --loss kl-mix: (1 - w) KL(teacher || student) + w KL(student || teacher)
+    # --loss reverse-kl-sampled on a set with the generator's log-probs: truncated importance weights (0: none)
+    importance_cap: float = 2.0
     temperature: float = 1.0
     seed: int = 0
     eval_fraction: float = 0.05
@@ -124,6 +126,7 @@ class TrainConfig:
         if self.chunk_weight is not None:
             _check_float(self, "chunk_weight", 0, None)
         _check_float(self, "reverse_weight", 0, 1)
+        _check_float(self, "importance_cap", 0, None)
         _check_float(self, "temperature", 0, None, low_open=True)
         _check_float(self, "eval_fraction", 0, 1, high_open=True)
         if not (isinstance(self.clip, (int, float)) and not isinstance(self.clip, bool) and self.clip > 0):

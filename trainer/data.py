@@ -51,6 +51,7 @@ from softlabels.trainer.batch import (  # noqa: F401 (the names users import fro
     sample_to_tensors,
     truncate_topk,
 )
+from softlabels.hf import split_key
 from softlabels.schemas.errors import ShardChecksumError, ShardFormatError, UserError
 from softlabels.trainer.order import DataState, EpochOrder, drop
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -59,8 +60,13 @@ log = logging.getLogger(__name__)
 
 
 def in_eval_split(sample_id: str, eval_fraction: float) -> bool:
-    """Deterministic held-out membership from the content address."""
+    """Deterministic held-out membership from the content address (or another hex key: :func:`split_key`)."""
     return int(sample_id[:8], 16) / 2**32 < eval_fraction
+
+
+def held_out(s: Sample, m: Any, eval_fraction: float) -> bool:
+    """Whether a row of a set with manifest ``m`` is in its held-out split (by prompt in sets a model wrote)."""
+    return in_eval_split(split_key(s, m), eval_fraction)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -160,7 +166,7 @@ class LabelDataset(IterableDataset):
     def _keep(self, s: Sample) -> bool:
         if self.split == "all":
             return True
-        return in_eval_split(s.sample_id, self.eval_fraction) == (self.split == "eval")
+        return in_eval_split(split_key(s, self.manifest), self.eval_fraction) == (self.split == "eval")
 
     def _read(self, index: int) -> list[Sample | None]:
         """A shard's rows in file order (``None`` for each row of a corrupt shard skipped)."""

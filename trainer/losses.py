@@ -18,7 +18,10 @@ Per position, with teacher buckets ``t = [log p_1..log p_k, log p_tail]``:
   wrote: at each position, ``log q(y) - log p(y)`` for the token ``y`` that follows (``p`` from the stored
   ``target_logprob``, exact even outside the top-k), with the score-function gradient
   ``(log q(y) - log p(y)) * grad log q(y)``, whose expectation over ``y ~ q`` is the gradient of KL(q || p)
-  at that position. The value is the estimate; positions without a target log-prob carry none.
+  at that position. The value is the estimate; positions without a target log-prob carry none. On a set that
+  stores the generator's log-probs (``sampler_logprob``), each position is weighted by the truncated importance
+  ratio ``min(q(y) / q_sampler(y), cap)`` (detached; ``--importance-cap``, 0: none), so responses written by another
+  model, or by the student before this run's updates, estimate the current student's reverse KL.
 - ``kl-mix``: ``(1 - w) KL(p || q) + w KL(q || p)`` over the k+1 buckets (``--reverse-weight w``).
 - ``tail-sampled``: ``tail-kl`` plus an unbiased estimate of what the tail
   bucket hides, from S tokens the labeler drew from the teacher's tail
@@ -40,6 +43,7 @@ Per position, with teacher buckets ``t = [log p_1..log p_k, log p_tail]``:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -232,7 +236,7 @@ def label_positions(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> tup
         samples = (batch["tail_sample_ids"].reshape(-1, draws)[idx], batch["tail_sample_counts"].reshape(-1, draws)[idx])
     extra = {}
     for key, name in (("topk_mapped", "mapped"), ("kd_mask", "kd"), ("target_bytes", "bytes"), ("chunk_len", "chunk"),
-                      ("chunk_logprob", "target")):
+                      ("chunk_logprob", "target"), ("sampler_logprob", "sampler")):
         if key in batch:
             v = batch[key]
             extra[name] = (v.reshape(-1, k) if key == "topk_mapped" else v.reshape(-1))[idx]
@@ -257,6 +261,7 @@ def chunked_loss(
     chunk: int = 1024,
     chunk_weight: float = 0.0,
     reverse_weight: float = 0.5,
+    importance_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of a batch from student hidden states ``[B, T, H]``.
 
@@ -279,6 +284,7 @@ def chunked_loss(
         # one tokenizer: a position whose next token the teacher scored is a chunk of one token
         kd_at = (extra["chunk"] == 1) & (targets != -100)
         target_lp = extra["target"]
+        sampler_lp = extra.get("sampler") if importance_cap > 0 else None
     if kind == "tail-sampled" and drawn is None:
         raise ValueError("loss 'tail-sampled' needs a label set with tail samples (labeler --tail-samples S)")
     use_kd = kind != "ce" and alpha > 0
@@ -292,13 +298,17 @@ def chunked_loss(
 
     def piece(hc: torch.Tensor, ic: torch.Tensor, lc: torch.Tensor, tc: torch.Tensor, tg: torch.Tensor,
               di: torch.Tensor | None, dc: torch.Tensor | None, mc: torch.Tensor | None, kc: torch.Tensor | None,
-              tl: torch.Tensor | None):
+              tl: torch.Tensor | None, sl: torch.Tensor | None):
         logits = head(hc)
         ts = (di, dc) if di is not None else None
         ce_at = (position_loss(logits, "ce", targets=tg) if use_ce or use_chunks or sampled or (use_kd and kc is not None)
                  else None)
         if use_kd and sampled:  # the reverse-KL estimate where the teacher scored the next token, nothing elsewhere
-            kd = torch.where(kc, sampled_reverse_kl(-ce_at.float(), tl), torch.zeros_like(tl)).sum()
+            lq = -ce_at.float()
+            per = sampled_reverse_kl(lq, tl)
+            if sl is not None:  # truncated importance weights: the current student over the sampler
+                per = per * (lq.detach() - sl).clamp(max=math.log(importance_cap)).exp()
+            kd = torch.where(kc, per, torch.zeros_like(tl)).sum()
         elif use_kd:
             per = position_loss(logits, kind, ic, lc, tc, temperature=temperature, tail_samples=ts, mapped=mc,
                                 reverse_weight=reverse_weight)
@@ -320,7 +330,8 @@ def chunked_loss(
         args = (h[s:e], ids[s:e], lps[s:e], tail[s:e], targets[s:e],
                 *((drawn[0][s:e], drawn[1][s:e]) if drawn is not None else (None, None)),
                 None if mapped is None else mapped[s:e], None if kd_at is None else kd_at[s:e],
-                target_lp[s:e] if sampled else None)
+                target_lp[s:e] if sampled else None,
+                sampler_lp[s:e] if sampled and sampler_lp is not None else None)
         if recompute:
             kd, ce, lq = checkpoint(piece, *args, use_reentrant=False)
         else:

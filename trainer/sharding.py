@@ -44,7 +44,7 @@ class KDModule(torch.nn.Module):
         loss = cfg.loss or resolve_loss(None, "kd_mask" in batch)
         w = resolve_weights(cfg.alpha, cfg.chunk_weight, "kd_mask" in batch, "chunk_len" in batch, loss=loss)
         return chunked_loss(hidden, head, loss, batch, cfg.temperature, w["alpha"], cfg.head_chunk, w["chunk_weight"],
-                            cfg.reverse_weight)
+                            cfg.reverse_weight, cfg.importance_cap)
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
