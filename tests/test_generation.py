@@ -207,39 +207,37 @@ def test_format_prompt_without_a_generator_is_one_line(prompts, tiny_teacher, tm
 # -- slow: processes of their own, the built-in teacher --------------------------------------------------------
 
 def _label_args(teacher: str, corpus: Path, url: str) -> list[str]:
+    """The flags of the `written` fixture's run (gen_config), as a user types them."""
     return ["--teacher", teacher, "--corpus", str(corpus), "--output", url, "--top-k", "8", "--max-length", "40",
-            "--generate-with", "teacher", "--max-new-tokens", "12", "--samples-per-prompt", "3", "--shard-tokens", "40",
-            "--batch-tokens", "512", "--threads", "1"]
+            "--generate-with", "teacher", "--max-new-tokens", "12", "--sampling-temperature", "0.8", "--top-p", "0.9",
+            "--samples-per-prompt", "2", "--shard-tokens", "80", "--batch-tokens", "512", "--encoding", "fp16"]
 
 
 @pytest.mark.slow
-def test_generation_killed_mid_run_resumes_byte_identically(ray_local, tiny_teacher, prompts, tmp_path):
-    from test_labeler_faults import markers, ray_address, set_bytes, settle
-
+def test_generation_killed_mid_run_resumes_byte_identically(written, ray_local, tiny_teacher, prompts, tmp_path):
+    """A driver SIGKILLed while its replica generates, then the same command again: the committed units are kept,
+    the rest generated and labeled once, and the set is byte for byte the uninterrupted run's (`written`: the same
+    flags, in this process, on the kept replica; the killed run is another driver with a replica of its own, on as
+    many torch threads: labels computed on other thread counts may differ in the last bit, as any run's)."""
     import os
 
-    ref = str(tmp_path / "reference")
-    code, _, err = cli_in_process("label", *_label_args(tiny_teacher, prompts, ref))
-    assert code == 0, err[-2000:]
+    from test_labeler_faults import markers, ray_address, set_bytes, settle
+
     url = str(tmp_path / "killed")
-    # the killed run is another driver with a replica of its own, the reference and the resume run in this process
-    # (one torch thread each, as the labeler's other fault tests: labels computed on other thread counts may differ
-    # in the last bit). Two replicas would not fit beside the kept ones on the tests' 2-CPU Ray; a replica only
-    # changes where a unit runs, and other units and batches are checked in the fast tier.
     proc = subprocess.Popen([sys.executable, "-m", "softlabels", "label", *_label_args(tiny_teacher, prompts, url),
                              "--ray-address", ray_address()], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "SOFTLABELS_CRASH_AT": "labeler.generated@10",
+                            text=True, env={**os.environ, "SOFTLABELS_CRASH_AT": "labeler.generated@4",
                                             "SOFTLABELS_CRASH_ONCE": str(tmp_path / "fired")})
     settle(proc)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
     before = markers(url)
     # generation runs ahead of the shard writers: how many units were committed when it died varies, never all
-    assert (tmp_path / "fired").exists() and len(before) < len(json.loads(Path(ref, "manifest.json").read_text())["shards"])
+    assert (tmp_path / "fired").exists() and len(before) < len(open_label_set(written).manifest.shards)
     code, _, err = cli_in_process("label", *_label_args(tiny_teacher, prompts, url))
     assert code == 0, err[-2000:]
     after = markers(url)
     assert {k: after[k] for k in before} == before, "a committed unit was generated again"
-    assert set_bytes(url) == set_bytes(ref)
+    assert set_bytes(url) == set_bytes(written)
 
 
 @pytest.mark.slow
