@@ -1,1 +1,1 @@
-"""softlabels trainer: train students from stored soft labels (never loads the teacher; no Ray)."""
+"""softlabels trainer: train students from stored soft labels (training never loads the teacher; no Ray)."""

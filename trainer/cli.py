@@ -1,6 +1,7 @@
 """``softlabels train``, ``eval``, ``export``, ``compare`` and ``plot``: students from stored soft labels.
 
-Never imports the labeler or Ray; the teacher is never loaded.
+Never imports the labeler or Ray; training never loads the teacher (only ``eval --teacher`` / ``compare --teacher``
+do, for the on-policy metric: the student's own responses scored by the teacher).
 """
 
 from __future__ import annotations
