@@ -249,13 +249,10 @@ def _generator_actors(ray: Any, replicas: Any) -> list[Any]:
 
 def release_generators(ray: Any, actors: list[Any] | None = None) -> None:
     """Kill ``actors``, or every kept generator actor (before Ray shuts down)."""
-    groups = [actors] if actors is not None else [_KEPT.pop(k) for k in list(_KEPT)]
-    for group in groups:
-        for a in group:
-            try:
-                ray.kill(a)
-            except Exception:  # gone already
-                pass
+    from softlabels.labeler.replicas import _release
+
+    for group in [actors] if actors is not None else [_KEPT.pop(k) for k in list(_KEPT)]:
+        _release(ray, group)
 
 
 def _check_generator(path: str, tokenizer: Any, chat: bool) -> str:

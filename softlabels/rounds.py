@@ -183,7 +183,7 @@ class _Scorer:
 
         from softlabels.common.generate import GenerationSettings
         from softlabels.schemas import open_label_set
-        from softlabels.trainer.data import held_out
+        from softlabels.trainer.data import split_samples
         from softlabels.trainer.onpolicy import evaluate_onpolicy, load_teacher
 
         a = self.args
@@ -191,7 +191,7 @@ class _Scorer:
             self.teacher = load_teacher(a.teacher)
         ls = open_label_set(str(labels))
         model = AutoModelForCausalLM.from_pretrained(model_dir)
-        held = (s for s in ls.iter_samples() if held_out(s, ls.manifest, a.eval_fraction))
+        held = split_samples(ls, a.eval_fraction)
         settings = GenerationSettings(a.max_new_tokens, a.sampling_temperature, a.top_p, 1, a.seed)
         m = evaluate_onpolicy(model, ls, self.teacher, held, settings, a.eval_prompts)
         return {k: m[k] for k in ("onpolicy_reverse_kl", "onpolicy_teacher_logprob", "onpolicy_tokens", "onpolicy_prompts")}

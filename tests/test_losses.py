@@ -181,6 +181,12 @@ def _with_targets(batch, t_logits_seed=0, v=40):
     return {**batch, "chunk_len": ok.long(), "chunk_logprob": torch.where(ok, target, torch.zeros_like(target))}, ok, target
 
 
+def _next_token_logq(head, hidden, batch):
+    """A fresh leaf of ``hidden`` and, from it, the student's log-prob of each position's true next token."""
+    h = hidden.detach().clone().requires_grad_(True)
+    return h, torch.log_softmax(head(h), -1).gather(-1, batch["targets"].clamp_min(0)[..., None]).squeeze(-1)
+
+
 def test_sampled_reverse_kl_is_the_estimate_with_the_score_function_gradient():
     torch.manual_seed(5)
     batch, ok, target = _with_targets(_batch())
@@ -189,8 +195,7 @@ def test_sampled_reverse_kl_is_the_estimate_with_the_score_function_gradient():
     loss, parts = chunked_loss(hidden, head, "reverse-kl-sampled", batch, alpha=1.0, chunk=5)
     grad = torch.autograd.grad(loss, hidden)[0]
     # direct: value mean over scored positions of log q(y) - log p(y); gradient (log q - log p) grad log q, averaged
-    h = hidden.detach().clone().requires_grad_(True)
-    logq = torch.log_softmax(head(h), -1).gather(-1, batch["targets"].clamp_min(0)[..., None]).squeeze(-1)
+    h, logq = _next_token_logq(head, hidden, batch)
     est = (logq - target)[ok]
     torch.testing.assert_close(loss.detach(), est.mean().detach())
     surrogate = (est.detach() * logq[ok]).sum() / ok.sum()
@@ -235,8 +240,7 @@ def test_sampled_reverse_kl_takes_truncated_importance_weights_from_the_sampler(
     hidden = torch.randn(3, 9, 8, requires_grad=True)
     loss, _ = chunked_loss(hidden, head, "reverse-kl-sampled", batch, alpha=1.0, importance_cap=2.0)
     grad = torch.autograd.grad(loss, hidden)[0]
-    h = hidden.detach().clone().requires_grad_(True)
-    logq = torch.log_softmax(head(h), -1).gather(-1, batch["targets"].clamp_min(0)[..., None]).squeeze(-1)
+    h, logq = _next_token_logq(head, hidden, batch)
     w = (logq.detach() - sampler).exp().clamp(max=2.0)[ok]
     assert (w < 2.0).any() and (w == 2.0).any()  # both sides of the cap are exercised
     est = (logq - target)[ok]

@@ -221,7 +221,7 @@ def _eval(args: argparse.Namespace) -> int:
             raise UserError(f"{name} must be at least 1, got {value}")
     settings = _onpolicy_settings(args) if args.teacher else None  # bad sampling settings: one line, before any work
     import torch
-    from softlabels.trainer.data import LabelDataset, held_out
+    from softlabels.trainer.data import LabelDataset, split_samples
     from softlabels.trainer.evaluate import evaluate
     from softlabels.trainer.crosstok import attach
     from softlabels.trainer.student import build_student, embedding_rows, held_out_fraction
@@ -242,8 +242,7 @@ def _eval(args: argparse.Namespace) -> int:
     if settings is not None:
         from softlabels.trainer.onpolicy import evaluate_onpolicy, load_teacher
 
-        held = (s for s in ds.labels.iter_samples()
-                if args.split == "all" or held_out(s, ds.manifest, fraction) == (args.split == "eval"))
+        held = split_samples(ds.labels, fraction, args.split)
         teacher = load_teacher(args.teacher, next(model.parameters()).device, args.trust_remote_code)
         result.update(evaluate_onpolicy(model, ds.labels, teacher, held, settings, args.prompts))
     print(json.dumps({"model": args.model, "labels": args.labels, "split": args.split, "eval_fraction": fraction,

@@ -151,7 +151,7 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
 def _onpolicy(model: Any, tokenizer: Any, labels: Any, opts: dict[str, Any]) -> dict[str, Any]:
     """The on-policy metric (trainer.onpolicy) of a model with the set's tokenizer; nothing for another one."""
     from softlabels.schemas import tokenizer_fingerprint
-    from softlabels.trainer.data import held_out
+    from softlabels.trainer.data import split_samples
     from softlabels.trainer.onpolicy import evaluate_onpolicy, load_teacher
 
     from softlabels.common.generate import GenerationSettings
@@ -160,7 +160,7 @@ def _onpolicy(model: Any, tokenizer: Any, labels: Any, opts: dict[str, Any]) -> 
         return {}  # its responses would be in other ids than the teacher's
     settings = GenerationSettings(**opts["onpolicy"])
     teacher = load_teacher(opts["teacher"], next(model.parameters()).device, opts["trust_remote_code"])
-    held = (s for s in labels.iter_samples() if held_out(s, labels.manifest, opts["eval_fraction"]))
+    held = split_samples(labels, opts["eval_fraction"])
     m = evaluate_onpolicy(model, labels, teacher, held, settings, opts["prompts"])
     return {k: m[k] for k in ("onpolicy_reverse_kl", "onpolicy_teacher_logprob", "onpolicy_prompts")}
 

@@ -69,6 +69,12 @@ def held_out(s: Sample, m: Any, eval_fraction: float) -> bool:
     return in_eval_split(split_key(s, m), eval_fraction)
 
 
+def split_samples(labels: LabelSet, eval_fraction: float, split: str = "eval") -> Iterator[Sample]:
+    """The rows of ``split`` (``eval``, ``train`` or ``all``), in manifest order, read on demand."""
+    m = labels.manifest
+    return (s for s in labels.iter_samples() if split == "all" or held_out(s, m, eval_fraction) == (split == "eval"))
+
+
 def _rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -93,11 +93,11 @@ class _GumbelSampler:
     """A logits processor that samples each row from its own noise and forces that choice (greedy decoding
     then takes it), recording the chosen token's log-prob."""
 
-    def __init__(self, seeds: Sequence[int], prompt_len: int, settings: GenerationSettings, vocab: int) -> None:
+    def __init__(self, seeds: Sequence[int], settings: GenerationSettings, vocab: int) -> None:
         import torch
 
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.prompt_len, self.settings, self.vocab = prompt_len, settings, vocab
+        self.settings, self.vocab = settings, vocab
         self.logprobs: list[list[float]] = [[] for _ in seeds]
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
@@ -166,7 +166,7 @@ def sample_responses(model: Any, prompts: Sequence[np.ndarray], keys: Sequence[i
             p = torch.as_tensor(np.asarray(prompts[i], np.int64))
             ids[r, plen - len(p):] = p
             mask[r, plen - len(p):] = 1
-        sampler = _GumbelSampler([keys[i] for i in batch], plen, settings, vocab)
+        sampler = _GumbelSampler([keys[i] for i in batch], settings, vocab)
         config = GenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=0, eos_token_id=list(stops) or None,
                                   pad_token_id=pad_id, num_beams=1, use_cache=True)
         with torch.inference_mode():
@@ -182,14 +182,3 @@ def sample_responses(model: Any, prompts: Sequence[np.ndarray], keys: Sequence[i
                 toks, lps = toks[:ends[0] + 1], lps[:ends[0] + 1]
             out[i] = Response(toks.astype(np.int32), lps[:len(toks)], stopped)
     return out  # type: ignore[return-value]
-
-
-def check_generator_tokenizer(generator_tok: Any, teacher_fp: str, where: str) -> None:
-    """A generator must write in the teacher's token ids: one line if its tokenizer differs."""
-    from softlabels.schemas import tokenizer_fingerprint
-
-    fp = tokenizer_fingerprint(generator_tok)
-    if fp != teacher_fp:
-        raise UserError(f"--generate-with {where}: its tokenizer ({fp[:19]}) differs from the teacher's "
-                        f"({teacher_fp[:19]}); a generator must share the teacher's vocabulary (token ids are labeled "
-                        "as the teacher's)")
