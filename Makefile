@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml requirements/constraints-ci.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# Dev/CI pin torch==2.13.0 (a CPU wheel); never pull a CUDA build here.
-	$(BIN)/python -m pip install --quiet -c requirements/constraints-ci.txt -e '.[labeler,trainer,export,s3,hf,dev]'
+	$(BIN)/python -m pip install --quiet -c requirements/constraints-ci.txt -e '.[labeler,trainer,export,gguf,s3,hf,dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)

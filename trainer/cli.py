@@ -66,6 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--precision", default=S, choices=["fp32", "bf16", "fp16"],
                    help="autocast of the student's forward (weights and optimizer stay fp32); fp16 scales the loss "
                    "and skips steps whose gradients overflow (default: bf16 on CUDA, fp32 elsewhere)")
+    r.add_argument("--qat", default=S, choices=["q8_0", "q4"],
+                   help="quantization-aware distillation: the forward uses the weights as `export --format gguf "
+                   "--quant q8_0|q4_0` will store them (blocks of 32, llama.cpp's rounding), straight-through in the "
+                   "backward; saved weights stay fp32 (default: off)")
     r.add_argument("--gradient-checkpointing", action=BOOL, default=S,
                    help="recompute each layer's activations in backward: less memory, a slower step, same gradients")
     r.add_argument("--report-to", action="append", default=S, metavar="NAME",
@@ -123,18 +127,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e = sub.add_parser("eval", help="held-out CE, bits per byte, KL to teacher and top-1 agreement of a model, as JSON")
     _common(e)
-    e.add_argument("--model", required=True, help="trained student directory, HF id, or 'tiny' (a fresh, untrained init)")
+    e.add_argument("--model", required=True, help="trained student directory, HF id, a .gguf file (scored in llama.cpp), "
+                   "or 'tiny' (a fresh, untrained init)")
     e.add_argument("--split", default="eval", choices=["eval", "train", "all"], help="which samples to score (default: %(default)s)")
     e.add_argument("--max-batches", type=int, default=None, help="score at most this many batches")
     e.add_argument("--seed", type=int, default=0, help="init seed for 'tiny', and of the on-policy responses (default: %(default)s)")
     _onpolicy_flags(e)
     e.set_defaults(handler=_eval)
 
-    x = sub.add_parser("export", help="quantize a trained student to an ONNX model for CPUs (int8 by default)")
+    x = sub.add_parser("export", help="quantize a trained student for CPUs: an int8 ONNX model (default), or a GGUF "
+                       "file for llama.cpp / Ollama")
     x.add_argument("--model", required=True, help="trained student directory (what `train` wrote)")
-    x.add_argument("--output", required=True, help="new local directory for model.onnx, tokenizer and export record")
+    x.add_argument("--output", required=True, help="onnx: a new local directory (model.onnx, tokenizer, export record); "
+                   "gguf: a new *.gguf file")
+    x.add_argument("--format", default="onnx", choices=["onnx", "gguf"],
+                   help="onnx: ONNX Runtime (Python, C++, mobile); gguf: llama.cpp and what runs on it (default: %(default)s)")
     x.add_argument("--quantize", default="int8", choices=["int8", "none"],
-                   help="int8: dynamic int8 with per-channel weights (ONNX Runtime); none: the fp32 graph (default: %(default)s)")
+                   help="onnx: int8: dynamic int8 with per-channel weights (ONNX Runtime); none: the fp32 graph (default: %(default)s)")
+    x.add_argument("--quant", default=None, metavar="TYPE",
+                   help="gguf: f16, q8_0, q4_0 (what `train --qat q8_0|q4` trains for) or q4_k_m (llama.cpp's mixture), "
+                   "quantized by llama.cpp's own quantizer (default: q8_0)")
+    x.add_argument("--threads", type=int, default=None, help="gguf: threads for quantizing and the check (default: all cores)")
     x.add_argument("--trust-remote-code", action=BOOL, default=False, help="allow the model's own modeling code (default: off)")
     x.add_argument("--json", action="store_true", help="print the export record as JSON")
     debug_flag(x)
@@ -143,7 +156,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("compare", help="table and bar chart: size, memory, speed and held-out quality of several models")
     _common(c)
     c.add_argument("--models", nargs="+", required=True, metavar="MODEL",
-                   help="teacher first, then students: HF model directories or ids, or `export` directories")
+                   help="teacher first, then students: HF model directories or ids, `export` directories or .gguf files")
     c.add_argument("--names", nargs="+", default=None, metavar="NAME", help="a short name per model for the table")
     c.add_argument("--eval-batches", type=int, default=None, help="score at most this many held-out batches (default: all)")
     c.add_argument("--prompt-rows", type=int, default=8, help="sequences in the fixed speed batch (default: %(default)s)")
@@ -234,10 +247,19 @@ def _eval(args: argparse.Namespace) -> int:
     fingerprint = open_label_set(args.labels, opts).manifest.tokenizer.fingerprint
     fraction = held_out_fraction([args.model], args.eval_fraction, args.split, fingerprint)
     ds = LabelDataset(args.labels, opts, args.split, fraction, shuffle=False)
-    model, tokenizer = build_student(args.model, ds.labels, args.seed, trust_remote_code=args.trust_remote_code)
-    ds.max_id = embedding_rows(model)
+    if args.model.endswith(".gguf"):  # scored in llama.cpp, on its own logits
+        if settings is not None:
+            raise UserError("--teacher (the on-policy metric) needs a PyTorch model; score the student it came from")
+        require_extra("gguf", "gguf", "llama_cpp")
+        from softlabels.trainer.gguf import load_for_labels
+
+        model, tokenizer = load_for_labels(args.model, ds.labels)
+        ds.max_id = model.vocab
+    else:
+        model, tokenizer = build_student(args.model, ds.labels, args.seed, trust_remote_code=args.trust_remote_code)
+        ds.max_id = embedding_rows(model)
+        model.to(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     attach([ds], ds.labels, tokenizer, args.model)  # bits per byte; another tokenizer: aligned by the set's spans
-    model.to(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     result = evaluate(model, ds, args.batch_size, args.max_batches, args.head_chunk)
     if settings is not None:
         from softlabels.trainer.onpolicy import evaluate_onpolicy, load_teacher
@@ -251,6 +273,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.format == "gguf":
+        return _export_gguf(args)
+    if args.quant is not None:
+        raise UserError("--quant is for --format gguf; an ONNX export takes --quantize int8|none")
     require_extra("export", "torch", "transformers", "onnx", "onnxruntime")
     from softlabels.trainer.export import export_model
 
@@ -265,6 +291,33 @@ def _export(args: argparse.Namespace) -> int:
         print(f"probe     top-1 agreement with the source {meta['probe']['top1_agreement']:.3f}, "
               f"relative logit error {meta['probe']['relative_logit_error']:.2%} (fixed probe batch)")
         print(f"load with {meta['load']}")
+    return 0
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    from softlabels.trainer.gguf import QUANTS, export_gguf
+
+    quant = args.quant or "q8_0"
+    if quant not in QUANTS:  # before any extra is looked for: the flag is wrong whatever is installed
+        raise UserError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
+    if args.quantize != "int8":
+        raise UserError("--quantize is for --format onnx; a GGUF export takes --quant")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    require_extra("gguf", "torch", "transformers", "gguf", "llama_cpp")
+    meta = export_gguf(args.model, args.output, quant, args.trust_remote_code, args.threads)
+    if args.json:
+        print(json.dumps(meta))
+    else:
+        src, dst = meta["source_bytes"], meta["bytes"]
+        types = ", ".join(f"{n} {t}" for t, n in sorted(meta["tensor_types"].items()))
+        print(f"exported  {args.model} -> {meta['output']} (GGUF {quant}, llama.cpp arch {meta['architecture']}; "
+              f"tensors: {types})")
+        print(f"size      {src / 1e6:.1f} MB -> {dst / 1e6:.1f} MB ({src / dst:.2f}x smaller)")
+        print(f"probe     in llama.cpp: top-1 agreement with the source {meta['probe']['top1_agreement']:.3f}, relative "
+              f"logit error {meta['probe']['relative_logit_error']:.2%}; tokenizer ({meta['pre_tokenizer']}): "
+              f"{meta['tokenizer_probe']}{'; chat template inside' if meta['chat_template'] else ''}")
+        print(f"run with  llama-cli -m {meta['output']}   (or: softlabels eval --model {meta['output']} ...)")
     return 0
 
 

@@ -100,7 +100,20 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
     base = _rss_bytes()
     row: dict[str, Any] = {"model": spec, "disk_bytes": weights_bytes(spec), "gpu_tokens_per_s": None,
                            "threads": opts["threads"]}
-    if is_export_dir(spec):
+    if spec.endswith(".gguf"):  # run by llama.cpp: its own logits, its own prompt and generation speeds
+        from softlabels.trainer.gguf import load_for_labels
+
+        model, tokenizer = load_for_labels(spec, labels, threads=opts["threads"])
+        prompts = prompt_batch(tokenizer, opts["rows"], opts["length"])
+        mask = torch.ones_like(prompts)
+        quant = model.meta.get("softlabels.quant") or f"file type {model.meta.get('general.file_type', '?')}"
+        row.update(format=f"gguf {quant}", parameters=model.parameters_count)
+
+        def run() -> Any:
+            return model.logits(prompts, mask)
+
+        row.update(model.speed(prompts[0].tolist(), new_tokens=opts.get("new_tokens", 64), seconds=opts["seconds"] / 2))
+    elif is_export_dir(spec):
         from transformers import AutoTokenizer
 
         from softlabels.common.cli import remote_code_guard
@@ -130,21 +143,24 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
     tokens = prompts.numel()
     row["cpu_tokens_per_s"] = _tokens_per_s(run, tokens, opts["seconds"])
     row["peak_memory_bytes"] = max(0, _peak_bytes() - base)
-    if not isinstance(model, OnnxCausalLM) and torch.cuda.is_available():
+    if isinstance(model, torch.nn.Module) and torch.cuda.is_available():
         model.to("cuda")
         row["gpu_tokens_per_s"] = _tokens_per_s(run, tokens, opts["seconds"], torch.cuda.synchronize)
     if opts.get("speed_only"):
         return row
     ds = LabelDataset(labels, split="eval", eval_fraction=opts["eval_fraction"], shuffle=False)
-    if not isinstance(model, OnnxCausalLM):
+    if isinstance(model, torch.nn.Module):
         ds.max_id = embedding_rows(model)
     attach([ds], labels, tokenizer, spec)  # bits per byte; another tokenizer: aligned by the set's spans
     with torch.inference_mode():
         row.update(evaluate(model, ds, opts["batch_size"], opts["eval_batches"]))
-    if opts.get("teacher") and not isinstance(model, OnnxCausalLM):
+    if opts.get("teacher") and isinstance(model, torch.nn.Module):
         row.update(_onpolicy(model, tokenizer, labels, opts))
     if isinstance(model, OnnxCausalLM):
         row["source"] = model.meta.get("source")
+    if spec.endswith(".gguf"):
+        row["source"] = model.meta.get("softlabels.source")
+        model.close()
     return row
 
 
@@ -180,6 +196,11 @@ def _check_spec(spec: str) -> None:
     from softlabels.trainer.export import META_FILE, ONNX_FILE
 
     p = Path(spec)
+    if spec.endswith(".gguf"):
+        from softlabels.trainer.gguf import check_gguf
+
+        check_gguf(spec)
+        return
     if p.exists() and not (p / "config.json").is_file() and not (p / ONNX_FILE).is_file():
         raise UserError(f"model {spec} is neither a Hugging Face model directory (config.json) "
                          f"nor an export ({ONNX_FILE}, {META_FILE})")
@@ -241,7 +262,7 @@ def compare(
         log.info("speed round %d/%d", r, rounds)
         for row, spec in zip(out, models):
             again = _measure_in_child(spec, {**opts, "speed_only": True})
-            for key in ("cpu_tokens_per_s", "gpu_tokens_per_s"):
+            for key in ("cpu_tokens_per_s", "gpu_tokens_per_s", "prompt_tokens_per_s", "gen_tokens_per_s"):
                 if again.get(key):
                     row[key] = max(row[key] or 0.0, again[key])
             log.info("  %s: %.0f tokens/s on CPU (best so far %.0f)", row["name"], again["cpu_tokens_per_s"],
@@ -283,7 +304,9 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
 def table(rows: list[dict[str, Any]]) -> str:
     gpu = any(r.get("gpu_tokens_per_s") for r in rows)
     onpolicy = any("onpolicy_reverse_kl" in r for r in rows)
-    head = ["model", "format", "params", "on disk", "peak mem", "CPU tok/s"] + (["GPU tok/s"] if gpu else []) + [
+    llama = any(r.get("gen_tokens_per_s") for r in rows)
+    head = ["model", "format", "params", "on disk", "peak mem", "CPU tok/s"] + (["GPU tok/s"] if gpu else []) + (
+        ["llama.cpp pp/tg tok/s"] if llama else []) + [
         "held-out CE", "bits/byte", "KL to teacher", "top-1"] + (["on-policy KL", "teacher lp"] if onpolicy else [])
     body = []
     for r in rows:
@@ -291,6 +314,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                  f"{r['peak_memory_bytes'] / 2**20:.0f} MiB", f"{r['cpu_tokens_per_s']:,.0f}"]
         if gpu:
             cells.append(f"{r['gpu_tokens_per_s']:,.0f}" if r.get("gpu_tokens_per_s") else "-")
+        if llama:
+            cells.append(f"{r['prompt_tokens_per_s']:,.0f} / {r['gen_tokens_per_s']:,.0f}" if r.get("gen_tokens_per_s") else "-")
         cells += [f"{r['ce']:.3f}", "-" if r.get("bpb") is None else f"{r['bpb']:.3f}", f"{r['kl']:.4f}" if r["kl"] < 0.01 else f"{r['kl']:.3f}", f"{r['top1']:.3f}"]
         if onpolicy:
             cells += [f"{r['onpolicy_reverse_kl']:.3f}", f"{r['onpolicy_teacher_logprob']:.3f}"] if "onpolicy_reverse_kl" in r \

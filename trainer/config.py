@@ -31,9 +31,10 @@ EARLIER_DEFAULTS = {"alpha": 1.0, "chunk_weight": 0.0}
 # The losses that need no tokenizer mapping to mean something with another tokenizer.
 CROSS_LOSSES = ("xtok-kl", "xtok-uld", "ce")
 PRECISIONS = ("fp32", "bf16", "fp16")
+QAT_MODES = ("q8_0", "q4")  # train --qat (trainer.qat)
 # A resumed run continues one run: these must be what its checkpoint recorded ...
 KEEP_ON_RESUME = ("student", "student_tokenizer", "token_map", "init_from", "fsdp", "loss", "alpha", "chunk_weight",
-                  "reverse_weight", "importance_cap", "temperature", "top_k", "seed", "batch_size", "grad_accum", "eval_fraction", "shuffle_window", "precision")
+                  "reverse_weight", "importance_cap", "qat", "temperature", "top_k", "seed", "batch_size", "grad_accum", "eval_fraction", "shuffle_window", "precision")
 # ... and these too, unless named in --allow-changed (deliberate changes to the optimizer's course).
 CHANGEABLE = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "clip")
 
@@ -68,6 +69,9 @@ class TrainConfig:
     # --loss reverse-kl-sampled on a set with the generator's log-probs: truncated importance weights (0: none)
     importance_cap: float = 2.0
     temperature: float = 1.0
+    # quantization-aware: the forward uses the weights as `export --format gguf --quant q8_0|q4_0` stores them
+    # (trainer.qat); None: plain fp32 weights
+    qat: str | None = None
     seed: int = 0
     eval_fraction: float = 0.05
     eval_every: int = 0  # 0: only before and after training
@@ -141,6 +145,11 @@ class TrainConfig:
             raise UserError(f"gradient_checkpointing must be true or false, got {short_repr(self.gradient_checkpointing)}")
         if self.plot is not None and not self.plot.lower().endswith(".png"):
             raise UserError(f"plot {clip(str(self.plot), 80)}: expected a .png file name")
+        if self.qat is not None and self.qat not in QAT_MODES:
+            raise UserError(f"--qat must be one of {', '.join(QAT_MODES)}, got {short_repr(self.qat)}")
+        if self.qat is not None and self.fsdp:
+            raise UserError("--qat with --fsdp is not supported (the fake-quantized forward is tested unsharded); "
+                            "train without --fsdp")
         unknown = set(self.allow_changed) - set(CHANGEABLE)
         if unknown:
             raise UserError(f"--allow-changed takes {', '.join(CHANGEABLE)}; not {clip(', '.join(sorted(unknown)), 120)}")

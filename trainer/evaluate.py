@@ -60,7 +60,7 @@ def evaluate(
 
     ``model`` is a transformers causal LM or anything with a
     ``logits(input_ids, attention_mask)`` method, such as an exported model
-    (:class:`trainer.export.OnnxCausalLM`), which is scored on the CPU.
+    (:class:`trainer.export.OnnxCausalLM`, :class:`trainer.gguf.GGUFCausalLM`), which is scored on the CPU.
 
     Returns ``ce`` (nats per true next token), ``bpb`` (bits per byte of the text those tokens
     cover, comparable across tokenizers; None when the bytes are unknown), ``kl`` (forward KL over the
@@ -75,9 +75,12 @@ def evaluate(
         was_training, device = False, torch.device("cpu")
 
         def states(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            if "doc_lengths" in batch:  # its graph takes a 2-D mask: documents would see each other
-                raise UserError(f"{dataset.labels.url} packs several documents per sequence; an exported model "
-                                "cannot keep them apart: evaluate the PyTorch student instead")
+            if "doc_lengths" in batch:
+                if getattr(model, "takes_documents", False):  # a GGUF model runs each document alone
+                    return model.logits(batch["input_ids"], batch["attention_mask"], batch["doc_lengths"])
+                # an ONNX graph takes a 2-D mask: documents would see each other
+                raise UserError(f"{dataset.labels.url} packs several documents per sequence; an ONNX export "
+                                "cannot keep them apart: evaluate the PyTorch student (or a GGUF export) instead")
             return model.logits(batch["input_ids"], batch["attention_mask"])
 
         head: Any = torch.nn.Identity()

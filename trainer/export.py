@@ -80,8 +80,11 @@ def is_export_dir(path: str | Path) -> bool:
 
 
 def weights_bytes(path: str | Path) -> int | None:
-    """Bytes of the weight files in a model directory (tokenizer and configs excluded); None if not a directory."""
+    """Bytes of the weight files in a model directory (tokenizer and configs excluded), or of a weights file (a
+    .gguf); None otherwise."""
     p = Path(path)
+    if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES):  # one file holds it all (a .gguf)
+        return p.stat().st_size
     if not p.is_dir():
         return None
     return sum(f.stat().st_size for f in p.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))

@@ -27,6 +27,7 @@ from softlabels.schemas import tokenizer_fingerprint
 from softlabels.trainer.student import (
     TRAIN_RECORD, build_student, embedding_rows, enable_gradient_checkpointing, training_record,
 )
+from softlabels.trainer.qat import QAT_EXPORT, apply_qat
 from softlabels.trainer.tracking import Trackers, check_trackers, open_trackers
 from softlabels.trainer.sharding import (  # noqa: F401 (KDModule: the name bench/ and tests import from here)
     KDModule, accumulating, as_number, full_student, load_sharded, save_sharded, wrap,
@@ -199,6 +200,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, loss=resolve_loss(cfg.loss, cross is not None), **weights,
                               token_map=(cfg.token_map or "first") if cross is not None else cfg.token_map)
     model.to(device)
+    if cfg.qat:
+        kinds = apply_qat(model, cfg.qat)
+        if rank == 0:
+            counts = {k: list(kinds.values()).count(k) for k in sorted(set(kinds.values()))}
+            log.info("quantization-aware (--qat %s): weight matrices as the GGUF --quant %s export stores them: %s",
+                     cfg.qat, QAT_EXPORT[cfg.qat], ", ".join(f"{n} {k}" for k, n in counts.items()))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, spec)
     precision = resolve(cfg.precision, device)  # one line now if this torch cannot autocast to it here

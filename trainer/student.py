@@ -46,6 +46,14 @@ def training_record(spec: str) -> tuple[Path, dict[str, Any]] | None:
     if spec == "tiny" or spec.endswith(".json"):  # built here, fresh: whatever folder of that name lies about
         return None
     d = Path(spec).expanduser()
+    if d.suffix == ".gguf" and d.is_file():  # a GGUF export carries its record in its metadata
+        from softlabels.trainer.gguf import check_gguf, train_record
+
+        check_gguf(spec)
+        text = train_record(d)
+        if text is None:
+            return None
+        return d, json.loads(text)
     path = d / TRAIN_RECORD
     # An export's own copy first: its source folder may have moved or been retrained since.
     if not path.is_file() and (d / "softlabels_export.json").is_file():  # trainer.export's META_FILE

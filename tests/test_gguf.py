@@ -1,0 +1,302 @@
+"""GGUF students (issue 32): `export --format gguf` run in llama.cpp, `train --qat`, eval/compare of .gguf files.
+
+One tiny student trained 2 steps with `--qat q4` serves every case: its fp32 weights export to f16, q8_0 and
+q4_0, and its fake-quantized forward is what the q4_0 file holds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_one_line_error, cli_in_process
+
+pytest.importorskip("llama_cpp")
+gguf = pytest.importorskip("gguf")
+
+from softlabels.trainer.gguf import GGUFCausalLM, PROBE_TEXT  # noqa: E402
+from softlabels.trainer.qat import apply_qat, quantize_q4_0, quantize_q8_0  # noqa: E402
+
+U16 = 2.0 ** -11  # fp16's unit roundoff
+
+
+@pytest.fixture(scope="module")
+def student(label_set, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gguf") / "student"
+    code, _, err = cli_in_process("train", "--labels", label_set, "--output", str(out), "--steps", "2",
+                                  "--batch-size", "2", "--eval-batches", "1", "--warmup-steps", "0",
+                                  "--eval-fraction", "0.2", "--qat", "q4", "--lr", "1e-2")
+    assert code == 0, err[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(student) -> dict[str, Path]:
+    out = {}
+    for quant in ("f16", "q8_0", "q4_0"):
+        path = student.parent / f"student-{quant}.gguf"
+        code, stdout, err = cli_in_process("export", "--format", "gguf", "--model", str(student), "--output",
+                                           str(path), "--quant", quant, "--json")
+        assert code == 0, err[-3000:]
+        meta = json.loads(stdout.strip().splitlines()[-1])
+        assert meta["quant"] == quant and Path(meta["output"]).stat().st_size == meta["bytes"]
+        out[quant] = path
+    return out
+
+
+def _model(student: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
+
+
+def _batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, (2, 40), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 31:] = 0
+    return ids, mask
+
+
+def _dequantized(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The file's tensors dequantized by the gguf package, back in HF names and layouts (q/k rows un-permuted)."""
+    from gguf.quants import dequantize
+
+    c = model.config
+    heads, kv = c.num_attention_heads, c.num_key_value_heads
+    back = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+            "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    out = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(
+            [int(n) for n in reversed(t.shape)])
+        if t.name == "token_embd.weight":
+            out["model.embed_tokens.weight"] = w
+            continue
+        if t.name == "output_norm.weight":
+            out["model.norm.weight"] = w
+            continue
+        _, i, kind, what = t.name.split(".")
+        if kind in ("attn_q", "attn_k"):
+            h = heads if kind == "attn_q" else kv
+            w = w.reshape(h, w.shape[0] // h // 2, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+        out[f"model.layers.{i}.{back[kind]}.{what}"] = w
+    return out
+
+
+def test_f16_in_llama_cpp_gives_the_students_logits_within_fp16_rounding(student, files):
+    model = _model(student)
+    ids, mask = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    runner = GGUFCausalLM(files["f16"], threads=2)
+    got = runner.logits(ids, mask)
+    runner.close()
+    valid = mask.bool()
+    # Bound: each of the 28 matmuls (4 blocks x 7) rounds its weights and its input to fp16, each a relative RMS
+    # error of at most u / sqrt(3) (u = 2^-11, uniform rounding); added in quadrature: u * sqrt(28 * 2 / 3) = 4.3 u.
+    rel = float((got - want)[valid].norm() / want[valid].norm())
+    print(f"f16 in llama.cpp: relative logit error {rel:.2e} (bound {4.5 * U16:.2e})")
+    assert rel < 4.5 * U16, rel
+    assert (got[~valid] == 0).all()
+    assert float((got.argmax(-1) == want.argmax(-1))[valid].float().mean()) > 0.97
+
+
+def test_q8_0_weights_are_llama_cpps_rounding_and_its_logits_within_the_derived_bound(student, files):
+    model = _model(student)
+    sd = model.state_dict()
+    deq = _dequantized(files["q8_0"], model)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(files["q8_0"])).tensors}
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q8_0"
+    assert types["blk.0.ffn_down.weight"] == "F16"  # 688 columns: not a multiple of 32, llama.cpp keeps fp16
+    for name, w in sd.items():
+        if name == "lm_head.weight":
+            continue
+        got = deq[name]
+        kind = types[next(k for k in types if _hf(k, name))]
+        if kind == "Q8_0":
+            # exactly llama.cpp's reference rounding, computed here from the fp32 weights
+            assert torch.equal(got, quantize_q8_0(w)), name
+            # and within half a step of the weight: d = max|x| / 127 per block of 32 (d stored in fp16)
+            blocks = w.reshape(*w.shape[:-1], -1, 32)
+            step = (blocks.abs().amax(-1, keepdim=True) / 127)
+            err = (got.reshape(blocks.shape) - blocks).abs()
+            assert bool((err <= step * (0.5 + 128 * U16) + 1e-12).all()), name
+        elif kind == "F16":
+            assert torch.equal(got, w.half().float()), name
+        else:
+            assert torch.equal(got, w), name  # norms: fp32
+    # llama.cpp's logits against PyTorch's with the file's own weights: only its activation rounding remains. The
+    # input of each of the 16 quantized matmuls is rounded to q8_0 blocks of 32 (relative RMS error
+    # amax / (127 sqrt(12) rms), about 0.5% for Gaussian-like blocks); in quadrature: 0.5% * sqrt(16) = 2%.
+    model.load_state_dict(deq, strict=False)
+    ids, mask = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    runner = GGUFCausalLM(files["q8_0"], threads=2)
+    got = runner.logits(ids, mask)
+    runner.close()
+    valid = mask.bool()
+    rel = float((got - want)[valid].norm() / want[valid].norm())
+    print(f"q8_0 in llama.cpp vs its own weights in PyTorch: relative logit error {rel:.2e} (bound 2e-2)")
+    assert rel < 0.02, rel
+
+
+def _hf(gguf_name: str, hf_name: str) -> bool:
+    table = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+    if gguf_name in table:
+        return table[gguf_name] == hf_name
+    parts = gguf_name.split(".")
+    back = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj", "ffn_gate": "gate_proj",
+            "ffn_up": "up_proj", "ffn_down": "down_proj", "attn_norm": "input_layernorm",
+            "ffn_norm": "post_attention_layernorm"}
+    return len(parts) == 4 and hf_name.startswith(f"model.layers.{parts[1]}.") and f".{back[parts[2]]}.{parts[3]}" in hf_name
+
+
+def test_a_qat_students_forward_is_what_the_q4_0_file_holds(student, files):
+    record = json.loads((student / "softlabels_train.json").read_text())
+    assert record["config"]["qat"] == "q4"
+    model = _model(student)
+    ids, mask = _batch(model.config.vocab_size)
+    apply_qat(model, "q4")
+    with torch.no_grad():
+        fake = model(input_ids=ids, attention_mask=mask).logits
+    plain = _model(student)
+    plain.load_state_dict(_dequantized(files["q4_0"], plain), strict=False)
+    with torch.no_grad():
+        held = plain(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    # the same weights, to the bit: the two forwards differ by nothing but fp32 summation order
+    assert float((fake - held)[valid].abs().max()) < 1e-4 * float(held[valid].abs().max())
+    runner = GGUFCausalLM(files["q4_0"], threads=2)
+    got = runner.logits(ids, mask)
+    runner.close()
+    rel = float((got - fake)[valid].norm() / fake[valid].norm())
+    print(f"q4_0 in llama.cpp vs the QAT forward: relative logit error {rel:.2e} (bound 2e-2)")
+    assert rel < 0.02, rel  # llama.cpp's q8_0 activations, as above
+
+
+def test_block_quantizers_match_llama_cpps_reference_formulas():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 64, generator=g)
+    w[0, 5] = -4.0  # a block whose largest magnitude is negative
+    w[1, 40] = 5.0
+    for fn in (quantize_q8_0, quantize_q4_0):
+        q = fn(w)
+        assert torch.equal(fn(q), q)  # idempotent: a trained weight re-quantizes to itself
+    x = w[0, :32].double()
+    d = float(np.float16(-4.0 / -8))
+    want = (np.minimum(15, np.floor(x.numpy() / (-4.0 / -8) + 8.5)) - 8) * d
+    assert np.allclose(quantize_q4_0(w)[0, :32].double().numpy(), want, atol=0)
+    amax = float(w[1, 32:].abs().max())
+    want8 = np.sign(w[1, 32:].numpy()) * np.floor(np.abs(w[1, 32:].numpy() * (127 / amax)) + 0.5) * float(np.float16(amax / 127))
+    assert np.allclose(quantize_q8_0(w)[1, 32:].numpy(), want8, rtol=1e-6, atol=1e-7)
+    # straight-through: the gradient passes unchanged
+    from softlabels.trainer.qat import fake_quant
+
+    p = w.clone().requires_grad_()
+    (fake_quant(p, quantize_q4_0) * torch.arange(64.0)).sum().backward()
+    assert torch.equal(p.grad, torch.arange(64.0).expand(3, 64))
+
+
+def test_eval_scores_a_gguf_file_on_the_held_out_split_as_the_student(label_set, student, files):
+    code, out, err = cli_in_process("eval", "--labels", label_set, "--model", str(student))
+    assert code == 0, err[-2000:]
+    torch_row = json.loads(out.strip().splitlines()[-1])
+    code, out, err = cli_in_process("eval", "--labels", label_set, "--model", str(files["f16"]))
+    assert code == 0, err[-2000:]
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["eval_fraction"] == 0.2 == torch_row["eval_fraction"]  # the record inside the file
+    assert row["positions"] == torch_row["positions"]
+    for key in ("ce", "kl", "bpb"):
+        assert abs(row[key] - torch_row[key]) < 0.01 * abs(torch_row[key]), (key, row[key], torch_row[key])
+
+
+def test_bad_input_is_refused_in_one_line(label_set, student, files, tmp_path):
+    code, _, err = cli_in_process("export", "--format", "gguf", "--model", str(student), "--output",
+                                  str(tmp_path / "x.gguf"), "--quant", "q3_k")
+    assert_one_line_error(code, err, "export", "--quant must be one of", "q3_k")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (empty / f).write_bytes((student / f).read_bytes())
+    code, _, err = cli_in_process("export", "--format", "gguf", "--model", str(empty), "--output", str(tmp_path / "x.gguf"))
+    assert_one_line_error(code, err, "export", "has no weights")
+    other = tmp_path / "gpt2"
+    other.mkdir()
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300).save_pretrained(other)
+    (other / "model.safetensors").write_bytes(b"")
+    code, _, err = cli_in_process("export", "--format", "gguf", "--model", str(other), "--output", str(tmp_path / "y.gguf"))
+    assert_one_line_error(code, err, "export", "architecture 'gpt2'", "no GGUF mapping")
+    code, _, err = cli_in_process("export", "--format", "gguf", "--model", str(student), "--output", str(tmp_path / "z.bin"))
+    assert_one_line_error(code, err, "export", "name it *.gguf")
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a gguf file at all")
+    code, _, err = cli_in_process("eval", "--labels", label_set, "--model", str(fake))
+    assert_one_line_error(code, err, "eval", "not a GGUF file")
+    code, _, err = cli_in_process("compare", "--labels", label_set, "--models", str(student), str(fake), "--no-plot")
+    assert_one_line_error(code, err, "compare", "not a GGUF file")
+    code, _, err = cli_in_process("train", "--labels", label_set, "--output", str(tmp_path / "t"), "--qat", "q2")
+    assert code == 2 and "--qat" in err
+    assert not list(tmp_path.glob(".*.tmp*"))  # nothing half-written left beside the outputs
+
+
+def test_resume_keeps_qat(label_set, tmp_path):
+    out = tmp_path / "run"
+    base = ("train", "--labels", label_set, "--output", str(out), "--batch-size", "2", "--eval-batches", "1",
+            "--warmup-steps", "0", "--checkpoint-every", "1")
+    code, _, err = cli_in_process(*base, "--steps", "1", "--qat", "q8_0")
+    assert code == 0, err[-2000:]
+    code, _, err = cli_in_process(*base, "--steps", "2", "--resume")
+    assert_one_line_error(code, err, "train", "qat: checkpoint 'q8_0', now None")
+
+
+@pytest.fixture(scope="module")
+def smollm_student(builtin_teacher, tmp_path_factory) -> Path:
+    """A small random Llama with the built-in teacher's tokenizer (SmolLM2's: 49,152 tokens, ChatML template)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("smollm-student")
+    tok = AutoTokenizer.from_pretrained(builtin_teacher)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_the_gguf_tokenizer_and_chat_template_are_the_students(smollm_student, tmp_path):
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "s.gguf"
+    code, _, err = cli_in_process("export", "--format", "gguf", "--model", str(smollm_student), "--output", str(out),
+                                  "--quant", "f16")
+    assert code == 0, err[-2000:]
+    tok = AutoTokenizer.from_pretrained(smollm_student)
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    for text in (PROBE_TEXT, "  leading spaces, ünïcödé, 漢字かなカナ, 🙂🙃 and 12345678901234567890"):
+        assert list(llm.tokenize(text.encode(), add_bos=False, special=False)) == tok(text, add_special_tokens=False)["input_ids"]
+    template = llm.metadata["tokenizer.chat_template"]
+    assert template == tok.chat_template
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo 🙂, what is 2+2?"},
+            {"role": "assistant", "content": "4."}, {"role": "user", "content": "And 3+3?"}]
+    want = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    rendered = Jinja2ChatFormatter(template, eos_token=tok.eos_token or "", bos_token=tok.bos_token or "")(messages=chat)
+    assert rendered.prompt == want
+    # llama.cpp's own (C) renderer, from the file's template
+    msgs = (llama_cpp.llama_chat_message * len(chat))(
+        *[llama_cpp.llama_chat_message(role=m["role"].encode(), content=m["content"].encode()) for m in chat])
+    buf = (llama_cpp.ctypes.c_char * 4096)()
+    n = llama_cpp.llama_chat_apply_template(template.encode(), msgs, len(chat), True, buf, len(buf))
+    assert bytes(buf[:n]).decode() == want
+    llm.close()
