@@ -4,8 +4,8 @@ then distill it further on the built-in chat corpus (assistant tokens only).
 Runs the CLIs exactly as a user would: the labeler (joining one local Ray that the demo starts for both of its
 label steps, as a job joins a cluster's Ray), then the trainer, which never loads the teacher, twice at the same
 budget (the default KD loss, and plain CE on the true tokens for reference), then `softlabels export`
-(int8) and `softlabels compare`, whose table of teacher -> student -> quantized
-student ends the demo. The chat step labels the built-in conversations (``pydoc-chat``, the
+(int8 ONNX; GGUF q8_0 and q4_k_m for llama.cpp) and `softlabels compare`, whose table of teacher -> student ->
+quantized students ends the demo. The chat step labels the built-in conversations (``pydoc-chat``, the
 assistant's tokens only) and trains two students at the same budget: the distilled student
 going on with ``--init-from`` (two-stage), and a fresh one on the chat labels alone.
 Re-running reuses complete label sets.
@@ -82,6 +82,25 @@ def targets(t: dict, s: dict, c: dict, q: dict) -> list[tuple[bool, str]]:
     ]
 
 
+# GGUF rows of the table and their targets: (size vs the fp32 student, at least; held-out KL vs fp32, at most)
+GGUF_QUANTS = ("q8_0", "q4_k_m")
+GGUF_TARGETS = {"q8_0": (3.0, 1.0), "q4_k_m": (4.5, 5.0)}
+
+
+def gguf_targets(s: dict, rows: list[dict]) -> list[tuple[bool, str]]:
+    """One line per GGUF row: size, speed in llama.cpp vs the fp32 student in PyTorch, and held-out KL vs fp32."""
+    out = []
+    for quant, r in zip(GGUF_QUANTS, rows):
+        smaller, kl = s["disk_bytes"] / r["disk_bytes"], 100 * (r["kl"] / s["kl"] - 1)
+        speed = r["cpu_tokens_per_s"] / s["cpu_tokens_per_s"]
+        want_size, want_kl = GGUF_TARGETS[quant]
+        out.append((smaller >= want_size and kl <= want_kl,
+                    f"gguf {quant}: {smaller:.2f}x smaller than the fp32 student (target >= {want_size:g}x), held-out "
+                    f"KL {kl:+.2f}% vs fp32 (target <= +{want_kl:g}%), {speed:.2f}x its CPU tokens/s scoring in "
+                    f"llama.cpp; generation {r['gen_tokens_per_s']:,.0f} tokens/s"))
+    return out
+
+
 def responses_by_models(out: str, ray_address: str, prompts: int = 64, new_tokens: int = 32) -> None:
     """``make demo-full`` only: the teacher writes answers to the built-in chat prompts and labels them, then one
     on-policy round from the two-stage chat student (its own answers, graded by the teacher)."""
@@ -126,6 +145,10 @@ def main() -> int:
         "--loss", "ce", *budget)
     shutil.rmtree(f"{args.out}/student-int8", ignore_errors=True)  # the demo's own output, remade from this student
     cli("export", "--model", f"{args.out}/student", "--output", f"{args.out}/student-int8", "--quantize", "int8")
+    for quant in GGUF_QUANTS:  # for llama.cpp / Ollama: quantized by llama.cpp's own quantizer
+        Path(f"{args.out}/student-{quant}.gguf").unlink(missing_ok=True)
+        cli("export", "--format", "gguf", "--model", f"{args.out}/student", "--quant", quant,
+            "--output", f"{args.out}/student-{quant}.gguf", step=f"export gguf {quant}")
     # Chat: the teacher labels only the assistant's tokens of the built-in conversations; a student
     # distilled on general text goes on to them (two-stage), against one that sees only them.
     chat_labels = f"{args.out}/chat-labels"
@@ -141,7 +164,8 @@ def main() -> int:
     from softlabels.labeler.builtin import builtin_teacher_dir
 
     models = {"teacher": str(builtin_teacher_dir("smollm2-135m")), "student": f"{args.out}/student",
-              "student-ce": f"{args.out}/student-ce", "student-int8": f"{args.out}/student-int8"}
+              "student-ce": f"{args.out}/student-ce", "student-int8": f"{args.out}/student-int8",
+              **{f"student-{q}": f"{args.out}/student-{q}.gguf" for q in GGUF_QUANTS}}
     print("$ softlabels compare ...", flush=True)
     t = time.time()
     proc = subprocess.run([sys.executable, "-m", "softlabels", "compare", "--labels", labels, "--models", *models.values(),
@@ -181,7 +205,7 @@ def main() -> int:
     print(f"\n  held-out split, every model measured alone (CPU, {rows['teacher']['threads']} threads; chart: "
           f"{args.out}/compare.png)\n")
     print("  " + table(list(rows.values())).replace("\n", "\n  "))
-    t, s, c, q = (rows[k] for k in models)
+    t, s, c, q = (rows[k] for k in ("teacher", "student", "student-ce", "student-int8"))
     two, only = two_stage["after"], task_only["after"]
     print(f"\n  chat: {chat['sequences']} built-in conversations, {chat['trained_tokens']:,} of {chat['tokens']:,} "
           f"positions labeled (the assistant's), {chat['bytes'] / chat['tokens']:.1f} bytes per corpus token")
@@ -190,7 +214,7 @@ def main() -> int:
         print(f"  {name:<27}{r['kl']:>8.3f}{r['top1']:>8.3f}{r['ce']:>8.3f}")
     print()
     chat_ok = two["kl"] < only["kl"] and two["top1"] > only["top1"]
-    for ok, text in [*targets(t, s, c, q), (chat_ok, f"two-stage chat student vs chat-only, same chat budget: KL "
+    for ok, text in [*targets(t, s, c, q), *gguf_targets(s, [rows[f"student-{g}"] for g in GGUF_QUANTS]), (chat_ok, f"two-stage chat student vs chat-only, same chat budget: KL "
                                                       f"{two['kl']:.3f} vs {only['kl']:.3f}, top-1 {two['top1']:.3f} vs {only['top1']:.3f}")]:
         print(f"  [{'met' if ok else 'MISSED'}] {text}")
     if args.full:

@@ -12,8 +12,8 @@ chat template when the tokenizer has one, and the student's training record
 
 - ``f16``: 2-D weights in fp16, norms in fp32 (llama.cpp's converter does the same);
 - ``q8_0``, ``q4_0``: every weight matrix in blocks of 32 (one fp16 scale per block), the embedding (tied:
-  also the LM head) in ``q8_0``; a matrix whose rows are not a multiple of 32 long stays fp16
-  (llama.cpp's own fallback). These are what ``train --qat q8_0|q4`` trains against, tensor for tensor
+  also the LM head) too (llama-quantize's ``--pure``); a matrix whose rows are not a multiple of 32 long stays
+  fp16 (llama.cpp's own fallback). These are what ``train --qat q8_0|q4`` trains against, tensor for tensor
   (:mod:`trainer.qat`);
 - ``q4_k_m``: llama.cpp's own mixture, untouched (4-bit K-quants in super-blocks of 256, some tensors at
   6 bits, the embedding at 6 or 8).
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 QUANTS = ("f16", "q8_0", "q4_0", "q4_k_m")
 # llama.cpp's enums (include/llama.h, ggml.h): llama_ftype and ggml_type values
 _FTYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15}
-_GGML_Q8_0 = 8
 MAGIC = b"GGUF"
 # Probe for the tokenizer check: spaces and tabs, accents, CJK, emoji, digits, code, newlines.
 PROBE_TEXT = ("Hello,  world!\tCafé déjà vu — naïve façade. 日本語のテキスト、中文。 Emoji: 🙂🚀👩‍💻 "
@@ -88,7 +87,10 @@ def check_gguf(spec: str) -> None:
 
 def metadata_string(path: str | Path, key: str) -> str | None:
     """A string value of a GGUF file's metadata (read with the ``gguf`` package, no model loaded); None if absent."""
-    gguf, _ = need_llama_cpp()
+    try:
+        import gguf
+    except ImportError as e:
+        raise UserError("reading a GGUF file needs the gguf package: pip install 'softlabels[gguf]'") from e
     try:
         field = gguf.GGUFReader(str(path)).fields.get(key)
     except (ValueError, OSError) as e:  # a damaged or truncated file
@@ -219,9 +221,12 @@ def tokenizer_fields(tokenizer: Any, rows: int, where: str) -> dict[str, Any]:
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec.get("model") or {}
     pre = _pre_type(spec.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or pre is None or spec.get("normalizer"):
+    # NFC (Qwen2's) is accepted as llama.cpp's own converter accepts it: llama.cpp does not normalize, so only text
+    # not already in NFC (rare: decomposed accents) can tokenize differently
+    normalizer = spec.get("normalizer")
+    if model.get("type") != "BPE" or pre is None or (normalizer and normalizer.get("type") != "NFC"):
         what = f"{model.get('type')} model, pre-tokenizer {json.dumps((spec.get('pre_tokenizer') or {}).get('type'))}"
-        raise UserError(f"{where}: its tokenizer ({what}{', with a normalizer' if spec.get('normalizer') else ''}) has no "
+        raise UserError(f"{where}: its tokenizer ({what}{', with a normalizer' if normalizer else ''}) has no "
                         "llama.cpp equivalent written here; supported: byte-level BPE (GPT-2, SmolLM, Llama 3, Qwen2)")
     vocab: dict[str, int] = dict(model["vocab"])
     added = {t["content"]: t for t in spec.get("added_tokens") or []}
@@ -303,15 +308,14 @@ def _write(path: Path, model: Any, arch: str, tok: dict[str, Any], dtype: str, n
 
 
 def quantize_file(src: Path, dst: Path, quant: str, threads: int) -> None:
-    """llama.cpp's quantizer: ``q8_0``/``q4_0`` pure (every matrix that fits; embedding q8_0), ``q4_k_m`` as is."""
+    """llama.cpp's quantizer: ``q8_0``/``q4_0`` pure (every matrix whose rows fit the blocks, the embedding too),
+    ``q4_k_m`` as llama.cpp mixes it."""
     _, llama_cpp = need_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads
     params.ftype = _FTYPE[quant]
     if quant in ("q8_0", "q4_0"):
-        params.pure = True
-        params.token_embedding_type = _GGML_Q8_0
-        params.output_tensor_type = _GGML_Q8_0
+        params.pure = True  # every tensor the default type, embedding and head included (llama-quantize --pure)
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
         raise RuntimeError(f"llama.cpp's quantizer failed on {src} ({quant}): return code {rc}")

@@ -2,10 +2,10 @@
 
 The student's forward uses its weights as llama.cpp will store them after
 ``softlabels export --format gguf --quant q8_0|q4_0``: every weight matrix of
-the decoder blocks whose rows are a multiple of 32 long goes through the same
-block quantization llama.cpp's reference quantizer applies (ggml-quants.c,
-``quantize_row_q8_0_ref`` / ``quantize_row_q4_0_ref``), and the embedding (tied: also the LM
-head) through ``q8_0``, as the export writes it. The backward is straight-through
+the decoder blocks, the embedding and the LM head (tied or not) whose rows are a multiple of 32
+long goes through the same block quantization llama.cpp's reference quantizer applies (ggml-quants.c,
+``quantize_row_q8_0_ref`` / ``quantize_row_q4_0_ref``), as the export (``--pure``) writes it; a matrix whose rows
+are not (``tiny``'s 688-wide ``down_proj``) is rounded to fp16, as the file stores it. The backward is straight-through
 (the gradient of the quantized weight goes to the fp32 weight unchanged), so the
 weights learn to sit where quantization costs least. What is saved is the fp32
 weights; the export quantizes them to exactly the forward's values (tested:
@@ -73,7 +73,7 @@ def fake_quant(w: torch.Tensor, fn: Any) -> torch.Tensor:
 
 def plan(model: Any, mode: str) -> dict[str, str]:
     """``{parameter name: 'q8_0'|'q4_0'|'f16'}``: the type the GGUF export gives each weight matrix of
-    ``model`` (``f16`` where rows are not a multiple of 32: llama.cpp's fallback, left unquantized here)."""
+    ``model`` (``f16`` where rows are not a multiple of 32: llama.cpp's fallback, rounded to fp16 here too)."""
     if mode not in QAT_MODES:
         raise ValueError(mode)
     body = QAT_EXPORT[mode]
@@ -82,12 +82,16 @@ def plan(model: Any, mode: str) -> dict[str, str]:
         if p.ndim != 2:
             continue
         fits = p.shape[-1] % BLOCK == 0
-        is_embed = p is model.get_input_embeddings().weight or p is model.get_output_embeddings().weight
-        out[name] = ("q8_0" if is_embed else body) if fits else "f16"
+        out[name] = body if fits else "f16"
     return out
 
 
-_FNS = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0}
+def round_f16(w: torch.Tensor) -> torch.Tensor:
+    """``w`` as an fp16 tensor of the file stores it (llama.cpp's fallback for rows that fit no block)."""
+    return w.half().to(w.dtype)
+
+
+_FNS = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0, "f16": round_f16}
 
 
 def apply_qat(model: Any, mode: str) -> dict[str, str]:
@@ -110,13 +114,10 @@ def apply_qat(model: Any, mode: str) -> dict[str, str]:
         mod.forward = lambda x: F.linear(x, fake_quant(mod.weight, fn), mod.bias)
 
     for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear):
-            kind = by_param.get(id(mod.weight), "f16")
-            if kind != "f16":
-                linear(mod, _FNS[kind])
-    kind = by_param.get(id(emb.weight), "f16")
-    if kind != "f16":
-        fn = _FNS[kind]
+        if isinstance(mod, torch.nn.Linear) and id(mod.weight) in by_param:
+            linear(mod, _FNS[by_param[id(mod.weight)]])
+    if id(emb.weight) in by_param:
+        fn = _FNS[by_param[id(emb.weight)]]
         emb.forward = lambda ids: F.embedding(ids, fake_quant(emb.weight, fn), emb.padding_idx)
     model._softlabels_qat = mode
     del head  # patched above as a Linear (tied or not)
