@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=150, help="optimizer steps of each student (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="init and data-order seed of both students (default: %(default)s)")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=3.0, help="compare's timing per model and round (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="compare's speed rounds (default: %(default)s)")
@@ -51,7 +52,7 @@ def train(labels: str, out: Path, args: argparse.Namespace, qat: str | None) -> 
     shutil.rmtree(out, ignore_errors=True)
     summary = run(TrainConfig(labels=labels, output=str(out), student="tiny", steps=args.steps, batch_size=args.batch_size,
                               lr=args.lr, warmup_steps=max(1, args.steps // 10), eval_fraction=args.eval_fraction,
-                              eval_batches=20, seed=0, qat=qat))
+                              eval_batches=20, seed=args.seed, qat=qat))
     (out / "summary.json").write_text(json.dumps(summary, default=str))
     return summary
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     times["compare"] = time.time() - t
     by = {r["name"]: r for r in rows}
     print(f"\nmachine: {common.cpu_name()}; {common.versions()}; labels {labels}; {args.steps} steps x "
-          f"{args.batch_size} sequences per student, seed 0; held-out share {rows[0]['eval_fraction']}")
+          f"{args.batch_size} sequences per student, seed {args.seed}; held-out share {rows[0]['eval_fraction']}")
     print(table(rows))
     fp = by["fp32"]
     headers = ["model", "format", "on disk (MB)", "x smaller", "peak mem (MiB)", "CPU tok/s", "llama.cpp pp / tg tok/s",

@@ -349,3 +349,18 @@ def test_the_gguf_tokenizer_and_chat_template_are_the_students(smollm_student, t
     n = llama_cpp.llama_chat_apply_template(template.encode(), msgs, len(chat), True, buf, len(buf))
     assert bytes(buf[:n]).decode() == want
     llm.close()
+
+
+@pytest.mark.slow
+def test_compare_peak_memory_is_the_childs_own_not_its_parents():
+    """ru_maxrss survives fork and exec: a compare child started by a big process (a benchmark holding trained
+    students) reported its parent's peak. VmHWM is the child's own."""
+    import subprocess
+    import sys
+
+    big = bytearray(600 * 2**20)  # this process: 600 MiB more resident
+    big[::4096] = b"x" * len(big[::4096])
+    code = "from softlabels.trainer.compare import _peak_bytes; print(_peak_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < 400 * 2**20, child / 2**20
+    del big

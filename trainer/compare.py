@@ -60,6 +60,16 @@ def _rss_bytes() -> int:
 
 
 def _peak_bytes() -> int:
+    """This process's peak RSS. Linux: ``VmHWM``, the high-water mark of this process's own memory map, which
+    ``execve`` starts afresh; ``ru_maxrss`` is inherited across fork and kept across exec, so a child started by a
+    big process (a benchmark holding trained students) would report its parent's peak as its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
@@ -82,6 +92,32 @@ def _tokens_per_s(run: Any, tokens: int, seconds: float, sync: Any = None, passe
             sync()
         times.append(time.perf_counter() - t)
     return tokens / min(times)
+
+
+def _torch_speed(model: Any, prompt: list[int], new_tokens: int, seconds: float) -> dict[str, float]:
+    """Prompt and generation tokens/s of a PyTorch model on the CPU, timed as :meth:`trainer.gguf.GGUFCausalLM.speed`
+    times llama.cpp: the fastest of repeated passes (at least 3, the first a warm-up, and ``seconds``) of one
+    prompt row from an empty cache, then ``new_tokens`` greedy steps one at a time with the KV cache."""
+    import torch
+
+    ids = torch.tensor([prompt], dtype=torch.int64)
+    best_p = best_g = float("inf")
+    start, passes = time.perf_counter(), 0
+    with torch.inference_mode():
+        while passes < 3 or time.perf_counter() - start < seconds:
+            t = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True)
+            tp = time.perf_counter() - t
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            t = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            tg = time.perf_counter() - t
+            if passes:
+                best_p, best_g = min(best_p, tp), min(best_g, tg)
+            passes += 1
+    return {"prompt_tokens_per_s": len(prompt) / best_p, "gen_tokens_per_s": new_tokens / best_g}
 
 
 def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +178,8 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
 
     tokens = prompts.numel()
     row["cpu_tokens_per_s"] = _tokens_per_s(run, tokens, opts["seconds"])
+    if isinstance(model, torch.nn.Module):  # as llama.cpp is timed: one prompt row, then greedy tokens with a cache
+        row.update(_torch_speed(model, prompts[0].tolist(), opts.get("new_tokens", 64), opts["seconds"] / 2))
     row["peak_memory_bytes"] = max(0, _peak_bytes() - base)
     if isinstance(model, torch.nn.Module) and torch.cuda.is_available():
         model.to("cuda")
@@ -306,7 +344,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     onpolicy = any("onpolicy_reverse_kl" in r for r in rows)
     llama = any(r.get("gen_tokens_per_s") for r in rows)
     head = ["model", "format", "params", "on disk", "peak mem", "CPU tok/s"] + (["GPU tok/s"] if gpu else []) + (
-        ["llama.cpp pp/tg tok/s"] if llama else []) + [
+        ["1-row pp/tg tok/s"] if llama else []) + [
         "held-out CE", "bits/byte", "KL to teacher", "top-1"] + (["on-policy KL", "teacher lp"] if onpolicy else [])
     body = []
     for r in rows:

@@ -480,13 +480,14 @@ class GGUFCausalLM:
     __call__ = logits
 
     def speed(self, prompt: list[int], new_tokens: int = 64, seconds: float = 3.0) -> dict[str, float]:
-        """Prompt and generation tokens/s in llama.cpp: the fastest of repeated passes (at least 3, and
-        ``seconds``) of evaluating ``prompt`` from an empty cache, then ``new_tokens`` greedy steps one at a time."""
+        """Prompt and generation tokens/s in llama.cpp: the fastest of repeated passes (at least 3, the first a
+        warm-up, and ``seconds``) of evaluating ``prompt`` from an empty cache, then ``new_tokens`` greedy steps one
+        at a time."""
         import numpy as np
 
         best_p = best_g = float("inf")
         start, passes = time.perf_counter(), 0
-        while passes < 4 or time.perf_counter() - start < seconds:  # the first pass warms up
+        while passes < 3 or time.perf_counter() - start < seconds:  # the first pass warms up
             self.llm.reset()
             t = time.perf_counter()
             self.llm.eval(prompt)
