@@ -51,6 +51,22 @@ def cli(*args: str, step: str | None = None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])  # Ray may print its workers' lines before the summary
 
 
+def drop_if_older(labels: str) -> None:
+    """A label set the demo wrote with an older softlabels (another schema version) is remade, not refused: it is
+    the demo's own output, and the labeler resumes or reuses only a set of its own version."""
+    from softlabels.schemas.format import SCHEMA_VERSION
+
+    record = Path(labels) / "_labeler" / "run.json"
+    try:
+        stored = json.loads(record.read_text()).get("schema_version")
+    except (OSError, ValueError):
+        return
+    if stored != SCHEMA_VERSION:
+        print(f"demo: {labels} was labeled by an older softlabels (schema v{stored}, now v{SCHEMA_VERSION}): "
+              "labeling it again", flush=True)
+        shutil.rmtree(labels)
+
+
 def start_ray() -> str:
     """One local Ray for the demo's two label steps, held by this process: each ``softlabels label`` joins it
     (``--ray-address``), as a job on a cluster joins the cluster's Ray; it stops when the demo ends."""
@@ -82,22 +98,25 @@ def targets(t: dict, s: dict, c: dict, q: dict) -> list[tuple[bool, str]]:
     ]
 
 
-# GGUF rows of the table and their targets: (size vs the fp32 student, at least; held-out KL vs fp32, at most)
+# GGUF rows of the table and their targets: at least this many times smaller than the fp32 student on disk, held-out
+# KL at most this much above fp32's (%), and generation (one row, greedy, with a cache) at least as fast as the fp32
+# student's in PyTorch. q4_k_m's size target is 4x, not 6x: llama.cpp keeps tiny's tied vocabulary matrix (81% of
+# its weights) at 6 bits in that mixture (docs/benchmarks.md, "GGUF students").
 GGUF_QUANTS = ("q8_0", "q4_k_m")
-GGUF_TARGETS = {"q8_0": (3.0, 1.0), "q4_k_m": (4.5, 5.0)}
+GGUF_TARGETS = {"q8_0": (3.0, 1.0), "q4_k_m": (4.0, 5.0)}
 
 
 def gguf_targets(s: dict, rows: list[dict]) -> list[tuple[bool, str]]:
-    """One line per GGUF row: size, speed in llama.cpp vs the fp32 student in PyTorch, and held-out KL vs fp32."""
+    """One line per GGUF row: size, held-out KL vs fp32, generation speed in llama.cpp vs the fp32 student."""
     out = []
     for quant, r in zip(GGUF_QUANTS, rows):
         smaller, kl = s["disk_bytes"] / r["disk_bytes"], 100 * (r["kl"] / s["kl"] - 1)
-        speed = r["cpu_tokens_per_s"] / s["cpu_tokens_per_s"]
+        gen = r["gen_tokens_per_s"] / s["gen_tokens_per_s"]
         want_size, want_kl = GGUF_TARGETS[quant]
-        out.append((smaller >= want_size and kl <= want_kl,
-                    f"gguf {quant}: {smaller:.2f}x smaller than the fp32 student (target >= {want_size:g}x), held-out "
-                    f"KL {kl:+.2f}% vs fp32 (target <= +{want_kl:g}%), {speed:.2f}x its CPU tokens/s scoring in "
-                    f"llama.cpp; generation {r['gen_tokens_per_s']:,.0f} tokens/s"))
+        out.append((smaller >= want_size and kl <= want_kl and gen >= 1,
+                    f"gguf {quant} in llama.cpp: {smaller:.2f}x smaller than the fp32 student (target >= {want_size:g}x), "
+                    f"held-out KL {kl:+.2f}% vs fp32 (target <= +{want_kl:g}%), generation {gen:.1f}x its tokens/s "
+                    f"({r['gen_tokens_per_s']:,.0f} vs {s['gen_tokens_per_s']:,.0f}; target: not slower)"))
     return out
 
 
@@ -135,6 +154,7 @@ def main() -> int:
     t0 = time.time()
     labels = f"{args.out}/labels"
     ray_address = start_ray()
+    drop_if_older(labels)
     lab = cli("label", "--teacher", "smollm2-135m", "--corpus", "pydoc", "--output", labels,
               "--top-k", "64", "--max-length", "128", "--limit", str(args.sequences), "--shard-tokens", "8192",
               "--ray-address", ray_address)
@@ -152,6 +172,7 @@ def main() -> int:
     # Chat: the teacher labels only the assistant's tokens of the built-in conversations; a student
     # distilled on general text goes on to them (two-stage), against one that sees only them.
     chat_labels = f"{args.out}/chat-labels"
+    drop_if_older(chat_labels)
     chat = cli("label", "--teacher", "smollm2-135m", "--corpus", "pydoc-chat", "--output", chat_labels,
                "--top-k", "64", "--max-length", "512", "--limit", str(size["conversations"]), "--shard-tokens", "4096",
                "--ray-address", ray_address, step="label chat")

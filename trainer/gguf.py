@@ -388,23 +388,26 @@ def export_gguf(model_dir: str, output: str, quant: str = "q8_0", trust_remote_c
             base.unlink()
         os.chmod(stage, 0o666 & ~current_umask())
         runner = GGUFCausalLM(stage, threads=threads)
-        got_ids = runner.tokenize(PROBE_TEXT)
-        want_ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
-        if got_ids != want_ids:
-            first = next((i for i, (a, b) in enumerate(zip(got_ids, want_ids)) if a != b), min(len(got_ids), len(want_ids)))
-            raise UserError(f"{where}: llama.cpp tokenizes a probe text differently from the student's tokenizer "
-                            f"(pre-tokenizer {tok['pre']!r}; first difference at token {first}); not exported")
-        ids, mask = _probe(rows)
-        with torch.no_grad():
-            want = model(input_ids=ids, attention_mask=mask).logits
-        got = runner.logits(ids, mask)
+        try:
+            got_ids = runner.tokenize(PROBE_TEXT)
+            want_ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+            if got_ids != want_ids:
+                first = next((i for i, (a, b) in enumerate(zip(got_ids, want_ids)) if a != b),
+                             min(len(got_ids), len(want_ids)))
+                raise UserError(f"{where}: llama.cpp tokenizes a probe text differently from the student's tokenizer "
+                                f"(pre-tokenizer {tok['pre']!r}; first difference at token {first}); not exported")
+            ids, mask = _probe(rows)
+            with torch.no_grad():
+                want = model(input_ids=ids, attention_mask=mask).logits
+            got = runner.logits(ids, mask)
+        finally:
+            runner.close()
         valid = mask.bool()
         diff = (got - want)[valid]
         probe = {"max_abs_logit_diff": float(diff.abs().max()),
                  "relative_logit_error": float(diff.norm() / want[valid].norm().clamp_min(1e-12)),
                  "top1_agreement": float((got.argmax(-1) == want.argmax(-1))[valid].float().mean()),
                  "positions": int(valid.sum())}
-        runner.close()
         if not torch.isfinite(got[valid]).all():
             raise UserError(f"{where}: the {quant} GGUF gives non-finite logits in llama.cpp")
         types = tensor_types(stage)
