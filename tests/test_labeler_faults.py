@@ -222,7 +222,7 @@ def test_sigterm_with_the_builtin_teacher_exits_143_then_resumes(builtin_teacher
     from softlabels.labeler.config import LabelConfig
     from softlabels.labeler.job import run
 
-    builtin = dict(teacher="smollm2-135m", corpus="pydoc", top_k=8, max_length=64, limit=32, shard_tokens=128)
+    builtin = dict(teacher="smollm2-135m", corpus="pydoc", top_k=8, max_length=64, limit=20, shard_tokens=128)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in builtin.items()]
     url = str(tmp_path / "preempted-builtin")
     proc = subprocess.Popen([sys.executable, "-m", "softlabels", "label", *flags, "--output", url,
@@ -251,7 +251,7 @@ def test_sigterm_with_the_builtin_teacher_exits_143_then_resumes(builtin_teacher
     after = markers(url)
     assert {k: after[k] for k in before} == before, "a committed unit was rewritten by the resume"
     ls = open_label_set(url)
-    assert sum(len(ls.read_shard(s)) for s in ls.shards) == ls.manifest.totals.sequences == 32
+    assert sum(len(ls.read_shard(s)) for s in ls.shards) == ls.manifest.totals.sequences == 20
 
 
 def test_a_teacher_replica_sigkilled_mid_unit_is_restarted_and_its_unit_retried(reference, tiny_teacher, tmp_path):
