@@ -69,6 +69,20 @@ def _batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def _against_llama_cpp(model: torch.nn.Module, path: Path) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(relative logit error, llama.cpp's logits, the model's, valid positions)`` on the fixed batch."""
+    ids, mask = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        want = model.eval()(input_ids=ids, attention_mask=mask).logits
+    runner = GGUFCausalLM(path, threads=2)
+    try:
+        got = runner.logits(ids, mask)
+    finally:
+        runner.close()
+    valid = mask.bool()
+    return float((got - want)[valid].norm() / want[valid].norm()), got, want, valid
+
+
 def _dequantized(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The file's tensors dequantized by the gguf package, back in HF names and layouts (q/k rows un-permuted)."""
     from gguf.quants import dequantize
@@ -97,17 +111,9 @@ def _dequantized(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_f16_in_llama_cpp_gives_the_students_logits_within_fp16_rounding(student, files):
-    model = _model(student)
-    ids, mask = _batch(model.config.vocab_size)
-    with torch.no_grad():
-        want = model(input_ids=ids, attention_mask=mask).logits
-    runner = GGUFCausalLM(files["f16"], threads=2)
-    got = runner.logits(ids, mask)
-    runner.close()
-    valid = mask.bool()
     # Bound: each of the 28 matmuls (4 blocks x 7) rounds its weights and its input to fp16, each a relative RMS
     # error of at most u / sqrt(3) (u = 2^-11, uniform rounding); added in quadrature: u * sqrt(28 * 2 / 3) = 4.3 u.
-    rel = float((got - want)[valid].norm() / want[valid].norm())
+    rel, got, want, valid = _against_llama_cpp(_model(student), files["f16"])
     print(f"f16 in llama.cpp: relative logit error {rel:.2e} (bound {4.5 * U16:.2e})")
     assert rel < 4.5 * U16, rel
     assert (got[~valid] == 0).all()
@@ -133,15 +139,10 @@ def test_a_qwen2_student_maps_to_llama_cpps_qwen2(tiny_teacher, tmp_path):
     tok.save_pretrained(tmp_path / "qwen2")
     meta = export_gguf(str(tmp_path / "qwen2"), str(tmp_path / "qwen2.gguf"), "f16", threads=2)
     assert meta["architecture"] == "qwen2" and meta["pre_tokenizer"] == "qwen2"
-    ids, mask = _batch(len(tok))
-    with torch.no_grad():
-        want = model.eval()(input_ids=ids, attention_mask=mask).logits
-    runner = GGUFCausalLM(tmp_path / "qwen2.gguf", threads=2)
-    got = runner.logits(ids, mask)
-    assert runner.meta["general.architecture"] == "qwen2"
-    runner.close()
-    valid = mask.bool()
-    rel = float((got - want)[valid].norm() / want[valid].norm())
+    from softlabels.trainer.gguf import metadata_string
+
+    assert metadata_string(tmp_path / "qwen2.gguf", "general.architecture") == "qwen2"
+    rel = _against_llama_cpp(model, tmp_path / "qwen2.gguf")[0]
     assert rel < 4.5 * U16, rel
 
 
@@ -173,14 +174,7 @@ def test_q8_0_weights_are_llama_cpps_rounding_and_its_logits_within_the_derived_
     # input of each of the 16 quantized matmuls is rounded to q8_0 blocks of 32 (relative RMS error
     # amax / (127 sqrt(12) rms), about 0.5% for Gaussian-like blocks); in quadrature: 0.5% * sqrt(16) = 2%.
     model.load_state_dict(deq, strict=False)
-    ids, mask = _batch(model.config.vocab_size)
-    with torch.no_grad():
-        want = model(input_ids=ids, attention_mask=mask).logits
-    runner = GGUFCausalLM(files["q8_0"], threads=2)
-    got = runner.logits(ids, mask)
-    runner.close()
-    valid = mask.bool()
-    rel = float((got - want)[valid].norm() / want[valid].norm())
+    rel = _against_llama_cpp(model, files["q8_0"])[0]
     print(f"q8_0 in llama.cpp vs its own weights in PyTorch: relative logit error {rel:.2e} (bound 2e-2)")
     assert rel < 0.02, rel
 
@@ -198,23 +192,17 @@ def _hf(gguf_name: str, hf_name: str) -> bool:
 
 def test_a_qat_students_forward_is_what_the_q4_0_file_holds(student, files):
     model = _model(student)
-    ids, mask = _batch(model.config.vocab_size)
     apply_qat(model, "q4")
-    with torch.no_grad():
-        fake = model(input_ids=ids, attention_mask=mask).logits
-    plain = _model(student)
-    plain.load_state_dict(_dequantized(files["q4_0"], plain), strict=False)
-    with torch.no_grad():
-        held = plain(input_ids=ids, attention_mask=mask).logits
-    valid = mask.bool()
-    # the same weights, to the bit, through the same operations: the same logits, to the bit
-    assert torch.equal(fake[valid], held[valid])
-    runner = GGUFCausalLM(files["q4_0"], threads=2)
-    got = runner.logits(ids, mask)
-    runner.close()
-    rel = float((got - fake)[valid].norm() / fake[valid].norm())
+    rel, _, fake, valid = _against_llama_cpp(model, files["q4_0"])
     print(f"q4_0 in llama.cpp vs the QAT forward: relative logit error {rel:.2e} (bound 2e-2)")
     assert rel < 0.02, rel  # llama.cpp's q8_0 activations, as above
+    plain = _model(student)
+    plain.load_state_dict(_dequantized(files["q4_0"], plain), strict=False)
+    ids, mask = _batch(plain.config.vocab_size)
+    with torch.no_grad():
+        held = plain(input_ids=ids, attention_mask=mask).logits
+    # the same weights, to the bit, through the same operations: the same logits, to the bit
+    assert torch.equal(fake[valid], held[valid])
 
 
 def test_block_quantizers_match_llama_cpps_reference_formulas():
