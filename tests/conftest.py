@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,6 +167,24 @@ def _tiny_tokenizer(path: Path):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
     fast.save_pretrained(path)
     return fast
+
+
+def bpe_tokenizer(path: Path, lo: int, hi: int, vocab: int = 500) -> str:
+    """A byte-level BPE tokenizer trained on pydoc topics ``lo:hi`` (another vocabulary than the teacher's), saved at ``path``."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([topics[k] for k in sorted(topics)][lo:hi], trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<|endoftext|>", "<pad>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if path.exists():
+        shutil.rmtree(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>").save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

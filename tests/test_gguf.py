@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, cli_in_process
+from conftest import assert_one_line_error, bpe_tokenizer, cli_in_process
 
 pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
@@ -352,3 +352,30 @@ def test_compare_peak_memory_is_the_childs_own_not_its_parents():
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < 400 * 2**20, child / 2**20
     del big
+
+
+def test_a_gguf_student_with_its_own_tokenizer_is_scored_across_tokenizers(label_set, tmp_path):
+    """A student with another tokenizer than the set's: the file's tokenizer is read back (transformers' GGUF
+    reader) and the student scored at the aligned positions, as its PyTorch self is."""
+    from softlabels.schemas import open_label_set
+    from softlabels.trainer.config import TrainConfig
+    from softlabels.trainer.student import TRAIN_RECORD, build_student
+
+    tok = bpe_tokenizer(tmp_path / "tok", 20, 60)
+    model, tokenizer = build_student("tiny", open_label_set(label_set), seed=2, student_tokenizer=tok)
+    model.save_pretrained(tmp_path / "s")
+    tokenizer.save_pretrained(tmp_path / "s")
+    config = TrainConfig(labels=label_set, output=str(tmp_path / "s"), eval_fraction=0.2, student_tokenizer=tok)
+    (tmp_path / "s" / TRAIN_RECORD).write_text(json.dumps({"config": config.redacted()}) + "\n")
+    code, _, err = cli_in_process("export", "--format", "gguf", "--model", str(tmp_path / "s"), "--quant", "f16",
+                                  "--output", str(tmp_path / "s.gguf"))
+    assert code == 0, err[-2000:]
+    rows = []
+    for spec in (tmp_path / "s", tmp_path / "s.gguf"):
+        code, out, err = cli_in_process("eval", "--labels", label_set, "--model", str(spec))
+        assert code == 0, err[-2000:]
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    torch_row, gguf_row = rows
+    assert 0 < gguf_row["aligned"] == torch_row["aligned"] < 1 and gguf_row["positions"] == torch_row["positions"]
+    for key in ("ce", "kl", "bpb"):
+        assert abs(gguf_row[key] - torch_row[key]) < 0.01 * abs(torch_row[key]), (key, gguf_row[key], torch_row[key])

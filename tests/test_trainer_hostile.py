@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, cli_in_process
+from conftest import assert_one_line_error, bpe_tokenizer as _bpe, cli_in_process
 
 from softlabels.schemas import open_label_set
 from softlabels.schemas.errors import UserError
@@ -27,24 +27,6 @@ from softlabels.trainer.student import build_student
 
 FAST = ("--steps", "1", "--batch-size", "2", "--eval-batches", "1", "--warmup-steps", "0")
 TRAINED_FRACTION = 0.2  # the fixture student's held-out share (not the 0.05 default)
-
-
-def _bpe(path: Path, lo: int, hi: int, vocab: int = 500) -> str:
-    """A byte-level BPE tokenizer trained on pydoc topics ``lo:hi`` (another vocabulary than the teacher's), saved at ``path``."""
-    from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([topics[k] for k in sorted(topics)][lo:hi], trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<|endoftext|>", "<pad>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if path.exists():
-        shutil.rmtree(path)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>").save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
