@@ -220,6 +220,12 @@ def test_block_quantizers_match_llama_cpps_reference_formulas():
     amax = float(w[1, 32:].abs().max())
     want8 = np.sign(w[1, 32:].numpy()) * np.floor(np.abs(w[1, 32:].numpy() * (127 / amax)) + 0.5) * float(np.float16(amax / 127))
     assert np.allclose(quantize_q8_0(w)[1, 32:].numpy(), want8, rtol=1e-6, atol=1e-7)
+    # C's roundf, halves away from zero, also for the float just below 0.5 (where floor(|x| + 0.5) in fp32 gives 1)
+    from softlabels.trainer.qat import _round_away
+
+    x = torch.tensor([0.49999997, -0.49999997, 0.5, -0.5, 1.5, 2.5, -2.5, 126.49999])
+    want_r = [float(np.sign(v) * np.floor(abs(float(v)) + 0.5)) for v in x.double()]  # in double: exact
+    assert _round_away(x).tolist() == want_r == [0.0, -0.0, 1.0, -1.0, 2.0, 3.0, -3.0, 126.0]
     # straight-through: the gradient passes unchanged
     from softlabels.trainer.qat import fake_quant
 

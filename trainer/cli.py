@@ -304,7 +304,8 @@ def _export_gguf(args: argparse.Namespace) -> int:
         raise UserError("--quantize is for --format onnx; a GGUF export takes --quant")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
-    require_extra("gguf", "torch", "transformers", "gguf", "llama_cpp")
+    require_extra("trainer", "torch", "transformers")
+    require_extra("gguf", "gguf", "llama_cpp")
     meta = export_gguf(args.model, args.output, quant, args.trust_remote_code, args.threads)
     if args.json:
         print(json.dumps(meta))

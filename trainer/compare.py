@@ -139,7 +139,8 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
     if spec.endswith(".gguf"):  # run by llama.cpp: its own logits, its own prompt and generation speeds
         from softlabels.trainer.gguf import load_for_labels
 
-        model, tokenizer = load_for_labels(spec, labels, threads=opts["threads"])
+        model, tokenizer = load_for_labels(spec, labels, threads=opts["threads"],
+                                           n_ctx=opts["length"] + opts.get("new_tokens", 64) + 1)
         prompts = prompt_batch(tokenizer, opts["rows"], opts["length"])
         mask = torch.ones_like(prompts)
         quant = model.meta.get("softlabels.quant") or f"file type {model.meta.get('general.file_type', '?')}"
@@ -178,7 +179,7 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
 
     tokens = prompts.numel()
     row["cpu_tokens_per_s"] = _tokens_per_s(run, tokens, opts["seconds"])
-    if isinstance(model, torch.nn.Module):  # as llama.cpp is timed: one prompt row, then greedy tokens with a cache
+    if isinstance(model, torch.nn.Module) and opts.get("generation_speed"):  # timed as llama.cpp is (GGUF rows)
         row.update(_torch_speed(model, prompts[0].tolist(), opts.get("new_tokens", 64), opts["seconds"] / 2))
     row["peak_memory_bytes"] = max(0, _peak_bytes() - base)
     if isinstance(model, torch.nn.Module) and torch.cuda.is_available():
@@ -286,7 +287,9 @@ def compare(
     opts = dict(labels=labels, storage_options=storage_options or {}, eval_fraction=fraction,
                 batch_size=batch_size, eval_batches=eval_batches, rows=rows, length=length, seconds=seconds,
                 threads=threads or os.cpu_count() or 1, trust_remote_code=trust_remote_code, teacher=teacher,
-                prompts=prompts, onpolicy=onpolicy or {})
+                prompts=prompts, onpolicy=onpolicy or {},
+                # one prompt row and greedy generation, PyTorch rows timed as llama.cpp's: when a GGUF row is there
+                generation_speed=any(m.endswith(".gguf") for m in models))
     out = []
     for i, spec in enumerate(models):
         name = names[i] if names else Path(spec.rstrip("/")).name or spec

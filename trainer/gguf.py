@@ -18,8 +18,9 @@ chat template when the tokenizer has one, and the student's training record
 - ``q4_k_m``: llama.cpp's own mixture, untouched (4-bit K-quants in super-blocks of 256, some tensors at
   6 bits, the embedding at 6 or 8).
 
-Architectures: Llama-shaped students (``tiny``, ``.json`` configs, Llama / SmolLM / Mistral-without-window
-checkpoints) as llama.cpp's ``llama``, Qwen2 as ``qwen2``; anything else is refused in one line.
+Architectures: Llama-shaped students (``tiny``, ``.json`` configs, SmolLM and Llama checkpoints without rope scaling:
+Llama 3.0-style, not 3.1/3.2's ``llama3`` scaling) as llama.cpp's ``llama``, Qwen2 (without a sliding window) as
+``qwen2``; anything else is refused in one line.
 Tokenizers: byte-level BPE (GPT-2, SmolLM, Llama 3, Qwen2 pre-tokenizers).
 
 Load back with one call::
@@ -105,7 +106,7 @@ def train_record(path: str | Path) -> str | None:
     return metadata_string(path, "softlabels.train_record")
 
 
-def load_for_labels(spec: str, labels: Any, threads: int | None = None) -> tuple[GGUFCausalLM, Any]:
+def load_for_labels(spec: str, labels: Any, threads: int | None = None, n_ctx: int = 512) -> tuple[GGUFCausalLM, Any]:
     """``(model, tokenizer)`` of a GGUF file scored on ``labels``: the set's own tokenizer when the file records
     that one (``softlabels.tokenizer_fingerprint``), else the tokenizer transformers reads from the file."""
     from softlabels.trainer.student import check_tokenizer, load_label_tokenizer
@@ -122,7 +123,7 @@ def load_for_labels(spec: str, labels: Any, threads: int | None = None) -> tuple
         except Exception as e:  # transformers' GGUF reader: many error types for one cause
             raise UserError(f"model {spec}: its tokenizer cannot be read from the GGUF file ({str(e).splitlines()[0][:120]})") from e
     check_tokenizer(tokenizer, labels, spec)
-    model = GGUFCausalLM(spec, threads=threads, n_ctx=max(512, labels.manifest.sequence.max_length))
+    model = GGUFCausalLM(spec, threads=threads, n_ctx=max(n_ctx, labels.manifest.sequence.max_length))
     return model, tokenizer
 
 
@@ -143,6 +144,8 @@ def _arch(config: Any, where: str) -> str:
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise UserError(f"{where}: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not mapped to GGUF here")
+    if mt == "qwen2" and getattr(config, "use_sliding_window", False):
+        raise UserError(f"{where}: a sliding attention window (use_sliding_window) has no qwen2 GGUF mapping here")
     if mt == "mistral" and getattr(config, "sliding_window", None):
         raise UserError(f"{where}: a sliding attention window ({config.sliding_window}) has no llama GGUF mapping")
     if mt in ("llama", "mistral") and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):

@@ -209,6 +209,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, spec)
     precision = resolve(cfg.precision, device)  # one line now if this torch cannot autocast to it here
+    if cfg.qat and precision != "fp32" and rank == 0:
+        log.warning("--qat with --precision %s: autocast rounds the quantized weights to %s in the forward, so it "
+                    "trains on a coarser grid than the file stores; --precision fp32 trains on exactly the file's "
+                    "weights", precision, precision)
     scaler = grad_scaler(precision, device, sharded=cfg.fsdp)  # fp16 only; otherwise it passes everything through
     n_params = sum(p.numel() for p in model.parameters())
     kd = KDModule(model, cfg)

@@ -33,8 +33,10 @@ def _blocks(w: torch.Tensor) -> torch.Tensor:
 
 
 def _round_away(x: torch.Tensor) -> torch.Tensor:
-    """C's roundf: halves away from zero (torch.round rounds them to even)."""
-    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+    """C's roundf: halves away from zero (torch.round rounds them to even). Not ``floor(|x| + 0.5)``: for the float
+    just below 0.5 that sum rounds up to 1.0 in fp32, where roundf gives 0."""
+    t = torch.trunc(x)
+    return torch.where((x - t).abs() == 0.5, t + torch.sign(x), torch.round(x))
 
 
 def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:

@@ -46,26 +46,27 @@ def training_record(spec: str) -> tuple[Path, dict[str, Any]] | None:
     if spec == "tiny" or spec.endswith(".json"):  # built here, fresh: whatever folder of that name lies about
         return None
     d = Path(spec).expanduser()
+    text = None
     if d.suffix == ".gguf" and d.is_file():  # a GGUF export carries its record in its metadata
         from softlabels.trainer.gguf import check_gguf, train_record
 
         check_gguf(spec)
-        text = train_record(d)
+        path, text = d, train_record(d)
         if text is None:
             return None
-        return d, json.loads(text)
-    path = d / TRAIN_RECORD
-    # An export's own copy first: its source folder may have moved or been retrained since.
-    if not path.is_file() and (d / "softlabels_export.json").is_file():  # trainer.export's META_FILE
-        try:
-            source = json.loads((d / "softlabels_export.json").read_text()).get("source")
-        except (ValueError, AttributeError):
-            source = None
-        path = Path(source) / TRAIN_RECORD if isinstance(source, str) else path
-    if not path.is_file():
-        return None
+    else:
+        path = d / TRAIN_RECORD
+        # An export's own copy first: its source folder may have moved or been retrained since.
+        if not path.is_file() and (d / "softlabels_export.json").is_file():  # trainer.export's META_FILE
+            try:
+                source = json.loads((d / "softlabels_export.json").read_text()).get("source")
+            except (ValueError, AttributeError):
+                source = None
+            path = Path(source) / TRAIN_RECORD if isinstance(source, str) else path
+        if not path.is_file():
+            return None
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text() if text is None else text)
     except (ValueError, OSError) as e:
         raise UserError(f"{path}: not a training record ({str(e)[:80]}); which samples {spec} trained on is "
                         "unknown: restore the file, or remove it to treat the model as one without a record") from e
