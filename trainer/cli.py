@@ -251,7 +251,7 @@ def _eval(args: argparse.Namespace) -> int:
         if settings is not None:
             raise UserError("--teacher (the on-policy metric) needs a PyTorch model; score the student it came from")
         require_extra("gguf", "gguf", "llama_cpp")
-        from softlabels.trainer.gguf import load_for_labels
+        from softlabels.trainer.gguf_run import load_for_labels
 
         model, tokenizer = load_for_labels(args.model, ds.labels)
         ds.max_id = model.vocab

@@ -137,7 +137,7 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"model": spec, "disk_bytes": weights_bytes(spec), "gpu_tokens_per_s": None,
                            "threads": opts["threads"]}
     if spec.endswith(".gguf"):  # run by llama.cpp: its own logits, its own prompt and generation speeds
-        from softlabels.trainer.gguf import load_for_labels
+        from softlabels.trainer.gguf_run import load_for_labels
 
         model, tokenizer = load_for_labels(spec, labels, threads=opts["threads"],
                                            n_ctx=opts["length"] + opts.get("new_tokens", 64) + 1)
@@ -236,7 +236,7 @@ def _check_spec(spec: str) -> None:
 
     p = Path(spec)
     if spec.endswith(".gguf"):
-        from softlabels.trainer.gguf import check_gguf
+        from softlabels.trainer.gguf_run import check_gguf
 
         check_gguf(spec)
         return

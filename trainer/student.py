@@ -48,7 +48,7 @@ def training_record(spec: str) -> tuple[Path, dict[str, Any]] | None:
     d = Path(spec).expanduser()
     text = None
     if d.suffix == ".gguf" and d.is_file():  # a GGUF export carries its record in its metadata
-        from softlabels.trainer.gguf import check_gguf, train_record
+        from softlabels.trainer.gguf_run import check_gguf, train_record
 
         check_gguf(spec)
         path, text = d, train_record(d)
