@@ -175,7 +175,7 @@ def test_another_tokenizer_aligns_where_both_have_a_boundary(label_set, byte_lev
                 prefixes = [n for n in range(1, len(b) + 1) if b[:n] in ordinary]
                 assert cross.map[t_id] == (ordinary[b[:max(prefixes)]] if prefixes else -1)
         assert 0.05 < cross.coverage() <= 1 and (cross.coverage() == 1) == (token_map == "first")
-        total = aligned = 0
+        total = aligned = moved = 0
         for s in samples[:8]:
             item = cross(s)
             text = text_of(t_tb, s.input_ids, s.spans)
@@ -187,30 +187,58 @@ def test_another_tokenizer_aligns_where_both_have_a_boundary(label_set, byte_lev
             assert item["kd_mask"].tolist() == want
             for q in np.flatnonzero(want):
                 p = ends_t.index(ends_s[q])
+                entries = [(int(cross.map[t]), float(np.exp(lp))) for t, lp in zip(s.topk_ids[p].tolist(),
+                                                                               s.topk_logprobs[p].tolist())]
+                tail = float(np.exp(s.tail_logprob[p]))
+                # the student's next token longer than the teacher's, ending where a teacher token ends: the
+                # teacher's probability of it along the text moves there from the teacher's first token
+                p2 = ends_t.index(ends_s[q + 1]) if q + 1 < len(ids) and ends_s[q + 1] in ends_t else None
+                if p2 is not None and p2 >= p + 2:
+                    moved += 1
+                    whole = float(np.exp(sum(float(s.target_logprob[j]) for j in range(p, p2))))
+                    first = s.input_ids[p + 1]
+                    at = [j for j, t in enumerate(s.topk_ids[p].tolist()) if t == first]
+                    have = entries[at[0]][1] if at else tail
+                    whole = min(whole, have)
+                    if at:
+                        entries[at[0]] = (entries[at[0]][0], max(have - whole, 1e-30))
+                    else:
+                        tail = max(have - whole, 1e-30)
+                    entries.append((ids[q + 1], whole))
                 merged: dict[int, float] = {}
-                for t_id, lp in zip(s.topk_ids[p].tolist(), s.topk_logprobs[p].tolist()):
-                    if cross.map[t_id] >= 0:
-                        merged[int(cross.map[t_id])] = merged.get(int(cross.map[t_id]), 0.0) + np.exp(lp)
+                for i, pr in entries:
+                    if i >= 0:
+                        merged[i] = merged.get(i, 0.0) + pr
+                kept = len([i for i, _ in entries if i < 0]) + len(merged)
+                if kept > s.topk_ids.shape[1]:  # k + 1 entries: the least probable goes to the tail
+                    low = min(merged, key=merged.get)
+                    tail += merged.pop(low)
                 got = {int(i): float(np.exp(lp)) for i, lp, m in
                        zip(item["topk_ids"][q], item["topk_logprobs"][q], item["topk_mapped"][q]) if m}
                 assert got.keys() == merged.keys()
                 assert all(abs(got[i] - merged[i]) < 1e-5 for i in got)
+                assert abs(float(np.exp(item["tail_logprob"][q])) - tail) < 1e-5
                 probs = item["topk_logprobs"][q].exp()
                 assert bool((probs[:-1] >= probs[1:] - 1e-7).all())  # still in descending order
             total, aligned = total + len(s.input_ids), aligned + sum(want)
             # CE targets: the student's own next tokens (no -100 but the last position: plain text trains all)
             assert int(item["ce_mask"].sum()) == len(ids) - 1
-        assert 0.2 < aligned / total < 1
+        assert 0.2 < aligned / total < 1 and moved > 0
         # Where the teacher's mass goes, entry by entry, against CrossTokenizer.mass_report
         want = dict.fromkeys(("exact", "prefix", "tail", "special", "split_utf8", "no_token", "unaligned"), 0.0)
+        next_n = agree = 0
         for s in samples[:8]:
             text = text_of(t_tb, s.input_ids, s.spans)
-            ends_s = set(np.cumsum(spans_for(s_tb, student(text.decode("utf-8"), add_special_tokens=False)["input_ids"],
-                                             text)).tolist())
+            ids = student(text.decode("utf-8"), add_special_tokens=False)["input_ids"]
+            at_end = {e: i for i, e in enumerate(np.cumsum(spans_for(s_tb, ids, text)).tolist())}
+            ends_s = set(at_end)
             for p, end in enumerate(np.cumsum(s.spans.astype(int)).tolist()):
                 if end not in ends_s:
                     want["unaligned"] += 1
                     continue
+                if p + 1 < len(s.input_ids) and at_end[end] + 1 < len(ids):  # both go on: do their next tokens agree?
+                    next_n += 1
+                    agree += int(cross.map[s.input_ids[p + 1]]) == ids[at_end[end] + 1]
                 whole = np.exp(s.topk_logprobs[p].astype(float)).sum() + np.exp(float(s.tail_logprob[p]))
                 want["tail"] += np.exp(float(s.tail_logprob[p])) / whole
                 for t_id, lp in zip(s.topk_ids[p].tolist(), s.topk_logprobs[p].tolist()):
@@ -222,6 +250,7 @@ def test_another_tokenizer_aligns_where_both_have_a_boundary(label_set, byte_lev
         got = cross.mass_report(samples[:8])
         assert got["positions"] == total and abs(got["aligned"] - aligned / total) < 1e-12
         assert all(abs(got[k] - v / total) < 1e-6 for k, v in want.items()), (got, want)
+        assert 0 < next_n and abs(got["next_agree"] - agree / next_n) < 1e-12 and 0 < agree < next_n
         assert abs(sum(want.values()) / total - 1) < 1e-4 and (got["prefix"] > 0) == (token_map == "first")
 
 

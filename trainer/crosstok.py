@@ -172,7 +172,10 @@ class CrossTokenizer:
         * ``unaligned``: at positions where the student's tokenization has no boundary (the teacher predicts from
           inside a student token): the per-position KL never sees it; the chunk term covers that text.
 
-        Also ``positions`` (labeled teacher positions) and ``aligned`` (their aligned share)."""
+        Also ``positions`` (labeled teacher positions), ``aligned`` (their aligned share) and ``next_agree``: at the
+        aligned positions where both go on, the share at which the teacher's actual next token maps to the student's
+        actual next token (where not, its mass lands on another student id than the one the student writes there:
+        the student's token is longer, or the map's rule picked another prefix)."""
         exact = id_map(self.teacher, self.student, *self.fingerprints, "exact")
         unmapped_kind = np.full(len(self.teacher.table), 2, np.int64)  # 0 special, 1 split UTF-8, 2 no token
         for i, b in enumerate(self.teacher.table):
@@ -184,7 +187,7 @@ class CrossTokenizer:
                 except UnicodeDecodeError:
                     unmapped_kind[i] = 1
         sums = dict.fromkeys(("exact", "prefix", "tail", "special", "split_utf8", "no_token", "unaligned"), 0.0)
-        positions = aligned_n = 0
+        positions = aligned_n = next_n = agree = 0
         for s in samples:
             got = self._align(s)
             top, lp, tail = self._labels(s)
@@ -192,7 +195,10 @@ class CrossTokenizer:
             if got is None:
                 sums["unaligned"] += len(tail)
                 continue
-            _, _, _, p, aligned, row_of = got
+            ids_s, _, _, p, aligned, row_of = got
+            q = np.flatnonzero(aligned[:-1] & (row_of[p[:-1]] >= 0) & (p[:-1] + 1 < len(s.input_ids)))
+            next_n += len(q)
+            agree += int((self.map[np.asarray(s.input_ids)[p[q] + 1]] == np.asarray(ids_s)[q + 1]).sum())
             rows = np.unique(row_of[p[aligned]])
             rows = rows[rows >= 0]
             aligned_n += len(rows)
@@ -208,7 +214,8 @@ class CrossTokenizer:
             for name, code in (("special", 0), ("split_utf8", 1), ("no_token", 2)):
                 sums[name] += float(prob[(to < 0) & (kind == code)].sum())
         out = {k: v / max(1, positions) for k, v in sums.items()}
-        return {**out, "positions": float(positions), "aligned": aligned_n / max(1, positions)}
+        return {**out, "positions": float(positions), "aligned": aligned_n / max(1, positions),
+                "next_agree": agree / max(1, next_n)}
 
     def _align(self, s: Sample) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """A teacher sample's text in student tokens, lined up with the teacher's: ``(student ids, their byte
@@ -273,8 +280,13 @@ class CrossTokenizer:
         top, lp, tail = self._labels(s)
         k = top.shape[1]
         rows = row_of[p[kd]]
-        # teacher entries that map to one student id (several teacher tokens beginning with it) are summed
-        student_ids, merged_lp, mapped = _merge(self.map[top[rows]], lp[rows])
+        to, lp, tail = self._whole_next(s, ids, p, aligned, kd, row_of, self.map[top[rows]], lp[rows], tail[rows])
+        # teacher entries that map to one student id (several teacher tokens beginning with it) are summed; the
+        # least probable of k + 1 (a student token the text continues with, added above) goes to the tail
+        student_ids, merged_lp, mapped = _merge(to, lp)
+        if student_ids.shape[1] > k:
+            tail = np.where(merged_lp[:, k] > -1e29, np.logaddexp(tail, merged_lp[:, k]), tail).astype(np.float32)
+            student_ids, merged_lp, mapped = student_ids[:, :k], merged_lp[:, :k], mapped[:, :k]
         full_ids = np.zeros((n, k), np.int64)
         full_mapped = np.zeros((n, k), bool)
         full_lp = np.zeros((n, k), np.float32)
@@ -282,11 +294,11 @@ class CrossTokenizer:
         full_ids[kd] = student_ids
         full_mapped[kd] = mapped
         full_lp[kd] = merged_lp
-        full_tail[kd] = tail[rows]
+        full_tail[kd] = tail
         target_bytes = np.zeros(n, np.int64)
         target_bytes[:-1] = spans[1:]
         probs = np.exp(merged_lp.astype(np.float64))
-        total = probs.sum(1) + np.exp(tail[rows].astype(np.float64))
+        total = probs.sum(1) + np.exp(tail.astype(np.float64))
         mapped_mass = float(((probs * mapped).sum(1) / np.maximum(total, 1e-30)).sum())
         chunks = {} if s.target_logprob is None else self._chunks(s, aligned, p, row_of, ce)
         return {
@@ -302,6 +314,44 @@ class CrossTokenizer:
             "target_bytes": torch.from_numpy(target_bytes),
             "xtok_stats": torch.tensor([len(tail), int(kd.sum()), mapped_mass], dtype=torch.float64),
         }
+
+    @staticmethod
+    def _whole_next(s: Sample, ids: list[int], p: np.ndarray, aligned: np.ndarray, kd: np.ndarray, row_of: np.ndarray,
+                    to: np.ndarray, lp: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The teacher's rows at the KD positions (``to``: their ids mapped to student ids) with one more column:
+        where the student's next token is longer than the teacher's and ends where a teacher token ends (the
+        student writes `` learning`` where the teacher writes `` learn`` then ``ing``), the teacher's probability
+        of the student's whole token is known along the text (the product of its ``target_logprob`` s over the
+        teacher tokens it spans). That much of the mass on the teacher's first token (mapped to a shorter student
+        token, which the student does not write here) goes to the student's own token. Rows elsewhere, and every
+        row of a set without target log-probs, get an empty column."""
+        m = len(to)
+        extra_id = np.full((m, 1), -1, np.int64)
+        extra_lp = np.full((m, 1), -1e30, np.float32)
+        qs = np.flatnonzero(kd)
+        if s.target_logprob is not None and m:
+            target = np.where(row_of >= 0, s.target_logprob[row_of.clip(0)], np.nan)
+            bad = np.concatenate([[0], np.cumsum(~np.isfinite(target))])
+            sums = np.concatenate([[0.0], np.cumsum(np.where(np.isfinite(target), target, 0).astype(np.float64))])
+            nxt = np.minimum(qs + 1, len(ids) - 1)
+            ta, tb = p[qs], p[nxt]
+            hit = (qs + 1 < len(ids)) & aligned[nxt] & (tb >= ta + 2) & (bad[tb] == bad[ta])
+            if hit.any():
+                lp, tail = lp.copy(), tail.copy()
+                r = np.flatnonzero(hit)
+                whole = np.exp(sums[tb[r]] - sums[ta[r]])  # the teacher's probability of the student's token
+                first = np.asarray(s.input_ids)[ta[r] + 1]
+                col = s.topk_ids[row_of[ta[r]]][:, :lp.shape[1]] == first[:, None]
+                inside = col.any(1)
+                j = col.argmax(1)
+                have = np.where(inside, np.exp(lp[r, j].astype(np.float64)), np.exp(tail[r].astype(np.float64)))
+                whole = np.minimum(whole, have)  # the stored values are rounded: never more than the first token's
+                left = np.log(np.maximum(have - whole, 1e-30)).astype(np.float32)
+                lp[r[inside], j[inside]] = left[inside]
+                tail[r[~inside]] = left[~inside]
+                extra_id[r, 0] = np.asarray(ids)[qs[r] + 1]
+                extra_lp[r, 0] = np.log(np.maximum(whole, 1e-30))
+        return np.concatenate([to, extra_id], 1), np.concatenate([lp, extra_lp], 1), tail
 
     @staticmethod
     def _chunks(s: Sample, aligned: np.ndarray, p: np.ndarray, row_of: np.ndarray, ce: np.ndarray) -> dict[str, torch.Tensor]:
