@@ -254,9 +254,10 @@ def test_another_tokenizer_aligns_where_both_have_a_boundary(label_set, byte_lev
         assert abs(sum(want.values()) / total - 1) < 1e-4 and (got["prefix"] > 0) == (token_map == "first")
 
 
-def _direct_chunk_term(hidden, head, batch):
+def _direct_chunk_term(hidden, head, batch, distance):
     """The chunk term written out: full log-softmax, each chunk's student log-probability summed position by
-    position in Python, the binary KL to the teacher's, mean over chunks."""
+    position in Python, the distance to the teacher's (the generalized KL of the two surprisals, or the binary KL),
+    mean over chunks."""
     logq = torch.log_softmax(head(hidden).double(), -1)
     terms = []
     b, t = batch["chunk_len"].shape
@@ -267,8 +268,12 @@ def _direct_chunk_term(hidden, head, batch):
                 continue
             ls = sum(logq[i, j, batch["targets"][i, j]] for j in range(q, q + m))
             lt = torch.tensor(float(batch["chunk_logprob"][i, q]), dtype=torch.float64)
-            a = lt.exp()
-            terms.append(a * (lt - ls) + (1 - a) * (torch.log1p(-a) - torch.log1p(-ls.exp())))
+            if distance == "surprisal":
+                u, v = -lt, -ls
+                terms.append(u * torch.log(u / v) - u + v)
+            else:
+                a = lt.exp()
+                terms.append(a * (lt - ls) + (1 - a) * (torch.log1p(-a) - torch.log1p(-ls.exp())))
     return torch.stack(terms).mean()
 
 
@@ -306,14 +311,19 @@ def test_chunk_likelihoods_against_a_direct_computation(label_set, byte_level):
     hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     head = model.get_output_embeddings()
     h = hidden.detach().requires_grad_(True)
-    with_chunks, parts = chunked_loss(h, head, "xtok-kl", batch, chunk=50, chunk_weight=0.5)  # 50: several pieces
-    without, _ = chunked_loss(h, head, "xtok-kl", batch, chunk=50)
-    direct = _direct_chunk_term(h, head, batch)
-    assert n_chunks > 20 and abs(parts["chunk"] - direct.item()) < 1e-4 * max(1, direct.item())
-    assert abs((with_chunks - without).item() - 0.5 * direct.item()) < 1e-4
-    got = torch.autograd.grad(with_chunks - without, h)[0]
-    want = torch.autograd.grad(0.5 * direct, h)[0]
-    torch.testing.assert_close(got, want.float(), rtol=1e-3, atol=1e-6)
+    values = {}
+    for distance in ("surprisal", "binary"):
+        without, _ = chunked_loss(h, head, "xtok-kl", batch, chunk=50)
+        with_chunks, parts = chunked_loss(h, head, "xtok-kl", batch, chunk=50, chunk_weight=0.5,  # 50: several pieces
+                                          chunk_distance=distance)
+        direct = _direct_chunk_term(h, head, batch, distance)
+        assert n_chunks > 20 and abs(parts["chunk"] - direct.item()) < 1e-4 * max(1, direct.item()), distance
+        assert abs((with_chunks - without).item() - 0.5 * direct.item()) < 1e-4 * max(1, direct.item())
+        got = torch.autograd.grad(with_chunks - without, h)[0]
+        want = torch.autograd.grad(0.5 * direct, h)[0]
+        torch.testing.assert_close(got, want.float(), rtol=1e-3, atol=1e-6)
+        values[distance] = direct.item()
+    assert values["surprisal"] != values["binary"]
     # one tokenizer: each trained position with a next token is a chunk of one, the same through either path
     same = CrossTokenizer(ls, load_label_tokenizer(ls), load_label_tokenizer(ls), "same")
     for s in samples:
@@ -421,6 +431,9 @@ def test_bad_input_across_tokenizers(label_set, tmp_path):
     assert_one_line_error(code, err, "train", "--chunk-weight", "holds no target log-probs", "schema v5")
     code, _, err = cli_in_process("train", "--labels", label_set, "--output", str(tmp_path / "s"), "--chunk-weight", "-1")
     assert_one_line_error(code, err, "train", "chunk_weight must be a finite number in [0, inf)")
+    code, _, err = cli_in_process("train", "--labels", label_set, "--output", str(tmp_path / "s"),
+                                  "--chunk-distance", "kl")
+    assert_one_line_error(code, err, "train", "--chunk-distance", "surprisal")
 
 
 def test_weights_default_by_tokenizer_and_a_resume_keeps_what_its_checkpoint_recorded():
@@ -429,12 +442,16 @@ def test_weights_default_by_tokenizer_and_a_resume_keeps_what_its_checkpoint_rec
     weight recorded) continues with alpha 1 and without the chunk term; set values always win."""
     from softlabels.trainer.config import resolve_weights
 
-    assert resolve_weights(None, None, cross=False, has_targets=True) == {"alpha": 0.5, "chunk_weight": 1.0}
-    assert resolve_weights(None, None, cross=False, has_targets=False) == {"alpha": 0.5, "chunk_weight": 0.0}
-    assert resolve_weights(None, None, cross=True, has_targets=True) == {"alpha": 0.5, "chunk_weight": 1.0}
-    assert resolve_weights(None, None, cross=True, has_targets=False) == {"alpha": 0.5, "chunk_weight": 0.0}
+    def weights(alpha, chunk, distance="surprisal"):
+        return {"alpha": alpha, "chunk_weight": chunk, "chunk_distance": distance}
+
+    assert resolve_weights(None, None, cross=False, has_targets=True) == weights(0.5, 1.0)
+    assert resolve_weights(None, None, cross=False, has_targets=False) == weights(0.5, 0.0)
+    assert resolve_weights(None, None, cross=True, has_targets=True) == weights(0.5, 1.0)
+    assert resolve_weights(None, None, cross=True, has_targets=False) == weights(0.5, 0.0)
     old = {"alpha": 1.0, "loss": "xtok-uld"}  # a 0.7 checkpoint across tokenizers
-    assert resolve_weights(None, None, True, True, recorded=old) == {"alpha": 1.0, "chunk_weight": 0.0}
-    assert resolve_weights(None, None, True, True, recorded={"alpha": 0.5, "chunk_weight": 1.0}) == {
-        "alpha": 0.5, "chunk_weight": 1.0}
-    assert resolve_weights(0.3, 2.0, True, True, recorded=old) == {"alpha": 0.3, "chunk_weight": 2.0}
+    assert resolve_weights(None, None, True, True, recorded=old) == weights(1.0, 0.0, "binary")
+    # a 0.8-0.10 checkpoint: the chunk term it trained with was the binary one
+    assert resolve_weights(None, None, True, True, recorded={"alpha": 0.5, "chunk_weight": 1.0}) == weights(
+        0.5, 1.0, "binary")
+    assert resolve_weights(0.3, 2.0, True, True, recorded=old, chunk_distance="surprisal") == weights(0.3, 2.0)

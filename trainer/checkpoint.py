@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 # Run-record keys added after checkpoints already existed: a checkpoint that lacks one is not checked for it
 # (it still resumes). The student tokenizer's fingerprint: issue 29.
-RECORDED_LATER = ("student_tokenizer_fingerprint", "chunk_weight", "reverse_weight", "importance_cap")  # (0.8, 0.9)
+RECORDED_LATER = ("student_tokenizer_fingerprint", "chunk_weight", "reverse_weight", "importance_cap",  # (0.8, 0.9)
+                  "chunk_distance")  # (0.11)
 
 
 def rng_state() -> dict[str, Any]:

@@ -37,9 +37,9 @@ def _common(p: argparse.ArgumentParser, suppress: bool = False) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``train``, ``eval``, ``export``, ``compare`` and ``plot`` to the ``softlabels`` command."""
-    from softlabels.trainer.config import (CHANGEABLE, DEFAULT_ALPHA, DEFAULT_CHUNK_WEIGHT, DEFAULT_CROSS_ALPHA,
-                                           DEFAULT_CROSS_CHUNK_WEIGHT, DEFAULT_CROSS_LOSS, DEFAULT_LOSS, LOSSES,
-                                           TrainConfig)
+    from softlabels.trainer.config import (CHANGEABLE, CHUNK_DISTANCES, DEFAULT_ALPHA, DEFAULT_CHUNK_DISTANCE,
+                                           DEFAULT_CHUNK_WEIGHT, DEFAULT_CROSS_ALPHA, DEFAULT_CROSS_CHUNK_WEIGHT,
+                                           DEFAULT_CROSS_LOSS, DEFAULT_LOSS, LOSSES, TrainConfig)
 
     d = argparse.Namespace(**{f.name: f.default for f in fields(TrainConfig)})  # defaults for the help text
     r = sub.add_parser(
@@ -103,6 +103,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "span of text both tokenizations split at (one token with one tokenizer) matched; needs a set "
                    f"labeled by softlabels >= 0.8 (default: {DEFAULT_CHUNK_WEIGHT:g}, or {DEFAULT_CROSS_CHUNK_WEIGHT:g} "
                    "with another tokenizer on such a set)")
+    r.add_argument("--chunk-distance", choices=CHUNK_DISTANCES, default=S,
+                   help="how the chunk term compares the two probabilities of a chunk: surprisal (the generalized KL "
+                   "between their -log, every chunk weighed alike) or binary (KL between two Bernoullis, the only "
+                   f"form before 0.11: likely chunks weigh most) (default: {DEFAULT_CHUNK_DISTANCE})")
     r.add_argument("--temperature", type=float, default=S, help=f"student-side temperature for KD (default: {d.temperature})")
     r.add_argument("--seed", type=int, default=S, help=f"seed for init, data order and dropout (default: {d.seed})")
     r.add_argument("--eval-every", type=int, default=S, help="evaluate every N steps (default: 0, before and after only)")

@@ -26,14 +26,21 @@ DEFAULT_LOSS, DEFAULT_CROSS_LOSS = "tail-kl", "xtok-uld"
 # either tokenizer, half KD + half CE + the chunk term beat CE-only and pure KD in held-out bits per byte)
 DEFAULT_ALPHA, DEFAULT_CROSS_ALPHA = 0.5, 0.5
 DEFAULT_CHUNK_WEIGHT, DEFAULT_CROSS_CHUNK_WEIGHT = 1.0, 1.0
-# what an unset weight meant before 0.8.0: a resumed run whose checkpoint does not record it continues with it
-EARLIER_DEFAULTS = {"alpha": 1.0, "chunk_weight": 0.0}
+# How the chunk term compares the teacher's and the student's log-probabilities of a chunk (trainer.losses):
+# "surprisal" since 0.11 (issue 33: "binary", the 0.8-0.10 form, lost to CE-only across tokenizers with a student
+# tokenizer trained on other text)
+CHUNK_DISTANCES = ("surprisal", "binary")
+DEFAULT_CHUNK_DISTANCE, DEFAULT_CROSS_CHUNK_DISTANCE = "surprisal", "surprisal"
+# what an unset setting meant before it was recorded (alpha and the chunk weight before 0.8.0, the chunk distance
+# before 0.11.0): a resumed run whose checkpoint does not record it continues with it
+EARLIER_DEFAULTS: dict[str, Any] = {"alpha": 1.0, "chunk_weight": 0.0, "chunk_distance": "binary"}
 # The losses that need no tokenizer mapping to mean something with another tokenizer.
 CROSS_LOSSES = ("xtok-kl", "xtok-uld", "ce")
 PRECISIONS = ("fp32", "bf16", "fp16")
 QAT_MODES = ("q8_0", "q4")  # train --qat (trainer.qat)
 # A resumed run continues one run: these must be what its checkpoint recorded ...
 KEEP_ON_RESUME = ("student", "student_tokenizer", "token_map", "init_from", "fsdp", "loss", "alpha", "chunk_weight",
+                  "chunk_distance",
                   "reverse_weight", "importance_cap", "qat", "temperature", "top_k", "seed", "batch_size", "grad_accum", "eval_fraction", "shuffle_window", "precision")
 # ... and these too, unless named in --allow-changed (deliberate changes to the optimizer's course).
 CHANGEABLE = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "clip")
@@ -65,6 +72,8 @@ class TrainConfig:
     # weight of the chunk likelihood term (the teacher's and the student's probabilities of each chunk of text
     # matched; needs a set with target_logprob, schema v6): 0 turns it off. None: as alpha (resolve_weights)
     chunk_weight: float | None = None
+    # how the chunk term compares the two probabilities of a chunk: surprisal or binary (None: the default)
+    chunk_distance: str | None = None
     reverse_weight: float = 0.5  # --loss kl-mix: (1 - w) KL(teacher || student) + w KL(student || teacher)
     # --loss reverse-kl-sampled on a set with the generator's log-probs: truncated importance weights (0: none)
     importance_cap: float = 2.0
@@ -129,6 +138,8 @@ class TrainConfig:
             _check_float(self, "alpha", 0, 1)
         if self.chunk_weight is not None:
             _check_float(self, "chunk_weight", 0, None)
+        if self.chunk_distance not in (None, *CHUNK_DISTANCES):
+            raise UserError(f"chunk_distance must be one of {', '.join(CHUNK_DISTANCES)}, got {short_repr(self.chunk_distance)}")
         _check_float(self, "reverse_weight", 0, 1)
         _check_float(self, "importance_cap", 0, None)
         _check_float(self, "temperature", 0, None, low_open=True)
@@ -183,19 +194,22 @@ def _check_float(cfg: TrainConfig, name: str, low: float, high: float | None, lo
 
 
 def resolve_weights(alpha: float | None, chunk_weight: float | None, cross: bool, has_targets: bool,
-                    recorded: dict[str, Any] | None = None, loss: str | None = None) -> dict[str, float]:
-    """``--alpha`` and ``--chunk-weight`` as they apply: as given when set; when unset, as the checkpoint a resume
-    continues recorded them (``recorded``; one written before 0.8.0 records no chunk weight: 0), else the defaults
-    for a student with the set's tokenizer or another one (the chunk term only on a set with target log-probs)."""
+                    recorded: dict[str, Any] | None = None, loss: str | None = None,
+                    chunk_distance: str | None = None) -> dict[str, Any]:
+    """``--alpha``, ``--chunk-weight`` and ``--chunk-distance`` as they apply: as given when set; when unset, as the
+    checkpoint a resume continues recorded them (``recorded``; one written before 0.8.0 records no chunk weight: 0,
+    before 0.11.0 no chunk distance: binary), else the defaults for a student with the set's tokenizer or another
+    one (the chunk term only on a set with target log-probs)."""
     defaults = {"alpha": DEFAULT_CROSS_ALPHA if cross else DEFAULT_ALPHA,
-                "chunk_weight": (DEFAULT_CROSS_CHUNK_WEIGHT if cross else DEFAULT_CHUNK_WEIGHT) if has_targets else 0.0}
+                "chunk_weight": (DEFAULT_CROSS_CHUNK_WEIGHT if cross else DEFAULT_CHUNK_WEIGHT) if has_targets else 0.0,
+                "chunk_distance": DEFAULT_CROSS_CHUNK_DISTANCE if cross else DEFAULT_CHUNK_DISTANCE}
     if loss in REVERSE_LOSSES:
-        defaults = {"alpha": 1.0, "chunk_weight": 0.0}
-    out = {}
-    for name, value in (("alpha", alpha), ("chunk_weight", chunk_weight)):
+        defaults = {**defaults, "alpha": 1.0, "chunk_weight": 0.0}
+    out: dict[str, Any] = {}
+    for name, value in (("alpha", alpha), ("chunk_weight", chunk_weight), ("chunk_distance", chunk_distance)):
         if value is None:
             value = recorded.get(name, EARLIER_DEFAULTS[name]) if recorded is not None else defaults[name]
-        out[name] = float(value)
+        out[name] = value if name == "chunk_distance" else float(value)
     return out
 
 

@@ -280,12 +280,12 @@ class CrossTokenizer:
         top, lp, tail = self._labels(s)
         k = top.shape[1]
         rows = row_of[p[kd]]
-        to, lp, tail = self._whole_next(s, ids, p, aligned, kd, row_of, self.map[top[rows]], lp[rows], tail[rows])
+        to, row_lp, row_tail = self._whole_next(s, ids, p, aligned, kd, row_of, self.map[top[rows]], lp[rows], tail[rows])
         # teacher entries that map to one student id (several teacher tokens beginning with it) are summed; the
         # least probable of k + 1 (a student token the text continues with, added above) goes to the tail
-        student_ids, merged_lp, mapped = _merge(to, lp)
+        student_ids, merged_lp, mapped = _merge(to, row_lp)
         if student_ids.shape[1] > k:
-            tail = np.where(merged_lp[:, k] > -1e29, np.logaddexp(tail, merged_lp[:, k]), tail).astype(np.float32)
+            row_tail = np.where(merged_lp[:, k] > -1e29, np.logaddexp(row_tail, merged_lp[:, k]), row_tail).astype(np.float32)
             student_ids, merged_lp, mapped = student_ids[:, :k], merged_lp[:, :k], mapped[:, :k]
         full_ids = np.zeros((n, k), np.int64)
         full_mapped = np.zeros((n, k), bool)
@@ -294,11 +294,11 @@ class CrossTokenizer:
         full_ids[kd] = student_ids
         full_mapped[kd] = mapped
         full_lp[kd] = merged_lp
-        full_tail[kd] = tail
+        full_tail[kd] = row_tail
         target_bytes = np.zeros(n, np.int64)
         target_bytes[:-1] = spans[1:]
         probs = np.exp(merged_lp.astype(np.float64))
-        total = probs.sum(1) + np.exp(tail.astype(np.float64))
+        total = probs.sum(1) + np.exp(row_tail.astype(np.float64))
         mapped_mass = float(((probs * mapped).sum(1) / np.maximum(total, 1e-30)).sum())
         chunks = {} if s.target_logprob is None else self._chunks(s, aligned, p, row_of, ce)
         return {

@@ -186,6 +186,21 @@ def binary_kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return a * (log_a - log_b) + (1 - a) * (log1mexp(log_a) - log1mexp(log_b))
 
 
+def surprisal_kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """The generalized KL between the two surprisals ``u = -log a`` and ``v = -log b`` of one event, elementwise:
+    ``u log(u / v) - u + v`` (>= 0, 0 where they are equal). It is the binary KL of the tempered probabilities
+    ``a**(1/T)`` and ``b**(1/T)``, times T, as T grows (approximate likelihood matching's temperature, in its limit).
+    Unlike :func:`binary_kl` it weighs an unlikely chunk as much as a likely one: its gradient in ``log b`` is
+    ``u / v - 1``, the student's log-probability of the text pulled up by the share its surprisal exceeds the
+    teacher's (down where it is below)."""
+    u = (-log_a).clamp(min=1e-6)
+    v = (-log_b).clamp(min=1e-6)
+    return u * (u / v).log() - u + v
+
+
+CHUNK_DISTANCE = {"surprisal": surprisal_kl, "binary": binary_kl}
+
+
 def chunk_members(chunk_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """From ``chunk_len`` (per flat position: a chunk's length at its first position, 0 elsewhere): the chunks'
     first positions ``[C]``, and every member position ``[M]`` with the chunk it belongs to ``[M]``."""
@@ -197,8 +212,11 @@ def chunk_members(chunk_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return starts, starts[which] + offsets, which
 
 
-def chunk_likelihood(student_logq: torch.Tensor, positions: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """The chunk term: ``sum over chunks of KL(Bernoulli(P_teacher(chunk)) || Bernoulli(P_student(chunk)))``.
+def chunk_likelihood(student_logq: torch.Tensor, positions: torch.Tensor, batch: dict[str, torch.Tensor],
+                     distance: str = "surprisal") -> tuple[torch.Tensor, int]:
+    """The chunk term: ``sum over chunks of D(P_teacher(chunk), P_student(chunk))``, ``D`` the ``distance``:
+    :func:`surprisal_kl` (default), or ``binary``, KL(Bernoulli(P_teacher) || Bernoulli(P_student))
+    (:func:`binary_kl`, the only form before 0.11).
 
     A chunk is a span of the text where both tokenizations have a boundary at both ends (with one tokenizer:
     one token); ``batch["chunk_len"]`` marks each at its first position with its number of student positions,
@@ -217,7 +235,7 @@ def chunk_likelihood(student_logq: torch.Tensor, positions: torch.Tensor, batch:
     student = torch.zeros(len(starts), dtype=student_logq.dtype, device=student_logq.device).index_add(
         0, which, student_logq[at])
     teacher = batch["chunk_logprob"].reshape(-1)[starts].to(student.dtype)
-    return binary_kl(teacher, student).sum(), len(starts)
+    return CHUNK_DISTANCE[distance](teacher, student).sum(), len(starts)
 
 
 def label_positions(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[Any, ...]:
@@ -262,6 +280,7 @@ def chunked_loss(
     chunk_weight: float = 0.0,
     reverse_weight: float = 0.5,
     importance_cap: float = 2.0,
+    chunk_distance: str = "surprisal",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of a batch from student hidden states ``[B, T, H]``.
 
@@ -269,8 +288,9 @@ def chunked_loss(
     ``alpha * KD + (1 - alpha) * CE`` (ignored for ``kind="ce"``). A student with another tokenizer
     (a batch with ``kd_mask``) has teacher labels at its aligned positions only: its KD term takes the
     true next token's CE at the others (the only label there), so no trained position goes untrained.
-    ``chunk_weight`` adds that weight times the chunk likelihood term (:func:`chunk_likelihood`, mean over
-    chunks): it needs a batch with ``chunk_len``/``chunk_logprob`` (a label set with ``target_logprob``).
+    ``chunk_weight`` adds that weight times the chunk likelihood term (:func:`chunk_likelihood` with
+    ``chunk_distance``, mean over chunks): it needs a batch with ``chunk_len``/``chunk_logprob`` (a label set with
+    ``target_logprob``).
     Returns the scalar loss and its parts (KD over label positions, CE over
     positions with a true next token, the chunk term), for logging.
     """
@@ -350,7 +370,8 @@ def chunked_loss(
     if use_kd:
         parts["kd"] = float(kd_mean.detach())
     if use_chunks:
-        chunk_sum, n_chunks = chunk_likelihood(torch.cat(logq), batch["label_mask"].reshape(-1).nonzero().squeeze(-1), batch)
+        chunk_sum, n_chunks = chunk_likelihood(torch.cat(logq), batch["label_mask"].reshape(-1).nonzero().squeeze(-1), batch,
+                                               chunk_distance)
         chunk_mean = chunk_sum / max(1, n_chunks)
         total = total + chunk_weight * chunk_mean
         parts["chunk"] = float(chunk_mean.detach())

@@ -42,9 +42,10 @@ class KDModule(torch.nn.Module):
         hidden = body(**model_inputs(batch, self.model)).last_hidden_state
         # train() resolves the loss; built directly, an unset one is the default (another tokenizer's: its batches say)
         loss = cfg.loss or resolve_loss(None, "kd_mask" in batch)
-        w = resolve_weights(cfg.alpha, cfg.chunk_weight, "kd_mask" in batch, "chunk_len" in batch, loss=loss)
+        w = resolve_weights(cfg.alpha, cfg.chunk_weight, "kd_mask" in batch, "chunk_len" in batch, loss=loss,
+                            chunk_distance=cfg.chunk_distance)
         return chunked_loss(hidden, head, loss, batch, cfg.temperature, w["alpha"], cfg.head_chunk, w["chunk_weight"],
-                            cfg.reverse_weight, cfg.importance_cap)
+                            cfg.reverse_weight, cfg.importance_cap, w["chunk_distance"])
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
