@@ -165,21 +165,25 @@ def spans_cost(ls: Any) -> tuple[int, int, int]:
     return with_spans, without, m.totals.tokens
 
 
-def parse_method(method: str, alpha: float) -> tuple[bool, str, float, float]:
-    """``[same:]LOSS[@ALPHA][+cWEIGHT]`` -> (the teacher's tokenizer?, loss, alpha, chunk weight)."""
+def parse_method(method: str, alpha: float) -> tuple[bool, str, float, float, str | None]:
+    """``[same:]LOSS[@ALPHA][+cWEIGHT[b|s]]`` -> (the teacher's tokenizer?, loss, alpha, chunk weight, chunk distance:
+    ``b`` binary, ``s`` surprisal, None the trainer's default)."""
     same, rest = method.startswith("same:"), method.removeprefix("same:")
     rest, _, chunk = rest.partition("+c")
     loss, _, a = rest.partition("@")
-    return same, loss, float(a) if a else alpha, float(chunk) if chunk else 0.0
+    distance = {"b": "binary", "s": "surprisal"}.get(chunk[-1:]) if chunk else None
+    if distance:
+        chunk = chunk[:-1]
+    return same, loss, float(a) if a else alpha, float(chunk) if chunk else 0.0, distance
 
 
 def run_student(args: argparse.Namespace, method: str, tokenizer: str, out: Path, seed: int) -> dict[str, Any]:
     from softlabels.trainer.loop import TrainConfig, train
 
-    same, loss, alpha, chunk_weight = parse_method(method, args.alpha)
+    same, loss, alpha, chunk_weight, distance = parse_method(method, args.alpha)
     cfg = TrainConfig(labels=args.labels, output=str(out), student="tiny", student_tokenizer=None if same else tokenizer,
                       steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=10, loss=loss,
-                      alpha=alpha, chunk_weight=chunk_weight, seed=seed, eval_fraction=args.eval_fraction,
+                      alpha=alpha, chunk_weight=chunk_weight, chunk_distance=distance, seed=seed, eval_fraction=args.eval_fraction,
                       eval_batches=None, token_map=args.token_map)
     summary = train(cfg)
     return {"after": summary["after"], "params": summary["parameters"], "train_s": summary["train_s"],
@@ -269,8 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     print("Where the teacher's probability goes (shares of its whole distribution at every labeled position, top-k "
           "+ tail; `CrossTokenizer.mass_report`):\n")
     kinds = ("exact", "prefix", "tail", "special", "split_utf8", "no_token", "unaligned")
-    print(common.markdown_table(["--token-map", *kinds], [[mode, *(f"{100 * r[k]:.2f}%" for k in kinds)]
-                                                          for mode, r in mass.items()]) + "\n")
+    print(common.markdown_table(["--token-map", *kinds, "next tokens agree"],
+                                [[mode, *(f"{100 * r[k]:.2f}%" for k in kinds), f"{100 * r['next_agree']:.1f}%"]
+                                 for mode, r in mass.items()]) + "\n")
+    print("(next tokens agree: at aligned positions, how often the teacher's actual next token maps to the student's "
+          "actual next token)\n")
     rows = []
     for method, runs in results.items():
         a = {k: sum(r["after"][k] for r in runs) / len(runs) for k in ("bpb", "ce", "kl", "top1")}

@@ -437,21 +437,25 @@ def test_bad_input_across_tokenizers(label_set, tmp_path):
 
 
 def test_weights_default_by_tokenizer_and_a_resume_keeps_what_its_checkpoint_recorded():
-    """--alpha / --chunk-weight unset: 0.5 and 1 with either tokenizer on a set with target log-probs (no chunk
-    term without); a resumed run takes what its checkpoint recorded, and a checkpoint written before 0.8.0 (no chunk
-    weight recorded) continues with alpha 1 and without the chunk term; set values always win."""
+    """--alpha / --chunk-weight / --chunk-distance unset: 0.5, 1 and binary with the set's tokenizer on a set with
+    target log-probs (no chunk term without), 0.5 and no chunk term with another tokenizer (since 0.11); a resumed
+    run takes what its checkpoint recorded (one of 0.8-0.10 across tokenizers keeps its chunk term), and a checkpoint
+    written before 0.8.0 (no chunk weight recorded) continues with alpha 1 and without the chunk term; set values
+    always win."""
     from softlabels.trainer.config import resolve_weights
 
-    def weights(alpha, chunk, distance="surprisal"):
+    def weights(alpha, chunk, distance="binary"):
         return {"alpha": alpha, "chunk_weight": chunk, "chunk_distance": distance}
 
     assert resolve_weights(None, None, cross=False, has_targets=True) == weights(0.5, 1.0)
     assert resolve_weights(None, None, cross=False, has_targets=False) == weights(0.5, 0.0)
-    assert resolve_weights(None, None, cross=True, has_targets=True) == weights(0.5, 1.0)
+    assert resolve_weights(None, None, cross=True, has_targets=True) == weights(0.5, 0.0)
     assert resolve_weights(None, None, cross=True, has_targets=False) == weights(0.5, 0.0)
     old = {"alpha": 1.0, "loss": "xtok-uld"}  # a 0.7 checkpoint across tokenizers
-    assert resolve_weights(None, None, True, True, recorded=old) == weights(1.0, 0.0, "binary")
-    # a 0.8-0.10 checkpoint: the chunk term it trained with was the binary one
-    assert resolve_weights(None, None, True, True, recorded={"alpha": 0.5, "chunk_weight": 1.0}) == weights(
-        0.5, 1.0, "binary")
-    assert resolve_weights(0.3, 2.0, True, True, recorded=old, chunk_distance="surprisal") == weights(0.3, 2.0)
+    assert resolve_weights(None, None, True, True, recorded=old) == weights(1.0, 0.0)
+    assert resolve_weights(None, None, True, True, recorded={"alpha": 0.5, "chunk_weight": 1.0}) == weights(0.5, 1.0)
+    assert resolve_weights(0.3, 2.0, True, True, recorded=old, chunk_distance="surprisal") == weights(
+        0.3, 2.0, "surprisal")
+    assert resolve_weights(None, None, False, True, recorded={"alpha": 0.5, "chunk_weight": 1.0,
+                                                             "chunk_distance": "surprisal"}) == weights(
+        0.5, 1.0, "surprisal")

@@ -227,9 +227,9 @@ def test_kl_mix_mixes_forward_and_reverse_and_reverse_losses_refuse_sets_without
     from softlabels.trainer.config import resolve_weights
 
     assert resolve_weights(None, None, False, True, loss="reverse-kl-sampled") == {
-        "alpha": 1.0, "chunk_weight": 0.0, "chunk_distance": "surprisal"}
+        "alpha": 1.0, "chunk_weight": 0.0, "chunk_distance": "binary"}
     assert resolve_weights(None, None, False, True, loss="tail-kl") == {
-        "alpha": 0.5, "chunk_weight": 1.0, "chunk_distance": "surprisal"}
+        "alpha": 0.5, "chunk_weight": 1.0, "chunk_distance": "binary"}
 
 
 def test_sampled_reverse_kl_takes_truncated_importance_weights_from_the_sampler():

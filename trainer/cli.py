@@ -104,9 +104,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    f"labeled by softlabels >= 0.8 (default: {DEFAULT_CHUNK_WEIGHT:g}, or {DEFAULT_CROSS_CHUNK_WEIGHT:g} "
                    "with another tokenizer on such a set)")
     r.add_argument("--chunk-distance", choices=CHUNK_DISTANCES, default=S,
-                   help="how the chunk term compares the two probabilities of a chunk: surprisal (the generalized KL "
-                   "between their -log, every chunk weighed alike) or binary (KL between two Bernoullis, the only "
-                   f"form before 0.11: likely chunks weigh most) (default: {DEFAULT_CHUNK_DISTANCE})")
+                   help="how the chunk term compares the two probabilities of a chunk: binary (KL between two "
+                   "Bernoullis: likely chunks weigh most) or surprisal (the generalized KL between their -log: every "
+                   f"chunk weighed alike) (default: {DEFAULT_CHUNK_DISTANCE})")
     r.add_argument("--temperature", type=float, default=S, help=f"student-side temperature for KD (default: {d.temperature})")
     r.add_argument("--seed", type=int, default=S, help=f"seed for init, data order and dropout (default: {d.seed})")
     r.add_argument("--eval-every", type=int, default=S, help="evaluate every N steps (default: 0, before and after only)")

@@ -20,7 +20,7 @@ class DistillationTrainer(Trainer):
     """``transformers.Trainer`` whose loss is offline KD from stored soft labels."""
 
     def __init__(self, *args: Any, loss: str = "tail-kl", alpha: float = 1.0, temperature: float = 1.0,
-                 head_chunk: int = 2048, chunk_weight: float = 0.0, chunk_distance: str = "surprisal",
+                 head_chunk: int = 2048, chunk_weight: float = 0.0, chunk_distance: str = "binary",
                  **kwargs: Any) -> None:
         if loss not in LOSSES:
             raise UserError(f"loss must be one of {LOSSES}, got {loss!r}")

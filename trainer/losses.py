@@ -213,10 +213,10 @@ def chunk_members(chunk_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def chunk_likelihood(student_logq: torch.Tensor, positions: torch.Tensor, batch: dict[str, torch.Tensor],
-                     distance: str = "surprisal") -> tuple[torch.Tensor, int]:
+                     distance: str = "binary") -> tuple[torch.Tensor, int]:
     """The chunk term: ``sum over chunks of D(P_teacher(chunk), P_student(chunk))``, ``D`` the ``distance``:
-    :func:`surprisal_kl` (default), or ``binary``, KL(Bernoulli(P_teacher) || Bernoulli(P_student))
-    (:func:`binary_kl`, the only form before 0.11).
+    ``binary`` (default), KL(Bernoulli(P_teacher) || Bernoulli(P_student)) (:func:`binary_kl`), or ``surprisal``
+    (:func:`surprisal_kl`, since 0.11).
 
     A chunk is a span of the text where both tokenizations have a boundary at both ends (with one tokenizer:
     one token); ``batch["chunk_len"]`` marks each at its first position with its number of student positions,
@@ -280,7 +280,7 @@ def chunked_loss(
     chunk_weight: float = 0.0,
     reverse_weight: float = 0.5,
     importance_cap: float = 2.0,
-    chunk_distance: str = "surprisal",
+    chunk_distance: str = "binary",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of a batch from student hidden states ``[B, T, H]``.
 
