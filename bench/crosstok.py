@@ -13,9 +13,10 @@ same teacher sequences, steps and batch each; once per ``--seeds`` seed), are tr
   ce        the student's own next tokens only (no teacher)
 
 A method may carry its own weights: ``LOSS@A`` trains with ``--alpha A``, ``LOSS+cW`` with the chunk likelihood
-term at ``--chunk-weight W`` (a set with target log-probs: labeled by softlabels >= 0.8), e.g. ``xtok-uld@0.5+c1``
-(the default across tokenizers since 0.8) or ``xtok-uld@1+c0`` (the default before). Without them: ``--alpha`` (1)
-and no chunk term.
+term at ``--chunk-weight W`` (a set with target log-probs: labeled by softlabels >= 0.8; ``+cWb`` / ``+cWs`` with
+``--chunk-distance binary`` / ``surprisal``), e.g. ``xtok-uld@0.5`` (the default across tokenizers since 0.11),
+``xtok-uld@0.5+c1`` (0.8-0.10) or ``xtok-uld@1+c0`` (before), ``same:tail-kl@0.5+c1`` (the default with the
+teacher's tokenizer). Without them: ``--alpha`` (1) and no chunk term.
 
 and, for reference, the ``tiny`` student with the teacher's tokenizer (``tail-kl`` and ``ce``). Every
 model is scored on the same held-out sequences in bits per byte of their text (comparable across
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "each KD student is compared with CE-only of the same seed (one pass of this set moves held-out "
                    "bits/byte by about 1%% from seed to seed; default: %(default)s)")
     p.add_argument("--token-map", default="first", choices=["first", "exact"], help="default: %(default)s")
-    p.add_argument("--methods", default="xtok-uld@0.5+c1,xtok-uld@1+c0,ce,same:tail-kl@0.5+c1,same:tail-kl@1+c0,same:ce",
+    p.add_argument("--methods", default="xtok-uld@0.5,xtok-uld@1+c0,ce,same:tail-kl@0.5+c1,same:tail-kl@1+c0,same:ce",
                    help="comma-separated; same:LOSS trains the teacher-tokenizer student (default: %(default)s)")
     p.add_argument("--no-teacher", action="store_true", help="skip scoring the teacher model")
     return p.parse_args(argv)

@@ -195,7 +195,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     weights = resolve_weights(cfg.alpha, cfg.chunk_weight, cross is not None, train_ds.manifest.target_logprobs,
                               store.recorded(latest) if latest else None, loss=cfg.loss,
                               chunk_distance=cfg.chunk_distance)
-    if rank == 0 and cfg.chunk_weight is None and not train_ds.manifest.target_logprobs:
+    if rank == 0 and cfg.chunk_weight is None and cross is None and not train_ds.manifest.target_logprobs:
         log.warning("the chunk likelihood term (on by default) is off: the label set holds no target log-probs "
                     "(labeled before softlabels 0.8); relabel it for the default, or pass --chunk-weight 0")
     cfg = dataclasses.replace(cfg, loss=resolve_loss(cfg.loss, cross is not None), **weights,
