@@ -72,7 +72,7 @@ class TrainConfig:
     # weight of the chunk likelihood term (the teacher's and the student's probabilities of each chunk of text
     # matched; needs a set with target_logprob, schema v6): 0 turns it off. None: as alpha (resolve_weights)
     chunk_weight: float | None = None
-    # how the chunk term compares the two probabilities of a chunk: surprisal or binary (None: the default)
+    # how the chunk term compares the two probabilities of a chunk: binary or surprisal (None: the default, binary)
     chunk_distance: str | None = None
     reverse_weight: float = 0.5  # --loss kl-mix: (1 - w) KL(teacher || student) + w KL(student || teacher)
     # --loss reverse-kl-sampled on a set with the generator's log-probs: truncated importance weights (0: none)
