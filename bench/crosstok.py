@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(SentencePiece-style with byte fallback, on the built-in chat corpus's text) (default: %(default)s)")
     p.add_argument("--steps", type=int, default=240,
                    help="optimizer steps per student: ~5 passes over the train split (default: %(default)s; 30-60 min "
-                   "for the five students on 2 CPU cores)")
+                   "for the six default methods, per seed, on 2 CPU cores)")
     p.add_argument("--batch-size", type=int, default=8, help="teacher sequences per step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=1.0, help="KD weight; 1 - alpha goes to CE (default: %(default)s)")
