@@ -38,23 +38,35 @@ def merge(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.where(mapped, gid, 0), lp.astype(np.float32), mapped
 
 
+def target_sums(s: Sample, row_of: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Prefix counts over the teacher positions of those without a stored ``target_logprob`` (untrained, or no
+    next token) and prefix sums of those with one: ``(bad, sums)``, each of length positions + 1, so that the span
+    ``[a, b)`` has every log-prob iff ``bad[b] == bad[a]``, and then log-probability ``sums[b] - sums[a]``.
+    None for a set without target log-probs."""
+    if s.target_logprob is None:
+        return None
+    target = np.where(row_of >= 0, s.target_logprob[row_of.clip(0)], np.nan)
+    good = np.isfinite(target)
+    return (np.concatenate([[0], np.cumsum(~good)]),
+            np.concatenate([[0.0], np.cumsum(np.where(good, target, 0).astype(np.float64))]))
+
+
 def whole_next(s: Sample, ids: list[int], p: np.ndarray, aligned: np.ndarray, kd: np.ndarray, row_of: np.ndarray,
-                to: np.ndarray, lp: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               to: np.ndarray, lp: np.ndarray, tail: np.ndarray,
+               sums_t: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The teacher's rows at the KD positions (``to``: their ids mapped to student ids) with one more column:
     where the student's next token is longer than the teacher's and ends where a teacher token ends (the
     student writes `` learning`` where the teacher writes `` learn`` then ``ing``), the teacher's probability
     of the student's whole token is known along the text (the product of its ``target_logprob`` s over the
     teacher tokens it spans). That much of the mass on the teacher's first token (mapped to a shorter student
     token, which the student does not write here) goes to the student's own token. Rows elsewhere, and every
-    row of a set without target log-probs, get an empty column."""
+    row of a set without target log-probs (``sums_t`` None; else :func:`target_sums`), get an empty column."""
     m = len(to)
     extra_id = np.full((m, 1), -1, np.int64)
     extra_lp = np.full((m, 1), -1e30, np.float32)
     qs = np.flatnonzero(kd)
-    if s.target_logprob is not None and m:
-        target = np.where(row_of >= 0, s.target_logprob[row_of.clip(0)], np.nan)
-        bad = np.concatenate([[0], np.cumsum(~np.isfinite(target))])
-        sums = np.concatenate([[0.0], np.cumsum(np.where(np.isfinite(target), target, 0).astype(np.float64))])
+    if sums_t is not None and m:
+        bad, sums = sums_t
         nxt = np.minimum(qs + 1, len(ids) - 1)
         ta, tb = p[qs], p[nxt]
         hit = (qs + 1 < len(ids)) & aligned[nxt] & (tb >= ta + 2) & (bad[tb] == bad[ta])
@@ -76,21 +88,19 @@ def whole_next(s: Sample, ids: list[int], p: np.ndarray, aligned: np.ndarray, kd
     return np.concatenate([to, extra_id], 1), np.concatenate([lp, extra_lp], 1), tail
 
 
-def chunks(s: Sample, aligned: np.ndarray, p: np.ndarray, row_of: np.ndarray, ce: np.ndarray) -> dict[str, torch.Tensor]:
+def chunks(aligned: np.ndarray, p: np.ndarray, ce: np.ndarray,
+           sums_t: tuple[np.ndarray, np.ndarray]) -> dict[str, torch.Tensor]:
     """The text between consecutive aligned positions (both tokenizations have a boundary at both ends) as
     chunks: ``chunk_len`` at each chunk's first student position (its student positions), ``chunk_logprob``
     there (the teacher's log-probability of its bytes: the sum of the stored ``target_logprob`` along its
     teacher positions). A chunk counts only if every teacher position in it has that log-prob (trained, with
-    a next token) and every student position in it has a trained next token."""
+    a next token) and every student position in it has a trained next token. ``sums_t``: :func:`target_sums`."""
     n = len(aligned)
     chunk_len = np.zeros(n, np.int64)
     chunk_lp = np.zeros(n, np.float32)
     at = np.flatnonzero(aligned)
     if len(at) >= 2:
-        target = np.where(row_of >= 0, s.target_logprob[row_of.clip(0)], np.nan)
-        good = np.isfinite(target)
-        bad_t = np.concatenate([[0], np.cumsum(~good)])
-        sum_t = np.concatenate([[0.0], np.cumsum(np.where(good, target, 0).astype(np.float64))])
+        bad_t, sum_t = sums_t
         bad_s = np.concatenate([[0], np.cumsum(~ce)])
         a, b = at[:-1], at[1:]
         ta, tb = p[a], p[b]

@@ -33,7 +33,7 @@ from softlabels.common.tokenbytes import TokenBytes, check_lossless, spans_for, 
 from softlabels.schemas import LabelSet, Sample, tokenizer_fingerprint
 from softlabels.schemas.errors import UserError
 from softlabels.trainer.batch import truncate_topk
-from softlabels.trainer.crossrows import chunks, merge, whole_next
+from softlabels.trainer.crossrows import chunks, merge, target_sums, whole_next
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,9 @@ class CrossTokenizer:
         top, lp, tail = self._labels(s)
         k = top.shape[1]
         rows = row_of[p[kd]]
-        to, row_lp, row_tail = whole_next(s, ids, p, aligned, kd, row_of, self.map[top[rows]], lp[rows], tail[rows])
+        sums_t = target_sums(s, row_of)  # the teacher's log-prob of the text along any span (sets with them)
+        to, row_lp, row_tail = whole_next(s, ids, p, aligned, kd, row_of, self.map[top[rows]], lp[rows], tail[rows],
+                                          sums_t)
         # teacher entries that map to one student id (several teacher tokens beginning with it) are summed; the
         # least probable of k + 1 (a student token the text continues with, added above) goes to the tail
         student_ids, merged_lp, mapped = merge(to, row_lp)
@@ -273,7 +275,7 @@ class CrossTokenizer:
         probs = np.exp(merged_lp.astype(np.float64))
         total = probs.sum(1) + np.exp(row_tail.astype(np.float64))
         mapped_mass = float(((probs * mapped).sum(1) / np.maximum(total, 1e-30)).sum())
-        chunk_cols = {} if s.target_logprob is None else chunks(s, aligned, p, row_of, ce)
+        chunk_cols = {} if sums_t is None else chunks(aligned, p, ce, sums_t)
         return {
             **chunk_cols,
             "input_ids": torch.tensor(ids, dtype=torch.long),
