@@ -288,7 +288,12 @@ def test_chunk_likelihoods_against_a_direct_computation(label_set, byte_level):
     samples = list(ls.iter_samples(ls.manifest.shards[:2]))[:6]
     student = AutoTokenizer.from_pretrained(byte_level)
     cross = CrossTokenizer(ls, load_label_tokenizer(ls), student, "other")
+    cross.with_chunks = False  # as the trainer sets it without a chunk term: the rest of the item unchanged
+    bare = cross(samples[0])
+    cross.with_chunks = True
     items = [cross(s) for s in samples]
+    assert "chunk_len" not in bare and bare.keys() | {"chunk_len", "chunk_logprob"} == items[0].keys()
+    assert all(torch.equal(bare[k], items[0][k]) for k in bare)
     n_chunks = 0
     for s, item in zip(samples, items):
         text = text_of(cross.teacher, s.input_ids, s.spans)

@@ -125,6 +125,7 @@ class CrossTokenizer:
         self.bos = bos if bos is not None and with_special[:1] == [bos] else None
         self.fingerprints = (labels.manifest.tokenizer.fingerprint, tokenizer_fingerprint(student_tokenizer))
         self.map = id_map(self.teacher, self.student, *self.fingerprints, token_map)
+        self.with_chunks = True  # the chunk columns (a set with target log-probs); the trainer turns them off with the term
 
     def coverage(self) -> float:
         """Share of the teacher's ordinary tokens that map to a student token."""
@@ -275,7 +276,7 @@ class CrossTokenizer:
         probs = np.exp(merged_lp.astype(np.float64))
         total = probs.sum(1) + np.exp(row_tail.astype(np.float64))
         mapped_mass = float(((probs * mapped).sum(1) / np.maximum(total, 1e-30)).sum())
-        chunk_cols = {} if sums_t is None else chunks(aligned, p, ce, sums_t)
+        chunk_cols = {} if sums_t is None or not self.with_chunks else chunks(aligned, p, ce, sums_t)
         return {
             **chunk_cols,
             "input_ids": torch.tensor(ids, dtype=torch.long),

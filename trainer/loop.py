@@ -200,6 +200,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "(labeled before softlabels 0.8); relabel it for the default, or pass --chunk-weight 0")
     cfg = dataclasses.replace(cfg, loss=resolve_loss(cfg.loss, cross is not None), **weights,
                               token_map=(cfg.token_map or "first") if cross is not None else cfg.token_map)
+    if cross is not None:  # no chunk term: no chunk columns built in the loader's workers
+        cross.with_chunks = cfg.chunk_weight > 0
     model.to(device)
     if cfg.qat:
         kinds = apply_qat(model, cfg.qat)
