@@ -141,7 +141,7 @@ def test_a_set_a_model_wrote_is_split_by_prompt(written):
 
 
 def test_training_says_whose_responses_a_set_holds(tmp_path):
-    from softlabels.trainer.loop import policy_note
+    from softlabels.trainer.initfrom import policy_note
 
     student = tmp_path / "student"
     assert policy_note({"generator": {"id": "teacher"}}, None) == \
