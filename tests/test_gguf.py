@@ -354,7 +354,7 @@ def test_compare_peak_memory_is_the_childs_own_not_its_parents():
 
     big = bytearray(600 * 2**20)  # this process: 600 MiB more resident
     big[::4096] = b"x" * len(big[::4096])
-    code = "from softlabels.trainer.compare import _peak_bytes; print(_peak_bytes())"
+    code = "from softlabels.trainer.speed import peak_bytes; print(peak_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < 400 * 2**20, child / 2**20
     del big

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -22,103 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from softlabels.schemas.errors import UserError
+from softlabels.trainer.speed import peak_bytes, prompt_batch, rss_bytes, tokens_per_s, torch_speed
 
 log = logging.getLogger(__name__)
-
-# The fixed prompt set: cut into rows x length tokens with the label set's tokenizer.
-PROMPTS = (
-    "The quick brown fox jumps over the lazy dog while the farmer counts his sheep before the storm.",
-    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
-    "Knowledge distillation trains a small student model to imitate the output distribution of a large teacher.",
-    "In 1969 the first humans landed on the Moon, and the pictures were broadcast to millions of viewers.",
-    "A list comprehension creates a new list by applying an expression to each item of an iterable.",
-    "Water boils at one hundred degrees Celsius at sea level, but at lower temperatures on a mountain.",
-    "The committee met on Tuesday to discuss the budget, and after a long debate the proposal was approved.",
-    "import json\nwith open('config.json') as f:\n    config = json.load(f)\nprint(config['name'])\n",
-)
-
-
-def prompt_batch(tokenizer: Any, rows: int, length: int) -> Any:
-    """``[rows, length]`` int64 ids: the prompts, in order and repeated, cut into equal rows."""
-    import torch
-
-    ids: list[int] = []
-    pieces = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
-    i = 0
-    while len(ids) < rows * length:
-        ids.extend(pieces[i % len(pieces)])
-        i += 1
-    return torch.tensor(ids[: rows * length], dtype=torch.int64).reshape(rows, length)
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _peak_bytes() -> int:
-    """This process's peak RSS. Linux: ``VmHWM``, the high-water mark of this process's own memory map, which
-    ``execve`` starts afresh; ``ru_maxrss`` is inherited across fork and kept across exec, so a child started by a
-    big process (a benchmark holding trained students) would report its parent's peak as its own."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def _tokens_per_s(run: Any, tokens: int, seconds: float, sync: Any = None, passes: int = 5) -> float:
-    """Throughput of the fastest of at least ``passes`` timed calls of ``run()`` (and ``seconds``), after a warm-up.
-
-    The fastest pass, not the median: on a shared machine other work only ever slows
-    a pass down, so the minimum is the figure that repeats.
-    """
-    run()
-    if sync:
-        sync()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < passes or time.perf_counter() - start < seconds:
-        t = time.perf_counter()
-        run()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t)
-    return tokens / min(times)
-
-
-def _torch_speed(model: Any, prompt: list[int], new_tokens: int, seconds: float) -> dict[str, float]:
-    """Prompt and generation tokens/s of a PyTorch model on the CPU, timed as :meth:`trainer.gguf.GGUFCausalLM.speed`
-    times llama.cpp: the fastest of repeated passes (at least 3, the first a warm-up, and ``seconds``) of one
-    prompt row from an empty cache, then ``new_tokens`` greedy steps one at a time with the KV cache."""
-    import torch
-
-    ids = torch.tensor([prompt], dtype=torch.int64)
-    best_p = best_g = float("inf")
-    start, passes = time.perf_counter(), 0
-    with torch.inference_mode():
-        while passes < 3 or time.perf_counter() - start < seconds:
-            t = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True)
-            tp = time.perf_counter() - t
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            t = time.perf_counter()
-            for _ in range(new_tokens):
-                out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            tg = time.perf_counter() - t
-            if passes:
-                best_p, best_g = min(best_p, tp), min(best_g, tg)
-            passes += 1
-    return {"prompt_tokens_per_s": len(prompt) / best_p, "gen_tokens_per_s": new_tokens / best_g}
-
 
 def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
     """Measure one model (in this process). ``opts``: labels, storage_options, eval_fraction, batch_size,
@@ -133,7 +38,7 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(opts["threads"])
     labels = open_label_set(opts["labels"], opts["storage_options"])
-    base = _rss_bytes()
+    base = rss_bytes()
     row: dict[str, Any] = {"model": spec, "disk_bytes": weights_bytes(spec), "gpu_tokens_per_s": None,
                            "threads": opts["threads"]}
     if spec.endswith(".gguf"):  # run by llama.cpp: its own logits, its own prompt and generation speeds
@@ -178,13 +83,13 @@ def measure(spec: str, opts: dict[str, Any]) -> dict[str, Any]:
             return model(input_ids=prompts.to(model.device), attention_mask=mask.to(model.device), use_cache=False).logits
 
     tokens = prompts.numel()
-    row["cpu_tokens_per_s"] = _tokens_per_s(run, tokens, opts["seconds"])
+    row["cpu_tokens_per_s"] = tokens_per_s(run, tokens, opts["seconds"])
     if isinstance(model, torch.nn.Module) and opts.get("generation_speed"):  # timed as llama.cpp is (GGUF rows)
-        row.update(_torch_speed(model, prompts[0].tolist(), opts.get("new_tokens", 64), opts["seconds"] / 2))
-    row["peak_memory_bytes"] = max(0, _peak_bytes() - base)
+        row.update(torch_speed(model, prompts[0].tolist(), opts.get("new_tokens", 64), opts["seconds"] / 2))
+    row["peak_memory_bytes"] = max(0, peak_bytes() - base)
     if isinstance(model, torch.nn.Module) and torch.cuda.is_available():
         model.to("cuda")
-        row["gpu_tokens_per_s"] = _tokens_per_s(run, tokens, opts["seconds"], torch.cuda.synchronize)
+        row["gpu_tokens_per_s"] = tokens_per_s(run, tokens, opts["seconds"], torch.cuda.synchronize)
     if opts.get("speed_only"):
         return row
     ds = LabelDataset(labels, split="eval", eval_fraction=opts["eval_fraction"], shuffle=False)
