@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from softlabels.schemas.errors import UserError
-from softlabels.trainer.config import CHUNK_DISTANCES
+from softlabels.trainer.config import CHUNK_DISTANCES, DEFAULT_CHUNK_DISTANCE
 from softlabels.trainer.losses import LOSSES, chunked_loss
 from softlabels.trainer.data import model_inputs
 from transformers import Trainer
@@ -20,7 +20,7 @@ class DistillationTrainer(Trainer):
     """``transformers.Trainer`` whose loss is offline KD from stored soft labels."""
 
     def __init__(self, *args: Any, loss: str = "tail-kl", alpha: float = 1.0, temperature: float = 1.0,
-                 head_chunk: int = 2048, chunk_weight: float = 0.0, chunk_distance: str = "binary",
+                 head_chunk: int = 2048, chunk_weight: float = 0.0, chunk_distance: str = DEFAULT_CHUNK_DISTANCE,
                  **kwargs: Any) -> None:
         if loss not in LOSSES:
             raise UserError(f"loss must be one of {LOSSES}, got {loss!r}")

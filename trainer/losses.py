@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from softlabels.trainer.config import LOSSES  # the names live with the config, which needs no torch
+from softlabels.trainer.config import DEFAULT_CHUNK_DISTANCE, LOSSES  # names live with the config (no torch)
 from torch.utils.checkpoint import checkpoint
 
 _NEG = -1e30  # stands in for log(0) where -inf would poison gradients
@@ -213,7 +213,7 @@ def chunk_members(chunk_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def chunk_likelihood(student_logq: torch.Tensor, positions: torch.Tensor, batch: dict[str, torch.Tensor],
-                     distance: str = "binary") -> tuple[torch.Tensor, int]:
+                     distance: str = DEFAULT_CHUNK_DISTANCE) -> tuple[torch.Tensor, int]:
     """The chunk term: ``sum over chunks of D(P_teacher(chunk), P_student(chunk))``, ``D`` the ``distance``:
     ``binary`` (default), KL(Bernoulli(P_teacher) || Bernoulli(P_student)) (:func:`binary_kl`), or ``surprisal``
     (:func:`surprisal_kl`, since 0.11).
@@ -280,7 +280,7 @@ def chunked_loss(
     chunk_weight: float = 0.0,
     reverse_weight: float = 0.5,
     importance_cap: float = 2.0,
-    chunk_distance: str = "binary",
+    chunk_distance: str = DEFAULT_CHUNK_DISTANCE,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of a batch from student hidden states ``[B, T, H]``.
 
